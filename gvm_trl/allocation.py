@@ -1,0 +1,379 @@
+"""Rollout-budget allocation and estimator weights of GVM.
+
+Implements the allocation rule of Yao et al. 2025, "Optimizing Chain-of-Thought Reasoners via Gradient
+Variance Minimization in Rejection Sampling and RL" (arXiv:2505.02391):
+
+- :func:`allocation_weights` — Theorem 3 / Algorithm 2 (line 5): w_i = G_i / sqrt(p_i + α / p_i^(β−1)).
+- :func:`allocate_budget` — integer sample sizes n_i ∝ w_i with Σ n_i = N (Theorem 3), optional
+  per-prompt floor/cap (water-filling, which is the exact minimiser of eq. (5) under those bounds),
+  the official code's ``filter_threshold`` / ``filter_insufficient`` filters, largest-remainder rounding.
+- :func:`uniform_allocation` — the uniform split of the same budget (the baseline).
+- :func:`variance_bound` — the objective of eq. (5): Σ_i 1/(1 + α/p_i^β) · G_i² / (p_i n_i).
+- :func:`lemma1_weights` — the per-prompt factors 1/(n_i p_i) of the unbiased estimator of Lemma 1, eq. (4).
+- :func:`mean_weights` — Algorithm 1's practical factors 1/|D_i| (observed accepted count).
+
+Everything is pure Python with ``math.fsum`` sums and a fixed tie-breaking order, so identical inputs give
+identical outputs on every process of a distributed run. Inputs may be any 1-D sequence of real numbers:
+lists, tuples, numpy arrays, torch tensors (CPU or GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Iterable
+
+__all__ = [
+    "allocate_budget",
+    "allocation_weights",
+    "lemma1_weights",
+    "mean_weights",
+    "uniform_allocation",
+    "variance_bound",
+]
+
+RealSequence = Iterable[float]
+
+
+def _as_float_list(values: RealSequence, name: str) -> list[float]:
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a 1-D sequence of real numbers, got {type(values).__name__}")
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    try:
+        items = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a 1-D sequence of real numbers, got {type(values).__name__}") from None
+    out = []
+    for index, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            raise ValueError(f"{name}[{index}] must be a real number, got {item!r}")
+        out.append(float(item))
+    return out
+
+
+def _as_rates(values: RealSequence, name: str) -> list[float]:
+    rates = _as_float_list(values, name)
+    for index, p in enumerate(rates):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name}[{index}] must lie in [0, 1], got {p}")
+    return rates
+
+
+def _as_nonnegative(values: RealSequence, name: str) -> list[float]:
+    numbers_ = _as_float_list(values, name)
+    for index, x in enumerate(numbers_):
+        if not (math.isfinite(x) and x >= 0.0):
+            raise ValueError(f"{name}[{index}] must be finite and >= 0, got {x}")
+    return numbers_
+
+
+def _check_same_length(**sequences: list[float]) -> None:
+    lengths = {name: len(seq) for name, seq in sequences.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name} has {length}" for name, length in lengths.items())
+        raise ValueError(f"lengths differ: {described}")
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_") or (
+        "bool" in str(getattr(value, "dtype", ""))
+    )
+
+
+def _as_count(value: Any, name: str) -> int:
+    """A non-negative integer: int, numpy/torch integer, or an integral float such as 8.0; never bool."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if _is_bool(value):
+        raise ValueError(f"{name} must be a non-negative integer, got bool {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}") from None
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        count = int(as_float)
+    if count < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {count}")
+    return count
+
+
+def _as_real(value: Any, name: str) -> float:
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if _is_bool(value):
+        raise ValueError(f"{name} must be a real number, got bool {value!r}")
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if math.isnan(result):
+        raise ValueError(f"{name} must not be NaN")
+    return result
+
+
+def _check_regulariser(alpha: Any, beta: Any) -> tuple[float, float]:
+    alpha_ = _as_real(alpha, "alpha")
+    beta_ = _as_real(beta, "beta")
+    if not (math.isfinite(alpha_) and alpha_ > 0.0):
+        raise ValueError(f"alpha must be finite and > 0, got {alpha_}")
+    if not (math.isfinite(beta_) and beta_ >= 2.0):
+        raise ValueError(f"beta must be finite and >= 2, got {beta_}")
+    return alpha_, beta_
+
+
+def _weights(rates: list[float], norms: list[float], alpha: float, beta: float) -> list[float]:
+    weights = []
+    for p, g in zip(rates, norms):
+        if p == 0.0 or g == 0.0:
+            weights.append(0.0)
+            continue
+        power = p ** (beta - 1.0)
+        penalty = alpha / power if power > 0.0 else math.inf
+        weights.append(g / math.sqrt(p + penalty))
+    return weights
+
+
+def allocation_weights(
+    accept_rates: RealSequence, grad_norms: RealSequence, *, alpha: float, beta: float
+) -> list[float]:
+    """Theorem 3's unnormalised allocation weights w_i = G_i / sqrt(p_i + α / p_i^(β−1)).
+
+    w_i = 0 where p_i = 0 or G_i = 0 (the limit of the formula as p_i → 0 for β ≥ 2). Raises ValueError
+    on α ≤ 0, β < 2, p outside [0, 1], G negative or not finite, or lengths that differ.
+    """
+    alpha_, beta_ = _check_regulariser(alpha, beta)
+    rates = _as_rates(accept_rates, "accept_rates")
+    norms = _as_nonnegative(grad_norms, "grad_norms")
+    _check_same_length(accept_rates=rates, grad_norms=norms)
+    return _weights(rates, norms, alpha_, beta_)
+
+
+def _normalised_weights(rates: list[float], norms: list[float], alpha: float, beta: float) -> list[float]:
+    """The weights, rescaled only when their sum would overflow (the ratios are what matter)."""
+    weights = _weights(rates, norms, alpha, beta)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:
+        total = math.inf
+    if math.isfinite(total):
+        return weights
+    largest_norm = max(norms)
+    weights = _weights(rates, [g / largest_norm for g in norms], alpha, beta)
+    largest_weight = max(weights)
+    return [w / largest_weight for w in weights]
+
+
+def _proportional(weights: list[float], budget: int) -> list[float]:
+    total = math.fsum(weights)
+    if total == 0.0:
+        return [0.0] * len(weights)
+    return [budget * (w / total) for w in weights]
+
+
+def _water_fill(weights: list[float], budget: int, low: int, high: float) -> list[float]:
+    """The continuous minimiser of Σ w_i²/n_i subject to Σ n_i = budget, low ≤ n_i ≤ high for w_i > 0.
+
+    Σ w_i²/n_i is eq. (5): each of its terms is p^β/(p^β + α) · G²/(p n) = w²/n.
+
+    By the KKT conditions the minimiser is n_i = clip(λ w_i, low, high). Each round computes the
+    proportional split of what is left among the free prompts; if the cap overshoot exceeds the floor
+    shortfall, λ must grow, so every prompt over the cap is capped at the optimum too (and symmetrically
+    for floors); the fixed prompts leave the problem and the round repeats. Prompts with w_i = 0 get 0.
+    The caller guarantees feasibility: low · #{w_i > 0} ≤ budget ≤ high · #{w_i > 0}.
+    """
+    sizes = [0.0] * len(weights)
+    free = [i for i, w in enumerate(weights) if w > 0.0]
+    remaining = float(budget)
+    while free:
+        total = math.fsum(weights[i] for i in free)
+        trial = {i: remaining * (weights[i] / total) for i in free}
+        over = [i for i in free if trial[i] > high]
+        under = [i for i in free if trial[i] < low]
+        if not over and not under:
+            for i in free:
+                sizes[i] = trial[i]
+            break
+        overshoot = math.fsum(trial[i] - high for i in over)
+        shortfall = math.fsum(low - trial[i] for i in under)
+        fixed: list[tuple[int, float]] = []
+        if overshoot >= shortfall:
+            fixed += [(i, high) for i in over]
+        if shortfall >= overshoot:
+            fixed += [(i, float(low)) for i in under]
+        for i, value in fixed:
+            sizes[i] = value
+        fixed_indices = {i for i, _ in fixed}
+        free = [i for i in free if i not in fixed_indices]
+        remaining = budget - math.fsum(sizes)
+    return sizes
+
+
+def _round_largest_remainder(targets: list[float], budget: int, high: float) -> list[int]:
+    """Floor every target, then hand the missing units to the largest remainders (ties: lower index).
+
+    Integer bounds low ≤ x ≤ high on a target carry over to its count: floor(x), and floor(x) + 1 for a
+    non-integral x, both lie in [low, high]. Units never go to prompts whose target is 0.
+    """
+    counts = [math.floor(x) for x in targets]
+    missing = budget - sum(counts)
+    if missing > 0:
+        eligible = [i for i, x in enumerate(targets) if x > 0.0 and counts[i] + 1 <= high]
+        eligible.sort(key=lambda i: (-(targets[i] - counts[i]), i))
+        for i in eligible[:missing]:
+            counts[i] += 1
+    return counts
+
+
+def allocate_budget(
+    accept_rates: RealSequence,
+    grad_norms: RealSequence,
+    budget: int,
+    *,
+    alpha: float = 1e-3,
+    beta: float = 2.0,
+    min_samples: int = 0,
+    max_samples: int | None = None,
+    filter_threshold: float | None = None,
+    filter_insufficient: float = 0.0,
+) -> list[int]:
+    """Integer sample sizes n_i for phase 2 (Theorem 3, Algorithm 2 line 5), with Σ n_i = budget.
+
+    Steps:
+
+    1. w_i = :func:`allocation_weights` (0 where p_i = 0 or G_i = 0).
+    2. ``filter_threshold`` (None = off): prompts with p_i > filter_threshold get w_i = 0 (strict ">", as
+       in the official code; p_i == threshold is kept). Must lie in (0, 1]; note the official code used 0
+       to mean "off", here that is None.
+    3. ``filter_insufficient`` (0 = off): with the proportional split x_i = budget · w_i / Σ w of the
+       survivors of step 2, prompts with x_i · p_i < filter_insufficient (expected accepted count below
+       the threshold) get w_i = 0. One pass, as in the official code (which computes x_i before
+       renormalising away step 2's prompts; here after, i.e. from the split the prompt would really get).
+    4. Split the budget over the prompts with w_i > 0: n_i = clip(λ w_i, min_samples, max_samples) with λ
+       such that Σ n_i = budget (water-filling; without bounds n_i = budget · w_i / Σ w, and with bounds
+       the exact minimiser of eq. (5) under them), then largest-remainder rounding: each n_i is the floor
+       or the ceiling of its continuous value, ties go to the lower index.
+
+    Prompts with w_i = 0 always get 0 samples: ``min_samples`` floors apply only to prompts with positive
+    weight (a prompt with p_i = 0 or G_i = 0 carries no gradient signal, and the regulariser is meant to
+    starve it). ``max_samples`` caps every prompt.
+
+    Infeasible cases:
+
+    - every weight is 0 (e.g. p_i = 0 for all i, or no prompts): returns all zeros; the caller decides
+      what to do (skip the update, fall back to :func:`uniform_allocation`).
+    - min_samples · #{w_i > 0} > budget: raises ValueError naming min_samples.
+    - max_samples · #{w_i > 0} < budget: every positive-weight prompt gets max_samples and the result
+      sums to less than the budget (zero-weight prompts still get 0).
+    """
+    alpha_, beta_ = _check_regulariser(alpha, beta)
+    rates = _as_rates(accept_rates, "accept_rates")
+    norms = _as_nonnegative(grad_norms, "grad_norms")
+    _check_same_length(accept_rates=rates, grad_norms=norms)
+    budget_ = _as_count(budget, "budget")
+    low = _as_count(min_samples, "min_samples")
+    high: float = math.inf
+    if max_samples is not None:
+        high = _as_count(max_samples, "max_samples")
+        if high < 1 or high < low:
+            raise ValueError(f"max_samples must be >= 1 and >= min_samples ({low}), got {high}")
+    threshold = None
+    if filter_threshold is not None:
+        threshold = _as_real(filter_threshold, "filter_threshold")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(
+                f"filter_threshold must lie in (0, 1] (None disables it), got {threshold}"
+            )
+    min_expected_accepted = _as_real(filter_insufficient, "filter_insufficient")
+    if not (math.isfinite(min_expected_accepted) and min_expected_accepted >= 0.0):
+        raise ValueError(f"filter_insufficient must be finite and >= 0, got {min_expected_accepted}")
+
+    if not rates:
+        return []
+    weights = _normalised_weights(rates, norms, alpha_, beta_)
+    if threshold is not None:
+        weights = [0.0 if p > threshold else w for w, p in zip(weights, rates)]
+    if min_expected_accepted > 0.0:
+        split = _proportional(weights, budget_)
+        weights = [0.0 if x * p < min_expected_accepted else w for w, x, p in zip(weights, split, rates)]
+
+    num_positive = sum(1 for w in weights if w > 0.0)
+    if num_positive == 0:
+        return [0] * len(weights)
+    if low * num_positive > budget_:
+        raise ValueError(
+            f"min_samples={low} for {num_positive} prompts with positive weight needs "
+            f"{low * num_positive} samples, more than budget={budget_}"
+        )
+    if high * num_positive <= budget_:
+        return [int(high) if w > 0.0 else 0 for w in weights]
+    targets = _water_fill(weights, budget_, low, high)
+    return _round_largest_remainder(targets, budget_, high)
+
+
+def uniform_allocation(num_prompts: int, budget: int) -> list[int]:
+    """The uniform split of ``budget`` over ``num_prompts`` prompts (the non-GVM baseline).
+
+    Each prompt gets budget // num_prompts; the remaining budget % num_prompts units go one each to the
+    lowest indices (largest remainder with all remainders equal). num_prompts = 0 gives [].
+    """
+    count = _as_count(num_prompts, "num_prompts")
+    budget_ = _as_count(budget, "budget")
+    if count == 0:
+        return []
+    base, extra = divmod(budget_, count)
+    return [base + 1 if i < extra else base for i in range(count)]
+
+
+def variance_bound(
+    accept_rates: RealSequence,
+    grad_norms: RealSequence,
+    sizes: RealSequence,
+    *,
+    alpha: float,
+    beta: float,
+) -> float:
+    """The objective of eq. (5): Σ_i 1/(1 + α/p_i^β) · G_i² / (p_i n_i), for diagnostics.
+
+    Each term is computed as G_i² p_i^(β−1) / ((p_i^β + α) n_i), which equals the paper's form for p_i > 0
+    and is its limit (0) as p_i → 0 when β ≥ 2. Terms with G_i = 0 or p_i = 0 contribute 0; a term with
+    G_i > 0, p_i > 0 and n_i = 0 contributes +inf. ``sizes`` may be real (continuous allocations).
+    """
+    alpha_, beta_ = _check_regulariser(alpha, beta)
+    rates = _as_rates(accept_rates, "accept_rates")
+    norms = _as_nonnegative(grad_norms, "grad_norms")
+    sizes_ = _as_nonnegative(sizes, "sizes")
+    _check_same_length(accept_rates=rates, grad_norms=norms, sizes=sizes_)
+    terms = []
+    for p, g, n in zip(rates, norms, sizes_):
+        if p == 0.0 or g == 0.0:
+            continue
+        if n == 0.0:
+            return math.inf
+        terms.append(g * g * p ** (beta_ - 1.0) / ((p**beta_ + alpha_) * n))
+    try:
+        return math.fsum(terms)
+    except OverflowError:
+        return math.inf
+
+
+def lemma1_weights(sizes: RealSequence, accept_rates: RealSequence) -> list[float]:
+    """Lemma 1's per-prompt factors 1/(n_i p_i) of the unbiased estimator, eq. (4); 0 where n_i p_i = 0.
+
+    Lemma 1's p_i is the true accept rate; a trainer passes its estimate (e.g. the probe rate).
+    """
+    sizes_ = _as_nonnegative(sizes, "sizes")
+    rates = _as_rates(accept_rates, "accept_rates")
+    _check_same_length(sizes=sizes_, accept_rates=rates)
+    return [1.0 / (n * p) if n > 0.0 and p > 0.0 else 0.0 for n, p in zip(sizes_, rates)]
+
+
+def mean_weights(num_accepted: RealSequence) -> list[float]:
+    """Algorithm 1's per-prompt factors 1/|D_i| (observed accepted count); 0 where |D_i| = 0."""
+    counts = _as_nonnegative(num_accepted, "num_accepted")
+    return [1.0 / d if d > 0.0 else 0.0 for d in counts]
