@@ -63,7 +63,7 @@ def normalize_gold(value: Any) -> str:
         from gvm_trl.rewards import extract_boxed
 
         text = extract_boxed(text) or text
-    return text.replace("$", "").strip()
+    return re.sub(r"(?<!\\)\$", "", text).strip()  # math delimiters; an escaped \$ is a currency sign
 
 
 def load_eval_dataset(name: str) -> datasets.Dataset:
