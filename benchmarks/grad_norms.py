@@ -1,0 +1,287 @@
+"""Benchmark ``per_sample_grad_norms`` against per-sample autograd loops and a plain training step.
+
+Timed per completion length, on one batch of completions from a random model (no Hub access needed):
+
+  (a) the official GVM code's loop: one sample at a time, ``autograd.grad`` w.r.t. ``embed_tokens`` only,
+      loss = −Σ log π over the response tokens;
+  (b) the same loop over all parameters (the exact reference);
+  (c) ``per_sample_grad_norms(params="all")``;
+  (c2) ``per_sample_grad_norms(params="lm_head")`` on an untied copy of the model;
+  (d) one plain batched forward+backward of the token-mean loss (the cost of a training micro-step);
+
+and reports a/c, b/c, c/d, c2/d (c2 against d of the untied model), the same ratios in matmul FLOPs (counted by
+``torch.utils.flop_counter``: independent of machine load, which on a shared CPU distorts timings), peak memory
+and the max relative error of (c) against (b). Cases are timed round-robin, ``--repeats`` times, best kept.
+CPU memory is the peak process RSS above the RSS before the call, sampled every 2 ms with psutil
+(torch allocations are invisible to tracemalloc); CUDA memory is ``torch.cuda.max_memory_allocated`` above the
+allocation before the call.
+
+    python benchmarks/grad_norms.py --quick                # smoke test, < 1 minute
+    python benchmarks/grad_norms.py                        # CPU: hidden 256, 4 layers, vocab 49152 (SmolLM2-like)
+    python benchmarks/grad_norms.py --device cuda          # Qwen2-0.5B-shaped, bf16, batch 64
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from gvm_trl.grad_norms import per_sample_grad_norms  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(
+        arch="llama", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=49152,
+        batch=16, prompt=32, completions=[128, 384], dtype="float32",
+    ),
+    "cuda": dict(
+        arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+        batch=64, prompt=32, completions=[128, 384], dtype="bfloat16", micro_batch_size=16,
+    ),
+    "quick": dict(
+        arch="llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048,
+        batch=4, prompt=16, completions=[32, 96], dtype="float32",
+    ),
+}
+
+
+def build_model(cfg: dict, tied: bool, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
+        tie_word_embeddings=tied, max_position_embeddings=4096,
+    )
+    config = LlamaConfig(**common) if cfg["arch"] == "llama" else Qwen2Config(**common)
+    cls = LlamaForCausalLM if cfg["arch"] == "llama" else Qwen2ForCausalLM
+    return cls(config).to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
+
+
+def make_batch(cfg: dict, completion: int, batch: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded prompts of 1/2..1× ``prompt`` tokens, right-padded completions of 1/2..1× ``completion``."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = cfg["prompt"]
+    p_lens = torch.randint(prompt // 2, prompt + 1, (batch,), generator=g)
+    c_lens = torch.randint(completion // 2, completion + 1, (batch,), generator=g)
+    c_lens[0] = completion
+    ids = torch.randint(0, cfg["vocab"], (batch, prompt + completion), generator=g)
+    attention = torch.zeros_like(ids)
+    loss = torch.zeros_like(ids)
+    for b, (p, c) in enumerate(zip(p_lens.tolist(), c_lens.tolist())):
+        attention[b, prompt - p : prompt + c] = 1
+        loss[b, prompt : prompt + c] = 1
+    ids = ids.masked_fill(attention == 0, 0)
+    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=attention, loss_mask=loss).items()}
+
+
+def rows(batch: dict[str, torch.Tensor]):
+    """Unpadded (ids, response mask) of each row."""
+    for ids, att, loss in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+        keep = att.bool()
+        yield ids[keep][None], loss[keep].bool()
+
+
+def response_log_prob(model: torch.nn.Module, ids: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    log_probs = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return log_probs[response[1:]].sum()
+
+
+def loop_norms(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Per-sample autograd loop: ‖∇ (−Σ log π)‖ w.r.t. ``params``, one unpadded sample at a time."""
+    norms = []
+    for ids, response in rows(batch):
+        grads = torch.autograd.grad(-response_log_prob(model, ids, response), params, allow_unused=True)
+        norms.append(sum(g.double().square().sum() for g in grads if g is not None).sqrt())
+    return torch.stack(norms)
+
+
+def plain_step(model: torch.nn.Module, batch: dict, micro_batch_size: int | None = None) -> None:
+    """Batched forward+backward of the token-mean loss, as in a training step (accumulated over micro-batches)."""
+    size = len(batch["input_ids"])
+    step = micro_batch_size or size
+    tokens = batch["loss_mask"][:, 1:].sum()
+    for start in range(0, size, step):
+        ids, attention, counted = (batch[k][start : start + step] for k in ("input_ids", "attention_mask", "loss_mask"))
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        log_probs = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        (-log_probs[counted[:, 1:].bool()].sum() / tokens).backward()
+    model.zero_grad(set_to_none=True)
+
+
+class PeakMemory:
+    """Peak memory (MiB) of the measured call above what was in use before it."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self.process = psutil.Process()
+        self.base = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.mib = (max(self.peak, self.process.memory_info().rss) - self.base) / 2**20
+
+
+def timed(fn: Callable[[], object], device: str) -> tuple[float, float, object]:
+    """(seconds, peak MiB, result) of one call."""
+    with PeakMemory(device) as memory:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, memory.mib, result
+
+
+def gflops(fn: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def ratios(values: dict[str, float]) -> dict[str, float]:
+    return {
+        "a/c": values["a_official_loop_embed"] / values["c_hooks_all"],
+        "b/c": values["b_loop_all"] / values["c_hooks_all"],
+        "c/d": values["c_hooks_all"] / values["d_plain_fwd_bwd"],
+        "c2/d": values["c2_hooks_lm_head_untied"] / values["d_plain_fwd_bwd_untied"],
+    }
+
+
+def run_length(cfg: dict, tied_model, untied_model, completion: int, args) -> dict:
+    device = args.device
+    batch = make_batch(cfg, completion, cfg["batch"], device)
+    embed = tied_model.get_input_embeddings().weight
+    all_params = list(tied_model.parameters())
+    for p in all_params:
+        p.requires_grad_(True)
+    mb = args.micro_batch_size
+    cases = {
+        "a_official_loop_embed": lambda: loop_norms(tied_model, batch, [embed]),
+        "b_loop_all": lambda: loop_norms(tied_model, batch, all_params),
+        "c_hooks_all": lambda: per_sample_grad_norms(tied_model, **batch, params="all", micro_batch_size=mb),
+        "c2_hooks_lm_head_untied": lambda: per_sample_grad_norms(
+            untied_model, **batch, params="lm_head", micro_batch_size=mb
+        ),
+        "d_plain_fwd_bwd": lambda: plain_step(tied_model, batch, mb),
+        "d_plain_fwd_bwd_untied": lambda: plain_step(untied_model, batch, mb),
+    }
+    warm = make_batch(cfg, 8, 2, device, seed=1)
+    per_sample_grad_norms(tied_model, **warm, params="all")
+    plain_step(tied_model, warm)
+    seconds, mib, outputs = defaultdict(list), {}, {}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            elapsed, peak, outputs[name] = timed(fn, device)
+            seconds[name].append(elapsed)
+            mib.setdefault(name, peak)
+    best = {name: min(times) for name, times in seconds.items()}
+    flops = {name: gflops(fn) for name, fn in cases.items()} if args.flops else {}
+    for name in cases:
+        flop_text = f"  {flops[name]:8.1f} GFLOP" if flops else ""
+        label = f"T={cfg['prompt']}+{completion} {name}"
+        print(f"  {label:36s} {best[name]:8.3f} s  peak {mib[name]:8.1f} MiB{flop_text}")
+    reference = outputs["b_loop_all"].double().cpu()
+    error = ((outputs["c_hooks_all"].double().cpu() - reference).abs() / reference).max().item()
+    time_ratios = ratios(best)
+    flop_ratios = ratios(flops) if flops else {}
+    print("  time ratios " + "  ".join(f"{k} {v:.2f}" for k, v in time_ratios.items()))
+    if flop_ratios:
+        print("  FLOP ratios " + "  ".join(f"{k} {v:.2f}" for k, v in flop_ratios.items()))
+    print(f"  max rel err (c vs b) {error:.2e}", flush=True)
+    return {
+        "completion_max": completion,
+        "tokens_per_row_mean": round(batch["attention_mask"].sum(1).float().mean().item(), 1),
+        "seq_len_padded": batch["input_ids"].shape[1],
+        "seconds": {k: round(v, 4) for k, v in best.items()},
+        "seconds_all_repeats": {k: [round(t, 4) for t in v] for k, v in seconds.items()},
+        "peak_mib": {k: round(v, 1) for k, v in mib.items()},
+        "gflop": {k: round(v, 2) for k, v in flops.items()},
+        "ratios_time": {k: round(v, 3) for k, v in time_ratios.items()},
+        "ratios_flops": {k: round(v, 3) for k, v in flop_ratios.items()},
+        "max_rel_error_c_vs_b": error,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke test under a minute")
+    parser.add_argument("--batch", type=int, help="rows per batch (preset: 16 CPU, 64 CUDA)")
+    parser.add_argument("--completions", type=int, nargs="+", help="max completion lengths (preset: 128 384)")
+    parser.add_argument("--micro-batch-size", type=int, help="rows per forward/backward in (c), (c2), (d) (preset)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds over all cases (the best is reported)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--output", default="benchmarks/results/grad_norms.json")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    torch.set_num_threads(args.threads)
+    cfg = dict(PRESETS["quick" if args.quick else args.device])
+    cfg["batch"] = args.batch or cfg["batch"]
+    cfg["completions"] = args.completions or cfg["completions"]
+    preset_micro_batch_size = cfg.pop("micro_batch_size", None)
+    args.micro_batch_size = args.micro_batch_size or preset_micro_batch_size
+    tied, untied = build_model(cfg, True, args.device), build_model(cfg, False, args.device)
+    print(f"model {cfg}, device {args.device}, threads {args.threads}", flush=True)
+    report = {
+        "config": cfg,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "threads": args.threads,
+        "micro_batch_size": args.micro_batch_size,
+        "memory": "CUDA max_memory_allocated above the pre-call allocation" if args.device == "cuda"
+        else "peak process RSS above the pre-call RSS, psutil sampled every 2 ms",
+        "torch": torch.__version__,
+        "results": [run_length(cfg, tied, untied, c, args) for c in cfg["completions"]],
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
