@@ -1,0 +1,88 @@
+"""Train a GVM trainer for a few steps on a tiny model; run under `torchrun` or plain `python`.
+
+Writes `result.json` into the output directory: the number of processes accelerate saw, the losses, the allocation
+records every process computed, and a checksum of the trained weights. tests/test_distributed.py compares a
+two-process run with a single-process one.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
+
+from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer  # noqa: E402
+
+TRAINERS = {"raft": (GVMRAFTTrainer, GVMRAFTConfig), "grpo": (GVMGRPOTrainer, GVMGRPOConfig)}
+
+
+def reward(prompts, completions, **kwargs):
+    """Deterministic per prompt: prompts 0 mod 3 are rejected, the others accepted (greedy decoding)."""
+    return [0.0 if int(p[-1]["content"].split(":")[0][1:]) % 3 == 0 else 1.0 for p in prompts]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="raft")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--all_rejected_on_rank1", action="store_true")
+    options = parser.parse_args()
+
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_llama(tokenizer, seed=0)
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"Q{i}: {i}+1?"}], "answer": str(i + 1)} for i in range(48)]
+    )
+    trainer_cls, config_cls = TRAINERS[options.trainer]
+    args = config_cls(
+        output_dir=options.output_dir,
+        per_device_train_batch_size=options.per_device_train_batch_size,
+        num_generations=4,
+        max_completion_length=5,
+        max_steps=options.steps,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        beta=0.0,
+        generation_kwargs={"do_sample": False},
+        shuffle_dataset=False,
+    )
+    trainer = trainer_cls(
+        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    records = []
+    original = trainer._log_allocation
+
+    def keep_record(record):
+        records.append({"sizes": record["sizes"], "accept_rates": record["accept_rates"].tolist(),
+                        "grad_norms": record["grad_norms"].tolist()})
+        original(record)
+
+    trainer._log_allocation = keep_record
+    trainer.train()
+    checksum = sum(p.detach().double().abs().sum().item() for p in trainer.model.parameters())
+    result = {
+        "num_processes": trainer.accelerator.num_processes,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "records": records,
+        "checksum": checksum,
+    }
+    rank = trainer.accelerator.process_index
+    with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()

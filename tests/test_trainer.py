@@ -1,0 +1,483 @@
+"""End-to-end and unit tests of the GVM trainers on tiny random models (CPU, no Hub, no vLLM)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig
+from trl.trainer.utils import nanstd
+
+from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
+from gvm_trl.allocation import allocate_budget, lemma1_weights
+from gvm_trl.trainer import ALLOCATIONS_FILE, group_normalized_advantages
+
+from conftest import make_tiny_llama
+
+NUM_PROMPTS = 8
+
+
+def prompt_dataset(n=NUM_PROMPTS * 4):
+    return Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"Q{i}: {i}+1?"}], "answer": str(i + 1)} for i in range(n)]
+    )
+
+
+def prompt_id(prompt) -> int:
+    return int(prompt[-1]["content"].split(":")[0][1:])
+
+
+def graded_reward(prompts, completions, **kwargs):
+    """Accept probability differs by prompt: prompts 0 mod 4 never, 1 mod 4 always, others ~half the time."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        i, text = prompt_id(prompt), completion[0]["content"]
+        if i % 4 == 0:
+            rewards.append(0.0)
+        elif i % 4 == 1:
+            rewards.append(1.0)
+        else:
+            rewards.append(float(sum(map(ord, text)) % 2))
+    return rewards
+
+
+def reject_all(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def config(cls, tmp_path, **overrides):
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        beta=0.0,
+        dataloader_num_workers=0,
+    )
+    options.update(overrides)
+    return cls(**options)
+
+
+def make_trainer(trainer_cls, config_cls, tmp_path, tokenizer, model=None, reward=graded_reward, dataset=None, **kw):
+    peft_config = kw.pop("peft_config", None)
+    args = config(config_cls, tmp_path, **kw)
+    return trainer_cls(
+        model=model if model is not None else make_tiny_llama(tokenizer),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset if dataset is not None else prompt_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def read_allocations(trainer):
+    with open(f"{trainer.args.output_dir}/{ALLOCATIONS_FILE}") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def last_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+
+
+TRAINERS = [(GVMRAFTTrainer, GVMRAFTConfig), (GVMGRPOTrainer, GVMGRPOConfig)]
+
+
+# -- end to end -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
+@pytest.mark.parametrize("allocation", ["gvm", "uniform"])
+def test_trains_end_to_end_and_logs_gvm_metrics(trainer_cls, config_cls, allocation, tmp_path, char_tokenizer):
+    trainer = make_trainer(trainer_cls, config_cls, tmp_path, char_tokenizer, gvm_allocation=allocation)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    logs = last_logs(trainer)
+    expected = {
+        "gvm/accept_rate",
+        "gvm/samples_per_prompt_mean",
+        "gvm/samples_per_prompt_min",
+        "gvm/samples_per_prompt_max",
+        "gvm/prompts_zero_budget",
+        "gvm/probe_completions",
+        "gvm/budget_completions",
+        "gvm/time_probe",
+        "gvm/time_grad_norms",
+        "gvm/time_allocate",
+    }
+    if allocation == "gvm":
+        expected |= {"gvm/grad_norm", "gvm/variance_bound_ratio"}
+    assert expected <= set(logs)
+    records = read_allocations(trainer)
+    assert len(records) == 2
+    assert all(record["budget"] == 2 * 4 for record in records)  # gvm_budget_per_prompt (4) × m (2)
+    assert all(sum(p["num_samples"] for p in record["prompts"]) == record["budget"] for record in records)
+    if allocation == "uniform":
+        assert all(p["num_samples"] == 4 for record in records for p in record["prompts"])
+
+
+def test_allocation_log_matches_allocate_budget(tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16, max_steps=3
+    )
+    trainer.train()
+    for record in read_allocations(trainer):
+        prompts = record["prompts"]
+        assert len(prompts) == 4 and len({p["index"] for p in prompts}) == 4
+        for p in prompts:
+            if p["index"] % 4 == 0:
+                assert p["accept_rate"] == 0.0 and p["num_samples"] == 0
+            if p["index"] % 4 == 1:
+                assert p["accept_rate"] == 1.0 and p["num_accepted"] == p["num_samples"]
+        expected = allocate_budget(
+            [p["accept_rate"] for p in prompts], [p["grad_norm"] for p in prompts], record["budget"]
+        )
+        assert [p["num_samples"] for p in prompts] == expected
+
+
+def test_every_prompt_rejected_skips_the_update(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, reward=reject_all)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert last_logs(trainer)["gvm/empty_batches"] == 2
+    assert all(p["num_samples"] == 0 for record in read_allocations(trainer) for p in record["prompts"])
+
+
+def test_gradient_accumulation_and_steps_per_generation(tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMGRPOTrainer,
+        GVMGRPOConfig,
+        tmp_path,
+        char_tokenizer,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        max_steps=4,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    # Two optimizer steps per generation batch: old log-probs must be real, not detached copies.
+    assert len(read_allocations(trainer)) == 2
+
+
+def test_lora_measures_adapter_gradients(tmp_path, char_tokenizer):
+    from peft import LoraConfig
+
+    trainer = make_trainer(
+        GVMRAFTTrainer,
+        GVMRAFTConfig,
+        tmp_path,
+        char_tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8),
+        beta=0.001,
+    )
+    trainer.train()
+    assert "gvm/grad_norm" in last_logs(trainer)
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_save_and_resume_mid_run(tmp_path, char_tokenizer):
+    model_dir = tmp_path / "model"
+    make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
+    options = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    first = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
+    first.train()
+    full_run = read_allocations(first)
+    assert [r["step"] for r in full_run] == [0, 1, 2, 3]
+
+    (tmp_path / "out" / ALLOCATIONS_FILE).unlink()
+    resumed = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    after_resume = read_allocations(resumed)
+    assert [r["step"] for r in after_resume] == [2, 3]
+    # The same prompts, in the same order, as the uninterrupted run's last two generation batches.
+    assert [[p["index"] for p in r["prompts"]] for r in after_resume] == [
+        [p["index"] for p in r["prompts"]] for r in full_run[2:]
+    ]
+
+
+def test_model_card_names_gvm(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "GVM-GRPO" in card and "2505.02391" in card and "gvm_alpha" in card and "yao2025optimizing" in card
+
+
+# -- one generation batch, inspected ------------------------------------------------------------------------------
+
+
+def generation_batch(trainer, start=0):
+    rows = [trainer.train_dataset[i] for i in range(start, start + trainer.num_prompts_per_generation)]
+    trainer.model.train()
+    return trainer._generate_gvm_batch(rows)
+
+
+@pytest.mark.parametrize("weighting", ["lemma1", "mean", "none"])
+def test_row_weights_follow_gvm_weighting(weighting, tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16, gvm_weighting=weighting
+    )
+    batch = generation_batch(trainer)
+    record = read_allocations(trainer)[-1]["prompts"]
+    # Only accepted rows train in RAFT++; their advantages are the reward (1) clipped at 0.
+    assert torch.all(batch["advantages"] == 1.0)
+    rows_per_prompt = {}
+    for ids in batch["prompt_ids"]:
+        text = trainer.processing_class.decode(ids, skip_special_tokens=True)
+        index = int(text.split(":")[0].lstrip("Q"))
+        rows_per_prompt[index] = rows_per_prompt.get(index, 0) + 1
+    by_index = {p["index"]: p for p in record}
+    for index, count in rows_per_prompt.items():
+        p = by_index[index]
+        assert count == round(p["accept_rate"] * 4) + p["num_accepted"]  # accepted probes + accepted phase 2
+    for ids, weight in zip(batch["prompt_ids"], batch["gvm_weight"].tolist()):
+        index = int(trainer.processing_class.decode(ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
+        p = by_index[index]
+        expected = {
+            "lemma1": lemma1_weights([p["num_samples"] + 4], [p["accept_rate"]])[0],
+            "mean": 1 / rows_per_prompt[index],
+            "none": 1.0,
+        }[weighting]
+        assert weight == pytest.approx(expected, rel=1e-6)
+
+
+def test_grpo_groups_include_probes_and_zero_variance_prompts_get_zero_advantage(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16)
+    batch = generation_batch(trainer)
+    record = {p["index"]: p for p in read_allocations(trainer)[-1]["prompts"]}
+    indices = [
+        int(trainer.processing_class.decode(ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
+        for ids in batch["prompt_ids"]
+    ]
+    # Every row trains in GRPO: probes (4 per prompt) plus each prompt's phase-2 rows.
+    assert len(indices) == sum(4 + p["num_samples"] for p in record.values())
+    for index, advantage in zip(indices, batch["advantages"].tolist()):
+        if index % 4 in (0, 1):  # p_i = 0 or p_i = 1: every reward in the group is equal
+            assert advantage == 0.0
+    assert record[1]["accept_rate"] == 1.0 and record[1]["num_samples"] > 0  # GRPO still samples p = 1 prompts
+
+
+def test_prompt_with_zero_budget_generates_nothing(tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16, gvm_reuse_probes=False
+    )
+    batch = generation_batch(trainer)
+    record = read_allocations(trainer)[-1]["prompts"]
+    zero = [p["index"] for p in record if p["num_samples"] == 0]
+    assert 0 in zero  # never accepted → weight 0 → no phase-2 rows
+    indices = {
+        int(trainer.processing_class.decode(ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
+        for ids in batch["prompt_ids"]
+    }
+    assert not indices & set(zero)
+
+
+def test_no_rows_dropped_across_micro_steps(tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, per_device_train_batch_size=4,
+        steps_per_generation=3, gradient_accumulation_steps=3,
+    )
+    batch = generation_batch(trainer, start=0)
+    chunks = trainer._build_micro_batches(batch)
+    assert len(chunks) == 3
+    assert sum(len(chunk["advantages"]) for chunk in chunks) == len(batch["advantages"])
+    assert sorted(torch.cat([c["advantages"] for c in chunks]).tolist()) == sorted(batch["advantages"].tolist())
+    # One optimizer window of 3 micro-steps: every chunk shares the window's normaliser Σ ω_r τ_r.
+    tokens = (batch["completion_mask"].sum(1) * batch["gvm_weight"]).sum()
+    assert all(chunk["gvm_normalizer"] == pytest.approx(tokens.item()) for chunk in chunks)
+    # With one optimizer step per micro-step, each micro-step is its own window.
+    trainer.args.gradient_accumulation_steps = 1
+    for chunk in trainer._build_micro_batches(batch):
+        own = (chunk["completion_mask"].sum(1) * chunk["gvm_weight"]).sum()
+        assert chunk["gvm_normalizer"] == pytest.approx(own.item())
+
+
+# -- the loss against an independent computation ---------------------------------------------------------------
+
+
+def token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, prompt_ids.size(1) - 1 : -1]
+    return torch.log_softmax(logits.double(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def hand_built_batch(tokenizer, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, prompt_len, completion_len = 5, 4, 6
+    prompt_ids = torch.randint(5, len(tokenizer), (batch_size, prompt_len), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_ids = torch.randint(5, len(tokenizer), (batch_size, completion_len), generator=generator)
+    lengths = torch.tensor([6, 3, 5, 1, 4])
+    completion_mask = (torch.arange(completion_len) < lengths.unsqueeze(1)).long()
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, 0.5, 1.0, 2.0, 0.0]),
+        "gvm_weight": torch.tensor([0.25, 0.25, 1.0 / 6, 0.5, 0.0]),
+        "old_per_token_logps": -3 - torch.rand(batch_size, completion_len, generator=generator),
+        "ref_per_token_logps": -3 - torch.rand(batch_size, completion_len, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_loss_equals_independent_lemma1_weighted_computation(trainer_cls, config_cls, loss_type, tmp_path, char_tokenizer):
+    """Σ_r ω_r a_r / Σ_r ω_r τ_r with ω_r = 1/(n_i p_i), computed by hand in float64 (negative advantages: GRPO)."""
+    model_dir = tmp_path / "model"
+    make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
+    trainer = make_trainer(
+        trainer_cls, config_cls, tmp_path, char_tokenizer, model=str(model_dir), beta=0.04, loss_type=loss_type,
+        epsilon=0.2, epsilon_high=0.28,
+    )
+    batch = hand_built_batch(char_tokenizer)
+    if trainer_cls is GVMGRPOTrainer:
+        batch["advantages"] = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9])
+    mask = batch["completion_mask"].double()
+    weight = batch["gvm_weight"].double()
+    if loss_type == "grpo":
+        normalizer = (weight * (mask.sum(1) > 0)).sum()
+    elif loss_type == "dr_grpo":
+        normalizer = (weight * (mask.sum(1) > 0)).sum() * trainer.args.max_completion_length
+    else:
+        normalizer = (weight * mask.sum(1)).sum()
+    batch["gvm_normalizer"] = normalizer.float()
+    model = trainer.model.train()
+    loss = trainer._compute_loss(model, batch)
+
+    with torch.no_grad():
+        logps = token_logps(model.double(), batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+    model.float()
+    ratio = torch.exp(logps - batch["old_per_token_logps"].double())
+    advantage = batch["advantages"].double().unsqueeze(1)
+    clipped = ratio.clamp(1 - 0.2, 1 + 0.28)
+    policy = -torch.minimum(ratio * advantage, clipped * advantage)
+    ref = batch["ref_per_token_logps"].double()
+    kl = (torch.exp(ref - logps) - (ref - logps) - 1) * ratio  # TRL's use_bias_correction_kl (default on)
+    per_token = policy + 0.04 * kl
+    per_row = (per_token * mask).sum(1)
+    if loss_type == "grpo":
+        per_row = per_row / mask.sum(1).clamp(min=1)
+    expected = (weight * per_row).sum() / normalizer
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-6)
+
+
+def test_unit_weights_reproduce_trl_loss(tmp_path, char_tokenizer):
+    """With every ω_r = 1 the GVM aggregation is TRL's own for the same loss type."""
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, loss_type="bnpo")
+    batch = hand_built_batch(char_tokenizer)
+    batch.pop("ref_per_token_logps")
+    weighted = dict(batch, gvm_weight=torch.ones(5), gvm_normalizer=batch["completion_mask"].sum().float())
+    plain = {k: v for k, v in batch.items() if k != "gvm_weight"}
+    plain["num_items_in_batch"] = batch["completion_mask"].sum()
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    assert trainer._compute_loss(model, weighted).item() == pytest.approx(trainer._compute_loss(model, plain).item(), rel=1e-6)
+
+
+# -- advantages -------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_match_trl_on_equal_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    groups = torch.arange(2).repeat_interleave(4)
+    grouped = rewards.view(2, 4)
+    trl_std = nanstd(grouped, dim=1).repeat_interleave(4)
+    trl = (rewards - grouped.mean(1).repeat_interleave(4)) / (trl_std + 1e-4)
+    assert torch.allclose(group_normalized_advantages(rewards, groups, 2, "group"), trl)
+
+
+def test_group_advantages_with_ragged_groups_and_unscorable_rows():
+    rewards = torch.tensor([1.0, 0.0, 1.0, math.nan, 1.0, 0.5, 0.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    advantages = group_normalized_advantages(rewards, groups, 3, "group")
+    std0 = torch.tensor([1.0, 0.0, 1.0]).std()
+    assert advantages[0].item() == pytest.approx((1 - 2 / 3) / (std0.item() + 1e-4), rel=1e-5)
+    assert advantages[3] == 0 and advantages[4] == 0  # unscorable row; a group of one
+    assert advantages[5].item() == pytest.approx(0.25 / (torch.tensor([0.5, 0.0]).std().item() + 1e-4), rel=1e-5)
+    assert torch.allclose(group_normalized_advantages(rewards, groups, 3, "none")[:3], torch.tensor([1 / 3, -2 / 3, 1 / 3]))
+
+
+# -- configuration errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"gvm_alpha": 0.0}, "gvm_alpha"),
+        ({"gvm_beta": 1.5}, "gvm_beta"),
+        ({"gvm_num_probes": 0}, "gvm_num_probes"),
+        ({"gvm_budget_per_prompt": -1}, "gvm_budget_per_prompt"),
+        ({"gvm_weighting": "median"}, "gvm_weighting"),
+        ({"gvm_allocation": "random"}, "gvm_allocation"),
+        ({"gvm_max_samples": 0}, "gvm_max_samples"),
+        ({"gvm_filter_threshold": 0.0}, "gvm_filter_threshold"),
+        ({"loss_type": "cispo"}, "loss_type"),
+        ({"entropy_coef": 0.1}, "entropy_coef"),
+        ({"gvm_budget_per_prompt": 0, "gvm_reuse_probes": False}, "gvm_budget_per_prompt"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        config(GVMGRPOConfig, tmp_path, **overrides)
+
+
+def test_defaults_follow_num_generations_and_the_paper(tmp_path):
+    args = config(GVMRAFTConfig, tmp_path, num_generations=8, per_device_train_batch_size=8)
+    assert args.gvm_num_probes == 8 and args.gvm_budget_per_prompt == 8
+    assert args.gvm_alpha == 1e-3 and args.gvm_beta == 2.0
+    assert GVMRAFTConfig.__dataclass_fields__["beta"].default == 0.001
+
+
+def test_trainer_rejects_a_plain_grpo_config(tmp_path, char_tokenizer):
+    with pytest.raises(TypeError, match="GVMGRPOConfig"):
+        GVMGRPOTrainer(
+            model=make_tiny_llama(char_tokenizer),
+            reward_funcs=graded_reward,
+            args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False),
+            train_dataset=prompt_dataset(),
+            processing_class=char_tokenizer,
+        )
+
+
+def test_config_rejects_infeasible_floors_and_misaligned_steps(tmp_path):
+    with pytest.raises(ValueError, match="gvm_min_samples"):
+        config(GVMGRPOConfig, tmp_path, gvm_min_samples=5)
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        config(GVMGRPOConfig, tmp_path, per_device_train_batch_size=4, steps_per_generation=3, gradient_accumulation_steps=2)
+
+
+def test_in_memory_model_with_kl_needs_a_path(tmp_path, char_tokenizer):
+    with pytest.raises(ValueError, match="save_pretrained"):
+        make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, beta=0.001)
+
+
+def test_vllm_missing_gives_a_clear_error(tmp_path, char_tokenizer):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed in this environment")
+    with pytest.raises(ImportError, match="(?i)vllm"):
+        make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, use_vllm=True)
