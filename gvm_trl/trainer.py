@@ -31,6 +31,7 @@ import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler
 
 from .allocation import (
@@ -319,22 +320,39 @@ class _GVMTrainer(GRPOTrainer):
         return select_rows(batch, keep)
 
     def _probe_grad_norms(self, probes: dict, accepted: torch.Tensor) -> torch.Tensor:
-        """Per-sample ‖∇ ln P(y|x)‖ of the accepted local probes (0 for the others)."""
+        """Per-sample ‖∇ ln P(y|x)‖ of the accepted local probes (0 for the others).
+
+        Every process measures the same number of rows (zero-loss padding rows fill the short ones), so sharded
+        models (FSDP, ZeRO-3 without gathering) run the same forwards everywhere; parameters are gathered as for
+        TRL's generation and released on exit.
+        """
         norms = torch.zeros(len(accepted))
         index = accepted.nonzero().flatten()
-        if index.numel() == 0:
+        count = len(index)
+        rows = count
+        if self.accelerator.num_processes > 1:
+            rows = int(gather(torch.tensor([count], device=self.accelerator.device)).max())
+        if rows == 0:
             return norms
-        rows = trim_padding_columns(select_rows(probes, index))
-        mask = rows["completion_mask"] * rows.get("tool_mask", 1)
-        model = self.accelerator.unwrap_model(self.model)
-        norms[index] = per_sample_grad_norms(
-            model,
-            torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1),
-            torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1),
-            torch.cat([torch.zeros_like(rows["prompt_mask"]), mask], dim=1),
-            params=self.args.gvm_grad_params,
-            micro_batch_size=self.args.gvm_grad_batch_size or self.args.per_device_train_batch_size,
-        ).cpu()
+        padded = torch.cat([index, index.new_full((rows - count,), int(index[0]) if count else 0)])
+        batch = trim_padding_columns(select_rows(probes, padded))
+        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+        loss_mask[count:] = 0
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as model,
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            measured = per_sample_grad_norms(
+                model,
+                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+                torch.cat([torch.zeros_like(batch["prompt_mask"]), loss_mask], dim=1),
+                params=self.args.gvm_grad_params,
+                micro_batch_size=self.args.gvm_grad_batch_size or self.args.per_device_train_batch_size,
+            )
+        norms[index] = measured[:count].cpu()
         return norms
 
     def _pad_values(self) -> dict[str, float]:
