@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -148,6 +149,12 @@ class GVMArguments:
                 f"A generation batch holds generation_batch_size / num_generations = {prompts} prompts, which must be "
                 f"divisible by the {self.world_size} processes; adjust per_device_train_batch_size, "
                 "steps_per_generation or num_generations."
+            )
+        if prompts == 1:
+            warnings.warn(
+                "A generation batch holds a single prompt (generation_batch_size == num_generations), so GVM has "
+                "nothing to allocate across; raise per_device_train_batch_size or steps_per_generation.",
+                stacklevel=3,
             )
         steps, accumulation = self.steps_per_generation, self.gradient_accumulation_steps
         if steps % accumulation and accumulation % steps:

@@ -1,0 +1,104 @@
+"""The training script: paper configs parse, a tiny end-to-end run, and the Hub push (network patched out)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import RepoUrl
+
+from gvm_trl import GVMGRPOConfig, GVMRAFTConfig
+
+from conftest import make_tiny_llama
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import train  # noqa: E402
+
+CONFIGS = sorted((EXAMPLES / "configs").glob("*.yaml"))
+
+
+def test_a_config_per_paper_setting():
+    models = {"qwen2.5-math-1.5b", "qwen2.5-math-7b", "llama-3.2-1b-instruct", "llama-3.2-3b-instruct"}
+    assert {path.stem for path in CONFIGS} == {f"{m}_{a}" for m in models for a in ("gvm-raft", "gvm-grpo")}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_paper_configs_parse_without_unknown_keys(path):
+    # bf16 needs a GPU or use_cpu; everything else is parsed exactly as written (unknown keys raise).
+    script_args, training_args, model_args = train.parse_args(["--config", str(path), "--use_cpu", "true"])
+    expected_config = GVMRAFTConfig if path.stem.endswith("gvm-raft") else GVMGRPOConfig
+    assert type(training_args) is expected_config and training_args.gvm_allocation == "gvm"
+    assert training_args.gvm_num_probes == 8 and training_args.gvm_budget_per_prompt == 8
+    assert (training_args.gvm_alpha, training_args.gvm_beta) == (1e-3, 2.0)
+    assert training_args.learning_rate == 1e-6 and training_args.beta == 0.001
+    assert training_args.max_completion_length == 3072 and training_args.temperature == 1.0
+    assert training_args.use_vllm and training_args.bf16
+    assert model_args.dtype == "bfloat16" and "/" in model_args.model_name_or_path
+    assert len(script_args.eval_benchmarks) == 5
+
+
+def test_baseline_algorithm_overrides_the_config():
+    path = EXAMPLES / "configs" / "qwen2.5-math-1.5b_gvm-grpo.yaml"
+    _, training_args, _ = train.parse_args(["--config", str(path), "--algorithm", "grpo", "--use_cpu", "true"])
+    assert training_args.gvm_allocation == "uniform" and type(training_args) is GVMGRPOConfig
+
+
+def test_no_arguments_is_the_cpu_demo():
+    script_args, training_args, model_args = train.parse_args([])
+    assert script_args.algorithm == "gvm-raft" and script_args.dataset_name == "arithmetic"
+    assert model_args.model_name_or_path == "smollm2-135m-instruct"
+    assert not training_args.bf16 and not training_args.gradient_checkpointing
+    assert type(training_args) is GVMRAFTConfig and training_args.beta == 0.001
+
+
+def tiny_run(tmp_path, char_tokenizer, *extra):
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+    output_dir = tmp_path / "run"
+    argv = [
+        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--max_steps", "2",
+        "--max_completion_length", "8", "--heldout_prompts", "4", "--num_train_prompts", "32", "--use_cpu", "true",
+        "--per_device_train_batch_size", "8",
+        *extra,
+    ]
+    return train.main(argv), output_dir
+
+
+def test_tiny_end_to_end_run(tmp_path, char_tokenizer):
+    summary, output_dir = tiny_run(tmp_path, char_tokenizer)
+    assert 0.0 <= summary["heldout_reward_before"] <= 1.0 and 0.0 <= summary["heldout_reward_after"] <= 1.0
+    records = [json.loads(line) for line in (output_dir / "gvm_allocations.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    phase2 = sum(p["num_samples"] for record in records for p in record["prompts"])
+    assert summary["completions_generated"] == 2 * 8 + phase2  # 2 generation batches of N′·m = 8 probes
+    assert set(summary["seconds_per_phase"]) >= {"probe generation", "gradient norms", "allocation", "update"}
+    assert json.loads((output_dir / "gvm_summary.json").read_text())["algorithm"] == "gvm-raft"
+    assert (output_dir / "gvm_allocation.png").stat().st_size > 1000
+    assert (output_dir / "model.safetensors").exists()
+
+
+def test_push_to_hub_uploads_model_and_gvm_card(tmp_path, char_tokenizer, monkeypatch):
+    uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/me/{repo_id}", endpoint="https://huggingface.co")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append(
+            {"repo_id": repo_id, "files": sorted(p.name for p in Path(folder_path).iterdir()), "folder": folder_path}
+        )
+        card = (Path(folder_path) / "README.md").read_text()
+        uploads[-1]["card"] = card
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    tiny_run(tmp_path, char_tokenizer, "--push_to_hub", "true", "--hub_model_id", "gvm-tiny", "--max_steps", "1")
+    assert uploads and uploads[-1]["repo_id"] == "me/gvm-tiny"
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= set(uploads[-1]["files"])
+    card = uploads[-1]["card"]
+    assert "GVM-RAFT++" in card and "2505.02391" in card and "gvm_budget_per_prompt" in card
