@@ -20,6 +20,7 @@ reward clipped at 0; GRPO: all rows, advantages normalised within each prompt's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import textwrap
 import time
@@ -284,6 +285,7 @@ class _GVMTrainer(GRPOTrainer):
             return {"gvm_skip": True}
         row_prompt = torch.cat([prompt for _, prompt, _ in parts])
         row_reward = torch.cat([reward for _, _, reward in parts])
+        row_reward[row_prompt < 0] = torch.nan  # padding rows: out of every group statistic
         row_accepted = (row_reward >= args.gvm_accept_threshold) & (row_prompt >= 0)
         local_rows = torch.cat(
             [
@@ -494,10 +496,9 @@ class _GVMTrainer(GRPOTrainer):
         self.rollout_totals["budget_completions"] += sum(sizes)
         if grad_norms is not None:
             metrics["gvm/grad_norm"].append(grad_norms.mean().item())
-            options = {"alpha": self.args.gvm_alpha, "beta": self.args.gvm_beta}
-            uniform = variance_bound(accept_rates, grad_norms, uniform_allocation(num_prompts, sum(sizes)), **options)
-            if uniform > 0:
-                metrics["gvm/variance_bound_ratio"].append(variance_bound(accept_rates, grad_norms, sizes, **options) / uniform)
+            ratio = self._variance_bound_ratio(accept_rates, grad_norms, sizes)
+            if math.isfinite(ratio):
+                metrics["gvm/variance_bound_ratio"].append(ratio)
 
         if not self.accelerator.is_main_process:
             return
@@ -518,6 +519,18 @@ class _GVMTrainer(GRPOTrainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, ALLOCATIONS_FILE), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
+
+    def _variance_bound_ratio(self, accept_rates, grad_norms, sizes) -> float:
+        """Eq. (5) for this allocation over eq. (5) for the uniform split of the same budget (not finite: not logged).
+
+        Sample sizes count the reused probes, as the Lemma 1 weights do.
+        """
+        reused = self.args.gvm_num_probes if self.args.gvm_reuse_probes else 0
+        uniform = uniform_allocation(len(sizes), sum(sizes))
+        options = {"alpha": self.args.gvm_alpha, "beta": self.args.gvm_beta}
+        bound = variance_bound(accept_rates, grad_norms, [n + reused for n in sizes], **options)
+        baseline = variance_bound(accept_rates, grad_norms, [n + reused for n in uniform], **options)
+        return bound / baseline if 0 < baseline < math.inf else math.nan
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, plus the GVM settings this model was trained with."""

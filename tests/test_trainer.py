@@ -481,3 +481,18 @@ def test_vllm_missing_gives_a_clear_error(tmp_path, char_tokenizer):
         pytest.skip("vLLM is installed in this environment")
     with pytest.raises(ImportError, match="(?i)vllm"):
         make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, use_vllm=True)
+
+
+def test_variance_bound_ratio_counts_reused_probes_and_stays_finite(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, num_generations=2)
+    p, g = [0.5, 0.5, 1.0, 0.0], [40.0, 2.0, 30.0, 0.0]
+    sizes = allocate_budget(p, g, 8)
+    assert sizes == [5, 0, 3, 0]
+    from gvm_trl.allocation import variance_bound
+
+    expected = variance_bound(p, g, [7, 2, 5, 2], alpha=1e-3, beta=2.0) / variance_bound(
+        p, g, [4, 4, 4, 4], alpha=1e-3, beta=2.0
+    )
+    assert trainer._variance_bound_ratio(p, g, sizes) == pytest.approx(expected)
+    trainer.args.gvm_reuse_probes = False
+    assert not math.isfinite(trainer._variance_bound_ratio(p, g, sizes))  # n_i = 0 with p, G > 0: not logged
