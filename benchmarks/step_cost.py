@@ -1,0 +1,563 @@
+"""What GVM's two-phase rollout costs per training step, against a plain `trl.GRPOTrainer` step.
+
+What is measured
+----------------
+Both trainers see the same model, prompts (same seed, hence the same sampler order), completion length and
+sampling settings, and generate the SAME number of completions per generation batch of m prompts:
+
+- ``grpo``        plain ``trl.GRPOTrainer`` with ``num_generations = G``: m·G completions in one round.
+- ``gvm-equal``   ``GVMGRPOTrainer`` with ``gvm_num_probes = N′`` and ``gvm_budget_per_prompt = G − N′``:
+                  N′·m probes, then (G − N′)·m allocated completions = m·G in two rounds (probes reused for
+                  training, so both update on m·G rows).
+- ``gvm-default`` (``--include-default``) the package default N′ = G, budget = G: 2·m·G completions.
+
+Each configuration runs ``--steps`` optimizer steps (one generation batch each, ``steps_per_generation = 1``)
+in its own subprocess (so peak-memory numbers do not leak between them); the first ``--warmup`` steps are
+discarded and the median over the rest is reported. A step's wall time is the time between consecutive
+``on_step_end`` callbacks, so it includes data loading and logging. It is split into:
+
+- plain GRPO: generation = TRL's ``_generate_and_score_completions`` (generate + score + advantages, timed by a
+  subclass), update = the rest of the step (forward + backward + optimizer);
+- GVM: probe generation, per-sample gradient-norm pass, allocation and phase-2 generation from
+  ``trainer.rollout_totals``; "rollout bookkeeping" = the rest of ``_generate_gvm_batch`` (advantages, weights,
+  row assembly); update = the rest of the step.
+
+GVM's overhead at equal completions = (its step − the plain step) / the plain step; it is also broken down into
+the gradient pass, the allocation and the extra generation round (GVM's probe + phase-2 + bookkeeping time minus
+the plain generation time). Target (not asserted): ≤ 15 %.
+
+Reward: by default a ``parity`` stand-in that accepts about half of all completions (``--reward math`` uses the
+real verifier). Cost is what is measured here, and it depends on the accept rate: the gradient-norm pass runs on
+the accepted probes only, phase 2 skips prompts with p_i = 0, and a generation batch whose probes are all rejected
+skips phase 2 and the update altogether. SmolLM2-135M solves only ~20 % of the arithmetic prompts at temperature 1
+(most prompts never), so with the math reward and a few probes most GVM steps would be such skipped steps.
+
+Memory: on CPU the peak resident set size of the worker process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``,
+model load included) and the peak RSS during ``trainer.train()`` above the RSS just before it (psutil, sampled
+every 5 ms); on CUDA ``torch.cuda.max_memory_allocated`` during training. Timings on a CPU shared with other jobs
+are noisy: compare configurations only within one run, and look at the per-step numbers in the JSON.
+
+    python benchmarks/step_cost.py                         # CPU: SmolLM2-135M-Instruct, fp32, m = 2, G = 4, N′ = 2
+    python benchmarks/step_cost.py --batch-size 16 --num-generations 8 --num-probes 4 --steps 4
+    python benchmarks/step_cost.py --include-default       # also N′ = G, budget = G (2× the completions)
+    python benchmarks/step_cost.py --reward math           # the real verifier instead of the parity stand-in
+    python benchmarks/step_cost.py --tiny                  # tiny random model (fast, numbers meaningless)
+    python benchmarks/step_cost.py --quick                 # smoke test: tiny model, 2 steps, in-process
+    python benchmarks/step_cost.py --device cuda           # GPU: bf16, m·G = 64, 256-token completions
+    python benchmarks/step_cost.py --device cuda --model Qwen/Qwen2.5-Math-1.5B --max-completion-length 1024
+
+Results: ``benchmarks/results/step_cost_<tag>.json`` and ``.png`` (tag: cpu, cuda, tiny or quick).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import textwrap  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+CONFIGS = ("grpo", "gvm-equal", "gvm-default")
+GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2")
+PHASE_LABELS = {
+    "generation": "generation (plain GRPO)",
+    "probe": "probe generation",
+    "grad_norms": "per-sample gradient pass",
+    "allocate": "allocation",
+    "phase2": "phase-2 generation",
+    "bookkeeping": "rollout bookkeeping",
+    "update": "update",
+    "step": "step total",
+}
+DEVICE_PRESETS = {
+    "cpu": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=24, steps=3, warmup=1),
+    "cuda": dict(batch_size=64, num_generations=8, num_probes=4, max_completion_length=256, steps=6, warmup=1),
+    "quick": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=8, steps=2, warmup=1),
+}
+
+
+# -- shared with benchmarks/convergence.py ----------------------------------------------------------------------------
+
+
+def limit_threads(device: str) -> None:
+    """Two threads on a shared CPU (the benchmark machines); leave GPU runs alone."""
+    if device == "cpu":
+        torch.set_num_threads(int(os.environ.get("GVM_BENCH_THREADS", "2")))
+
+
+def _conftest():
+    """The test suite's tiny-model helpers (`make_char_tokenizer`, `make_tiny_llama`), loaded by path."""
+    spec = importlib.util.spec_from_file_location("gvm_bench_conftest", ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parity_reward(completions, **kwargs) -> list[float]:
+    """Stand-in verifier for the random tiny model (which never solves arithmetic): 1 iff the character codes of
+    the completion sum to an even number, so accept rates vary and every phase of the GVM step runs."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(sum(map(ord, text)) % 2 == 0) for text in texts]
+
+
+def load_policy(model: str, tiny: bool, device: str, seed: int = 0):
+    """(model, tokenizer): the tiny random Llama of the tests, or a real model (fp32 on CPU, bf16 on CUDA)."""
+    if tiny:
+        helpers = _conftest()
+        tokenizer = helpers.make_char_tokenizer()
+        return helpers.make_tiny_llama(tokenizer, seed=seed), tokenizer
+    from gvm_trl.models import load_model_and_tokenizer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return load_model_and_tokenizer(model, dtype=dtype)
+
+
+def reward_function(name: str):
+    """`math` (the package's verifier on the gold `answer`) or the `parity` stand-in."""
+    if name == "parity":
+        return parity_reward
+    from gvm_trl.rewards import math_reward
+
+    return math_reward
+
+
+def trainer_arguments(device: str, output_dir: str, seed: int, **overrides) -> dict:
+    """Settings common to every trainer in the benchmarks (fp32 on CPU, bf16 on CUDA, no saving or reporting)."""
+    options = dict(
+        output_dir=output_dir,
+        bf16=device == "cuda",
+        gradient_checkpointing=False,
+        use_cpu=device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        temperature=1.0,
+        beta=0.0,
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    return options
+
+
+def device_sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class RSSMonitor:
+    """Peak resident set size of this process, sampled every `interval` seconds in a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._process, self._interval = psutil.Process(), interval
+        self._stop = threading.Event()
+        self.start_bytes = self.peak_bytes = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# -- timing ---------------------------------------------------------------------------------------------------------
+
+
+class StepTimer(TrainerCallback):
+    """Wall time between consecutive optimizer steps, with each step's GVM phase times and rollout time."""
+
+    def __init__(self, device: str):
+        self.device, self.steps, self._last = device, [], None
+        self.trainer = None  # set after the trainer exists
+        self.rollout_seconds = 0.0  # accumulated by the timed trainers' rollout method
+
+    def _totals(self) -> dict:
+        return dict(getattr(self.trainer, "rollout_totals", {}))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        device_sync(self.device)
+        self._last, self._seen = time.perf_counter(), self._totals()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        device_sync(self.device)
+        now, totals = time.perf_counter(), self._totals()
+        step = {"step": now - self._last, "rollout": self.rollout_seconds}
+        for key in (*(f"time_{p}" for p in GVM_PHASES), "probe_completions", "budget_completions"):
+            if key in totals:
+                step[key] = totals[key] - self._seen.get(key, 0.0)
+        self.steps.append(step)
+        self._last, self._seen, self.rollout_seconds = now, totals, 0.0
+
+
+def timed_trainer_class(base: type, method: str):
+    """A subclass of `base` whose `method` (the whole rollout of one generation batch) adds its wall time to the
+    step timer."""
+
+    def wrapped(self, *args, **kwargs):
+        device_sync(self.args.device.type)
+        start = time.perf_counter()
+        result = getattr(base, method)(self, *args, **kwargs)
+        device_sync(self.args.device.type)
+        self.step_timer.rollout_seconds += time.perf_counter() - start
+        return result
+
+    return type(f"Timed{base.__name__}", (base,), {method: wrapped})
+
+
+def phase_breakdown(step: dict, config: str) -> dict:
+    """One step's seconds per phase (GVM phases from `rollout_totals`, the rest from the timers)."""
+    if config == "grpo":
+        return {"generation": step["rollout"], "update": step["step"] - step["rollout"], "step": step["step"]}
+    phases = {p: step[f"time_{p}"] for p in GVM_PHASES}
+    phases["bookkeeping"] = step["rollout"] - sum(phases.values())
+    phases["update"] = step["step"] - step["rollout"]
+    phases["step"] = step["step"]
+    return phases
+
+
+# -- one configuration ----------------------------------------------------------------------------------------------
+
+
+def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer
+    from gvm_trl.data import make_arithmetic_dataset
+
+    model, tokenizer = load_policy(args.model, args.tiny, args.device, seed=args.seed)
+    options = trainer_arguments(
+        args.device, output_dir, args.seed,
+        per_device_train_batch_size=args.batch_size,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+    )
+    if config == "grpo":
+        trainer_cls, args_cls, method = GRPOTrainer, GRPOConfig, "_generate_and_score_completions"
+    else:
+        trainer_cls, args_cls, method = GVMGRPOTrainer, GVMGRPOConfig, "_generate_gvm_batch"
+        probes = args.num_generations if config == "gvm-default" else args.num_probes
+        budget = args.num_generations if config == "gvm-default" else args.num_generations - args.num_probes
+        options.update(gvm_num_probes=probes, gvm_budget_per_prompt=budget)
+    prompts = args.batch_size // args.num_generations * args.steps
+    trainer = timed_trainer_class(trainer_cls, method)(
+        model=model,
+        reward_funcs=reward_function(args.reward),
+        args=args_cls(**options),
+        train_dataset=make_arithmetic_dataset(prompts, seed=args.seed),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.step_timer, timer.trainer = timer, trainer
+    trainer.remove_callback(PrinterCallback)  # keep the output to the table
+    return trainer
+
+
+def logged(trainer, key: str) -> list[float]:
+    """Every value of `key` in the trainer's log history (one per step with logging_steps=1)."""
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
+def run_config(config: str, args) -> dict:
+    """Train `config` for `args.steps` steps; per-step phase seconds, completions and memory."""
+    limit_threads(args.device)
+    timer = StepTimer(args.device)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(config, args, output_dir, timer)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with RSSMonitor() as rss:
+            trainer.train()
+    steps = [phase_breakdown(step, config) for step in timer.steps]
+    completions = [
+        int(s.get("probe_completions", 0) + s.get("budget_completions", 0)) or args.batch_size for s in timer.steps
+    ]
+    memory = {
+        "cpu_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "cpu_train_rss_increase_mib": (rss.peak_bytes - rss.start_bytes) / 2**20,
+    }
+    if args.device == "cuda":
+        memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "config": config,
+        "steps": steps,
+        "completions_per_step": completions,
+        "mean_completion_length": statistics.fmean(logged(trainer, "completions/mean_length") or [float("nan")]),
+        "reward_mean": logged(trainer, "reward"),
+        "probe_accept_rate": logged(trainer, "gvm/accept_rate"),
+        "trl_step_time": logged(trainer, "step_time"),  # TRL's own per-step timer, for cross-checking
+        "memory": memory,
+    }
+
+
+def run_isolated(config: str, argv: list[str]) -> dict:
+    """`run_config` in a fresh Python process, so that peak memory and allocator state are its own."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        path = handle.name
+    try:
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", config, "--worker-output", path]
+        subprocess.run(command, check=True)
+        return json.loads(Path(path).read_text())
+    finally:
+        os.unlink(path)
+
+
+# -- summary, table, plot ---------------------------------------------------------------------------------------------
+
+
+def summarize(result: dict, warmup: int) -> dict:
+    """Median seconds per phase over the steps after the warm-up."""
+    timed = result["steps"][warmup:] or result["steps"][-1:]
+    phases = list(timed[0])
+    return {phase: statistics.median(step[phase] for step in timed) for phase in phases}
+
+
+def overhead(gvm: dict, plain: dict) -> dict:
+    """GVM's extra cost over the plain step, as fractions of the plain step."""
+    generation = gvm["probe"] + gvm["phase2"] + gvm["bookkeeping"]
+    parts = {
+        "grad_norms": gvm["grad_norms"],
+        "allocate": gvm["allocate"],
+        "extra_generation_round": generation - plain["generation"],
+    }
+    return {
+        "ratio_step": gvm["step"] / plain["step"],
+        "overhead_fraction": (gvm["step"] - plain["step"]) / plain["step"],
+        "overhead_parts_fraction": {name: value / plain["step"] for name, value in parts.items()},
+        "overhead_sum_fraction": sum(parts.values()) / plain["step"],
+        "update_ratio": gvm["update"] / plain["update"],
+    }
+
+
+def generation_total(summary: dict) -> float:
+    """All generation-side seconds of a step: plain generation, or probes + phase 2 + rollout bookkeeping."""
+    if "generation" in summary:
+        return summary["generation"]
+    return summary["probe"] + summary["phase2"] + summary["bookkeeping"]
+
+
+def format_table(summaries: dict[str, dict], results: dict[str, dict]) -> str:
+    """Seconds per phase (median step) for each configuration, with ratios to plain GRPO where they compare."""
+    names = [n for n in summaries if n != "grpo"]
+    rows = [["phase (s/step, median)", "grpo", *names, *(f"{n}/grpo" for n in names)]]
+    totals = {n: {**s, "generation_total": generation_total(s)} for n, s in summaries.items()}
+    labels = {**PHASE_LABELS, "generation_total": "all generation"}
+    order = ["generation", *GVM_PHASES, "bookkeeping", "generation_total", "update", "step"]
+    for phase in order:
+        cells = [f"{totals[n][phase]:.2f}" if phase in totals[n] else "-" for n in ["grpo", *names]]
+        comparable = phase in ("generation_total", "update", "step")
+        ratios = [f"{totals[n][phase] / totals['grpo'][phase]:.2f}" if comparable else "" for n in names]
+        rows.append([labels[phase], *cells, *ratios])
+    everyone = ["grpo", *names]
+    rows.append(["completions / step", *(str(results[n]["completions_per_step"][-1]) for n in everyone)])
+    lengths = [results[n]["mean_completion_length"] for n in everyone]
+    rows.append(["mean completion length", *("-" if x is None else f"{x:.1f}" for x in lengths)])
+    rewards = [results[n]["reward_mean"] for n in everyone]
+    rows.append(["mean reward (accept rate)", *(f"{statistics.fmean(x):.2f}" if x else "-" for x in rewards)])
+    for key in results["grpo"]["memory"]:
+        rows.append([f"{key}", *(f"{results[n]['memory'][key]:.0f}" for n in everyone)])
+    width = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, width)))
+        for row in rows
+    )
+
+
+def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [p for p in PHASE_LABELS if p != "step"]
+    colors = dict(zip(phases, plt.get_cmap("tab10").colors))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for x, (name, summary) in enumerate(summaries.items()):
+        bottom = 0.0
+        for phase in phases:
+            value = max(summary.get(phase, 0.0), 0.0)
+            if value:
+                axes.bar(x, value, bottom=bottom, color=colors[phase], label=PHASE_LABELS[phase], width=0.6)
+                bottom += value
+        ratio = summary["step"] / summaries["grpo"]["step"]
+        axes.text(x, bottom, f"{summary['step']:.1f} s\n×{ratio:.2f}", ha="center", va="bottom", fontsize=9)
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    axes.set_xticks(range(len(summaries)), list(summaries))
+    axes.set_ylabel("seconds per step (median)")
+    axes.set_ylim(top=axes.get_ylim()[1] * 1.15)
+    axes.set_title(textwrap.fill(title, 80), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="path, Hub id or the embedded demo model")
+    parser.add_argument("--tiny", action="store_true", help="tiny random Llama + parity reward (no real model)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 steps, in-process")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, help="m·G: completions per generation batch (plain GRPO)")
+    parser.add_argument("--num-generations", type=int, help="G of plain GRPO")
+    parser.add_argument("--num-probes", type=int, help="N′ of gvm-equal (its budget per prompt is G − N′)")
+    parser.add_argument("--max-completion-length", type=int)
+    parser.add_argument("--steps", type=int, help="optimizer steps per configuration, warm-up included")
+    parser.add_argument("--warmup", type=int, help="steps discarded before the median")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--reward", choices=("parity", "math"), default="parity",
+                        help="parity (default): accepts ~half of all completions, so every GVM phase runs at a "
+                             "mid-range accept rate; math: the real verifier (SmolLM2 solves ~20%% at T=1, and a step "
+                             "whose probes are all rejected skips phase 2 and the update)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: grpo gvm-equal")
+    parser.add_argument("--include-default", action="store_true", help="also N′ = G, budget = G (2× completions)")
+    parser.add_argument("--in-process", action="store_true", help="run the configurations in this process")
+    parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tiny = args.in_process = True
+    preset = DEVICE_PRESETS["quick" if args.quick else args.device]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size % args.num_generations:
+        parser.error("--batch-size must be a multiple of --num-generations")
+    if not 1 <= args.num_probes < args.num_generations:
+        parser.error("--num-probes must lie in [1, G): gvm-equal's phase-2 budget per prompt is G − N′")
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be smaller than --steps")
+    if args.configs is None:
+        args.configs = ["grpo", "gvm-equal", *(["gvm-default"] if args.include_default else [])]
+    if "grpo" not in args.configs:
+        parser.error("--configs must include grpo, the baseline every ratio refers to")
+    args.tag = "quick" if args.quick else "tiny" if args.tiny else args.device
+    return args
+
+
+def environment(args) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info["machine"] = platform.processor() or platform.machine()
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    info["load_average"] = os.getloadavg()
+    return info
+
+
+def run_safely(config: str, args, argv: list[str]) -> dict:
+    """One configuration's result, or {"error": ...} if its worker failed (e.g. killed for memory)."""
+    try:
+        return run_config(config, args) if args.in_process else run_isolated(config, argv)
+    except subprocess.CalledProcessError as error:
+        reason = f"worker exited with {error.returncode}"
+        if error.returncode < 0:
+            reason = f"worker killed by signal {-error.returncode}"
+            reason += " (out of memory?)" if error.returncode == -9 else ""
+        print(f"[step_cost] {config} failed: {reason}", flush=True)
+        return {"config": config, "error": reason}
+
+
+def build_report(results: dict, args, started: float) -> dict:
+    """Summaries, comparisons to plain GRPO and the raw per-step numbers of the configurations that finished."""
+    done = {c: r for c, r in results.items() if "error" not in r}
+    summaries = {c: summarize(r, args.warmup) for c, r in done.items()}
+    comparisons = {
+        c: overhead(s, summaries["grpo"]) for c, s in summaries.items() if c != "grpo" and "grpo" in summaries
+    }
+    m = args.batch_size // args.num_generations
+    setup = (f"{'tiny random model' if args.tiny else args.model} on {args.device}, m = {m} prompts, G = "
+             f"{args.num_generations}, N′ = {args.num_probes}, ≤ {args.max_completion_length} tokens")
+    return {
+        "setup": setup,
+        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": environment(args),
+        "memory_notes": "cpu_peak_rss_mib: ru_maxrss of the worker process (model load included; cumulative if "
+                        "--in-process); cpu_train_rss_increase_mib: psutil peak RSS during train() above the RSS "
+                        "before it; cuda_max_allocated_mib: torch.cuda.max_memory_allocated during training",
+        "summary_seconds_per_step": summaries,
+        "comparison_to_grpo": comparisons,
+        "failed": {c: r["error"] for c, r in results.items() if "error" in r},
+        "runs": done,
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+def print_report(report: dict) -> None:
+    summaries, comparisons = report["summary_seconds_per_step"], report["comparison_to_grpo"]
+    print(f"\n== step cost: {report['setup']} ==")
+    if "grpo" in summaries:
+        print(format_table(summaries, report["runs"]))
+    for config, comparison in comparisons.items():
+        parts = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in comparison["overhead_parts_fraction"].items())
+        print(f"{config}: step ×{comparison['ratio_step']:.3f} of plain GRPO "
+              f"(overhead {100 * comparison['overhead_fraction']:+.1f}%: {parts})")
+    for config, reason in report["failed"].items():
+        print(f"{config}: not measured ({reason})")
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        Path(args.worker_output).write_text(json.dumps(run_config(args.worker, args)))
+        return {}
+    limit_threads(args.device)
+    output = args.output or RESULTS_DIR / f"step_cost_{args.tag}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started, results = time.perf_counter(), {}
+    for config in args.configs:
+        print(f"[step_cost] {config}: {args.steps} steps ...", flush=True)
+        results[config] = run_safely(config, args, argv)
+        report = build_report(results, args, started)
+        output.write_text(json.dumps(report, indent=2))  # after every configuration: a crash keeps the rest
+    print_report(report)
+    if "grpo" in report["summary_seconds_per_step"]:
+        plot(report["summary_seconds_per_step"], output.with_suffix(".png"), f"Seconds per step: {report['setup']}")
+    print(f"wrote {output} and {output.with_suffix('.png')} ({report['wall_time_s']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Smoke tests of benchmarks/step_cost.py and benchmarks/convergence.py: their --quick modes (tiny random model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    yield load_benchmark("step_cost")
+    sys.modules.pop("benchmark_step_cost", None)
+
+
+@pytest.fixture(scope="module")
+def convergence():
+    yield load_benchmark("convergence")
+    sys.modules.pop("benchmark_convergence", None)
+
+
+def test_step_cost_quick(step_cost, tmp_path):
+    output = tmp_path / "step_cost.json"
+    step_cost.main(["--quick", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert output.with_suffix(".png").stat().st_size > 0
+    runs = report["runs"]
+    assert set(runs) == {"grpo", "gvm-equal"}
+    # Equal completions: m·G for plain GRPO, N′m probes + (G − N′)m phase 2 for GVM.
+    assert runs["grpo"]["completions_per_step"] == runs["gvm-equal"]["completions_per_step"] == [8, 8]
+    gvm = report["summary_seconds_per_step"]["gvm-equal"]
+    assert {"probe", "grad_norms", "allocate", "phase2", "bookkeeping", "update", "step"} <= set(gvm)
+    assert gvm["probe"] > 0 and gvm["phase2"] > 0 and gvm["step"] > 0
+    assert report["summary_seconds_per_step"]["grpo"]["generation"] > 0
+    assert report["comparison_to_grpo"]["gvm-equal"]["ratio_step"] > 0
+    assert runs["grpo"]["memory"]["cpu_peak_rss_mib"] > 0
+
+
+def test_convergence_quick(convergence, tmp_path):
+    output = tmp_path / "convergence.json"
+    convergence.main(["--quick", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["complete"] and output.with_suffix(".png").stat().st_size > 0
+    runs = report["runs"]
+    assert [r["method"] for r in runs] == ["gvm-raft", "raft", "gvm-grpo", "grpo"]
+    for run in runs:
+        assert [point["step"] for point in run["curve"]] == [0, 1, 2]
+        # Same budget for every method: 2 prompts × (2 probes + 2 phase-2 completions) per step.
+        assert [point["completions"] for point in run["curve"]] == [0, 8, 16]
+        assert all(0.0 <= point["reward"] <= 1.0 for point in run["curve"])
+    summary = report["summary"]
+    assert set(summary["curves"]) == {"gvm-raft", "raft", "gvm-grpo", "grpo"}
+    assert set(summary["gvm_over_uniform_completions"]) == {"RAFT++", "GRPO"}
+
+
+def test_completions_to_reach_interpolates(convergence):
+    curve = {"completions": [0, 100, 200], "mean": [0.2, 0.4, 0.6]}
+    assert convergence.completions_to_reach(curve, 0.5) == pytest.approx(150)
+    assert convergence.completions_to_reach(curve, 0.2) == 0
+    assert convergence.completions_to_reach(curve, 0.7) is None
