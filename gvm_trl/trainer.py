@@ -277,42 +277,31 @@ class _GVMTrainer(GRPOTrainer):
         }
         self._log_allocation(record)
 
-        # Every row of the generation batch, globally: which prompt, its reward, whether it is a padding row.
+        # Every row of the generation batch, globally: which prompt (-1: padding row), its reward, accepted or not.
         parts = [(probes, probe_prompt, probe_rewards)] if args.gvm_reuse_probes else []
         if phase2 is not None:
             parts.append((phase2, phase2_prompt, phase2_rewards))
-        if not parts:
-            return {"gvm_skip": True}
-        row_prompt = torch.cat([prompt for _, prompt, _ in parts])
-        row_reward = torch.cat([reward for _, _, reward in parts])
+        row_prompt = torch.cat([prompt for _, prompt, _ in parts]) if parts else torch.empty(0, dtype=torch.long)
+        row_reward = torch.cat([reward for _, _, reward in parts]) if parts else torch.empty(0)
         row_reward[row_prompt < 0] = torch.nan  # padding rows: out of every group statistic
         row_accepted = (row_reward >= args.gvm_accept_threshold) & (row_prompt >= 0)
+        empty = not row_accepted.any()
+        self._empty_batches += int(empty)
+        self._metrics["train"]["gvm/empty_batches"].append(float(self._empty_batches))
+        if empty:
+            return {"gvm_skip": True}
+
+        advantages, trains = self._advantages(row_reward, row_prompt, row_accepted)
+        accepted_count = torch.zeros(num_prompts, dtype=torch.float64)
+        accepted_count.index_add_(0, row_prompt.clamp(min=0), row_accepted.double())
+        prompt_weight = self._prompt_weights(sizes, accept_rates, accepted_count)
+        row_weight = torch.where(trains, prompt_weight[row_prompt.clamp(min=0)], torch.zeros((), dtype=torch.float64))
         local_rows = torch.cat(
             [
                 torch.arange(len(prompt)).view(num_processes, -1)[rank] + offset
                 for offset, (_, prompt, _) in zip(_offsets([len(p) for _, p, _ in parts]), parts)
             ]
         )
-        if not row_accepted.any():
-            self._empty_batches += 1
-            self._metrics["train"]["gvm/empty_batches"].append(float(self._empty_batches))
-            return {"gvm_skip": True}
-        self._metrics["train"]["gvm/empty_batches"].append(float(self._empty_batches))
-
-        advantages, trains = self._advantages(row_reward, row_prompt, row_accepted)
-        sizes_total = torch.tensor(sizes, dtype=torch.float64)
-        accepted_count = torch.zeros(num_prompts, dtype=torch.float64)
-        accepted_count.index_add_(0, row_prompt.clamp(min=0), row_accepted.double())
-        if args.gvm_reuse_probes:
-            sizes_total += num_probes
-        if args.gvm_weighting == "lemma1":
-            prompt_weight = torch.tensor(lemma1_weights(sizes_total, accept_rates))
-        elif args.gvm_weighting == "mean":
-            prompt_weight = torch.tensor(mean_weights(accepted_count))
-        else:
-            prompt_weight = torch.ones(num_prompts, dtype=torch.float64)
-        row_weight = torch.where(trains, prompt_weight[row_prompt.clamp(min=0)], torch.zeros(()).double())
-
         batch = concat_rows([part for part, _, _ in parts], self._pad_values())
         batch["advantages"] = advantages[local_rows].to(self.accelerator.device)
         batch["gvm_weight"] = row_weight[local_rows].float().to(self.accelerator.device)
@@ -320,6 +309,23 @@ class _GVMTrainer(GRPOTrainer):
         if keep.numel() == 0:  # this process has nothing to train on: keep one row as a zero-weight filler
             return _as_filler(select_rows(batch, [0]))
         return select_rows(batch, keep)
+
+    def _samples_drawn(self, sizes: list[int]) -> list[int]:
+        """Training samples per prompt: its phase-2 completions, plus its probes when they are reused."""
+        reused = self.args.gvm_num_probes if self.args.gvm_reuse_probes else 0
+        return [size + reused for size in sizes]
+
+    def _prompt_weights(self, sizes: list[int], accept_rates: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+        """Per-prompt loss factor: Lemma 1's 1/(n_i p_i), Algorithm 1's 1/|D_i|, or 1.
+
+        n_i counts every training sample drawn for the prompt (reused probes included); p_i is the probe estimate
+        that the allocation used.
+        """
+        if self.args.gvm_weighting == "lemma1":
+            return torch.tensor(lemma1_weights(self._samples_drawn(sizes), accept_rates), dtype=torch.float64)
+        if self.args.gvm_weighting == "mean":
+            return torch.tensor(mean_weights(accepted), dtype=torch.float64)
+        return torch.ones(len(sizes), dtype=torch.float64)
 
     def _probe_grad_norms(self, probes: dict, accepted: torch.Tensor) -> torch.Tensor:
         """Per-sample ‖∇ ln P(y|x)‖ of the accepted local probes (0 for the others).
@@ -525,11 +531,10 @@ class _GVMTrainer(GRPOTrainer):
 
         Sample sizes count the reused probes, as the Lemma 1 weights do.
         """
-        reused = self.args.gvm_num_probes if self.args.gvm_reuse_probes else 0
         uniform = uniform_allocation(len(sizes), sum(sizes))
         options = {"alpha": self.args.gvm_alpha, "beta": self.args.gvm_beta}
-        bound = variance_bound(accept_rates, grad_norms, [n + reused for n in sizes], **options)
-        baseline = variance_bound(accept_rates, grad_norms, [n + reused for n in uniform], **options)
+        bound = variance_bound(accept_rates, grad_norms, self._samples_drawn(sizes), **options)
+        baseline = variance_bound(accept_rates, grad_norms, self._samples_drawn(uniform), **options)
         return bound / baseline if 0 < baseline < math.inf else math.nan
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
