@@ -32,7 +32,8 @@ def main():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--all_rejected_on_rank1", action="store_true")
+    parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -53,7 +54,8 @@ def main():
         bf16=False,
         gradient_checkpointing=False,
         use_cpu=True,
-        save_strategy="no",
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
         seed=0,
         beta=0.0,
         generation_kwargs={"do_sample": False},
@@ -71,7 +73,7 @@ def main():
         original(record)
 
     trainer._log_allocation = keep_record
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if options.resume else None)
     checksum = sum(p.detach().double().abs().sum().item() for p in trainer.model.parameters())
     result = {
         "num_processes": trainer.accelerator.num_processes,
