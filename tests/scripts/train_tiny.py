@@ -34,6 +34,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+    parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -60,6 +61,7 @@ def main():
         beta=0.0,
         generation_kwargs={"do_sample": False},
         shuffle_dataset=False,
+        deepspeed=options.deepspeed,
     )
     trainer = trainer_cls(
         model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
