@@ -79,12 +79,16 @@ def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(tmp_pat
         worker.kill()
     process.kill()
     process.wait()
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    complete = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth")
+    checkpoints = sorted(
+        int(path.name.split("-")[1]) for path in killed.glob("checkpoint-*") if all((path / f).exists() for f in complete)
+    )
     last = checkpoints[-1]
     assert last < 4, "the run finished before it could be killed"
 
     completed = subprocess.run(
-        [*launcher, *common, "--output_dir", str(killed), "--save_steps", "1", "--resume"],
+        # The last complete checkpoint: the kill may have interrupted the writing of a later one.
+        [*launcher, *common, "--output_dir", str(killed), "--save_steps", "1", "--resume", str(killed / f"checkpoint-{last}")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -33,7 +33,7 @@ def main():
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
-    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+    parser.add_argument("--resume", help="the checkpoint to resume from")
     parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
     options = parser.parse_args()
 
@@ -75,7 +75,7 @@ def main():
         original(record)
 
     trainer._log_allocation = keep_record
-    trainer.train(resume_from_checkpoint=True if options.resume else None)
+    trainer.train(resume_from_checkpoint=options.resume)
     checksum = sum(p.detach().double().abs().sum().item() for p in trainer.model.parameters())
     result = {
         "num_processes": trainer.accelerator.num_processes,
