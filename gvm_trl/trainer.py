@@ -296,12 +296,11 @@ class _GVMTrainer(GRPOTrainer):
         accepted_count.index_add_(0, row_prompt.clamp(min=0), row_accepted.double())
         prompt_weight = self._prompt_weights(sizes, accept_rates, accepted_count)
         row_weight = torch.where(trains, prompt_weight[row_prompt.clamp(min=0)], torch.zeros((), dtype=torch.float64))
-        local_rows = torch.cat(
-            [
-                torch.arange(len(prompt)).view(num_processes, -1)[rank] + offset
-                for offset, (_, prompt, _) in zip(_offsets([len(p) for _, p, _ in parts]), parts)
-            ]
-        )
+        local_rows, offset = [], 0
+        for _, prompt, _ in parts:  # each part's rows are process-major: this process holds one contiguous block
+            local_rows.append(torch.arange(len(prompt)).view(num_processes, -1)[rank] + offset)
+            offset += len(prompt)
+        local_rows = torch.cat(local_rows)
         batch = concat_rows([part for part, _, _ in parts], self._pad_values())
         batch["advantages"] = advantages[local_rows].to(self.accelerator.device)
         batch["gvm_weight"] = row_weight[local_rows].float().to(self.accelerator.device)
@@ -561,14 +560,6 @@ def _as_filler(row: dict[str, Any]) -> dict[str, Any]:
     row["completion_mask"] = torch.zeros_like(row["completion_mask"])
     row["gvm_weight"] = torch.zeros_like(row["gvm_weight"])
     return row
-
-
-def _offsets(lengths: list[int]) -> list[int]:
-    offsets, total = [], 0
-    for length in lengths:
-        offsets.append(total)
-        total += length
-    return offsets
 
 
 class GVMGRPOTrainer(_GVMTrainer):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "variance.py"
 
 
@@ -26,8 +28,8 @@ def variance():
 
 
 def test_per_sample_grads_match_autograd_loop(variance):
-    tokenizer = variance.make_char_tokenizer()
-    model = variance.make_tiny_model(tokenizer, seed=0).eval()
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_llama(tokenizer, seed=0).eval()
     prompt = variance.prompt_ids(tokenizer, [{"role": "user", "content": "What is 3 + 4?"}])
     torch.manual_seed(0)
     completions = variance.sample_completions(model, tokenizer, prompt, 4, 8)
