@@ -329,9 +329,11 @@ class _GVMTrainer(GRPOTrainer):
     def _probe_grad_norms(self, probes: dict, accepted: torch.Tensor) -> torch.Tensor:
         """Per-sample ‖∇ ln P(y|x)‖ of the accepted local probes (0 for the others).
 
-        Every process measures the same number of rows (zero-loss padding rows fill the short ones), so sharded
-        models (FSDP, ZeRO-3 without gathering) run the same forwards everywhere; parameters are gathered as for
-        TRL's generation and released on exit.
+        Every process measures the same number of rows, so sharded models run the same forwards and backwards
+        everywhere (ZeRO-3's forward hook and FSDP's unshard are collectives). Short processes fill up with copies
+        of a real probe, loss mask included, and discard their norms: a fully masked micro-batch would skip its
+        forward and leave the other processes waiting. Parameters are gathered as for TRL's generation and
+        released on exit.
         """
         norms = torch.zeros(len(accepted))
         index = accepted.nonzero().flatten()
@@ -344,7 +346,6 @@ class _GVMTrainer(GRPOTrainer):
         padded = torch.cat([index, index.new_full((rows - count,), int(index[0]) if count else 0)])
         batch = trim_padding_columns(select_rows(probes, padded))
         loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
-        loss_mask[count:] = 0
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation

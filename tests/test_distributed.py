@@ -17,13 +17,13 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 
 
-def run(output_dir: Path, trainer: str, processes: int) -> list[dict]:
+def run(output_dir: Path, trainer: str, processes: int, *options: str) -> list[dict]:
     output_dir.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
     per_device = 8 // processes  # the same global batch: 8 probe rows, 2 prompts per generation batch
     command = [*(launcher if processes > 1 else [sys.executable]), str(SCRIPT), "--trainer", trainer,
-               "--output_dir", str(output_dir), "--per_device_train_batch_size", str(per_device), "--steps", "3"]
+               "--output_dir", str(output_dir), "--per_device_train_batch_size", str(per_device), "--steps", "3", *options]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return [json.loads(path.read_text()) for path in sorted(output_dir.glob("result-*.json"))]
@@ -45,6 +45,38 @@ def test_two_processes_match_one(trainer, tmp_path):
             assert mine["grad_norms"] == pytest.approx(theirs["grad_norms"], rel=1e-5)
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
         assert result["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
+
+
+# Parameters below DeepSpeed's persistence threshold are never partitioned; 0 shards every one of the tiny model's.
+ZERO3_CONFIG = {
+    "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True
+    },
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": False},
+}
+
+
+@pytest.mark.parametrize("trainer", ["raft", "grpo"])
+def test_deepspeed_zero3_two_processes_match_one(trainer, tmp_path):
+    """ZeRO-3 shards every parameter; the gradient-norm pass runs in lockstep on both processes (one of which has no
+    accepted probe in the first generation batch) and leaves nothing gathered."""
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(ZERO3_CONFIG))
+    (single,) = run(tmp_path / "single", trainer, 1)
+    ranks = run(tmp_path / "zero3", trainer, 2, "--deepspeed", str(config))
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    for result in ranks:
+        assert [r["sizes"] for r in result["records"]] == [r["sizes"] for r in single["records"]]
+        for mine, theirs in zip(result["records"], single["records"]):
+            assert mine["grad_norms"] == pytest.approx(theirs["grad_norms"], rel=1e-5)
+        assert result["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
+        assert result["left_gathered"] == [0, 0, 0]
+    assert ranks[0]["checksum"] == pytest.approx(single["checksum"], rel=1e-6)  # the full state dict, on rank 0
 
 
 def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(tmp_path):
@@ -101,3 +133,24 @@ def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(tmp_pat
     reference_result = json.loads((reference / "result-0.json").read_text())
     assert resumed_result["num_processes"] == 2
     assert resumed_result["checksum"] == pytest.approx(reference_result["checksum"], rel=1e-6)  # same trained weights
+
+
+@pytest.mark.parametrize("params", ["trainable", "embed_tokens"])
+def test_grad_norms_under_fsdp2_match_unsharded(params, tmp_path):
+    """FSDP2 (`fully_shard` per decoder layer and root) on two processes with different row counts: the hooks see full
+    activations and output gradients, so the norms equal the unsharded model's; parameters stay sharded, no `.grad`.
+
+    (accelerate only enables FSDP on GPU backends, so the trainers' FSDP path itself needs a multi-GPU machine.)"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    script = Path(__file__).parent / "scripts" / "fsdp_grad_norms.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+               "--output_dir", str(tmp_path), "--params", params]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result-*.json"))]
+    assert [len(r["expected"]) for r in results] == [3, 4]
+    for result in results:
+        assert result["world_size"] == 2
+        assert min(result["expected"]) > 0
+        assert result["max_rel_error"] < 1e-5
+        assert result["still_sharded"] and result["grads"] == 0

@@ -26,6 +26,17 @@ def reward(prompts, completions, **kwargs):
     return [0.0 if int(p[-1]["content"].split(":")[0][1:]) % 3 == 0 else 1.0 for p in prompts]
 
 
+def weights_checksum(trainer) -> float:
+    """Σ|w| over the full (unsharded) weights, gathered under ZeRO-3 and FSDP."""
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: every process calls it
+    return sum(value.double().abs().sum().item() for value in state.values()) if state else float("nan")
+
+
+def count_gathered_shards(model) -> int:
+    """ZeRO-3 parameters still holding their full data (0 when nothing is sharded)."""
+    return sum(getattr(p, "ds_status", None) is not None and p.ds_status.name != "NOT_AVAILABLE" for p in model.parameters())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="raft")
@@ -35,6 +46,7 @@ def main():
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--resume", help="the checkpoint to resume from")
     parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (full_shard)")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -62,6 +74,7 @@ def main():
         generation_kwargs={"do_sample": False},
         shuffle_dataset=False,
         deepspeed=options.deepspeed,
+        fsdp="full_shard" if options.fsdp else None,
     )
     trainer = trainer_cls(
         model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
@@ -75,13 +88,24 @@ def main():
         original(record)
 
     trainer._log_allocation = keep_record
+
+    left_gathered = []
+    measure = trainer._probe_grad_norms
+
+    def measure_and_count_gathered(*args, **kwargs):
+        norms = measure(*args, **kwargs)
+        left_gathered.append(count_gathered_shards(trainer.model))
+        return norms
+
+    trainer._probe_grad_norms = measure_and_count_gathered
     trainer.train(resume_from_checkpoint=options.resume)
-    checksum = sum(p.detach().double().abs().sum().item() for p in trainer.model.parameters())
+    checksum = weights_checksum(trainer)
     result = {
         "num_processes": trainer.accelerator.num_processes,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "records": records,
         "checksum": checksum,
+        "left_gathered": left_gathered,
     }
     rank = trainer.accelerator.process_index
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
