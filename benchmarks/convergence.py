@@ -68,10 +68,10 @@ from step_cost import (  # noqa: E402
     RESULTS_DIR,
     limit_threads,
     load_policy,
-    parity_reward,
     reward_function,
     trainer_arguments,
 )
+from letters import letter_reward, letter_sets, letters_dataset, warm_started_policy  # noqa: E402
 
 HELDOUT_SEED = 10_000
 METHODS = {  # name: (trainer, allocation, weighting)
@@ -86,8 +86,12 @@ PRESETS = {
                 eval_every=3, heldout=24, eval_samples=2, learning_rate=1e-4, train_prompts=256, lora=True),
     "cuda": dict(prompts_per_step=32, num_probes=8, budget_per_prompt=8, max_completion_length=256, max_steps=200,
                  eval_every=10, heldout=256, eval_samples=4, learning_rate=1e-6, train_prompts=4096, lora=False),
-    "quick": dict(prompts_per_step=2, num_probes=2, budget_per_prompt=2, max_completion_length=6, max_steps=2,
-                  eval_every=1, heldout=4, eval_samples=2, learning_rate=1e-3, train_prompts=8, lora=False),
+    "tiny": dict(prompts_per_step=8, num_probes=4, budget_per_prompt=4, max_completion_length=2, max_steps=400,
+                 eval_every=25, heldout=128, eval_samples=4, learning_rate=2e-3, train_prompts=4096, lora=False,
+                 warm_start_steps=300),
+    "quick": dict(prompts_per_step=2, num_probes=2, budget_per_prompt=2, max_completion_length=2, max_steps=2,
+                  eval_every=1, heldout=4, eval_samples=2, learning_rate=2e-3, train_prompts=8, lora=False,
+                  warm_start_steps=5),
 }
 
 
@@ -127,25 +131,27 @@ class HeldoutEvaluator(TrainerCallback):
 def make_evaluator(tokenizer, args):
     """model -> mean held-out reward (fixed sampling seed: common random numbers across methods).
 
-    Real models: `dataset_accuracy` (the math verifier). The tiny random model never solves arithmetic, so its
-    held-out "reward" is the parity stand-in it trains on, which keeps the curve and the analysis non-trivial.
+    Real models: `dataset_accuracy` (the math verifier) on held-out arithmetic prompts. The tiny model: the
+    letter task's reward on letter sets drawn with the held-out seed.
     """
     from gvm_trl.data import make_arithmetic_dataset
     from gvm_trl.evaluation import dataset_accuracy, generate_completions
 
-    heldout = make_arithmetic_dataset(args.heldout, seed=HELDOUT_SEED)
     sampling = dict(num_samples=args.eval_samples, temperature=args.eval_temperature,
                     max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size)
+    if not args.tiny:
+        heldout = make_arithmetic_dataset(args.heldout, seed=HELDOUT_SEED)
+        return lambda model: dataset_accuracy(model, tokenizer, heldout, seed=args.eval_seed, **sampling)
+
+    letters = letter_sets(args.heldout, seed=HELDOUT_SEED)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True,
+                                             tokenize=False) for x in letters]
 
     def evaluate(model) -> float:
-        if not args.tiny:
-            return dataset_accuracy(model, tokenizer, heldout, seed=args.eval_seed, **sampling)
-        prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                   for p in heldout["prompt"]]
         with torch.random.fork_rng():
             torch.manual_seed(args.eval_seed)
-            texts = [t for samples in generate_completions(model, tokenizer, prompts, **sampling) for t in samples]
-        return statistics.fmean(parity_reward(texts))
+            texts = generate_completions(model, tokenizer, prompts, **sampling)
+        return statistics.fmean(r for x, samples in zip(letters, texts) for r in letter_reward([x] * len(samples), samples))
 
     return evaluate
 
@@ -156,7 +162,10 @@ def build_trainer(method: str, seed: int, args, output_dir: str, evaluator: Held
 
     family, allocation, weighting = METHODS[method]
     trainer_cls, config_cls = (GVMRAFTTrainer, GVMRAFTConfig) if family == "raft" else (GVMGRPOTrainer, GVMGRPOConfig)
-    model, tokenizer = load_policy(args.model, args.tiny, args.device, seed=0)
+    if args.tiny:
+        model, tokenizer = warm_started_policy(steps=args.warm_start_steps)
+    else:
+        model, tokenizer = load_policy(args.model, False, args.device)
     group = max(args.num_probes, 2)  # num_generations only fixes m = generation batch / num_generations here
     config = config_cls(**trainer_arguments(
         args.device, output_dir, seed,
@@ -173,9 +182,9 @@ def build_trainer(method: str, seed: int, args, output_dir: str, evaluator: Held
     evaluator.evaluate = make_evaluator(tokenizer, args)
     trainer = trainer_cls(
         model=model,
-        reward_funcs=reward_function("parity" if args.tiny else "math"),
+        reward_funcs=letter_reward if args.tiny else reward_function("math"),
         args=config,
-        train_dataset=make_arithmetic_dataset(args.train_prompts, seed=args.data_seed),
+        train_dataset=(letters_dataset if args.tiny else make_arithmetic_dataset)(args.train_prompts, args.data_seed),
         processing_class=tokenizer,
         callbacks=[evaluator],
         peft_config=lora_config(args) if args.lora else None,
@@ -320,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="path, Hub id or the embedded demo model")
-    parser.add_argument("--tiny", action="store_true", help="tiny random Llama + parity training reward")
+    parser.add_argument("--tiny", action="store_true", help="tiny Llama on the letter task (benchmarks/letters.py)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 steps per method")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -335,6 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="LoRA adapters (CPU default) or the full model (--no-lora; CUDA and --quick default)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--train-prompts", type=int)
+    parser.add_argument("--warm-start-steps", type=int, help="letter task: supervised steps before RL")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the training prompts")
     parser.add_argument("--eval-every", type=int, help="evaluate every E steps")
     parser.add_argument("--heldout", type=int, help="held-out prompts")
@@ -348,7 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tiny = True
         if args.seeds == [0, 1]:
             args.seeds = [0]
-    preset = PRESETS["quick" if args.quick else args.device]
+    preset = PRESETS["quick" if args.quick else "tiny" if args.tiny else args.device]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -357,7 +367,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup_line(args) -> str:
-    model = "tiny random model" if args.tiny else args.model + (" (LoRA)" if args.lora else " (full fine-tune)")
+    model = "tiny Llama (hidden 64), letter task" if args.tiny else args.model + (" (LoRA)" if args.lora else " (full fine-tune)")
     return (f"{model} on {args.device}, m = {args.prompts_per_step}, N′ = {args.num_probes}, B = "
             f"{args.budget_per_prompt}, ≤ {args.max_completion_length} tokens, lr {args.learning_rate:g}, "
             f"{args.max_steps} steps, seeds {args.seeds}, held-out {args.heldout}×{args.eval_samples}")

@@ -10,6 +10,8 @@ sampling settings, and generate the SAME number of completions per generation ba
                   N′·m probes, then (G − N′)·m allocated completions = m·G in two rounds (probes reused for
                   training, so both update on m·G rows).
 - ``gvm-default`` (``--include-default``) the package default N′ = G, budget = G: 2·m·G completions.
+- ``gvm-raft``    ``GVMRAFTTrainer`` with gvm-equal's N′ and budget (``--configs grpo gvm-equal gvm-raft``); it
+                  trains on the accepted rows only.
 
 Each configuration runs ``--steps`` optimizer steps (one generation batch each, ``steps_per_generation = 1``)
 in its own subprocess (so peak-memory numbers do not leak between them); the first ``--warmup`` steps are
@@ -45,6 +47,11 @@ are noisy: compare configurations only within one run, and look at the per-step 
     python benchmarks/step_cost.py --quick                 # smoke test: tiny model, 2 steps, in-process
     python benchmarks/step_cost.py --device cuda           # GPU: bf16, m·G = 64, 256-token completions
     python benchmarks/step_cost.py --device cuda --model Qwen/Qwen2.5-Math-1.5B --max-completion-length 1024
+    bash benchmarks/gpu_smoke.sh                           # one GPU, no downloads: random Qwen2-0.5B-shaped model
+
+``--model random-qwen2-0.5b`` builds Qwen2-0.5B's transformer body (24 layers, hidden 896, 14 heads / 2 KV heads,
+MLP 4864; 358M parameters) with random weights over the character tokenizer of ``gvm_trl.testing`` (vocabulary
+100, so the embeddings are small): the cost of a 0.5B-class step with no download.
 
 Results: ``benchmarks/results/step_cost_<tag>.json`` and ``.png`` (tag: cpu, cuda, tiny or quick).
 """
@@ -76,7 +83,8 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-CONFIGS = ("grpo", "gvm-equal", "gvm-default")
+CONFIGS = ("grpo", "gvm-equal", "gvm-default", "gvm-raft")
+RANDOM_QWEN2 = "random-qwen2-0.5b"
 GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2")
 PHASE_LABELS = {
     "generation": "generation (plain GRPO)",
@@ -112,15 +120,26 @@ def parity_reward(completions, **kwargs) -> list[float]:
 
 
 def load_policy(model: str, tiny: bool, device: str, seed: int = 0):
-    """(model, tokenizer): the tiny random Llama of the tests, or a real model (fp32 on CPU, bf16 on CUDA)."""
-    if tiny:
+    """(model, tokenizer): the tiny random Llama of the tests, a random Qwen2-0.5B-shaped model, or a real model
+    (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if tiny or model == RANDOM_QWEN2:
         from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
 
         tokenizer = make_char_tokenizer()
-        return make_tiny_llama(tokenizer, seed=seed), tokenizer
+        if tiny:
+            return make_tiny_llama(tokenizer, seed=seed), tokenizer
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        )
+        return Qwen2ForCausalLM(config).to(dtype), tokenizer
     from gvm_trl.models import load_model_and_tokenizer
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return load_model_and_tokenizer(model, dtype=dtype)
 
 
@@ -246,7 +265,7 @@ def phase_breakdown(step: dict, config: str) -> dict:
 def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
     from trl import GRPOConfig, GRPOTrainer
 
-    from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer
+    from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
     from gvm_trl.data import make_arithmetic_dataset
 
     model, tokenizer = load_policy(args.model, args.tiny, args.device, seed=args.seed)
@@ -261,7 +280,8 @@ def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
     if config == "grpo":
         trainer_cls, args_cls, method = GRPOTrainer, GRPOConfig, "_generate_and_score_completions"
     else:
-        trainer_cls, args_cls, method = GVMGRPOTrainer, GVMGRPOConfig, "_generate_gvm_batch"
+        trainer_cls, args_cls = (GVMRAFTTrainer, GVMRAFTConfig) if config == "gvm-raft" else (GVMGRPOTrainer, GVMGRPOConfig)
+        method = "_generate_gvm_batch"
         probes = args.num_generations if config == "gvm-default" else args.num_probes
         budget = args.num_generations if config == "gvm-default" else args.num_generations - args.num_probes
         options.update(gvm_num_probes=probes, gvm_budget_per_prompt=budget)

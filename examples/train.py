@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     summary: dict = {"algorithm": script_args.algorithm, "model": model_args.model_name_or_path}
     summary.update(evaluate(trainer, tokenizer, script_args, heldout, "before"))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() == "true":
+        resume = True  # `--resume_from_checkpoint true`: the trainer picks the last complete checkpoint
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     summary.update(evaluate(trainer, tokenizer, script_args, heldout, "after"))
     summary.update(_rollout_summary(trainer))

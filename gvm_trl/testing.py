@@ -33,13 +33,15 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny_llama(tokenizer, *, tie_word_embeddings: bool = True, seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 32) sized to `tokenizer`'s vocabulary."""
+def make_tiny_llama(
+    tokenizer, *, tie_word_embeddings: bool = True, seed: int = 0, hidden_size: int = 32
+) -> LlamaForCausalLM:
+    """A random 2-layer Llama (hidden 32 unless told) sized to `tokenizer`'s vocabulary."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler
@@ -45,6 +46,8 @@ from .allocation import (
 from .batching import concat_rows, num_rows, select_rows, split_rows, trim_padding_columns
 from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig
 from .grad_norms import per_sample_grad_norms
+
+logger = logging.get_logger(__name__)
 
 PROMPT_INDEX_COLUMN = "gvm_prompt_index"
 ALLOCATIONS_FILE = "gvm_allocations.jsonl"
@@ -142,6 +145,15 @@ class _GVMTrainer(GRPOTrainer):
         for name, present in unsupported.items():
             if present:
                 raise NotImplementedError(f"The GVM trainers do not support {name} yet; use trl.GRPOTrainer for it.")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train; ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in `output_dir`.
+
+        Trainer picks the highest-numbered one, which after a crash during saving may lack its state files.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # -- data: m distinct prompts per generation batch -------------------------------------------------------------
 
@@ -554,6 +566,23 @@ class _GVMTrainer(GRPOTrainer):
         )
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(section)
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The highest-numbered `checkpoint-N` in `output_dir` whose `trainer_state.json` (written last) exists."""
+    checkpoints = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        prefix, _, number = name.partition("-")
+        if prefix == "checkpoint" and number.isdigit():
+            checkpoints.append((int(number), os.path.join(output_dir, name)))
+    for _, path in sorted(checkpoints, reverse=True):
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+        logger.warning(f"Skipping {path}: it has no trainer_state.json (its saving was interrupted).")
+    raise ValueError(
+        f"resume_from_checkpoint=True found no complete checkpoint in {output_dir!r}; pass a checkpoint path, or "
+        "drop resume_from_checkpoint to start from scratch."
+    )
 
 
 def _as_filler(row: dict[str, Any]) -> dict[str, Any]:

@@ -58,8 +58,13 @@ def test_convergence_quick(convergence, tmp_path):
     assert [r["method"] for r in runs] == ["gvm-raft", "raft", "gvm-grpo", "grpo"]
     for run in runs:
         assert [point["step"] for point in run["curve"]] == [0, 1, 2]
-        # Same budget for every method: 2 prompts × (2 probes + 2 phase-2 completions) per step.
-        assert [point["completions"] for point in run["curve"]] == [0, 8, 16]
+        # Same budget for every method: 2 prompts × (2 probes + 2 phase-2 completions) per step; GVM spends no
+        # phase-2 budget on a generation batch whose probes were all rejected.
+        completions = [point["completions"] for point in run["curve"]]
+        if run["method"].startswith("gvm"):
+            assert completions[0] == 0 and 4 <= completions[1] <= 8 and completions[1] + 4 <= completions[2] <= 16
+        else:
+            assert completions == [0, 8, 16]
         assert all(0.0 <= point["reward"] <= 1.0 for point in run["curve"])
     summary = report["summary"]
     assert set(summary["curves"]) == {"gvm-raft", "raft", "gvm-grpo", "grpo"}
@@ -71,3 +76,31 @@ def test_completions_to_reach_interpolates(convergence):
     assert convergence.completions_to_reach(curve, 0.5) == pytest.approx(150)
     assert convergence.completions_to_reach(curve, 0.2) == 0
     assert convergence.completions_to_reach(curve, 0.7) is None
+
+
+def test_letter_task_reward_and_warm_start():
+    """The letter task's verifier, and the warm start it promises: a random letter of a-j whatever the prompt, so a
+    prompt with k letters starts at accept rate ≈ k/10."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import letters
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert letters.letter_reward([[{"role": "user", "content": "dbg"}]] * 3, ["b", "a", ""]) == [1.0, 0.0, 0.0]
+    sets = letters.letter_sets(200, seed=3)
+    assert sets == letters.letter_sets(200, seed=3) and sets != letters.letter_sets(200, seed=4)
+    assert {len(s) for s in sets} == {1, 2, 3, 4, 5} and all(len(set(s)) == len(s) for s in sets)
+
+    import torch
+
+    from gvm_trl.evaluation import generate_completions
+
+    model, tokenizer = letters.warm_started_policy()
+    rates = {}
+    for k, prompt in [(1, "a"), (5, "abcde")]:
+        text = tokenizer.apply_chat_template(letters.conversation(prompt), add_generation_prompt=True, tokenize=False)
+        torch.manual_seed(0)
+        (samples,) = generate_completions(model, tokenizer, [text], num_samples=400, temperature=1.0, max_new_tokens=2)
+        assert sum(s[:1] in letters.LETTERS and s[:1] != "" for s in samples) / len(samples) > 0.9
+        rates[k] = sum(letters.letter_reward([prompt] * len(samples), samples)) / len(samples)
+    assert rates[1] == pytest.approx(0.1, abs=0.06) and rates[5] == pytest.approx(0.5, abs=0.1)

@@ -16,6 +16,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     main_job, tests = readme_commands()
     assert "pytest" in tests and "examples/train.py" in main_job
     assert tests in (ROOT / ".ci" / "run").read_text()
+    assert "GVM_VLLM_PYTHON=" in tests and "tests/vllm_env.sh" in tests  # the vLLM tests run in CI, not skipped
 
 
 def test_readme_pins_torch_and_avoids_compiling_llama_cpp():

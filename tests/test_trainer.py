@@ -201,8 +201,9 @@ def test_save_and_resume_mid_run(tmp_path, char_tokenizer):
     assert [r["step"] for r in full_run] == [0, 1, 2, 3]
 
     (tmp_path / "out" / ALLOCATIONS_FILE).unlink()
+    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").unlink()  # as if the run died while saving it
     resumed = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    resumed.train(resume_from_checkpoint=True)  # the last complete checkpoint: checkpoint-2
     assert resumed.state.global_step == 4
     after_resume = read_allocations(resumed)
     assert [r["step"] for r in after_resume] == [2, 3]
@@ -210,6 +211,13 @@ def test_save_and_resume_mid_run(tmp_path, char_tokenizer):
     assert [[p["index"] for p in r["prompts"]] for r in after_resume] == [
         [p["index"] for p in r["prompts"]] for r in full_run[2:]
     ]
+
+
+def test_resume_true_without_a_complete_checkpoint_names_the_fix(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer)
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
 
 
 def test_model_card_names_gvm(tmp_path, char_tokenizer):

