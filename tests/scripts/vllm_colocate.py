@@ -84,6 +84,44 @@ def logprob_gap(trainer, model) -> float:
     return gap
 
 
+def attach_recorders(trainer, requests: list | None = None) -> dict:
+    """Record on `trainer`: the step of every weight sync; every generation round (rows asked for, group size, rows
+    returned, and the server requests it sent when `requests` collects them); every allocation; and whether the
+    importance-sampling ratio reached the loss. Returns the dict the records go to."""
+    records = {"syncs": [], "rounds": [], "allocations": [], "importance_sampling": []}
+    sync, generate_and_score = trainer.vllm_generation.sync_weights, trainer._generate_and_score
+    log_allocation, compute_loss = trainer._log_allocation, trainer._compute_loss
+
+    def record_sync():
+        records["syncs"].append(trainer.state.global_step)
+        return sync()
+
+    def record_round(rows, group_size):
+        sent = len(requests) if requests is not None else 0
+        batch, rewards = generate_and_score(rows, group_size)
+        records["rounds"].append({
+            "step": trainer.state.global_step, "rows": len(rows), "group_size": group_size,
+            "returned": len(batch["completion_ids"]), "requests": requests[sent:] if requests is not None else [],
+        })
+        return batch, rewards
+
+    def record_allocation(record):
+        records["allocations"].append({"sizes": record["sizes"], "phase2_rows": len(record["phase2_prompt"])})
+        log_allocation(record)
+
+    def record_ratio(model, inputs):
+        ratio = inputs.get("importance_sampling_ratio")
+        finite = None if ratio is None else [bool(torch.isfinite(ratio).all()), list(ratio.shape)]
+        records["importance_sampling"].append(finite)
+        return compute_loss(model, inputs)
+
+    trainer.vllm_generation.sync_weights = record_sync
+    trainer._generate_and_score = record_round
+    trainer._log_allocation = record_allocation
+    trainer._compute_loss = record_ratio
+    return records
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="grpo")
@@ -105,31 +143,8 @@ def main():
     dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xyz", "def", "ghi", "jkl", "mno", "pqr"]})
     trainer = trainer_cls(model=model_path, reward_funcs=parity_reward, args=args, train_dataset=dataset)
 
-    syncs, rounds, allocations, ratios = [], [], [], []
     sync = trainer.vllm_generation.sync_weights
-    trainer.vllm_generation.sync_weights = lambda: (syncs.append(trainer.state.global_step), sync())[1]
-    generate_and_score = trainer._generate_and_score
-
-    def record_round(rows, group_size):
-        rounds.append({"step": trainer.state.global_step, "rows": len(rows), "group_size": group_size})
-        return generate_and_score(rows, group_size)
-
-    trainer._generate_and_score = record_round
-    log_allocation = trainer._log_allocation
-
-    def record_allocation(record):
-        allocations.append({"sizes": record["sizes"], "phase2_rows": len(record["phase2_prompt"])})
-        log_allocation(record)
-
-    trainer._log_allocation = record_allocation
-    compute_loss = trainer._compute_loss
-
-    def record_ratio(model, inputs):
-        ratio = inputs.get("importance_sampling_ratio")
-        ratios.append(None if ratio is None else [bool(torch.isfinite(ratio).all()), list(ratio.shape)])
-        return compute_loss(model, inputs)
-
-    trainer._compute_loss = record_ratio
+    records = attach_recorders(trainer)
     trainer.train()
 
     sync()  # push the final weights, then compare vLLM's scores with the trained and the initial policy
@@ -137,10 +152,7 @@ def main():
     initial = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     result = {
         "steps": trainer.state.global_step,
-        "syncs": syncs,
-        "rounds": rounds,
-        "allocations": allocations,
-        "importance_sampling": ratios,
+        **records,
         "gap_trained": logprob_gap(trainer, trained),
         "gap_initial": logprob_gap(trainer, initial),
     }
