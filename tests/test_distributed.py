@@ -29,10 +29,15 @@ def run(output_dir: Path, trainer: str, processes: int, *options: str) -> list[d
     return [json.loads(path.read_text()) for path in sorted(output_dir.glob("result-*.json"))]
 
 
-@pytest.mark.parametrize("trainer", ["raft", "grpo"])
-def test_two_processes_match_one(trainer, tmp_path):
-    (single,) = run(tmp_path / "single", trainer, 1)
-    ranks = run(tmp_path / "multi", trainer, 2)
+@pytest.mark.parametrize(
+    "trainer, options",
+    [("raft", ()), ("grpo", ()), ("grpo", ("--gradient_accumulation_steps", "2", "--steps_per_generation", "4"))],
+    ids=["raft", "grpo", "grpo-accumulation"],
+)
+def test_two_processes_match_one(trainer, options, tmp_path):
+    """With accumulation, each process splits its (unequal) rows over 4 micro-steps, 2 per optimizer step."""
+    (single,) = run(tmp_path / "single", trainer, 1, *options)
+    ranks = run(tmp_path / "multi", trainer, 2, *options)
     assert single["num_processes"] == 1
     assert [r["num_processes"] for r in ranks] == [2, 2]
     # Every process computed the allocation the single process did, from globally gathered p and G; in the first

@@ -47,6 +47,8 @@ def main():
     parser.add_argument("--resume", help="the checkpoint to resume from")
     parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (full_shard)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--steps_per_generation", type=int, help="default: gradient_accumulation_steps")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -75,6 +77,8 @@ def main():
         shuffle_dataset=False,
         deepspeed=options.deepspeed,
         fsdp="full_shard" if options.fsdp else None,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        steps_per_generation=options.steps_per_generation,
     )
     trainer = trainer_cls(
         model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
