@@ -145,6 +145,12 @@ class _GVMTrainer(GRPOTrainer):
         for name, present in unsupported.items():
             if present:
                 raise NotImplementedError(f"The GVM trainers do not support {name} yet; use trl.GRPOTrainer for it.")
+        if self._dist.is_zero3 and not self.args.ds3_gather_for_generation and self.args.gvm_allocation == "gvm":
+            # The norm hooks read the measured parameters whole; ZeRO-3's layer-by-layer gathering frees them first.
+            raise NotImplementedError(
+                "GVM's gradient-norm pass needs ZeRO-3 parameters gathered as for generation: set "
+                "ds3_gather_for_generation=True (TRL's default), or gvm_allocation='uniform'."
+            )
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train; ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in `output_dir`.

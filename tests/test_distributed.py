@@ -84,6 +84,17 @@ def test_deepspeed_zero3_two_processes_match_one(trainer, tmp_path):
     assert ranks[0]["checksum"] == pytest.approx(single["checksum"], rel=1e-6)  # the full state dict, on rank 0
 
 
+def test_zero3_without_gathering_for_generation_names_the_fix(tmp_path):
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(ZERO3_CONFIG))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(SCRIPT),
+               "--output_dir", str(tmp_path), "--deepspeed", str(config), "--no_ds3_gather"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    assert "set ds3_gather_for_generation=True" in completed.stderr
+
+
 def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(tmp_path):
     """Kill a two-process run once a checkpoint exists, resume it, and compare with an uninterrupted run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")

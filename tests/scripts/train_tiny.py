@@ -47,6 +47,7 @@ def main():
     parser.add_argument("--resume", help="the checkpoint to resume from")
     parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (full_shard)")
+    parser.add_argument("--no_ds3_gather", action="store_true", help="ds3_gather_for_generation=False")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--steps_per_generation", type=int, help="default: gradient_accumulation_steps")
     options = parser.parse_args()
@@ -77,6 +78,7 @@ def main():
         shuffle_dataset=False,
         deepspeed=options.deepspeed,
         fsdp="full_shard" if options.fsdp else None,
+        ds3_gather_for_generation=not options.no_ds3_gather,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         steps_per_generation=options.steps_per_generation,
     )
