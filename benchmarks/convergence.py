@@ -15,8 +15,8 @@ The uniform baselines run their probes through the same code path (and train on 
 method generates m·(N′ + B) completions per step; the x axis is the count the trainer itself reports
 (``trainer.rollout_totals``: probe + budget completions). Every ``--eval-every`` steps (and before training) a
 ``TrainerCallback`` measures the held-out reward: ``gvm_trl.evaluation.dataset_accuracy`` on
-``make_arithmetic_dataset(--heldout, seed=10_000)`` (prompts never trained on), ``--eval-samples`` completions per
-prompt at ``--eval-temperature``, with one fixed sampling seed for every evaluation (common random numbers: the
+``make_arithmetic_dataset(--heldout, seed=10_000)`` (prompts never trained on; with ``--tiny`` the letter task's
+reward on letter sets drawn with that seed), ``--eval-samples`` completions per prompt at ``--eval-temperature``, with one fixed sampling seed for every evaluation (common random numbers: the
 curves of different methods differ by the model, not by the evaluation's draws).
 
 Summary: the target reward is the midpoint between the starting reward and the best seed-averaged reward any
@@ -31,6 +31,7 @@ a full fine-tune (no weight gradients or Adam state for the 135M base weights, a
 configuration whose curves can separate the methods.
 
     python benchmarks/convergence.py --quick              # smoke test: tiny random model, 2 steps per method
+    python benchmarks/convergence.py --tiny --seeds 0 1 2 3 4 5 6 7   # the letter task (letters.py), ~32 min
     python benchmarks/convergence.py                      # CPU: SmolLM2-135M-Instruct, LoRA r=16, fp32, 2 seeds
     python benchmarks/convergence.py --seeds 0 --max-steps 8 --eval-every 4 --methods gvm-raft raft \
         --num-probes 2 --budget-per-prompt 2 --heldout 16      # the reduced CPU run of results/convergence_cpu.*
@@ -86,8 +87,8 @@ PRESETS = {
                 eval_every=3, heldout=24, eval_samples=2, learning_rate=1e-4, train_prompts=256, lora=True),
     "cuda": dict(prompts_per_step=32, num_probes=8, budget_per_prompt=8, max_completion_length=256, max_steps=200,
                  eval_every=10, heldout=256, eval_samples=4, learning_rate=1e-6, train_prompts=4096, lora=False),
-    "tiny": dict(prompts_per_step=8, num_probes=4, budget_per_prompt=4, max_completion_length=2, max_steps=400,
-                 eval_every=25, heldout=128, eval_samples=4, learning_rate=2e-3, train_prompts=4096, lora=False,
+    "tiny": dict(prompts_per_step=8, num_probes=4, budget_per_prompt=4, max_completion_length=2, max_steps=800,
+                 eval_every=50, heldout=128, eval_samples=4, learning_rate=2e-3, train_prompts=4096, lora=False,
                  warm_start_steps=300),
     "quick": dict(prompts_per_step=2, num_probes=2, budget_per_prompt=2, max_completion_length=2, max_steps=2,
                   eval_every=1, heldout=4, eval_samples=2, learning_rate=2e-3, train_prompts=8, lora=False,
