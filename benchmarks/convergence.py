@@ -9,7 +9,9 @@ batch of m prompts — N′·m probes plus N = B·m phase-2 completions (``--num
 - ``gvm-raft``  ``GVMRAFTTrainer``, ``gvm_allocation="gvm"`` (Theorem 3), Lemma 1 weights (the default);
 - ``raft``      ``GVMRAFTTrainer``, ``gvm_allocation="uniform"``, ``gvm_weighting="none"`` (RAFT++);
 - ``gvm-grpo``  ``GVMGRPOTrainer``, ``gvm_allocation="gvm"``, Lemma 1 weights;
-- ``grpo``      ``GVMGRPOTrainer``, ``gvm_allocation="uniform"``, ``gvm_weighting="none"`` (GRPO).
+- ``grpo``      ``GVMGRPOTrainer``, ``gvm_allocation="uniform"``, ``gvm_weighting="none"`` (GRPO);
+- ``gvm-raft-unweighted``, ``gvm-grpo-unweighted`` (an ablation, run only when named in ``--methods``): Theorem 3's
+                allocation with ``gvm_weighting="none"``, as the official code trains.
 
 The uniform baselines run their probes through the same code path (and train on them, as GVM does), so every
 method generates m·(N′ + B) completions per step; the x axis is the count the trainer itself reports
@@ -80,8 +82,17 @@ METHODS = {  # name: (trainer, allocation, weighting)
     "raft": ("raft", "uniform", "none"),
     "gvm-grpo": ("grpo", "gvm", "lemma1"),
     "grpo": ("grpo", "uniform", "none"),
+    # Ablation: Theorem 3's allocation without Lemma 1's reweighting, as the official code trains.
+    "gvm-raft-unweighted": ("raft", "gvm", "none"),
+    "gvm-grpo-unweighted": ("grpo", "gvm", "none"),
 }
-FAMILIES = {"RAFT++": ("gvm-raft", "raft"), "GRPO": ("gvm-grpo", "grpo")}
+DEFAULT_METHODS = ["gvm-raft", "raft", "gvm-grpo", "grpo"]
+FAMILIES = {
+    "RAFT++": ("gvm-raft", "raft"),
+    "GRPO": ("gvm-grpo", "grpo"),
+    "RAFT++, allocation only": ("gvm-raft-unweighted", "raft"),
+    "GRPO, allocation only": ("gvm-grpo-unweighted", "grpo"),
+}
 PRESETS = {
     "cpu": dict(prompts_per_step=4, num_probes=4, budget_per_prompt=4, max_completion_length=24, max_steps=12,
                 eval_every=3, heldout=24, eval_samples=2, learning_rate=1e-4, train_prompts=256, lora=True),
@@ -333,7 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny Llama on the letter task (benchmarks/letters.py)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 steps per method")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
+                        help="the *-unweighted ablations (GVM allocation, no Lemma 1 weights) run only when named")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--prompts-per-step", type=int, help="m: prompts per generation batch")
     parser.add_argument("--num-probes", type=int, help="N′: probes per prompt")
