@@ -74,7 +74,7 @@ from step_cost import (  # noqa: E402
     reward_function,
     trainer_arguments,
 )
-from letters import letter_reward, letter_sets, letters_dataset, warm_started_policy  # noqa: E402
+from letters import conversation, letter_reward, letter_sets, letters_dataset, warm_started_policy  # noqa: E402
 
 HELDOUT_SEED = 10_000
 METHODS = {  # name: (trainer, allocation, weighting)
@@ -156,8 +156,8 @@ def make_evaluator(tokenizer, args):
         return lambda model: dataset_accuracy(model, tokenizer, heldout, seed=args.eval_seed, **sampling)
 
     letters = letter_sets(args.heldout, seed=HELDOUT_SEED)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True,
-                                             tokenize=False) for x in letters]
+    prompts = [tokenizer.apply_chat_template(conversation(x), add_generation_prompt=True, tokenize=False)
+               for x in letters]
 
     def evaluate(model) -> float:
         with torch.random.fork_rng():

@@ -112,13 +112,6 @@ def limit_threads(device: str) -> None:
         torch.set_num_threads(int(os.environ.get("GVM_BENCH_THREADS", "2")))
 
 
-def parity_reward(completions, **kwargs) -> list[float]:
-    """Stand-in verifier for the random tiny model (which never solves arithmetic): 1 iff the character codes of
-    the completion sum to an even number, so accept rates vary and every phase of the GVM step runs."""
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(sum(map(ord, text)) % 2 == 0) for text in texts]
-
-
 def load_policy(model: str, tiny: bool, device: str, seed: int = 0):
     """(model, tokenizer): the tiny random Llama of the tests, a random Qwen2-0.5B-shaped model, or a real model
     (fp32 on CPU, bf16 on CUDA)."""
@@ -146,6 +139,8 @@ def load_policy(model: str, tiny: bool, device: str, seed: int = 0):
 def reward_function(name: str):
     """`math` (the package's verifier on the gold `answer`) or the `parity` stand-in."""
     if name == "parity":
+        from gvm_trl.testing import parity_reward
+
         return parity_reward
     from gvm_trl.rewards import math_reward
 

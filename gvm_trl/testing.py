@@ -34,17 +34,23 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_llama(
-    tokenizer, *, tie_word_embeddings: bool = True, seed: int = 0, hidden_size: int = 32
+    tokenizer,
+    *,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
 ) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 32 unless told) sized to `tokenizer`'s vocabulary."""
+    """A random 2-layer Llama (hidden 32, 4 heads unless told) sized to `tokenizer`'s vocabulary."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
         max_position_embeddings=1024,
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
@@ -52,3 +58,10 @@ def make_tiny_llama(
         bos_token_id=None,
     )
     return LlamaForCausalLM(config)
+
+
+def parity_reward(completions, **kwargs) -> list[float]:
+    """Stand-in verifier for random tiny models (which solve nothing): 1 iff the completion's character codes sum to
+    an even number, so about half of all completions are accepted and accept rates vary within each group."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(sum(map(ord, text)) % 2 == 0) for text in texts]

