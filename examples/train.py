@@ -28,19 +28,12 @@ from dataclasses import dataclass, field
 import yaml
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
 from gvm_trl.data import load_train_dataset, make_arithmetic_dataset
 from gvm_trl.evaluation import dataset_accuracy, evaluate_model, format_table, resolve_dtype
+from gvm_trl.methods import METHODS
 from gvm_trl.models import DEMO_MODEL, load_model_and_tokenizer
 from gvm_trl.rewards import make_math_reward
 from gvm_trl.trainer import ALLOCATIONS_FILE
-
-ALGORITHMS = {
-    "gvm-raft": (GVMRAFTTrainer, GVMRAFTConfig, "gvm"),
-    "raft": (GVMRAFTTrainer, GVMRAFTConfig, "uniform"),
-    "gvm-grpo": (GVMGRPOTrainer, GVMGRPOConfig, "gvm"),
-    "grpo": (GVMGRPOTrainer, GVMGRPOConfig, "uniform"),
-}
 
 # The embedded CPU demo: sized from measurements on 2 cores (see the README).
 DEMO_DEFAULTS = dict(
@@ -68,7 +61,10 @@ class TrainScriptArguments:
 
     algorithm: str = field(
         default="gvm-raft",
-        metadata={"help": "gvm-raft, gvm-grpo, or the uniform baselines raft and grpo.", "choices": list(ALGORITHMS)},
+        metadata={
+            "help": "gvm-raft, gvm-grpo, or the vanilla baselines raft (RAFT++) and grpo (GRPO); see gvm_trl.methods.",
+            "choices": list(METHODS),
+        },
     )
     dataset_name: str = field(
         default="arithmetic",
@@ -101,16 +97,17 @@ def parse_args(argv: list[str] | None = None):
         with open(known.config, encoding="utf-8") as handle:
             algorithm = (yaml.safe_load(handle) or {}).get("algorithm")
     algorithm = algorithm or "gvm-raft"
-    if algorithm not in ALGORITHMS:
-        raise SystemExit(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}.")
-    config_cls = ALGORITHMS[algorithm][1]
-    parser = TrlParser((TrainScriptArguments, config_cls, ModelConfig))
+    if algorithm not in METHODS:
+        raise SystemExit(f"--algorithm must be one of {', '.join(METHODS)}, got {algorithm!r}.")
+    method = METHODS[algorithm]
+    parser = TrlParser((TrainScriptArguments, method.config_cls, ModelConfig))
     parser.set_defaults(**DEMO_DEFAULTS, model_name_or_path=DEMO_MODEL)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    if training_args.gvm_allocation != ALGORITHMS[algorithm][2]:
-        if any(arg.startswith("--gvm_allocation") for arg in argv):
-            raise SystemExit(f"--algorithm {algorithm} fixes gvm_allocation={ALGORITHMS[algorithm][2]}; drop one.")
-        training_args.gvm_allocation = ALGORITHMS[algorithm][2]
+    for name, value in method.settings.items():
+        if getattr(training_args, name) != value:
+            if any(arg.startswith(f"--{name}") for arg in argv):
+                raise SystemExit(f"--algorithm {algorithm} fixes {name}={value}; drop --{name}.")
+            setattr(training_args, name, value)
     return script_args, training_args, model_args
 
 
@@ -166,7 +163,7 @@ def plot_allocation(allocations_path: str, output_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = parse_args(argv)
-    trainer_cls = ALGORITHMS[script_args.algorithm][0]
+    trainer_cls = METHODS[script_args.algorithm].trainer_cls
     started = time.perf_counter()
 
     model_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}

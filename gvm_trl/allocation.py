@@ -241,8 +241,14 @@ def allocate_budget(
     max_samples: int | None = None,
     filter_threshold: float | None = None,
     filter_insufficient: float = 0.0,
+    explore_samples: int = 0,
 ) -> list[int]:
     """Integer sample sizes n_i for phase 2 (Theorem 3, Algorithm 2 line 5), with Σ n_i = budget.
+
+    0. ``explore_samples`` (0 = off): every prompt with p_i = 0 first gets this many samples out of the budget
+       (an exploration floor, so that a rare-success prompt whose probes all failed can still be found); if the
+       budget, less the ``min_samples`` floors of the other prompts, cannot cover them all, what it can is spread
+       evenly over them (lower indices first). Steps 1-4 then split what is left over the other prompts.
 
     Steps:
 
@@ -292,9 +298,32 @@ def allocate_budget(
     min_expected_accepted = _as_real(filter_insufficient, "filter_insufficient")
     if not (math.isfinite(min_expected_accepted) and min_expected_accepted >= 0.0):
         raise ValueError(f"filter_insufficient must be finite and >= 0, got {min_expected_accepted}")
+    explore = _as_count(explore_samples, "explore_samples")
 
     if not rates:
         return []
+    unsolved = [i for i, p in enumerate(rates) if p == 0.0]
+    if explore and unsolved:
+        solved = [i for i, p in enumerate(rates) if p > 0.0]
+        reserved = low * sum(1 for i in solved if norms[i] > 0.0)  # exploration never takes min_samples' floors
+        floors = uniform_allocation(len(unsolved), max(0, min(budget_ - reserved, explore * len(unsolved))))
+        rest = allocate_budget(
+            [rates[i] for i in solved],
+            [norms[i] for i in solved],
+            budget_ - sum(floors),
+            alpha=alpha_,
+            beta=beta_,
+            min_samples=low,
+            max_samples=max_samples,
+            filter_threshold=threshold,
+            filter_insufficient=min_expected_accepted,
+        )
+        sizes = [0] * len(rates)
+        for i, size in zip(unsolved, floors):
+            sizes[i] = size
+        for i, size in zip(solved, rest):
+            sizes[i] = size
+        return sizes
     weights = _normalised_weights(rates, norms, alpha_, beta_)
     if threshold is not None:
         weights = [0.0 if p > threshold else w for w, p in zip(weights, rates)]

@@ -481,3 +481,46 @@ def test_gvm_beats_uniform_on_a_paper_like_batch():
     gvm = variance_bound(p, g, allocate_budget(p, g, budget), alpha=ALPHA, beta=BETA)
     uniform = variance_bound(p, g, uniform_allocation(16, budget), alpha=ALPHA, beta=BETA)
     assert gvm < uniform
+
+
+# -- the exploration floor -----------------------------------------------------------------------------------------
+
+
+def test_exploration_floor_goes_to_unsolved_prompts_first():
+    rates, grad_norms = [0.0, 0.5, 0.25, 0.0], [0.0, 1.0, 1.0, 0.0]
+    sizes = allocate_budget(rates, grad_norms, 16, explore_samples=2)
+    assert sizes[0] == sizes[3] == 2
+    assert sizes[1:3] == allocate_budget(rates[1:3], grad_norms[1:3], 12)  # Theorem 3 on what is left
+    assert allocate_budget(rates, grad_norms, 16) == [0, *allocate_budget(rates[1:3], grad_norms[1:3], 16), 0]
+
+
+def test_exploration_floor_shrinks_to_the_budget_and_keeps_min_samples():
+    rates, grad_norms = [0.0, 0.5, 0.25, 0.0], [0.0, 1.0, 1.0, 0.0]
+    assert allocate_budget(rates, grad_norms, 3, explore_samples=2) == [2, 0, 0, 1]
+    assert allocate_budget(rates, grad_norms, 4, explore_samples=2, min_samples=2) == [0, 2, 2, 0]
+    assert allocate_budget(rates, grad_norms, 6, explore_samples=2, min_samples=2) == [1, 2, 2, 1]
+
+
+def test_exploration_floor_when_nothing_was_accepted():
+    assert allocate_budget([0.0] * 4, [0.0] * 4, 8, explore_samples=1) == [1, 1, 1, 1]
+    assert allocate_budget([0.0] * 4, [0.0] * 4, 8) == [0, 0, 0, 0]
+
+
+@FAST
+@given(
+    problem=st.lists(st.tuples(rates, positive_norms), min_size=1, max_size=12),
+    budget=st.integers(min_value=0, max_value=64),
+    explore=st.integers(min_value=0, max_value=4),
+)
+def test_exploration_floor_properties(problem, budget, explore):
+    rates_, norms_ = zip(*problem)
+    sizes = allocate_budget(rates_, norms_, budget, explore_samples=explore)
+    unsolved = [i for i, p in enumerate(rates_) if p == 0.0]
+    assert sum(sizes) <= budget and min(sizes) >= 0
+    floors = [sizes[i] for i in unsolved]
+    assert all(size <= explore for size in floors)
+    if floors:
+        assert max(floors) - min(floors) <= 1
+        assert sum(floors) == min(budget, explore * len(unsolved))
+    if len(unsolved) < len(rates_):
+        assert sum(sizes) == budget  # every positive-weight prompt can take the rest

@@ -44,7 +44,8 @@ def test_paper_configs_parse_without_unknown_keys(path):
 def test_baseline_algorithm_overrides_the_config():
     path = EXAMPLES / "configs" / "qwen2.5-math-1.5b_gvm-grpo.yaml"
     _, training_args, _ = train.parse_args(["--config", str(path), "--algorithm", "grpo", "--use_cpu", "true"])
-    assert training_args.gvm_allocation == "uniform" and type(training_args) is GVMGRPOConfig
+    assert training_args.gvm_allocation == "uniform" and training_args.gvm_weighting == "none"
+    assert type(training_args) is GVMGRPOConfig  # vanilla GRPO through the same trainer
 
 
 def test_no_arguments_is_the_cpu_demo():
@@ -102,3 +103,8 @@ def test_push_to_hub_uploads_model_and_gvm_card(tmp_path, char_tokenizer, monkey
     assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= set(uploads[-1]["files"])
     card = uploads[-1]["card"]
     assert "GVM-RAFT++" in card and "2505.02391" in card and "gvm_budget_per_prompt" in card
+
+
+def test_a_baseline_refuses_a_contradicting_flag():
+    with pytest.raises(SystemExit, match="gvm_weighting"):
+        train.parse_args(["--algorithm", "raft", "--gvm_weighting", "lemma1"])
