@@ -276,7 +276,8 @@ def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
         trainer_cls, args_cls, method = GRPOTrainer, GRPOConfig, "_generate_and_score_completions"
     else:
         trainer_cls, args_cls = (GVMRAFTTrainer, GVMRAFTConfig) if config == "gvm-raft" else (GVMGRPOTrainer, GVMGRPOConfig)
-        method = "_generate_gvm_batch"
+        method = "_generate_training_batch"
+        options.update(gvm_probe_ahead=False)
         probes = args.num_generations if config == "gvm-default" else args.num_probes
         budget = args.num_generations if config == "gvm-default" else args.num_generations - args.num_probes
         options.update(gvm_num_probes=probes, gvm_budget_per_prompt=budget)

@@ -9,7 +9,6 @@ from trl import GRPOConfig
 
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform")
-SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 
 
 @dataclass
@@ -20,7 +19,10 @@ class GVMArguments:
 
     Each generation batch of `m` prompts runs two phases: `gvm_num_probes` completions per prompt estimate the
     accept rate `p_i` and the per-sample gradient norm `G_i`; then a budget of `N = gvm_budget_per_prompt * m`
-    completions is split over the prompts by Theorem 3 (`n_i ∝ G_i / sqrt(p_i + α / p_i^(β-1))`).
+    completions is split over the prompts by Theorem 3 (`n_i ∝ G_i / sqrt(p_i + α / p_i^(β-1))`). With
+    `gvm_probe_ahead` the probes of the next generation batch are drawn in the same generation call as this batch's
+    allocated completions, so each step costs one generation round. With `gvm_allocation="uniform"` there is no probe
+    round at all: one round of `gvm_num_probes + gvm_budget_per_prompt` completions per prompt.
 
     Parameters:
         gvm_num_probes (`int`, *optional*):
@@ -41,7 +43,9 @@ class GVMArguments:
         gvm_filter_insufficient (`float`, *optional*, defaults to `0.0`):
             Prompts whose expected accepted count n_i·p_i is below this get no phase-2 samples.
         gvm_accept_threshold (`float`, *optional*, defaults to `1.0`):
-            A completion is accepted iff its total (weighted) reward is at least this.
+            A completion is accepted iff its total reward — the `reward_weights`-weighted sum of the reward functions'
+            raw outputs, whatever `multi_objective_aggregation` is — is at least this. Accepted completions give p_i
+            and G_i (both trainers) and are the rows RAFT++ trains on.
         gvm_grad_params (`str`, *optional*, defaults to `"trainable"`):
             Which parameters G_i is measured on: `"trainable"`, `"all"`, `"embed_tokens"` (the official code's
             choice), `"lm_head"` or a regular expression over parameter names.
@@ -54,8 +58,23 @@ class GVMArguments:
             (1/|D_i|, Algorithm 1) or `"none"` (no per-prompt weight, as in the official code and vanilla
             RAFT++/GRPO).
         gvm_allocation (`str`, *optional*, defaults to `"gvm"`):
-            `"gvm"` (Theorem 3) or `"uniform"` (the same budget split evenly: the vanilla baseline through the same
-            code path).
+            `"gvm"` (Theorem 3) or `"uniform"` (no probe round: one round of the same number of completions split
+            evenly, so with `gvm_weighting="none"` it is vanilla GRPO / RAFT++).
+        gvm_probe_ahead (`bool`, *optional*):
+            Draw the next generation batch's probes in the same generation call as this batch's allocated
+            completions (one generation round per batch, estimates one update old, corrected by the importance
+            ratio) instead of a probe round before each allocation (the paper's sequential protocol). `None`: on for
+            map-style datasets, off for iterable ones.
+        gvm_history_decay (`float`, *optional*):
+            Keep a per-prompt history of accept rates and gradient norms across visits and combine it with the
+            probes (:class:`~gvm_trl.estimates.PromptHistory`); each visit multiplies the past counts by this
+            factor in (0, 1]. `None`: estimates from the current probes alone.
+        gvm_explore_samples (`int`, *optional*, defaults to `0`):
+            Samples given first to each prompt whose estimated accept rate is 0 (an exploration floor, so that a
+            rare-success prompt whose probes all failed can be found).
+        gvm_max_empty_batches (`int`, *optional*, defaults to `10`):
+            `GVMRAFTTrainer` stops with an error after this many consecutive generation batches in which no
+            completion was accepted (nothing to train on); `None` never stops.
     """
 
     gvm_num_probes: int | None = field(
@@ -95,6 +114,19 @@ class GVMArguments:
     gvm_allocation: str = field(
         default="gvm", metadata={"help": "gvm (Theorem 3) or uniform (baseline).", "choices": list(ALLOCATIONS)}
     )
+    gvm_probe_ahead: bool | None = field(
+        default=None,
+        metadata={"help": "Draw the next batch's probes with this batch's allocated completions (None: when possible)."},
+    )
+    gvm_history_decay: float | None = field(
+        default=None, metadata={"help": "Per-visit decay of each prompt's p/G history (None: no history)."}
+    )
+    gvm_explore_samples: int = field(
+        default=0, metadata={"help": "Samples for each prompt with estimated accept rate 0 (exploration floor)."}
+    )
+    gvm_max_empty_batches: int | None = field(
+        default=10, metadata={"help": "RAFT++: error after this many consecutive batches with nothing accepted."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,6 +140,17 @@ class GVMArguments:
     def num_prompts_per_generation(self) -> int:
         """m: the distinct prompts of one generation batch, over all processes (TRL's prompt count)."""
         return self.generation_batch_size // self.num_generations
+
+    @property
+    def gvm_budget(self) -> int:
+        """N: the completions allocated over a generation batch's prompts (after its probes)."""
+        return self.gvm_budget_per_prompt * self.num_prompts_per_generation
+
+    @property
+    def gvm_uniform_group_size(self) -> int:
+        """Completions per prompt of the single round of `gvm_allocation="uniform"`: the probes it would have
+        trained on, plus the budget."""
+        return (self.gvm_num_probes if self.gvm_reuse_probes else 0) + self.gvm_budget_per_prompt
 
     def _validate_gvm_fields(self) -> None:
         def fail(message: str):
@@ -137,12 +180,6 @@ class GVMArguments:
             fail(f"gvm_allocation must be one of {ALLOCATIONS} (got {self.gvm_allocation!r}).")
         if self.gvm_grad_batch_size is not None and self.gvm_grad_batch_size < 1:
             fail(f"gvm_grad_batch_size must be ≥ 1 or None (got {self.gvm_grad_batch_size}).")
-        if self.loss_type not in SUPPORTED_LOSS_TYPES:
-            fail(
-                f"loss_type={self.loss_type!r} is not supported by the GVM trainers; use one of "
-                f"{SUPPORTED_LOSS_TYPES}. These aggregate the same clipped objective, so Lemma 1's per-sample weights "
-                "keep their meaning; cispo, sapo, vespo and luspo change the per-token objective itself."
-            )
         prompts = self.num_prompts_per_generation
         if prompts % self.world_size:
             fail(
@@ -156,24 +193,29 @@ class GVMArguments:
                 "nothing to allocate across; raise per_device_train_batch_size or steps_per_generation.",
                 stacklevel=3,
             )
-        steps, accumulation = self.steps_per_generation, self.gradient_accumulation_steps
-        if steps % accumulation and accumulation % steps:
-            fail(
-                f"steps_per_generation ({steps}) and gradient_accumulation_steps ({accumulation}) must divide one "
-                "another, so that each optimizer step covers whole micro-steps of whole generation batches."
-            )
         if self.gvm_min_samples > self.gvm_budget_per_prompt:
             fail(
                 f"gvm_min_samples={self.gvm_min_samples} exceeds gvm_budget_per_prompt={self.gvm_budget_per_prompt}: "
                 "the floors alone would need more than the phase-2 budget; lower gvm_min_samples."
             )
-        unsupported = {
-            "entropy_coef": self.entropy_coef != 0.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
-        }
-        for name, is_set in unsupported.items():
-            if is_set:
-                fail(f"{name} is not supported by the GVM trainers yet; leave it at its default.")
+        if self.gvm_history_decay is not None and not 0 < self.gvm_history_decay <= 1:
+            fail(f"gvm_history_decay must lie in (0, 1] or be None (got {self.gvm_history_decay}).")
+        if self.gvm_explore_samples < 0:
+            fail(f"gvm_explore_samples must be ≥ 0 (got {self.gvm_explore_samples}).")
+        if self.gvm_max_empty_batches is not None and self.gvm_max_empty_batches < 1:
+            fail(f"gvm_max_empty_batches must be ≥ 1 or None (got {self.gvm_max_empty_batches}).")
+        if self.gvm_allocation == "uniform":
+            estimate_options = {
+                "gvm_probe_ahead=True": self.gvm_probe_ahead is True,
+                "gvm_history_decay": self.gvm_history_decay is not None,
+                "gvm_explore_samples": self.gvm_explore_samples > 0,
+            }
+            for name, is_set in estimate_options.items():
+                if is_set:
+                    fail(
+                        f"{name} needs gvm_allocation='gvm': uniform allocation has no probes and nothing to estimate; "
+                        "drop the option or allocate with GVM."
+                    )
 
 
 @dataclass
@@ -199,3 +241,12 @@ class GVMRAFTConfig(GVMArguments, GRPOConfig):
     beta: float = field(
         default=0.001, metadata={"help": "KL coefficient to the reference model (k3 estimator); the paper uses 0.001."}
     )
+
+    def _validate_gvm_fields(self) -> None:
+        super()._validate_gvm_fields()
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} does not apply to RAFT++, whose "
+                "advantage is the accepted completion's own (weighted total) reward, with no group normalisation; "
+                "leave it at 'sum_then_normalize', or use GVMGRPOConfig."
+            )

@@ -1,17 +1,27 @@
-"""`GVMGRPOTrainer` and `GVMRAFTTrainer`: TRL's GRPO trainer with GVM's two-phase rollout.
+"""`GVMGRPOTrainer` and `GVMRAFTTrainer`: TRL's GRPO trainer with GVM's rollout allocation.
 
 Yao et al. 2025, "Optimizing Chain-of-Thought Reasoners via Gradient Variance Minimization in Rejection Sampling
 and RL" (arXiv:2505.02391). Each generation batch of m prompts:
 
-1. Phase 1 (Algorithm 2, lines 3-4): N′ probe completions per prompt through TRL's own generation path, scored by
-   the reward functions; accept rate p_i; G_i = mean per-sample gradient norm ‖∇ ln P(y|x)‖ of the accepted
-   probes (:func:`gvm_trl.grad_norms.per_sample_grad_norms`).
+1. Probes (Algorithm 2, lines 3-4): N′ completions per prompt through TRL's own generation path, scored by the reward
+   functions; accept rate p_i; G_i = mean per-sample gradient norm ‖∇ ln P(y|x)‖ of the accepted probes
+   (:func:`gvm_trl.grad_norms.per_sample_grad_norms`), optionally combined with the prompt's history
+   (:class:`gvm_trl.estimates.PromptHistory`).
 2. Allocation (Theorem 3): n_i from :func:`gvm_trl.allocation.allocate_budget`, Σ n_i = N.
-3. Phase 2: n_i completions for prompt i, generated and scored the same way.
-4. Update (Lemma 1 / Algorithm 1): every training row r of prompt i carries a weight ω_r (1/(n_i p_i), 1/|D_i| or 1),
-   and the loss of the generation batch is Σ_r ω_r a_r / Σ_r ω_r τ_r, where a_r is the row's clipped-objective
-   loss summed over its tokens (or averaged, for ``loss_type="grpo"``) and τ_r its token count (or 1). With all
-   ω_r = 1 this is exactly TRL's aggregation for the same ``loss_type``.
+3. Allocated rollouts: n_i completions for prompt i. With ``gvm_probe_ahead`` the next batch's probes are drawn in
+   the same generation call, under the same weights, so each batch costs one generation round; its estimates are
+   then one update old and its reused probes are corrected by TRL's importance ratio (their old log-probabilities
+   are those of the weights that drew them).
+4. Update (Lemma 1 / Algorithm 1) through TRL's own loss: the per-row weight ω_r (1/(n_i p_i), 1/|D_i| or 1) enters
+   through the advantage. Every loss TRL offers is positively homogeneous in the advantage — PPO's clipped
+   objective min(ρ·ωA, clip(ρ)·ωA) = ω·min(ρA, clip(ρ)A) for ω > 0, and CISPO, SAPO, VESPO and the off-policy mask
+   depend on A through its sign or linearly — so ω·A weights each row's policy term by ω, and TRL's `_compute_loss`
+   runs unchanged (every loss type, the KL term, the entropy bonus, the MoE auxiliary loss). The weights are
+   rescaled to mean 1 over the generation batch's loss tokens (rows, for sequence-level losses), so the loss keeps
+   TRL's scale; the KL and entropy terms are TRL's, unweighted.
+
+With ``gvm_allocation="uniform"`` there is no probe round: one generation round of N′ + N/m completions per prompt,
+and with ``gvm_weighting="none"`` the trainers compute exactly what `trl.GRPOTrainer` computes (GRPO) or RAFT++.
 
 The two trainers differ only in which rows they train on and their advantages (RAFT++: accepted rows, advantage =
 reward clipped at 0; GRPO: all rows, advantages normalised within each prompt's own, variably sized group).
@@ -24,33 +34,36 @@ import math
 import os
 import textwrap
 import time
-from collections import defaultdict
+import warnings
+from collections import defaultdict, deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import RepeatSampler
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.trainer.utils import nanmax, nanmin, nanstd, repeat_iterable_dataset
 
-from .allocation import (
-    allocate_budget,
-    lemma1_weights,
-    mean_weights,
-    uniform_allocation,
-    variance_bound,
-)
-from .batching import concat_rows, num_rows, select_rows, split_rows, trim_padding_columns
+from .advantages import grpo_advantages
+from .allocation import allocate_budget, lemma1_weights, uniform_allocation, variance_bound
+from .batching import num_rows, select_rows, split_rows, trim_padding_columns
 from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig
+from .estimates import PromptEvidence, PromptHistory
 from .grad_norms import per_sample_grad_norms
+from .rollout import BatchAllocation, GenerationBatchSampler, Rollout, concat_rollout_batches
 
 logger = logging.get_logger(__name__)
 
 PROMPT_INDEX_COLUMN = "gvm_prompt_index"
 ALLOCATIONS_FILE = "gvm_allocations.jsonl"
+STATE_FILE = "gvm_state.json"
+# Loss types whose aggregation averages per sequence: their weights are normalised per row, the others' per token.
+SEQUENCE_LEVEL_LOSSES = ("grpo", "sapo", "luspo", "dr_grpo")
 
 GVM_PAPER = {
     "title": "Optimizing Chain-of-Thought Reasoners via Gradient Variance Minimization in Rejection Sampling and RL",
@@ -65,31 +78,13 @@ GVM_PAPER = {
 }
 
 
-def group_normalized_advantages(
-    rewards: torch.Tensor, groups: torch.Tensor, num_groups: int, scale: str
-) -> torch.Tensor:
-    """GRPO advantages (r - mean_group) / (std_group + 1e-4) for groups of any size, as TRL computes them.
+@dataclass
+class _ProbedBatch:
+    """A generation batch whose probes are drawn and allocation computed, waiting for its allocated rollouts."""
 
-    ``scale`` is TRL's ``scale_rewards``: ``"group"``, ``"batch"`` or ``"none"``. NaN rewards (unscorable rows)
-    are left out of the statistics and get advantage 0; a group with fewer than two scored rows has std 0.
-    """
-    valid = ~torch.isnan(rewards)
-    values = torch.where(valid, rewards, torch.zeros_like(rewards)).double()
-    counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, groups, valid.double())
-    means = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, groups, values) / counts.clamp(min=1)
-    centred = torch.where(valid, values - means[groups], torch.zeros_like(values))
-    advantages = centred
-    if scale == "group":
-        squares = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, groups, centred**2)
-        stds = torch.where(counts > 1, (squares / (counts - 1).clamp(min=1)).sqrt(), torch.zeros_like(counts))
-        advantages = centred / (stds[groups] + 1e-4)
-    elif scale == "batch":
-        scored = values[valid]
-        std = scored.std() if scored.numel() > 1 else torch.zeros((), dtype=torch.float64)
-        advantages = centred / (std + 1e-4)
-    elif scale != "none":
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}.")
-    return advantages.float()
+    prompts: list[dict]
+    probes: Rollout
+    allocation: BatchAllocation
 
 
 class _GVMTrainer(GRPOTrainer):
@@ -115,21 +110,61 @@ class _GVMTrainer(GRPOTrainer):
                     "this in-memory model has none: save it (model.save_pretrained(path)) and pass the path, or set "
                     "beta=0.0."
                 )
-        train_dataset = self._with_prompt_index(train_dataset)
+        for name in ("tools", "environment_factory", "rollout_func"):  # refused before TRL validates them
+            if trainer_kwargs.get(name):
+                raise NotImplementedError(
+                    f"The GVM trainers do not support {name} (see the README's 'Not supported'); use trl.GRPOTrainer."
+                )
+        self._probe_ahead = self._resolve_probe_ahead(args, train_dataset)
+        train_dataset = self._with_prompt_index(train_dataset, args)
         super().__init__(model, reward_funcs, args, train_dataset, *trainer_args, **trainer_kwargs)
         self._check_supported()
         self.num_prompts_per_generation = args.num_prompts_per_generation
-        self._empty_batches = 0
+        self.prompt_history = PromptHistory(args.gvm_history_decay) if args.gvm_history_decay else None
         self.rollout_totals: dict[str, float] = defaultdict(float)  # completions and seconds, summed over the run
+        self._pending: _ProbedBatch | None = None
+        self._empty_batches = 0
+        self._consecutive_empty = 0
+        self._reward_range = [math.inf, -math.inf]
+        self._warned: set[str] = set()
+        self._user_metric_names: set[str] = set()
+        self._unfilled_old_logps: torch.Tensor | None = None
+        # TRL's completions table keeps one generation batch; GVM's can hold more rows than TRL's.
+        capacity = self.num_prompts_per_generation * args.gvm_num_probes + args.gvm_budget
+        self._logs = {key: self._resized(value, capacity) for key, value in self._logs.items()}
 
     @staticmethod
-    def _with_prompt_index(dataset):
-        """Tag each training prompt with its dataset index, which the allocation log records."""
-        if isinstance(dataset, IterableDataset):
+    def _resized(container, capacity: int):
+        if isinstance(container, deque):
+            return deque(container, maxlen=capacity)
+        resized = defaultdict(lambda: deque(maxlen=capacity))
+        resized.update({name: deque(values, maxlen=capacity) for name, values in container.items()})
+        return resized
+
+    @staticmethod
+    def _resolve_probe_ahead(args, dataset) -> bool:
+        if args.gvm_allocation == "uniform":
+            return False
+        iterable = isinstance(dataset, IterableDataset)
+        if args.gvm_probe_ahead and iterable:
             raise NotImplementedError(
-                "The GVM trainers need a map-style training dataset (datasets.Dataset); convert the iterable one, "
-                "e.g. Dataset.from_generator(...)."
+                "gvm_probe_ahead=True needs a map-style training dataset (datasets.Dataset), whose sampler can look "
+                "one generation batch ahead; convert the iterable dataset, or leave gvm_probe_ahead unset (then an "
+                "iterable dataset runs the sequential schedule)."
             )
+        return not iterable if args.gvm_probe_ahead is None else args.gvm_probe_ahead
+
+    @staticmethod
+    def _with_prompt_index(dataset, args):
+        """Tag each training prompt with its dataset index (its position in the stream, for an iterable dataset),
+        which the allocation log and the per-prompt history record."""
+        if isinstance(dataset, IterableDataset):
+            if args.gvm_history_decay is not None:
+                raise NotImplementedError(
+                    "gvm_history_decay keys each prompt's history by its dataset index, which an iterable dataset "
+                    "does not have; use a map-style dataset (datasets.Dataset) or drop gvm_history_decay."
+                )
+            return dataset.map(lambda row, index: {PROMPT_INDEX_COLUMN: index}, with_indices=True)
         if isinstance(dataset, Dataset) and PROMPT_INDEX_COLUMN not in dataset.column_names:
             return dataset.add_column(PROMPT_INDEX_COLUMN, list(range(len(dataset))))
         return dataset
@@ -140,11 +175,12 @@ class _GVMTrainer(GRPOTrainer):
             "environment_factory": self.environment_factories is not None,
             "rollout_func": self.rollout_func is not None,
             "a vision-language model": self._is_vlm,
-            "an MoE router auxiliary loss": self.aux_loss_enabled,
         }
         for name, present in unsupported.items():
             if present:
-                raise NotImplementedError(f"The GVM trainers do not support {name} yet; use trl.GRPOTrainer for it.")
+                raise NotImplementedError(
+                    f"The GVM trainers do not support {name} (see the README's 'Not supported'); use trl.GRPOTrainer."
+                )
         if self._dist.is_zero3 and not self.args.ds3_gather_for_generation and self.args.gvm_allocation == "gvm":
             # The norm hooks read the measured parameters whole; ZeRO-3's layer-by-layer gathering frees them first.
             raise NotImplementedError(
@@ -159,40 +195,53 @@ class _GVMTrainer(GRPOTrainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        self._pending = None  # a resumed run probes its first batch again
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # -- data: m distinct prompts per generation batch -------------------------------------------------------------
 
     def _get_train_sampler(self, dataset=None):
-        """Each generation batch draws m distinct prompts (TRL's sampler repeats each num_generations times)."""
-        return RepeatSampler(
-            data_source=dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=1,
-            batch_size=self.num_prompts_per_generation,
+        """TRL's sampler order and layout (each prompt `num_generations` times), remembered for looking ahead."""
+        self._prompt_sampler = GenerationBatchSampler(
+            dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
             repeat_count=self.num_iterations * self.args.steps_per_generation,
             shuffle=self.shuffle_dataset,
             seed=self.args.seed,
         )
+        return self._prompt_sampler
 
-    def get_train_dataloader(self):
-        return self._get_dataloader(
-            dataset=self.train_dataset,
-            description="Training",
-            batch_size=self.num_prompts_per_generation // self.accelerator.num_processes,
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if PROMPT_INDEX_COLUMN not in self._signature_columns:  # kept by `remove_unused_columns`
+            self._signature_columns = [*self._signature_columns, PROMPT_INDEX_COLUMN]
 
-    # -- the two-phase rollout -------------------------------------------------------------------------------------
+    def _upcoming_prompts(self, all_prompts: list[dict]) -> list[dict]:
+        """This process's share of the next generation batch's prompts, as the dataloader will deliver them
+        (empty where there is none to look ahead to)."""
+        sampler = getattr(self, "_prompt_sampler", None)
+        following = sampler.following(self._keys(all_prompts)) if sampler is not None else None
+        if following is None:
+            return []
+        share = len(following) // self.accelerator.num_processes
+        rank = self.accelerator.process_index
+        if getattr(self, "_lookahead_dataset", None) is None:
+            self._lookahead_dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        rows = [self._lookahead_dataset[i] for i in following[rank * share : (rank + 1) * share]]
+        return self.data_collator(rows)
+
+    # -- one generation batch --------------------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:
             return super()._prepare_inputs(generation_batch)
-        if isinstance(generation_batch, dict) and "gvm_weight" in generation_batch:
+        if isinstance(generation_batch, dict):
             return generation_batch  # a micro-batch this trainer already built (see `training_step`)
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            self._buffered_inputs = self._build_micro_batches(self._generate_gvm_batch(generation_batch))
+            prompts = generation_batch[:: self.num_generations]  # TRL's layout repeats each prompt
+            self._buffered_inputs = self._build_micro_batches(self._generate_training_batch(prompts))
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -205,6 +254,211 @@ class _GVMTrainer(GRPOTrainer):
             return torch.zeros((), device=self.accelerator.device)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _generate_training_batch(self, prompts: list[dict]) -> dict[str, Any]:
+        """This process's training rows of one generation batch, under the configured schedule."""
+        if self.args.gvm_allocation == "uniform":
+            return self._uniform_batch(prompts)
+        if self._probe_ahead:
+            return self._probe_ahead_batch(prompts)
+        return self._sequential_batch(prompts)
+
+    def _uniform_batch(self, prompts: list[dict]) -> dict[str, Any]:
+        """No probes: one round of N′ + N/m completions per prompt, grouped per prompt as TRL groups them."""
+        group = self.args.gvm_uniform_group_size
+        start = time.perf_counter()
+        rollout = self._generate_rollout(
+            [row for row in prompts for _ in range(group)],
+            group_size=group,
+            prompts=torch.arange(self.num_prompts_per_generation).repeat_interleave(group),
+            phase="allocated",
+        )
+        elapsed = time.perf_counter() - start
+        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        self._count_completions(rollout)
+        accepted = self._per_prompt(self._accepted(rollout), rollout.prompts)
+        allocation = BatchAllocation(
+            prompt_keys=self._keys(all_prompts),
+            budget=group * self.num_prompts_per_generation,
+            sizes=[group] * self.num_prompts_per_generation,
+            accept_rates=(accepted / group).tolist(),
+            grad_norms=None,
+            num_probes=0,
+            probe_step=None,
+            timings={"phase2": elapsed},
+        )
+        return self._assemble(allocation, None, rollout)
+
+    def _sequential_batch(self, prompts: list[dict]) -> dict[str, Any]:
+        """The paper's protocol: probe, measure and allocate, then generate the allocated rows."""
+        probed = self._probe_and_allocate(prompts)
+        start = time.perf_counter()
+        allocated = self._generate_allocated(probed.allocation, self._gathered(prompts))
+        probed.allocation.timings["phase2"] = time.perf_counter() - start
+        return self._assemble(probed.allocation, probed.probes, allocated)
+
+    def _probe_ahead_batch(self, prompts: list[dict]) -> dict[str, Any]:
+        """One generation round: this batch's allocated rows and the next batch's probes, under the same weights.
+
+        The first batch of a run (or after resuming) has no probes yet and gets a probe round of its own; the last
+        batch of the run has no successor to probe.
+        """
+        all_prompts = self._gathered(prompts)
+        probed = self._pending
+        if probed is None or probed.allocation.prompt_keys != self._keys(all_prompts):
+            probed = self._probe_and_allocate(prompts)
+        upcoming = [] if self._is_last_generation_batch() else self._upcoming_prompts(all_prompts)
+        if self.accelerator.num_processes > 1:  # every process probes ahead, or none does
+            upcoming = upcoming if all(gather_object([bool(upcoming)])) else []
+        start = time.perf_counter()
+        allocated, next_probes = self._generate_allocated_and_probes(probed.allocation, all_prompts, upcoming)
+        probed.allocation.timings["phase2"] = time.perf_counter() - start
+        batch = self._assemble(probed.allocation, probed.probes, allocated)
+        self._pending = self._allocate(upcoming, next_probes) if next_probes is not None else None
+        return batch
+
+    def _is_last_generation_batch(self) -> bool:
+        done = self.state.global_step * self.args.gradient_accumulation_steps
+        done += self._step % self.args.gradient_accumulation_steps
+        remaining = self.state.max_steps * self.args.gradient_accumulation_steps - done
+        return remaining <= self.args.steps_per_generation * self.num_iterations
+
+    # -- phases ----------------------------------------------------------------------------------------------------
+
+    def _probe_and_allocate(self, prompts: list[dict]) -> _ProbedBatch:
+        """A probe round for `prompts` (N′ completions each), then their estimates and allocation."""
+        start = time.perf_counter()
+        probes = self._generate_rollout(
+            [row for row in prompts for _ in range(self.args.gvm_num_probes)],
+            group_size=self.args.gvm_num_probes,
+            prompts=self._probe_slots(),
+            phase="probe",
+        )
+        elapsed = time.perf_counter() - start
+        self._count_completions(probes)
+        probed = self._allocate(prompts, probes)
+        probed.allocation.timings["probe"] = elapsed
+        return probed
+
+    def _probe_slots(self) -> torch.Tensor:
+        """Prompt slot of each probe row: process-major, N′ consecutive rows per prompt."""
+        return torch.arange(self.num_prompts_per_generation).repeat_interleave(self.args.gvm_num_probes)
+
+    def _allocate(self, prompts: list[dict], probes: Rollout) -> _ProbedBatch:
+        """p_i, G_i (gradient-norm pass over the accepted probes, history if kept) and n_i (Theorem 3)."""
+        args, num_prompts = self.args, self.num_prompts_per_generation
+        all_prompts = self._gathered(prompts)
+        accepted = self._accepted(probes)
+        start = time.perf_counter()
+        norms = self._probe_grad_norms(probes, accepted)
+        time_grad_norms = time.perf_counter() - start
+
+        start = time.perf_counter()
+        measured = accepted & (norms > 0)
+        evidence = PromptEvidence(
+            keys=self._keys(all_prompts),
+            trials=[float(args.gvm_num_probes)] * num_prompts,
+            accepted=self._per_prompt(accepted).tolist(),
+            norm_sums=self._per_prompt(norms * measured).tolist(),
+            norm_counts=self._per_prompt(measured).tolist(),
+        )
+        if self.prompt_history is not None:
+            rates, grad_norms = self.prompt_history.estimates(evidence)
+        else:
+            rates = [a / t for a, t in zip(evidence.accepted, evidence.trials)]
+            grad_norms = [s / c if c else 0.0 for s, c in zip(evidence.norm_sums, evidence.norm_counts)]
+        sizes = allocate_budget(
+            rates,
+            grad_norms,
+            args.gvm_budget,
+            alpha=args.gvm_alpha,
+            beta=args.gvm_beta,
+            min_samples=args.gvm_min_samples,
+            max_samples=args.gvm_max_samples,
+            filter_threshold=args.gvm_filter_threshold,
+            filter_insufficient=args.gvm_filter_insufficient,
+            explore_samples=args.gvm_explore_samples,
+        )
+        fallback = not any(p > 0 and g > 0 for p, g in zip(rates, grad_norms))
+        if fallback:  # no prompt carries an allocation weight: split the budget evenly (and say so)
+            sizes = uniform_allocation(num_prompts, args.gvm_budget)
+            self._warn_once("fallback", self._fallback_message())
+        allocation = BatchAllocation(
+            prompt_keys=evidence.keys,
+            budget=args.gvm_budget,
+            sizes=sizes,
+            accept_rates=rates,
+            grad_norms=grad_norms,
+            num_probes=args.gvm_num_probes,
+            probe_step=probes.step,
+            probes_accepted=[int(a) for a in evidence.accepted],
+            probe_norm_sums=evidence.norm_sums,
+            probe_norm_counts=[int(c) for c in evidence.norm_counts],
+            fallback=fallback,
+            timings={"grad_norms": time_grad_norms, "allocate": time.perf_counter() - start},
+        )
+        return _ProbedBatch(prompts, probes, allocation)
+
+    def _deal(self, allocation: BatchAllocation, all_prompts: list[dict]) -> tuple[list[dict], torch.Tensor]:
+        """This process's allocated rows and every row's prompt slot: the n_i completions of each prompt dealt
+        round-robin over processes, padding rows (slot -1) keeping every process's count equal."""
+        num_processes = self.accelerator.num_processes
+        plan = [i for i, size in enumerate(allocation.sizes) for _ in range(size)]
+        per_process = -(-len(plan) // num_processes)
+        dealt = [plan[r::num_processes] for r in range(num_processes)]
+        dealt = [share + [-1] * (per_process - len(share)) for share in dealt]
+        rows = [all_prompts[max(i, 0)] for i in dealt[self.accelerator.process_index]]
+        return rows, torch.tensor([i for share in dealt for i in share], dtype=torch.long)
+
+    def _generate_allocated(self, allocation: BatchAllocation, all_prompts: list[dict]) -> Rollout | None:
+        """The allocated completions of a generation batch (sequential schedule)."""
+        rows, slots = self._deal(allocation, all_prompts)
+        if not len(slots):
+            return None
+        allocated = self._generate_rollout(rows, group_size=1, prompts=slots, phase="allocated")
+        self._count_completions(allocated)
+        return allocated
+
+    def _generate_allocated_and_probes(
+        self, allocation: BatchAllocation, all_prompts: list[dict], upcoming: list[dict]
+    ) -> tuple[Rollout | None, Rollout | None]:
+        """The allocated completions of this batch and the N′ probes of each `upcoming` prompt, in one call."""
+        num_processes = self.accelerator.num_processes
+        rows, allocated_slots = self._deal(allocation, all_prompts)
+        probe_rows = [row for row in upcoming for _ in range(self.args.gvm_num_probes)]
+        if not rows and not probe_rows:
+            return None, None
+        probe_slots = self._probe_slots() if probe_rows else torch.empty(0, dtype=torch.long)
+        # Each process generates its allocated rows, then its probe rows; global rows stay process-major.
+        slots = torch.cat([allocated_slots.view(num_processes, -1), probe_slots.view(num_processes, -1)], dim=1)
+        rollout = self._generate_rollout(rows + probe_rows, group_size=1, prompts=slots.flatten(), phase="round")
+        allocated = rollout.part(slice(0, len(rows)), "allocated") if rows else None
+        probes = rollout.part(slice(len(rows), None), "probe") if probe_rows else None
+        for part in (allocated, probes):
+            if part is not None:
+                self._count_completions(part)
+        if probes is not None and self.args.gvm_reuse_probes:
+            self._attach_sampling_logps(probes)
+        return allocated, probes
+
+    def _attach_sampling_logps(self, probes: Rollout) -> None:
+        """Log-probabilities of the probes under the weights that drew them, for the importance ratio when they are
+        trained a generation batch later. TRL computes these itself when the steps are misaligned or vLLM's
+        correction is on (trl 1.16.0, grpo_trainer.py lines 2634-2655, which this mirrors); otherwise here."""
+        batch = probes.batch
+        if "old_per_token_logps" in batch:
+            return
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+                batch["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+        batch["old_per_token_logps"] = logps
+
+    # -- TRL's generation, one call ------------------------------------------------------------------------------------
+
     @contextmanager
     def _group_size(self, size: int):
         """Run TRL's generate-and-score with `size` consecutive rows per prompt (it reads `num_generations`)."""
@@ -215,137 +469,100 @@ class _GVMTrainer(GRPOTrainer):
         finally:
             self.num_generations = saved
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._last_rewards_per_func = rewards_per_func  # gathered over processes, in process order
-        return rewards_per_func
-
-    def _generate_and_score(self, rows: list[dict], group_size: int) -> tuple[dict, torch.Tensor]:
-        """TRL's generation + scoring for `rows`; returns the local batch and the global total rewards."""
-        with self._group_size(group_size):
-            batch = super()._generate_and_score_completions(rows)
-        rewards = (self._last_rewards_per_func * self.reward_weights.to(self._last_rewards_per_func.device)).nansum(1)
-        rewards[torch.isnan(self._last_rewards_per_func).all(dim=1)] = torch.nan
-        return batch, rewards.cpu()
-
-    def _generate_gvm_batch(self, prompts: list[dict]) -> dict[str, Any]:
-        args = self.args
-        num_processes, rank = self.accelerator.num_processes, self.accelerator.process_index
-        num_prompts, num_probes = self.num_prompts_per_generation, args.gvm_num_probes
-        all_prompts = gather_object(prompts) if num_processes > 1 else prompts
-
-        start = time.perf_counter()
-        probe_rows = [row for row in prompts for _ in range(num_probes)]
-        probes, probe_rewards = self._generate_and_score(probe_rows, num_probes)
-        probe_accepted = probe_rewards >= args.gvm_accept_threshold
-        accept_rates = probe_accepted.view(num_prompts, num_probes).float().mean(dim=1)
-        time_probe = time.perf_counter() - start
-
-        start = time.perf_counter()
-        grad_norms = None
-        if args.gvm_allocation == "gvm":
-            local = slice(rank * len(probe_rows), (rank + 1) * len(probe_rows))
-            norms = self._probe_grad_norms(probes, probe_accepted[local])
-            norms = gather(norms.to(self.accelerator.device)).cpu().view(num_prompts, num_probes)
-            accepted = probe_accepted.view(num_prompts, num_probes)
-            grad_norms = (norms * accepted).sum(dim=1) / accepted.sum(dim=1).clamp(min=1)
-        time_grad_norms = time.perf_counter() - start
-
-        start = time.perf_counter()
-        budget = args.gvm_budget_per_prompt * num_prompts
-        if args.gvm_allocation == "gvm":
-            sizes = allocate_budget(
-                accept_rates,
-                grad_norms,
-                budget,
-                alpha=args.gvm_alpha,
-                beta=args.gvm_beta,
-                min_samples=args.gvm_min_samples,
-                max_samples=args.gvm_max_samples,
-                filter_threshold=args.gvm_filter_threshold,
-                filter_insufficient=args.gvm_filter_insufficient,
-            )
-        else:
-            sizes = uniform_allocation(num_prompts, budget)
-        time_allocate = time.perf_counter() - start
-
-        # Phase 2: the global list of (prompt) rows, dealt round-robin so that no process gets all of a hot
-        # prompt's rows; short processes get padding rows so every process generates the same number of rows.
-        start = time.perf_counter()
-        plan = [i for i, size in enumerate(sizes) for _ in range(size)]
-        rows_per_process = -(-len(plan) // num_processes)
-        phase2, phase2_rewards, phase2_prompt = None, torch.empty(0), torch.empty(0, dtype=torch.long)
-        if plan:
-            dealt = [plan[r::num_processes] for r in range(num_processes)]
-            dealt = [share + [-1] * (rows_per_process - len(share)) for share in dealt]
-            phase2_rows = [all_prompts[max(i, 0)] for i in dealt[rank]]
-            phase2, phase2_rewards = self._generate_and_score(phase2_rows, 1)
-            phase2_prompt = torch.tensor([i for share in dealt for i in share])
-        time_phase2 = time.perf_counter() - start
-
-        probe_prompt = torch.arange(num_prompts).repeat_interleave(num_probes)
-        record = {
-            "sizes": sizes,
-            "accept_rates": accept_rates,
-            "grad_norms": grad_norms,
-            "prompt_index": [row.get(PROMPT_INDEX_COLUMN) for row in all_prompts],
-            "phase2_prompt": phase2_prompt,
-            "phase2_accepted": phase2_rewards >= args.gvm_accept_threshold,
-            "timings": (time_probe, time_grad_norms, time_allocate, time_phase2),
+    @contextmanager
+    def _call_logging(self):
+        """TRL logs its metrics and completions table per generation call; a GVM generation batch spans several
+        calls, some rows of which it does not train on. Collect one call's entries aside (the yielded dict: TRL's
+        gathered prompts, completions, rewards and extra columns), and keep only what reward functions log
+        themselves; the generation batch is logged once, for the rows it trains on (`_log_training_rows`)."""
+        saved_logs, saved_metrics = self._logs, self._metrics["train"]
+        saved_tokens = self.state.num_input_tokens_seen
+        self._logs = {
+            "images": [],
+            "prompt": [],
+            "completion": [],
+            "rewards": defaultdict(list),
+            "advantages": [],
+            "extra": defaultdict(list),
         }
-        self._log_allocation(record)
+        self._metrics["train"] = defaultdict(list)
+        captured = self._logs
+        try:
+            yield captured
+        finally:
+            call_metrics = self._metrics["train"]
+            self._logs, self._metrics["train"] = saved_logs, saved_metrics
+            self.state.num_input_tokens_seen = saved_tokens
+            for name in self._user_metric_names:
+                saved_metrics[name].extend(call_metrics.get(name, []))
 
-        # Every row of the generation batch, globally: which prompt (-1: padding row), its reward, accepted or not.
-        parts = [(probes, probe_prompt, probe_rewards)] if args.gvm_reuse_probes else []
-        if phase2 is not None:
-            parts.append((phase2, phase2_prompt, phase2_rewards))
-        row_prompt = torch.cat([prompt for _, prompt, _ in parts]) if parts else torch.empty(0, dtype=torch.long)
-        row_reward = torch.cat([reward for _, _, reward in parts]) if parts else torch.empty(0)
-        row_reward[row_prompt < 0] = torch.nan  # padding rows: out of every group statistic
-        row_accepted = (row_reward >= args.gvm_accept_threshold) & (row_prompt >= 0)
-        empty = not row_accepted.any()
-        self._empty_batches += int(empty)
-        self._metrics["train"]["gvm/empty_batches"].append(float(self._empty_batches))
-        if empty:
-            return {"gvm_skip": True}
+    def _log_metric(self, name: str, value: float):
+        self._user_metric_names.add(name)
+        super()._log_metric(name, value)
 
-        advantages, trains = self._advantages(row_reward, row_prompt, row_accepted)
-        accepted_count = torch.zeros(num_prompts, dtype=torch.float64)
-        accepted_count.index_add_(0, row_prompt.clamp(min=0), row_accepted.double())
-        prompt_weight = self._prompt_weights(sizes, accept_rates, accepted_count)
-        row_weight = torch.where(trains, prompt_weight[row_prompt.clamp(min=0)], torch.zeros((), dtype=torch.float64))
-        local_rows, offset = [], 0
-        for _, prompt, _ in parts:  # each part's rows are process-major: this process holds one contiguous block
-            local_rows.append(torch.arange(len(prompt)).view(num_processes, -1)[rank] + offset)
-            offset += len(prompt)
-        local_rows = torch.cat(local_rows)
-        batch = concat_rows([part for part, _, _ in parts], self._pad_values())
-        batch["advantages"] = advantages[local_rows].to(self.accelerator.device)
-        batch["gvm_weight"] = row_weight[local_rows].float().to(self.accelerator.device)
-        keep = trains[local_rows].nonzero().flatten()
-        if keep.numel() == 0:  # this process has nothing to train on: keep one row as a zero-weight filler
-            return _as_filler(select_rows(batch, [0]))
-        return select_rows(batch, keep)
+    def _generate(self, prompts: list):
+        """TRL's generation; keeps each completion's length and truncation as TRL's own metrics define them."""
+        output = super()._generate(prompts)
+        _, completion_ids, tool_mask = output[:3]
+        lengths = [sum(mask) for mask in tool_mask] if tool_mask is not None else [len(ids) for ids in completion_ids]
+        eos_and_pad = [*self.eos_token_ids, self._tokenizer.pad_token_id]
+        truncated = [bool(ids) and ids[-1] not in eos_and_pad for ids in completion_ids]
+        self._last_completion_stats = (torch.tensor(lengths, dtype=torch.float), torch.tensor(truncated))
+        return output
 
-    def _samples_drawn(self, sizes: list[int]) -> list[int]:
-        """Training samples per prompt: its phase-2 completions, plus its probes when they are reused."""
-        reused = self.args.gvm_num_probes if self.args.gvm_reuse_probes else 0
-        return [size + reused for size in sizes]
+    def _generate_rollout(self, rows: list[dict], group_size: int, prompts: torch.Tensor, phase: str) -> Rollout:
+        """TRL's generate-and-score for `rows`, with the per-row facts of every process."""
+        step = self.state.global_step
+        with self._group_size(group_size), self._call_logging() as logged:
+            batch = super()._generate_and_score_completions(rows)
+        rewards_per_func = torch.tensor(
+            [logged["rewards"][name] for name in self.reward_func_names], dtype=torch.float32
+        ).T.reshape(len(prompts), len(self.reward_func_names))
+        rewards = (rewards_per_func * self.reward_weights.cpu()).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1) | (prompts < 0)] = torch.nan
+        lengths, truncated = self._last_completion_stats
+        if self.accelerator.num_processes > 1:
+            device = self.accelerator.device
+            lengths = gather(lengths.to(device)).cpu()
+            truncated = gather(truncated.to(device)).cpu()
+        reward_range = rewards[~torch.isnan(rewards)]
+        if reward_range.numel():
+            self._reward_range = [
+                min(self._reward_range[0], reward_range.min().item()),
+                max(self._reward_range[1], reward_range.max().item()),
+            ]
+        return Rollout(
+            batch=batch,
+            prompts=prompts,
+            rewards_per_func=rewards_per_func,
+            rewards=rewards,
+            lengths=lengths,
+            truncated=truncated,
+            logged={key: value for key, value in logged.items() if key != "images"},
+            step=step,
+            phase=phase,
+            num_processes=self.accelerator.num_processes,
+        )
 
-    def _prompt_weights(self, sizes: list[int], accept_rates: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
-        """Per-prompt loss factor: Lemma 1's 1/(n_i p_i), Algorithm 1's 1/|D_i|, or 1.
+    def _count_completions(self, rollout: Rollout) -> None:
+        """Completions generated over the run, by phase (padding rows not counted)."""
+        key = "probe_completions" if rollout.phase == "probe" else "budget_completions"
+        self.rollout_totals[key] += int((rollout.prompts >= 0).sum())
 
-        n_i counts every training sample drawn for the prompt (reused probes included); p_i is the probe estimate
-        that the allocation used.
-        """
-        if self.args.gvm_weighting == "lemma1":
-            return torch.tensor(lemma1_weights(self._samples_drawn(sizes), accept_rates), dtype=torch.float64)
-        if self.args.gvm_weighting == "mean":
-            return torch.tensor(mean_weights(accepted), dtype=torch.float64)
-        return torch.ones(len(sizes), dtype=torch.float64)
+    # -- estimates -------------------------------------------------------------------------------------------------
 
-    def _probe_grad_norms(self, probes: dict, accepted: torch.Tensor) -> torch.Tensor:
-        """Per-sample ‖∇ ln P(y|x)‖ of the accepted local probes (0 for the others).
+    def _accepted(self, rollout: Rollout) -> torch.Tensor:
+        return (rollout.rewards >= self.args.gvm_accept_threshold) & (rollout.prompts >= 0)
+
+    def _per_prompt(self, values: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-prompt sums of per-row `values` (probe rows by default)."""
+        prompts = self._probe_slots() if prompts is None else prompts
+        valid = prompts >= 0
+        totals = torch.zeros(self.num_prompts_per_generation, dtype=torch.float64)
+        return totals.index_add_(0, prompts[valid], values[valid].double())
+
+    def _probe_grad_norms(self, probes: Rollout, accepted: torch.Tensor) -> torch.Tensor:
+        """Per-sample ‖∇ ln P(y|x)‖ of the accepted probes, over all processes (0 for the others).
 
         Every process measures the same number of rows, so sharded models run the same forwards and backwards
         everywhere (ZeRO-3's forward hook and FSDP's unshard are collectives). Short processes fill up with copies
@@ -353,196 +570,344 @@ class _GVMTrainer(GRPOTrainer):
         forward and leave the other processes waiting. Parameters are gathered as for TRL's generation and
         released on exit.
         """
-        norms = torch.zeros(len(accepted))
-        index = accepted.nonzero().flatten()
+        accepted_here = accepted[probes.local_rows(self.accelerator.process_index)]
+        norms = torch.zeros(len(accepted_here))
+        index = accepted_here.nonzero().flatten()
         count = len(index)
         rows = count
         if self.accelerator.num_processes > 1:
             rows = int(gather(torch.tensor([count], device=self.accelerator.device)).max())
-        if rows == 0:
-            return norms
-        padded = torch.cat([index, index.new_full((rows - count,), int(index[0]) if count else 0)])
-        batch = trim_padding_columns(select_rows(probes, padded))
-        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-            ) as model,
-            self._dist.summon_full_params(self.model_wrapped, recurse=False),
-        ):
-            measured = per_sample_grad_norms(
-                model,
-                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-                torch.cat([torch.zeros_like(batch["prompt_mask"]), loss_mask], dim=1),
-                params=self.args.gvm_grad_params,
-                micro_batch_size=self.args.gvm_grad_batch_size or self.args.per_device_train_batch_size,
-            )
-        norms[index] = measured[:count].cpu()
+        if rows:
+            padded = torch.cat([index, index.new_full((rows - count,), int(index[0]) if count else 0)])
+            batch = trim_padding_columns(select_rows(probes.batch, padded))
+            loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+            with (
+                unwrap_model_for_generation(
+                    self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+                ) as model,
+                self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            ):
+                measured = per_sample_grad_norms(
+                    model,
+                    torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                    torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+                    torch.cat([torch.zeros_like(batch["prompt_mask"]), loss_mask], dim=1),
+                    params=self.args.gvm_grad_params,
+                    micro_batch_size=self.args.gvm_grad_batch_size or self.args.per_device_train_batch_size,
+                )
+            norms[index] = measured[:count].float().cpu()
+        if self.accelerator.num_processes > 1:
+            norms = gather(norms.to(self.accelerator.device)).cpu()
         return norms
+
+    # -- the training rows -----------------------------------------------------------------------------------------
+
+    def _assemble(self, allocation: BatchAllocation, probes: Rollout | None, allocated: Rollout | None) -> dict:
+        """Training rows, advantages and Lemma 1 weights of one generation batch (this process's share)."""
+        parts = [p for p in ((probes if self.args.gvm_reuse_probes else None), allocated) if p is not None]
+        prompts = torch.cat([p.prompts for p in parts])
+        rewards = torch.cat([p.rewards for p in parts])
+        accepted = (rewards >= self.args.gvm_accept_threshold) & (prompts >= 0)
+        allocation.allocated_accepted = (
+            [int(a) for a in self._per_prompt(self._accepted(allocated), allocated.prompts)]
+            if allocated is not None
+            else [0] * allocation.num_prompts
+        )
+        self._record_history(allocation)
+
+        advantages, trains = self._advantages(parts, prompts, rewards, accepted)
+        drawn = self._per_prompt(torch.ones(len(prompts)), prompts)
+        accepted_count = self._per_prompt(accepted.double(), prompts)
+        weights = self._prompt_weights(allocation, drawn, accepted_count)[prompts.clamp(min=0)]
+        weights = torch.where(trains, weights, torch.zeros_like(weights))
+        empty = not trains.any()
+        self._log_allocation(allocation, empty)
+        if empty:
+            self._note_empty_batch()
+            return {"gvm_skip": True}
+        self._consecutive_empty = 0
+
+        local = self._local_rows(parts)
+        batch = concat_rollout_batches([p.batch for p in parts], self._pad_values())
+        keep = trains[local].nonzero().flatten()
+        tokens = (batch["completion_mask"] * batch.get("tool_mask", 1)).sum(dim=1).cpu()
+        scale = self._weight_scale(weights[local][keep], tokens[keep].double())
+        weights = weights * scale
+        effective = (advantages.double() * weights).float()
+        batch["advantages"] = effective[local].to(self.accelerator.device)
+        batch["gvm_weight"] = weights[local].float().to(self.accelerator.device)  # for inspection; TRL ignores it
+        self._log_training_rows(parts, trains, effective, batch, local, keep)
+        if keep.numel() == 0:  # this process has nothing to train on: keep one row as a filler to copy
+            batch = _as_filler(select_rows(batch, [0]))
+        else:
+            batch = select_rows(batch, keep)
+        batch["num_items_in_batch"] = self._global_sum(tokens[keep].sum()).to(self.accelerator.device)
+        return batch
+
+    def _local_rows(self, parts: list[Rollout]) -> torch.Tensor:
+        """Global row indices (into the parts' concatenation) of this process's rows, in local order."""
+        rank, offset, rows = self.accelerator.process_index, 0, []
+        for part in parts:
+            rows.append(offset + torch.arange(len(part.prompts))[part.local_rows(rank)])
+            offset += len(part.prompts)
+        return torch.cat(rows)
+
+    def _advantages(self, parts, prompts, rewards, accepted) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row advantages and which rows train, over the whole generation batch (all processes)."""
+        raise NotImplementedError
+
+    def _prompt_weights(self, allocation: BatchAllocation, drawn: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+        """Per-prompt loss factor: Lemma 1's 1/(n_i p_i), Algorithm 1's 1/|D_i|, or 1.
+
+        n_i counts every training sample drawn for the prompt (reused probes included) and p_i is the estimate the
+        allocation used. Where that estimate is 0 (an explored or fallback prompt) the pooled rate |D_i|/n_i stands
+        in, and a prompt with no accepted row counts as one accepted (weight 1/n_i·n_i = 1), so its rows keep the
+        reward-difference signal GRPO trains on.
+        """
+        mode = self.args.gvm_weighting
+        if mode == "none":
+            return torch.ones(len(drawn), dtype=torch.float64)
+        floor = torch.ones_like(accepted)
+        if mode == "mean":
+            return 1.0 / torch.maximum(accepted, floor)
+        rates = torch.tensor(allocation.accept_rates, dtype=torch.float64)
+        pooled = torch.maximum(accepted, floor) / drawn.clamp(min=1)
+        rates = torch.where(rates > 0, rates, pooled)
+        return torch.tensor(lemma1_weights(drawn.tolist(), rates.tolist()), dtype=torch.float64)
+
+    def _weight_scale(self, weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """s with Σ s·ω_r τ_r = Σ τ_r over the generation batch's training rows (all processes): the weights keep
+        their ratios and the loss TRL's scale. τ_r is the row's loss-token count, 1 for sequence-level losses."""
+        if self.args.gvm_weighting == "none":
+            return torch.ones((), dtype=torch.float64)  # every ω_r = 1: exactly TRL's loss
+        if self.loss_type in SEQUENCE_LEVEL_LOSSES:
+            tokens = torch.ones_like(tokens)
+        totals = self._global_sum(torch.stack([tokens.sum(), (weights * tokens).sum()]))
+        return (totals[0] / totals[1]) if totals[1] > 0 else torch.ones((), dtype=torch.float64)
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return value.cpu()
+        return self.accelerator.reduce(value.to(self.accelerator.device), reduction="sum").cpu()
+
+    def _record_history(self, allocation: BatchAllocation) -> None:
+        """Fold this batch's probes and allocated rows into the per-prompt history."""
+        if self.prompt_history is None or allocation.num_probes == 0:
+            return
+        self.prompt_history.record(
+            PromptEvidence(
+                keys=allocation.prompt_keys,
+                trials=[float(allocation.num_probes + n) for n in allocation.sizes],
+                accepted=[float(a + b) for a, b in zip(allocation.probes_accepted, allocation.allocated_accepted)],
+                norm_sums=allocation.probe_norm_sums,
+                norm_counts=[float(c) for c in allocation.probe_norm_counts],
+            )
+        )
+
+    def _note_empty_batch(self) -> None:
+        """A generation batch with nothing to train on (RAFT++: nothing accepted): warn once, stop after K in a row."""
+        self._empty_batches += 1
+        self._consecutive_empty += 1
+        message = (
+            f"{type(self).__name__}: no completion of this generation batch reached "
+            f"gvm_accept_threshold={self.args.gvm_accept_threshold} (rewards seen so far range over "
+            f"[{self._reward_range[0]:.4g}, {self._reward_range[1]:.4g}]), so its update was skipped. RAFT++ trains "
+            "only on accepted completions: set gvm_accept_threshold to the reward of a correct answer, or train "
+            "with GVMGRPOTrainer, which learns from reward differences."
+        )
+        limit = self.args.gvm_max_empty_batches
+        if limit is not None and self._consecutive_empty >= limit:
+            raise RuntimeError(
+                f"{message} This happened in {self._consecutive_empty} consecutive generation batches "
+                f"(gvm_max_empty_batches={limit}); the run stops rather than train nothing. Checkpoints already saved "
+                f"in {self.args.output_dir} are kept."
+            )
+        self._warn_once("empty", message)
+
+    def _fallback_message(self) -> str:
+        return (
+            f"{type(self).__name__}: no probe of this generation batch reached gvm_accept_threshold="
+            f"{self.args.gvm_accept_threshold} (rewards seen so far range over [{self._reward_range[0]:.4g}, "
+            f"{self._reward_range[1]:.4g}]), so its budget was split uniformly (gvm/uniform_fallback). GVM's "
+            "allocation needs accepted probes: set gvm_accept_threshold to the reward of a correct answer."
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # -- micro-batches ---------------------------------------------------------------------------------------------
+
+    def _build_micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Shuffle and split the local rows over `steps_per_generation` micro-steps, as TRL does (a permutation
+        from the global RNG, then consecutive chunks), except that nothing is dropped: chunk sizes may differ by one
+        row, and each micro-step is filled up with filler rows to the same row count on every process (TRL's loss
+        gathers per-row metrics, which needs equal counts; every process then also runs every backward).
+
+        Filler rows carry no loss tokens and no advantage, so token-level losses (dapo, bnpo, cispo, vespo) do not
+        see them; sequence-level ones (grpo, sapo, luspo, dr_grpo) average over rows, so a padded micro-batch's real
+        rows get their advantages scaled by padded/real rows, which keeps their policy term TRL's per-micro-batch
+        mean (their KL term, inside TRL's loss, is diluted by the same factor).
+        """
+        steps = self.args.steps_per_generation
+        if batch.get("gvm_skip"):
+            return [{"gvm_skip": True}] * steps
+        permutation = torch.randperm(num_rows(batch))
+        chunks = split_rows(select_rows(batch, permutation), steps)
+        sizes = torch.tensor([num_rows(chunk) for chunk in chunks], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            sizes = gather(sizes).view(self.accelerator.num_processes, steps).max(dim=0).values
+        return [self._pad_rows(chunk, batch, max(int(size), 1)) for chunk, size in zip(chunks, sizes)]
+
+    def _pad_rows(self, chunk: dict[str, Any], batch: dict[str, Any], size: int) -> dict[str, Any]:
+        """`chunk` filled up to `size` rows with filler rows (see `_build_micro_batches`)."""
+        real = num_rows(chunk)
+        if real == size:
+            return chunk
+        fillers = _as_filler(select_rows(batch, [0] * (size - real)))
+        if real == 0:
+            return fillers
+        if self.loss_type in SEQUENCE_LEVEL_LOSSES:
+            chunk = dict(chunk, advantages=chunk["advantages"] * (size / real))
+        padded = concat_rollout_batches([chunk, fillers], self._pad_values())
+        padded.update({key: value for key, value in chunk.items() if torch.is_tensor(value) and value.dim() == 0})
+        return padded
 
     def _pad_values(self) -> dict[str, float]:
         return {"prompt_ids": self._tokenizer.pad_token_id, "completion_ids": self._tokenizer.pad_token_id}
 
-    def _advantages(self, rewards, prompts, accepted) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row advantages and which rows train, over the whole generation batch (all processes)."""
-        raise NotImplementedError
+    # -- the loss: TRL's, with on-policy rows' old log-probabilities filled in -------------------------------------
 
-    # -- micro-batches and the weighted loss ----------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss. Rows whose old log-probabilities are NaN were drawn by the current weights, next to reused
+        probes drawn by earlier ones: they get the current log-probabilities (detached), as TRL treats every row
+        when it skips computing old log-probabilities."""
+        old = inputs.get("old_per_token_logps") if self.model.training else None
+        self._unfilled_old_logps = old if old is not None and torch.isnan(old).any() else None
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._unfilled_old_logps = None
 
-    def _build_micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """Split the local rows over `steps_per_generation` micro-steps and attach each optimizer window's
-        normaliser Σ ω_r τ_r, summed over all processes, so the loss is exact whatever the split."""
-        steps = self.args.steps_per_generation
-        if batch.get("gvm_skip"):
-            return [{"gvm_skip": True, "gvm_weight": None}] * steps
-        permutation = torch.randperm(num_rows(batch))
-        chunks = [self._fill_empty(chunk, batch) for chunk in split_rows(select_rows(batch, permutation), steps)]
-        per_window = max(steps // self.args.gradient_accumulation_steps, 1)
-        window_size = steps // per_window
-        totals = torch.stack([self._row_normalizers(chunk).sum() for chunk in chunks]).view(per_window, window_size)
-        totals = self.accelerator.reduce(totals.sum(dim=1).to(self.accelerator.device), reduction="sum").cpu()
-        # When an optimizer step spans several generation batches, each contributes its own share equally.
-        spanned = max(self.args.gradient_accumulation_steps // steps, 1)
-        for step, chunk in enumerate(chunks):
-            chunk["gvm_normalizer"] = (totals[step // window_size] * spanned).clamp(min=1e-12)
-        return chunks
-
-    @staticmethod
-    def _fill_empty(chunk: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
-        """An empty micro-batch becomes one zero-weight, fully masked row, so every process runs its backward."""
-        return chunk if num_rows(chunk) else _as_filler(select_rows(batch, [0]))
-
-    def _row_normalizers(self, batch: dict[str, Any]) -> torch.Tensor:
-        """ω_r τ_r: τ_r is the row's token count (token-level losses), 1 (`grpo`) or the max length (`dr_grpo`)."""
-        mask = batch["completion_mask"] * batch.get("tool_mask", 1)
-        if self.loss_type == "grpo":
-            tokens = (mask.sum(dim=1) > 0).float()
-        elif self.loss_type == "dr_grpo":
-            tokens = (mask.sum(dim=1) > 0).float() * self.max_completion_length
-        else:
-            tokens = mask.sum(dim=1).float()
-        return batch["gvm_weight"] * tokens
-
-    def _compute_loss(self, model, inputs):
-        """The clipped objective of TRL's GRPO loss, aggregated with GVM's per-row weights.
-
-        Written here rather than inherited because TRL's `_compute_loss` aggregates inline with normalisers that
-        assume equal, unweighted micro-batches; the per-token terms below keep TRL's definitions.
-        """
-        if "gvm_weight" not in inputs:
-            return super()._compute_loss(model, inputs)  # evaluation batches are TRL's own
-        mode = "train" if self.model.training else "eval"
-        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask * inputs.get("tool_mask", 1)
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-        )
-        advantages = inputs["advantages"].unsqueeze(1)
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        if old_per_token_logps is None:
-            old_per_token_logps = per_token_logps.detach()
-        log_ratio = per_token_logps - old_per_token_logps
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
-        clipped_ratio = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        upper_ratio = ratio if self.args.delta is None else torch.clamp(ratio, max=self.args.delta)
-        per_token_loss = -torch.min(upper_ratio * advantages, clipped_ratio * advantages)
-        if self.off_policy_mask_threshold is not None:
-            per_token_loss = per_token_loss * self.get_off_policy_mask(
-                advantages=advantages,
-                per_token_logps=per_token_logps,
-                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
-                mask=mask,
-                off_policy_threshold=self.off_policy_mask_threshold,
-            )
-        if self.top_entropy_quantile < 1.0:
-            per_token_loss = per_token_loss * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
-        if "importance_sampling_ratio" in inputs:
-            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
-        if self.beta != 0.0:
-            ref_logps = inputs["ref_per_token_logps"]
-            per_token_kl = torch.exp(ref_logps - per_token_logps) - (ref_logps - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * ratio
-            per_token_loss = per_token_loss + self.beta * per_token_kl
-
-        row_loss = (per_token_loss * mask).sum(dim=1)
-        if self.loss_type == "grpo":
-            row_loss = row_loss / mask.sum(dim=1).clamp(min=1.0)
-        # Processes average their gradients, so each contributes its share of the global sum times their number.
-        loss = (inputs["gvm_weight"] * row_loss).sum() / inputs["gvm_normalizer"] * self.accelerator.num_processes
-
-        self._log_loss_metrics(mode, mask, entropies, ratio, advantages, per_token_kl if self.beta != 0.0 else None)
-        return loss
-
-    def _log_loss_metrics(self, mode, mask, entropies, ratio, advantages, per_token_kl) -> None:
-        def global_masked_mean(values: torch.Tensor) -> float:
-            values = values.expand_as(mask) if values.size(1) == 1 else values
-            totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum().float()]), "sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        if per_token_kl is not None:
-            self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl.detach()))
-        self._metrics[mode]["entropy"].append(global_masked_mean(entropies.detach()))
-        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
-        self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))
-        self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high))
-        self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        old, self._unfilled_old_logps = self._unfilled_old_logps, None
+        if old is not None:
+            rows = torch.isnan(old).any(dim=1)
+            old[rows] = logps[rows].detach().to(old.dtype)
+        return logps, entropies, aux_loss
 
     # -- what the user sees ----------------------------------------------------------------------------------------
 
-    def _log_allocation(self, record: dict[str, Any]) -> None:
-        sizes, accept_rates, grad_norms = record["sizes"], record["accept_rates"], record["grad_norms"]
-        num_prompts = len(sizes)
-        phase2_accepted = torch.zeros(num_prompts, dtype=torch.long)
-        valid = record["phase2_prompt"] >= 0
-        phase2_accepted.index_add_(0, record["phase2_prompt"][valid], record["phase2_accepted"][valid].long())
+    def _log_training_rows(self, parts, trains, advantages, batch, local, keep) -> None:
+        """TRL's completion, reward and sampling metrics and its completions table, for the rows trained on."""
         metrics = self._metrics["train"]
-        metrics["gvm/accept_rate"].append(accept_rates.mean().item())
+        rows = trains.nonzero().flatten()
+        lengths = torch.cat([p.lengths for p in parts])[rows]
+        truncated = torch.cat([p.truncated for p in parts])[rows]
+        metrics["completions/mean_length"].append(lengths.mean().item())
+        metrics["completions/min_length"].append(lengths.min().item())
+        metrics["completions/max_length"].append(lengths.max().item())
+        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
+        terminated = lengths[~truncated] if (~truncated).any() else torch.zeros(1)
+        metrics["completions/mean_terminated_length"].append(terminated.mean().item())
+        metrics["completions/min_terminated_length"].append(terminated.min().item())
+        metrics["completions/max_terminated_length"].append(terminated.max().item())
+        prompt_tokens = self._global_sum(batch["prompt_mask"][keep].sum().double()).item()
+        self.state.num_input_tokens_seen += int(prompt_tokens + lengths.sum().item())
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+
+        rewards_per_func = torch.cat([p.rewards_per_func for p in parts])
+        totals = torch.cat([p.rewards for p in parts])
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[rows, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[rows, i]).item())
+        metrics["reward"].append(torch.nanmean(totals[rows]).item())
+        metrics["reward_std"].append(nanstd(totals[rows]).item())
+        prompts = torch.cat([p.prompts for p in parts])
+        group_std = self._group_reward_std(prompts, totals)
+        metrics["frac_reward_zero_std"].append((group_std[prompts[rows]] == 0).float().mean().item())
+        self._log_sampling_metrics(select_rows(batch, keep) if keep.numel() else None)
+
+        for key in ("prompt", "completion"):
+            values = [v for p in parts for v in p.logged[key]]
+            self._logs[key].extend(values[i] for i in rows.tolist())
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[rows, i].tolist())
+        self._logs["advantages"].extend(advantages[rows].tolist())
+        extra_columns = sorted({column for p in parts for column in p.logged["extra"]})
+        for column in extra_columns:
+            values = [v for p in parts for v in p.logged["extra"].get(column, [None] * len(p.prompts))]
+            self._logs["extra"][column].extend(values[i] for i in rows.tolist())
+        phases = [p.phase for p in parts for _ in range(len(p.prompts))]
+        self._logs["extra"]["gvm_phase"].extend(phases[i] for i in rows.tolist())
+
+    def _group_reward_std(self, prompts: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """Per prompt: the std of the rewards of all its scored rows in this generation batch."""
+        stds = torch.zeros(self.num_prompts_per_generation)
+        for slot in range(self.num_prompts_per_generation):
+            values = rewards[(prompts == slot) & ~torch.isnan(rewards)]
+            stds[slot] = values.std() if values.numel() > 1 else 0.0
+        return stds
+
+    def _log_sampling_metrics(self, batch: dict | None) -> None:
+        """vLLM's sampling metrics over the training rows (trl 1.16.0, grpo_trainer.py lines 2862-2896, mirrored:
+        TRL logs them per generation call)."""
+        if not (self.use_vllm and self.vllm_importance_sampling_correction):
+            return
+        device, metrics = self.accelerator.device, self._metrics["train"]
+        delta = ratio = torch.zeros(0, device=device)
+        if batch is not None:
+            mask = (batch["completion_mask"] * batch.get("tool_mask", 1)).bool()
+            delta = torch.abs(batch["old_per_token_logps"] - batch["sampling_per_token_logps"])
+            delta = delta[mask & ~torch.isnan(delta)]
+            is_ratio = batch["importance_sampling_ratio"]
+            ratio = is_ratio.flatten() if is_ratio.size(1) == 1 else is_ratio[mask]
+        zero = torch.tensor(0.0, device=device)
+        nan = torch.tensor(math.nan, device=device)
+        mean_delta = delta.mean() if delta.numel() else zero
+        max_delta = delta.max() if delta.numel() else zero
+        metrics["sampling/sampling_logp_difference/mean"].append(self.accelerator.gather(mean_delta).mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(self.accelerator.gather(max_delta).max().item())
+        for name, value in (("min", ratio.min() if ratio.numel() else nan), ("max", ratio.max() if ratio.numel() else nan)):
+            reduce = nanmin if name == "min" else nanmax
+            metrics[f"sampling/importance_sampling_ratio/{name}"].append(reduce(self.accelerator.gather(value)).item())
+        mean_ratio = ratio.mean() if ratio.numel() else nan
+        metrics["sampling/importance_sampling_ratio/mean"].append(self.accelerator.gather(mean_ratio).nanmean().item())
+
+    def _log_allocation(self, allocation: BatchAllocation, empty: bool) -> None:
+        sizes, rates, norms = allocation.sizes, allocation.accept_rates, allocation.grad_norms
+        num_prompts, probes = allocation.num_prompts, allocation.num_probes * allocation.num_prompts
+        metrics = self._metrics["train"]
+        metrics["gvm/accept_rate"].append(sum(rates) / num_prompts)
         metrics["gvm/samples_per_prompt_mean"].append(sum(sizes) / num_prompts)
         metrics["gvm/samples_per_prompt_min"].append(float(min(sizes)))
         metrics["gvm/samples_per_prompt_max"].append(float(max(sizes)))
         metrics["gvm/prompts_zero_budget"].append(float(sum(size == 0 for size in sizes)))
-        metrics["gvm/probe_completions"].append(float(num_prompts * self.args.gvm_num_probes))
+        metrics["gvm/probe_completions"].append(float(probes))
         metrics["gvm/budget_completions"].append(float(sum(sizes)))
-        for name, seconds in zip(("probe", "grad_norms", "allocate", "phase2"), record["timings"]):
+        metrics["gvm/uniform_fallback"].append(float(allocation.fallback))
+        metrics["gvm/empty_batches"] = [float(self._empty_batches + empty)]  # a running count: its last value
+        if allocation.probe_step is not None:
+            metrics["gvm/probe_age"].append(float(self.state.global_step - allocation.probe_step))
+        for name, seconds in allocation.timings.items():
             metrics[f"gvm/time_{name}"].append(seconds)
             self.rollout_totals[f"time_{name}"] += seconds
-        self.rollout_totals["probe_completions"] += num_prompts * self.args.gvm_num_probes
-        self.rollout_totals["budget_completions"] += sum(sizes)
-        if grad_norms is not None:
-            metrics["gvm/grad_norm"].append(grad_norms.mean().item())
-            ratio = self._variance_bound_ratio(accept_rates, grad_norms, sizes)
+        if norms is not None:
+            metrics["gvm/grad_norm"].append(sum(norms) / num_prompts)
+            ratio = self._variance_bound_ratio(rates, norms, sizes)
             if math.isfinite(ratio):
                 metrics["gvm/variance_bound_ratio"].append(ratio)
+        if self.accelerator.is_main_process:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, ALLOCATIONS_FILE), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(allocation.log_line(self.state.global_step)) + "\n")
 
-        if not self.accelerator.is_main_process:
-            return
-        line = {
-            "step": self.state.global_step,
-            "budget": self.args.gvm_budget_per_prompt * num_prompts,
-            "prompts": [
-                {
-                    "index": record["prompt_index"][i],
-                    "accept_rate": accept_rates[i].item(),
-                    "grad_norm": None if grad_norms is None else grad_norms[i].item(),
-                    "num_samples": sizes[i],
-                    "num_accepted": int(phase2_accepted[i]),
-                }
-                for i in range(num_prompts)
-            ],
-        }
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, ALLOCATIONS_FILE), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
+    def _samples_drawn(self, sizes: list[int]) -> list[int]:
+        """Training samples per prompt: its allocated completions, plus its probes when they are reused."""
+        reused = self.args.gvm_num_probes if self.args.gvm_reuse_probes else 0
+        return [size + reused for size in sizes]
 
     def _variance_bound_ratio(self, accept_rates, grad_norms, sizes) -> float:
         """Eq. (5) for this allocation over eq. (5) for the uniform split of the same budget (not finite: not logged).
@@ -554,6 +919,44 @@ class _GVMTrainer(GRPOTrainer):
         bound = variance_bound(accept_rates, grad_norms, self._samples_drawn(sizes), **options)
         baseline = variance_bound(accept_rates, grad_norms, self._samples_drawn(uniform), **options)
         return bound / baseline if 0 < baseline < math.inf else math.nan
+
+    @staticmethod
+    def _keys(prompts: list[dict]) -> list[int]:
+        return [row.get(PROMPT_INDEX_COLUMN) for row in prompts]
+
+    def _gathered(self, prompts: list[dict]) -> list[dict]:
+        return gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            state = {
+                "empty_batches": self._empty_batches,
+                "consecutive_empty": self._consecutive_empty,
+                "prompt_history": None if self.prompt_history is None else self.prompt_history.state_dict(),
+            }
+            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(state, handle)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
+        if path is None or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        self._empty_batches = state["empty_batches"]
+        self._consecutive_empty = state["consecutive_empty"]
+        if self.prompt_history is not None:
+            if state["prompt_history"] is None:
+                raise ValueError(
+                    f"{checkpoint} was trained without gvm_history_decay, so it has no prompt history to resume; "
+                    "resume with gvm_history_decay=None, or start a new run."
+                )
+            self.prompt_history.load_state_dict(state["prompt_history"])
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, plus the GVM settings this model was trained with."""
@@ -592,8 +995,9 @@ def last_complete_checkpoint(output_dir: str) -> str:
 
 
 def _as_filler(row: dict[str, Any]) -> dict[str, Any]:
-    """A row that takes part in forward and backward but contributes nothing: zero weight, no loss tokens."""
+    """A row that takes part in forward and backward but contributes nothing: no loss tokens, zero advantage."""
     row["completion_mask"] = torch.zeros_like(row["completion_mask"])
+    row["advantages"] = torch.zeros_like(row["advantages"])
     row["gvm_weight"] = torch.zeros_like(row["gvm_weight"])
     return row
 
@@ -605,17 +1009,29 @@ class GVMGRPOTrainer(_GVMTrainer):
     A drop-in replacement for [`~trl.GRPOTrainer`] taking a [`GVMGRPOConfig`]. Each generation batch draws N′ probes
     per prompt, measures accept rates p_i and per-sample gradient norms G_i, allocates N = `gvm_budget_per_prompt`·m
     completions by Theorem 3 (n_i ∝ G_i / sqrt(p_i + α/p_i^(β-1))), generates them, and trains on the group-normalised
-    advantages of each prompt's own group (phase-2 completions plus, with `gvm_reuse_probes`, its probes), each row
-    weighted per `gvm_weighting` (Lemma 1's 1/(n_i p_i) by default). Supported `loss_type`s: dapo, bnpo, grpo,
-    dr_grpo (the aggregations of the same clipped objective).
+    advantages of each prompt's own group (its allocated completions plus, with `gvm_reuse_probes`, its probes),
+    each row weighted per `gvm_weighting` (Lemma 1's 1/(n_i p_i) by default) through TRL's own loss (any
+    `loss_type`). It never skips an update: when no probe is accepted the budget is split uniformly and the batch
+    trains as GRPO does.
     """
 
     config_class = GVMGRPOConfig
     _name = "GVM-GRPO"
 
-    def _advantages(self, rewards, prompts, accepted):
-        groups = prompts.clamp(min=0)
-        advantages = group_normalized_advantages(rewards, groups, self.num_prompts_per_generation, self.scale_rewards)
+    def _advantages(self, parts, prompts, rewards, accepted):
+        if len(parts) == 1 and self.args.gvm_allocation == "uniform":
+            # One round grouped exactly as TRL groups it: TRL's own advantages (all processes, as it logged them).
+            return torch.tensor(parts[0].logged["advantages"], dtype=torch.float32), prompts >= 0
+        rewards_per_func = torch.cat([p.rewards_per_func for p in parts])
+        rewards_per_func[prompts < 0] = torch.nan
+        advantages = grpo_advantages(
+            rewards_per_func,
+            self.reward_weights.cpu(),
+            prompts.clamp(min=0),
+            self.num_prompts_per_generation,
+            scale=self.scale_rewards,
+            aggregation=self.multi_objective_aggregation,
+        )
         return advantages, prompts >= 0
 
 
@@ -626,12 +1042,12 @@ class GVMRAFTTrainer(_GVMTrainer):
     Rejection sampling: only accepted completions (reward ≥ `gvm_accept_threshold`) are trained on, with advantage
     = reward clipped at 0, the clipped importance ratio π_θ/π_old (`epsilon`, `epsilon_high`), the k3 KL penalty to
     the reference model (`beta`, 0.001 by default) and token-mean aggregation, each sample weighted by 1/(n_i p_i)
-    (Lemma 1, eq. (4)) or 1/|D_i| (Algorithm 1). When nothing is accepted in a generation batch, its update is
-    skipped and counted in `gvm/empty_batches`.
+    (Lemma 1, eq. (4)) or 1/|D_i| (Algorithm 1). When nothing is accepted in a generation batch its update is
+    skipped (`gvm/empty_batches`), with a warning the first time and an error after `gvm_max_empty_batches` in a row.
     """
 
     config_class = GVMRAFTConfig
     _name = "GVM-RAFT++"
 
-    def _advantages(self, rewards, prompts, accepted):
+    def _advantages(self, parts, prompts, rewards, accepted):
         return torch.nan_to_num(rewards, nan=0.0).clamp(min=0.0), accepted

@@ -29,10 +29,25 @@ def run(output_dir: Path, trainer: str, processes: int, *options: str) -> list[d
     return [json.loads(path.read_text()) for path in sorted(output_dir.glob("result-*.json"))]
 
 
+def same_history(a: dict, b: dict) -> bool:
+    """Two saved prompt histories hold the same prompts with the same counts (norms to float tolerance)."""
+    return a["decay"] == b["decay"] and a["prompts"].keys() == b["prompts"].keys() and all(
+        a["prompts"][key] == pytest.approx(b["prompts"][key], rel=1e-5) for key in a["prompts"]
+    )
+
+
 @pytest.mark.parametrize(
     "trainer, options",
-    [("raft", ()), ("grpo", ()), ("grpo", ("--gradient_accumulation_steps", "2", "--steps_per_generation", "4"))],
-    ids=["raft", "grpo", "grpo-accumulation"],
+    [
+        ("raft", ()),
+        ("grpo", ()),
+        ("grpo", ("--gradient_accumulation_steps", "2", "--steps_per_generation", "4")),
+        ("raft", ("--schedule", "probe-ahead")),
+        ("grpo", ("--schedule", "probe-ahead", "--history_decay", "0.5")),
+        ("grpo", ("--schedule", "probe-ahead", "--gradient_accumulation_steps", "2", "--steps_per_generation", "4")),
+    ],
+    ids=["raft", "grpo", "grpo-accumulation", "raft-probe-ahead", "grpo-probe-ahead-history",
+         "grpo-probe-ahead-accumulation"],
 )
 def test_two_processes_match_one(trainer, options, tmp_path):
     """With accumulation, each process splits its (unequal) rows over 4 micro-steps, 2 per optimizer step."""
@@ -46,10 +61,16 @@ def test_two_processes_match_one(trainer, options, tmp_path):
     for result in ranks:
         assert [r["sizes"] for r in result["records"]] == [r["sizes"] for r in single["records"]]
         assert [r["accept_rates"] for r in result["records"]] == [r["accept_rates"] for r in single["records"]]
+        assert [r["probe_step"] for r in result["records"]] == [r["probe_step"] for r in single["records"]]
         for mine, theirs in zip(result["records"], single["records"]):
             assert mine["grad_norms"] == pytest.approx(theirs["grad_norms"], rel=1e-5)
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
         assert result["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
+        assert result["history"] == ranks[0]["history"]  # the per-prompt history is the same on every process
+    if "--history_decay" in options:
+        assert single["history"]["prompts"] and same_history(ranks[0]["history"], single["history"])
+    if "probe-ahead" in options and "--gradient_accumulation_steps" not in options:
+        assert [r["probe_step"] for r in single["records"]] == [0, 0, 1]  # each drawn one step before it trains
 
 
 # Parameters below DeepSpeed's persistence threshold are never partitioned; 0 shards every one of the tiny model's.
@@ -66,21 +87,21 @@ ZERO3_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("trainer", ["raft", "grpo"])
-def test_deepspeed_zero3_two_processes_match_one(trainer, tmp_path):
+@pytest.mark.parametrize("trainer, schedule", [("raft", "sequential"), ("grpo", "probe-ahead")])
+def test_deepspeed_zero3_two_processes_match_one(trainer, schedule, tmp_path):
     """ZeRO-3 shards every parameter; the gradient-norm pass runs in lockstep on both processes (one of which has no
     accepted probe in the first generation batch) and leaves nothing gathered."""
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps(ZERO3_CONFIG))
-    (single,) = run(tmp_path / "single", trainer, 1)
-    ranks = run(tmp_path / "zero3", trainer, 2, "--deepspeed", str(config))
+    (single,) = run(tmp_path / "single", trainer, 1, "--schedule", schedule)
+    ranks = run(tmp_path / "zero3", trainer, 2, "--deepspeed", str(config), "--schedule", schedule)
     assert [r["num_processes"] for r in ranks] == [2, 2]
     for result in ranks:
         assert [r["sizes"] for r in result["records"]] == [r["sizes"] for r in single["records"]]
         for mine, theirs in zip(result["records"], single["records"]):
             assert mine["grad_norms"] == pytest.approx(theirs["grad_norms"], rel=1e-5)
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
-        assert result["left_gathered"] == [0, 0, 0]
+        assert result["left_gathered"] == [0] * len(result["left_gathered"]) and result["left_gathered"]
     assert ranks[0]["checksum"] == pytest.approx(single["checksum"], rel=1e-6)  # the full state dict, on rank 0
 
 
@@ -95,11 +116,16 @@ def test_zero3_without_gathering_for_generation_names_the_fix(tmp_path):
     assert "set ds3_gather_for_generation=True" in completed.stderr
 
 
-def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(tmp_path):
-    """Kill a two-process run once a checkpoint exists, resume it, and compare with an uninterrupted run."""
+@pytest.mark.parametrize("schedule", ["sequential", "probe-ahead"])
+def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(schedule, tmp_path):
+    """Kill a two-process run once a checkpoint exists, resume it, and compare with an uninterrupted run.
+
+    Probe-ahead: the batch whose probes were drawn before the kill is probed again after resuming (its probes are not
+    checkpointed), so its allocation may differ; its prompts may not."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    common = [str(SCRIPT), "--trainer", "raft", "--per_device_train_batch_size", "4", "--steps", "4"]
+    common = [str(SCRIPT), "--trainer", "raft", "--per_device_train_batch_size", "4", "--steps", "4",
+              "--schedule", schedule, "--history_decay", "0.5"]
 
     def prompts_by_step(output_dir: Path) -> dict[int, list[int]]:
         steps: dict[int, list[int]] = {}
@@ -148,7 +174,10 @@ def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(tmp_pat
     resumed_result = json.loads((killed / "result-0.json").read_text())
     reference_result = json.loads((reference / "result-0.json").read_text())
     assert resumed_result["num_processes"] == 2
-    assert resumed_result["checksum"] == pytest.approx(reference_result["checksum"], rel=1e-6)  # same trained weights
+    assert resumed_result["history"]["prompts"]
+    if schedule == "sequential":  # the same trained weights, and the per-prompt history survived the resume
+        assert resumed_result["checksum"] == pytest.approx(reference_result["checksum"], rel=1e-6)
+        assert same_history(resumed_result["history"], reference_result["history"])
 
 
 @pytest.mark.parametrize("params", ["trainable", "embed_tokens"])

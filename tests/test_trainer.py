@@ -13,7 +13,8 @@ from trl.trainer.utils import nanstd
 
 from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
 from gvm_trl.allocation import allocate_budget, lemma1_weights
-from gvm_trl.trainer import ALLOCATIONS_FILE, group_normalized_advantages
+from gvm_trl.advantages import group_normalized_advantages
+from gvm_trl.trainer import ALLOCATIONS_FILE
 
 from conftest import make_tiny_llama
 
@@ -114,19 +115,24 @@ def test_trains_end_to_end_and_logs_gvm_metrics(trainer_cls, config_cls, allocat
         "gvm/prompts_zero_budget",
         "gvm/probe_completions",
         "gvm/budget_completions",
-        "gvm/time_probe",
-        "gvm/time_grad_norms",
-        "gvm/time_allocate",
+        "gvm/uniform_fallback",
+        "gvm/empty_batches",
+        "gvm/time_phase2",
     }
     if allocation == "gvm":
-        expected |= {"gvm/grad_norm", "gvm/variance_bound_ratio"}
+        expected |= {"gvm/grad_norm", "gvm/variance_bound_ratio", "gvm/time_grad_norms", "gvm/time_allocate"}
+        expected |= {"gvm/probe_age"}
+    else:
+        assert "gvm/time_grad_norms" not in logs and logs["gvm/probe_completions"] == 0  # no probe round
     assert expected <= set(logs)
     records = read_allocations(trainer)
     assert len(records) == 2
-    assert all(record["budget"] == 2 * 4 for record in records)  # gvm_budget_per_prompt (4) × m (2)
     assert all(sum(p["num_samples"] for p in record["prompts"]) == record["budget"] for record in records)
-    if allocation == "uniform":
-        assert all(p["num_samples"] == 4 for record in records for p in record["prompts"])
+    if allocation == "uniform":  # one round of N′ + B = 8 completions per prompt
+        assert all(record["budget"] == 2 * 8 and record["probe_step"] is None for record in records)
+        assert all(p["num_samples"] == 8 for record in records for p in record["prompts"])
+    else:
+        assert all(record["budget"] == 2 * 4 for record in records)  # gvm_budget_per_prompt (4) × m (2)
 
 
 def test_allocation_log_matches_allocate_budget(tmp_path, char_tokenizer):
@@ -148,13 +154,44 @@ def test_allocation_log_matches_allocate_budget(tmp_path, char_tokenizer):
         assert [p["num_samples"] for p in prompts] == expected
 
 
-def test_every_prompt_rejected_skips_the_update(tmp_path, char_tokenizer):
-    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, reward=reject_all)
+def test_raft_with_nothing_accepted_skips_warns_once_and_counts_every_empty_batch(tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, reward=reject_all, max_steps=3, logging_steps=3
+    )
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train()
+    with pytest.warns(UserWarning, match=r"gvm_accept_threshold=1.0 \(rewards seen so far range over \[0, 0\]\)"):
+        trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    assert last_logs(trainer)["gvm/empty_batches"] == 2
-    assert all(p["num_samples"] == 0 for record in read_allocations(trainer) for p in record["prompts"])
+    assert last_logs(trainer)["gvm/empty_batches"] == 3  # one log for three batches: the count, not an average
+    assert last_logs(trainer)["gvm/uniform_fallback"] == 1.0
+    # No probe was accepted, so the budget was spread uniformly: still nothing to train on.
+    assert all(p["num_samples"] == 4 for record in read_allocations(trainer) for p in record["prompts"])
+
+
+def test_raft_stops_after_too_many_empty_batches_and_names_the_fix(tmp_path, char_tokenizer):
+    trainer = make_trainer(
+        GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, reward=reject_all, max_steps=4,
+        gvm_max_empty_batches=2, save_strategy="steps", save_steps=1,
+    )
+    with pytest.raises(RuntimeError, match=r"2 consecutive generation batches \(gvm_max_empty_batches=2\)"):
+        trainer.train()
+    assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").exists()  # what was saved is kept
+
+
+def test_grpo_never_skips_when_nothing_passes_the_threshold(tmp_path, char_tokenizer):
+    """Continuous rewards below the threshold: GVM has nothing to allocate by, so the batch is split uniformly and
+    trains as GRPO does, on the reward differences."""
+    def below_threshold(completions, **kwargs):
+        return [0.1 * (sum(map(ord, c[0]["content"])) % 5) for c in completions]
+
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, reward=below_threshold)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.warns(UserWarning, match="split uniformly"):
+        trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    logs = last_logs(trainer)
+    assert logs["gvm/uniform_fallback"] == 1.0 and logs["gvm/empty_batches"] == 0
+    assert all(p["num_samples"] == 4 for record in read_allocations(trainer) for p in record["prompts"])
 
 
 def test_gradient_accumulation_and_steps_per_generation(tmp_path, char_tokenizer):
@@ -231,9 +268,14 @@ def test_model_card_names_gvm(tmp_path, char_tokenizer):
 
 
 def generation_batch(trainer, start=0):
+    """One generation batch of the sequential schedule, built by hand from dataset rows."""
     rows = [trainer.train_dataset[i] for i in range(start, start + trainer.num_prompts_per_generation)]
     trainer.model.train()
-    return trainer._generate_gvm_batch(rows)
+    return trainer._sequential_batch(rows)
+
+
+def decoded_index(trainer, prompt_ids) -> int:
+    return int(trainer.processing_class.decode(prompt_ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
 
 
 @pytest.mark.parametrize("weighting", ["lemma1", "mean", "none"])
@@ -243,36 +285,31 @@ def test_row_weights_follow_gvm_weighting(weighting, tmp_path, char_tokenizer):
     )
     batch = generation_batch(trainer)
     record = read_allocations(trainer)[-1]["prompts"]
-    # Only accepted rows train in RAFT++; their advantages are the reward (1) clipped at 0.
-    assert torch.all(batch["advantages"] == 1.0)
-    rows_per_prompt = {}
-    for ids in batch["prompt_ids"]:
-        text = trainer.processing_class.decode(ids, skip_special_tokens=True)
-        index = int(text.split(":")[0].lstrip("Q"))
-        rows_per_prompt[index] = rows_per_prompt.get(index, 0) + 1
+    indices = [decoded_index(trainer, ids) for ids in batch["prompt_ids"]]
+    rows_per_prompt = {index: indices.count(index) for index in set(indices)}
     by_index = {p["index"]: p for p in record}
     for index, count in rows_per_prompt.items():
         p = by_index[index]
-        assert count == round(p["accept_rate"] * 4) + p["num_accepted"]  # accepted probes + accepted phase 2
-    for ids, weight in zip(batch["prompt_ids"], batch["gvm_weight"].tolist()):
-        index = int(trainer.processing_class.decode(ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
-        p = by_index[index]
-        expected = {
-            "lemma1": lemma1_weights([p["num_samples"] + 4], [p["accept_rate"]])[0],
-            "mean": 1 / rows_per_prompt[index],
-            "none": 1.0,
-        }[weighting]
-        assert weight == pytest.approx(expected, rel=1e-6)
+        assert count == p["probes_accepted"] + p["num_accepted"]  # accepted probes + accepted allocated rows
+    expected = {
+        "lemma1": lambda p: lemma1_weights([p["num_samples"] + 4], [p["accept_rate"]])[0],
+        "mean": lambda p: 1 / rows_per_prompt[p["index"]],
+        "none": lambda p: 1.0,
+    }[weighting]
+    raw = torch.tensor([expected(by_index[index]) for index in indices], dtype=torch.float64)
+    # The weights keep Lemma 1's ratios, rescaled so that their token-weighted mean is 1 (TRL's loss scale) ...
+    tokens = batch["completion_mask"].sum(1).double()
+    scale = tokens.sum() / (raw * tokens).sum()
+    assert batch["gvm_weight"].double() == pytest.approx((raw * scale).tolist(), rel=1e-6)
+    # ... and enter through the advantage: RAFT++'s advantage is the reward (1) times the row's weight.
+    assert torch.allclose(batch["advantages"], batch["gvm_weight"])
 
 
 def test_grpo_groups_include_probes_and_zero_variance_prompts_get_zero_advantage(tmp_path, char_tokenizer):
     trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16)
     batch = generation_batch(trainer)
     record = {p["index"]: p for p in read_allocations(trainer)[-1]["prompts"]}
-    indices = [
-        int(trainer.processing_class.decode(ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
-        for ids in batch["prompt_ids"]
-    ]
+    indices = [decoded_index(trainer, ids) for ids in batch["prompt_ids"]]
     # Every row trains in GRPO: probes (4 per prompt) plus each prompt's phase-2 rows.
     assert len(indices) == sum(4 + p["num_samples"] for p in record.values())
     for index, advantage in zip(indices, batch["advantages"].tolist()):
@@ -289,10 +326,7 @@ def test_prompt_with_zero_budget_generates_nothing(tmp_path, char_tokenizer):
     record = read_allocations(trainer)[-1]["prompts"]
     zero = [p["index"] for p in record if p["num_samples"] == 0]
     assert 0 in zero  # never accepted → weight 0 → no phase-2 rows
-    indices = {
-        int(trainer.processing_class.decode(ids, skip_special_tokens=True).split(":")[0].lstrip("Q"))
-        for ids in batch["prompt_ids"]
-    }
+    indices = {decoded_index(trainer, ids) for ids in batch["prompt_ids"]}
     assert not indices & set(zero)
 
 
@@ -304,102 +338,87 @@ def test_no_rows_dropped_across_micro_steps(tmp_path, char_tokenizer):
     batch = generation_batch(trainer, start=0)
     chunks = trainer._build_micro_batches(batch)
     assert len(chunks) == 3
-    assert sum(len(chunk["advantages"]) for chunk in chunks) == len(batch["advantages"])
+    assert sorted(len(chunk["advantages"]) for chunk in chunks) == sorted(
+        len(rows) for rows in torch.tensor_split(torch.arange(len(batch["advantages"])), 3)
+    )
     assert sorted(torch.cat([c["advantages"] for c in chunks]).tolist()) == sorted(batch["advantages"].tolist())
-    # One optimizer window of 3 micro-steps: every chunk shares the window's normaliser Σ ω_r τ_r.
-    tokens = (batch["completion_mask"].sum(1) * batch["gvm_weight"]).sum()
-    assert all(chunk["gvm_normalizer"] == pytest.approx(tokens.item()) for chunk in chunks)
-    # With one optimizer step per micro-step, each micro-step is its own window.
-    trainer.args.gradient_accumulation_steps = 1
-    for chunk in trainer._build_micro_batches(batch):
-        own = (chunk["completion_mask"].sum(1) * chunk["gvm_weight"]).sum()
-        assert chunk["gvm_normalizer"] == pytest.approx(own.item())
+    # Every micro-step sees the generation batch's loss-token count, as TRL's token-level losses expect.
+    tokens = batch["completion_mask"].sum()
+    assert all(chunk["num_items_in_batch"] == tokens for chunk in chunks)
 
 
 # -- the loss against an independent computation ---------------------------------------------------------------
 
 
-def token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    ids = torch.cat([prompt_ids, completion_ids], 1)
-    attention = torch.cat([prompt_mask, completion_mask], 1)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, prompt_ids.size(1) - 1 : -1]
-    return torch.log_softmax(logits.double(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def hand_built_batch(tokenizer, seed=0):
+def hand_built_batch(tokenizer, seed=0, rows=5):
     generator = torch.Generator().manual_seed(seed)
-    batch_size, prompt_len, completion_len = 5, 4, 6
-    prompt_ids = torch.randint(5, len(tokenizer), (batch_size, prompt_len), generator=generator)
+    prompt_len, completion_len = 4, 6
+    prompt_ids = torch.randint(5, len(tokenizer), (rows, prompt_len), generator=generator)
     prompt_mask = torch.ones_like(prompt_ids)
     prompt_mask[0, :2] = 0  # left padding
-    completion_ids = torch.randint(5, len(tokenizer), (batch_size, completion_len), generator=generator)
-    lengths = torch.tensor([6, 3, 5, 1, 4])
+    completion_ids = torch.randint(5, len(tokenizer), (rows, completion_len), generator=generator)
+    lengths = torch.tensor([6, 3, 5, 1, 4][:rows])
     completion_mask = (torch.arange(completion_len) < lengths.unsqueeze(1)).long()
     return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
-        "advantages": torch.tensor([1.0, 0.5, 1.0, 2.0, 0.0]),
-        "gvm_weight": torch.tensor([0.25, 0.25, 1.0 / 6, 0.5, 0.0]),
-        "old_per_token_logps": -3 - torch.rand(batch_size, completion_len, generator=generator),
-        "ref_per_token_logps": -3 - torch.rand(batch_size, completion_len, generator=generator),
+        "advantages": torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9][:rows]),
+        "old_per_token_logps": -3 - torch.rand(rows, completion_len, generator=generator),
+        "ref_per_token_logps": -3 - torch.rand(rows, completion_len, generator=generator),
+        "num_items_in_batch": completion_mask.sum(),
     }
 
 
-@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
-@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
-def test_loss_equals_independent_lemma1_weighted_computation(trainer_cls, config_cls, loss_type, tmp_path, char_tokenizer):
-    """Σ_r ω_r a_r / Σ_r ω_r τ_r with ω_r = 1/(n_i p_i), computed by hand in float64 (negative advantages: GRPO)."""
+LOSS_TYPES = ["dapo", "bnpo", "grpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_a_positive_weight_on_the_advantage_scales_trls_policy_loss(loss_type, tmp_path, char_tokenizer):
+    """Why Lemma 1's weights can ride on the advantage: every TRL loss is positively homogeneous in it, so a row's
+    loss with advantage ω·A is ω times its loss with A (TRL's own `_compute_loss`, one row at a time)."""
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, loss_type=loss_type)
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model.train()
+    batch = hand_built_batch(char_tokenizer)
+    for row in range(5):
+        one = {key: (value[row : row + 1] if value.dim() else value) for key, value in batch.items()}
+        one["num_items_in_batch"] = one["completion_mask"].sum()
+        loss = trainer._compute_loss(model, one)
+        for weight in (0.25, 3.0):
+            weighted = trainer._compute_loss(model, dict(one, advantages=one["advantages"] * weight))
+            assert weighted.item() == pytest.approx(weight * loss.item(), rel=1e-5, abs=1e-7)
+
+
+def test_dapo_loss_is_the_lemma1_weighted_token_mean(tmp_path, char_tokenizer):
+    """Σ_r ω_r a_r / Σ_r τ_r (+ TRL's unweighted KL), computed by hand in float64, equals TRL's loss on ω·A."""
     model_dir = tmp_path / "model"
     make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
     trainer = make_trainer(
-        trainer_cls, config_cls, tmp_path, char_tokenizer, model=str(model_dir), beta=0.04, loss_type=loss_type,
-        epsilon=0.2, epsilon_high=0.28,
+        GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), beta=0.04, epsilon=0.2,
+        epsilon_high=0.28,
     )
+    trainer.current_gradient_accumulation_steps = 1
     batch = hand_built_batch(char_tokenizer)
-    if trainer_cls is GVMGRPOTrainer:
-        batch["advantages"] = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9])
-    mask = batch["completion_mask"].double()
-    weight = batch["gvm_weight"].double()
-    if loss_type == "grpo":
-        normalizer = (weight * (mask.sum(1) > 0)).sum()
-    elif loss_type == "dr_grpo":
-        normalizer = (weight * (mask.sum(1) > 0)).sum() * trainer.args.max_completion_length
-    else:
-        normalizer = (weight * mask.sum(1)).sum()
-    batch["gvm_normalizer"] = normalizer.float()
+    weight = torch.tensor([0.25, 0.25, 1.0 / 6, 0.5, 2.0], dtype=torch.float64)
     model = trainer.model.train()
-    loss = trainer._compute_loss(model, batch)
+    loss = trainer._compute_loss(model, dict(batch, advantages=(batch["advantages"] * weight).float()))
 
     with torch.no_grad():
-        logps = token_logps(model.double(), batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        logits = model.double()(input_ids=ids, attention_mask=attention).logits[:, batch["prompt_ids"].size(1) - 1 : -1]
+        logps = torch.log_softmax(logits, -1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
     model.float()
+    mask = batch["completion_mask"].double()
     ratio = torch.exp(logps - batch["old_per_token_logps"].double())
     advantage = batch["advantages"].double().unsqueeze(1)
-    clipped = ratio.clamp(1 - 0.2, 1 + 0.28)
-    policy = -torch.minimum(ratio * advantage, clipped * advantage)
+    policy = -torch.minimum(ratio * advantage, ratio.clamp(1 - 0.2, 1 + 0.28) * advantage)
     ref = batch["ref_per_token_logps"].double()
     kl = (torch.exp(ref - logps) - (ref - logps) - 1) * ratio  # TRL's use_bias_correction_kl (default on)
-    per_token = policy + 0.04 * kl
-    per_row = (per_token * mask).sum(1)
-    if loss_type == "grpo":
-        per_row = per_row / mask.sum(1).clamp(min=1)
-    expected = (weight * per_row).sum() / normalizer
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-6)
-
-
-def test_unit_weights_reproduce_trl_loss(tmp_path, char_tokenizer):
-    """With every ω_r = 1 the GVM aggregation is TRL's own for the same loss type."""
-    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, loss_type="bnpo")
-    batch = hand_built_batch(char_tokenizer)
-    batch.pop("ref_per_token_logps")
-    weighted = dict(batch, gvm_weight=torch.ones(5), gvm_normalizer=batch["completion_mask"].sum().float())
-    plain = {k: v for k, v in batch.items() if k != "gvm_weight"}
-    plain["num_items_in_batch"] = batch["completion_mask"].sum()
-    model = trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    assert trainer._compute_loss(model, weighted).item() == pytest.approx(trainer._compute_loss(model, plain).item(), rel=1e-6)
+    expected = ((weight.unsqueeze(1) * policy + 0.04 * kl) * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 # -- advantages -------------------------------------------------------------------------------------------------
@@ -439,9 +458,14 @@ def test_group_advantages_with_ragged_groups_and_unscorable_rows():
         ({"gvm_allocation": "random"}, "gvm_allocation"),
         ({"gvm_max_samples": 0}, "gvm_max_samples"),
         ({"gvm_filter_threshold": 0.0}, "gvm_filter_threshold"),
-        ({"loss_type": "cispo"}, "loss_type"),
-        ({"entropy_coef": 0.1}, "entropy_coef"),
         ({"gvm_budget_per_prompt": 0, "gvm_reuse_probes": False}, "gvm_budget_per_prompt"),
+        ({"gvm_history_decay": 0.0}, "gvm_history_decay"),
+        ({"gvm_history_decay": 1.5}, "gvm_history_decay"),
+        ({"gvm_explore_samples": -1}, "gvm_explore_samples"),
+        ({"gvm_max_empty_batches": 0}, "gvm_max_empty_batches"),
+        ({"gvm_allocation": "uniform", "gvm_history_decay": 0.5}, "gvm_history_decay"),
+        ({"gvm_allocation": "uniform", "gvm_explore_samples": 2}, "gvm_explore_samples"),
+        ({"gvm_allocation": "uniform", "gvm_probe_ahead": True}, "gvm_probe_ahead"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field, tmp_path):
@@ -467,11 +491,15 @@ def test_trainer_rejects_a_plain_grpo_config(tmp_path, char_tokenizer):
         )
 
 
-def test_config_rejects_infeasible_floors_and_misaligned_steps(tmp_path):
+def test_config_rejects_infeasible_floors(tmp_path):
     with pytest.raises(ValueError, match="gvm_min_samples"):
         config(GVMGRPOConfig, tmp_path, gvm_min_samples=5)
-    with pytest.raises(ValueError, match="steps_per_generation"):
-        config(GVMGRPOConfig, tmp_path, per_device_train_batch_size=4, steps_per_generation=3, gradient_accumulation_steps=2)
+
+
+def test_raft_refuses_normalize_then_sum_and_says_why(tmp_path):
+    with pytest.raises(ValueError, match="multi_objective_aggregation.*RAFT"):
+        config(GVMRAFTConfig, tmp_path, multi_objective_aggregation="normalize_then_sum")
+    assert config(GVMGRPOConfig, tmp_path, multi_objective_aggregation="normalize_then_sum")
 
 
 def test_in_memory_model_with_kl_needs_a_path(tmp_path, char_tokenizer):

@@ -20,20 +20,33 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "raft"])
-def test_colocated_vllm_with_variable_budgets(trainer, tmp_path):
+def expected_rounds(schedule: str) -> list[tuple[int, int]]:
+    """(group size, rows) of each generation round over 3 batches of 2 prompts (N′ = 4, N = 8)."""
+    if schedule == "sequential":  # probes (n = N′), then one row per allocated completion
+        return [(4, 8), (1, 8)] * 3
+    # A probe round for the first batch; then one round per batch: its 8 allocated rows and the next batch's 8
+    # probes; the last batch has no successor to probe.
+    return [(4, 8), (1, 16), (1, 16), (1, 8)]
+
+
+@pytest.mark.parametrize(
+    "trainer, schedule", [("grpo", "probe-ahead"), ("raft", "probe-ahead"), ("raft", "sequential")]
+)
+def test_colocated_vllm_with_variable_budgets(trainer, schedule, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
-    command = [VLLM_PYTHON, str(SCRIPT), "--trainer", trainer, "--output_dir", str(tmp_path)]
+    command = [VLLM_PYTHON, str(SCRIPT), "--trainer", trainer, "--schedule", schedule, "--output_dir", str(tmp_path)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
 
     assert result["steps"] == 3
-    assert result["syncs"] == [0, 1, 2]  # once per generation batch, not once per phase
-    assert [r["group_size"] for r in result["rounds"]] == [4, 1] * 3  # probes, then the allocated rows
-    for allocation in result["allocations"]:
-        assert sum(allocation["sizes"]) == 8 == allocation["phase2_rows"]
+    assert result["syncs"] == [0, 1, 2]  # once per generation batch, not once per round
+    assert [(r["group_size"], r["rows"]) for r in result["rounds"]] == expected_rounds(schedule)
+    assert all(r["returned"] == r["rows"] for r in result["rounds"])
+    assert all(sum(allocation["sizes"]) == 8 for allocation in result["allocations"])
     assert any(len(set(a["sizes"])) > 1 for a in result["allocations"])  # per-prompt counts really varied
+    if schedule == "probe-ahead":
+        assert [a["probe_step"] for a in result["allocations"]] == [0, 0, 1]
     assert result["importance_sampling"] and all(r is not None and r[0] for r in result["importance_sampling"])
     # vLLM generates from the trained weights (bf16 inside vLLM-CPU: ~1e-3), not from the initial ones.
     assert result["gap_trained"] < 2e-2
@@ -41,6 +54,7 @@ def test_colocated_vllm_with_variable_budgets(trainer, tmp_path):
 
 
 SERVER_SCRIPT = Path(__file__).parent / "scripts" / "vllm_server.py"
+RUNS = ["grpo:sequential", "grpo:probe-ahead", "raft:sequential", "raft:probe-ahead"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +62,7 @@ def server_mode_result(tmp_path_factory):
     """Both trainers, one after the other, against one real `trl vllm-serve`; weight sync stubbed (NCCL: CUDA only)."""
     output_dir = tmp_path_factory.mktemp("vllm_server")
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
-    command = [VLLM_PYTHON, str(SERVER_SCRIPT), "--trainer", "grpo", "raft", "--output_dir", str(output_dir)]
+    command = [VLLM_PYTHON, str(SERVER_SCRIPT), "--run", *RUNS, "--output_dir", str(output_dir)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     server_log = output_dir / "server.log"
     server_tail = server_log.read_text()[-2000:] if server_log.exists() else ""
@@ -56,22 +70,22 @@ def server_mode_result(tmp_path_factory):
     return json.loads((output_dir / "result.json").read_text())
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "raft"])
-def test_server_mode_generates_variable_budgets(trainer, server_mode_result):
-    result = server_mode_result[trainer]
+@pytest.mark.parametrize("run", RUNS)
+def test_server_mode_generates_variable_budgets(run, server_mode_result):
+    result = server_mode_result[run]
+    schedule = run.split(":")[1]
 
     assert result["steps"] == 3
     rounds = result["rounds"]
-    assert [r["group_size"] for r in rounds] == [4, 1] * 3  # probes (n=N'), then one row per allocated completion
+    assert [(r["group_size"], r["rows"]) for r in rounds] == expected_rounds(schedule)
     for r in rounds:
         assert r["returned"] == r["rows"]
-        # One request to the server per round: the distinct prompts of the probe round with n=4, every row with n=1.
+        # One request to the server per round: the distinct prompts of a probe round with n=4, every row with n=1.
         assert [(q["prompts"] * q["n"], q["n"], q["returned"]) for q in r["requests"]] == [
             (r["rows"], r["group_size"], r["rows"])
         ]
     assert result["server_log"]["completion_requests"] == len(rounds)  # the server itself logged each one
-    for allocation in result["allocations"]:
-        assert sum(allocation["sizes"]) == 8 == allocation["phase2_rows"]
+    assert all(sum(allocation["sizes"]) == 8 for allocation in result["allocations"])
     # Weight sync: the real `sync_weights` once per generation batch, its NCCL transfer stubbed.
     assert result["syncs"] == [0, 1, 2]
     assert result["stubbed"]["init_communicator"] == ["cpu"]
@@ -82,7 +96,7 @@ def test_server_mode_generates_variable_budgets(trainer, server_mode_result):
 
 
 def test_server_mode_budgets_varied(server_mode_result):
-    """The server samples without a fixed seed, so any one batch may split evenly (~1 in 4); across both trainers'
-    six batches at least one uneven split is all but certain."""
-    allocations = [a for trainer in ("grpo", "raft") for a in server_mode_result[trainer]["allocations"]]
+    """The server samples without a fixed seed, so any one batch may split evenly (~1 in 4); across the four runs'
+    twelve batches at least one uneven split is all but certain."""
+    allocations = [a for run in RUNS for a in server_mode_result[run]["allocations"]]
     assert any(len(set(a["sizes"])) > 1 for a in allocations)

@@ -50,6 +50,8 @@ def main():
     parser.add_argument("--no_ds3_gather", action="store_true", help="ds3_gather_for_generation=False")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--steps_per_generation", type=int, help="default: gradient_accumulation_steps")
+    parser.add_argument("--schedule", choices=["probe-ahead", "sequential"], default="sequential")
+    parser.add_argument("--history_decay", type=float, help="gvm_history_decay (default: no history)")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -81,6 +83,8 @@ def main():
         ds3_gather_for_generation=not options.no_ds3_gather,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         steps_per_generation=options.steps_per_generation,
+        gvm_probe_ahead=options.schedule == "probe-ahead",
+        gvm_history_decay=options.history_decay,
     )
     trainer = trainer_cls(
         model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
@@ -88,10 +92,10 @@ def main():
     records = []
     original = trainer._log_allocation
 
-    def keep_record(record):
-        records.append({"sizes": record["sizes"], "accept_rates": record["accept_rates"].tolist(),
-                        "grad_norms": record["grad_norms"].tolist()})
-        original(record)
+    def keep_record(allocation, empty):
+        records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
+                        "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step})
+        original(allocation, empty)
 
     trainer._log_allocation = keep_record
 
@@ -112,6 +116,7 @@ def main():
         "records": records,
         "checksum": checksum,
         "left_gathered": left_gathered,
+        "history": None if trainer.prompt_history is None else trainer.prompt_history.state_dict(),
     }
     rank = trainer.accelerator.process_index
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:

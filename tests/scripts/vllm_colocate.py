@@ -75,28 +75,29 @@ def logprob_gap(trainer, model) -> float:
 
 def attach_recorders(trainer, requests: list | None = None) -> dict:
     """Record on `trainer`: the step of every weight sync; every generation round (rows asked for, group size, rows
-    returned, and the server requests it sent when `requests` collects them); every allocation; and whether the
-    importance-sampling ratio reached the loss. Returns the dict the records go to."""
+    returned, phase, and the server requests it sent when `requests` collects them); every allocation; and whether
+    the importance-sampling ratio reached the loss. Returns the dict the records go to."""
     records = {"syncs": [], "rounds": [], "allocations": [], "importance_sampling": []}
-    sync, generate_and_score = trainer.vllm_generation.sync_weights, trainer._generate_and_score
+    sync, generate_rollout = trainer.vllm_generation.sync_weights, trainer._generate_rollout
     log_allocation, compute_loss = trainer._log_allocation, trainer._compute_loss
 
     def record_sync():
         records["syncs"].append(trainer.state.global_step)
         return sync()
 
-    def record_round(rows, group_size):
+    def record_round(rows, group_size, prompts, phase):
         sent = len(requests) if requests is not None else 0
-        batch, rewards = generate_and_score(rows, group_size)
+        rollout = generate_rollout(rows, group_size, prompts, phase)
         records["rounds"].append({
-            "step": trainer.state.global_step, "rows": len(rows), "group_size": group_size,
-            "returned": len(batch["completion_ids"]), "requests": requests[sent:] if requests is not None else [],
+            "step": trainer.state.global_step, "rows": len(rows), "group_size": group_size, "phase": phase,
+            "returned": len(rollout.batch["completion_ids"]),
+            "requests": requests[sent:] if requests is not None else [],
         })
-        return batch, rewards
+        return rollout
 
-    def record_allocation(record):
-        records["allocations"].append({"sizes": record["sizes"], "phase2_rows": len(record["phase2_prompt"])})
-        log_allocation(record)
+    def record_allocation(allocation, empty):
+        records["allocations"].append({"sizes": allocation.sizes, "probe_step": allocation.probe_step})
+        log_allocation(allocation, empty)
 
     def record_ratio(model, inputs):
         ratio = inputs.get("importance_sampling_ratio")
@@ -105,7 +106,7 @@ def attach_recorders(trainer, requests: list | None = None) -> dict:
         return compute_loss(model, inputs)
 
     trainer.vllm_generation.sync_weights = record_sync
-    trainer._generate_and_score = record_round
+    trainer._generate_rollout = record_round
     trainer._log_allocation = record_allocation
     trainer._compute_loss = record_ratio
     return records
@@ -114,6 +115,7 @@ def attach_recorders(trainer, requests: list | None = None) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="grpo")
+    parser.add_argument("--schedule", choices=["sequential", "probe-ahead"], default="sequential")
     parser.add_argument("--output_dir", required=True)
     options = parser.parse_args()
     keep_cpu_linear_weights()
@@ -125,7 +127,7 @@ def main():
         output_dir=options.output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, beta=0.0, learning_rate=1e-2, max_steps=3,
         per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-        gvm_num_probes=4, gvm_budget_per_prompt=4,
+        gvm_num_probes=4, gvm_budget_per_prompt=4, gvm_probe_ahead=options.schedule == "probe-ahead",
         use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_enable_sleep_mode=False,
         vllm_max_model_length=256, vllm_importance_sampling_correction=True,
     )

@@ -147,20 +147,21 @@ def recorded_client(calls: dict, requests: list):
             setattr(VLLMClient, name, original)
 
 
-def train(trainer_name: str, output_dir: str, base_url: str, model_path: str) -> dict:
+def train(run_name: str, output_dir: str, base_url: str, model_path: str) -> dict:
     calls = {"init_communicator": [], "update_named_params": []}
     requests = []
     with recorded_client(calls, requests):
-        return _train(trainer_name, output_dir, base_url, model_path, calls, requests)
+        return _train(run_name, output_dir, base_url, model_path, calls, requests)
 
 
-def _train(trainer_name, output_dir, base_url, model_path, calls, requests) -> dict:
+def _train(run_name, output_dir, base_url, model_path, calls, requests) -> dict:
+    trainer_name, schedule = run_name.split(":")
     trainer_cls, config_cls = TRAINERS[trainer_name]
     args = config_cls(
         output_dir=output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, beta=0.0, learning_rate=1e-2, max_steps=3,
         per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-        gvm_num_probes=4, gvm_budget_per_prompt=4,
+        gvm_num_probes=4, gvm_budget_per_prompt=4, gvm_probe_ahead=schedule == "probe-ahead",
         use_vllm=True, vllm_mode="server", vllm_server_base_url=base_url, vllm_server_timeout=30,
         vllm_importance_sampling_correction=True,
     )
@@ -189,9 +190,9 @@ def run(options, model_path: str, shim_dir: str) -> dict:
     server = start_server(model_path, port, log_path, shim_dir)
     try:
         result["server_startup_s"] = wait_for_health(server, base_url, log_path)
-        for name in options.trainer:
+        for name in options.run:
             before, start = count_in_log(log_path), time.monotonic()
-            result[name] = train(name, os.path.join(options.output_dir, name), base_url, model_path)
+            result[name] = train(name, os.path.join(options.output_dir, name.replace(":", "-")), base_url, model_path)
             after = count_in_log(log_path)
             result[name]["seconds"] = time.monotonic() - start
             result[name]["server_log"] = {key: after[key] - before[key] for key in after}
@@ -202,8 +203,9 @@ def run(options, model_path: str, shim_dir: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", nargs="+", choices=sorted(TRAINERS), default=["grpo"],
-                        help="one or more trainers, run one after the other against the same server")
+    parser.add_argument("--run", nargs="+", default=["grpo:sequential"],
+                        help="one or more trainer:schedule pairs (grpo|raft : sequential|probe-ahead), run one after "
+                        "the other against the same server")
     parser.add_argument("--output_dir", required=True)
     options = parser.parse_args()
 

@@ -1,0 +1,202 @@
+"""The pieces a GVM generation batch is built from: its prompt sampler, the rows of a generation call, its record.
+
+- :class:`GenerationBatchSampler` yields the prompts in the order and layout of TRL's ``RepeatSampler`` and remembers
+  them, so that the probe-ahead schedule can find the next generation batch's prompts.
+- :class:`Rollout` holds the rows of one generation call: TRL's local batch plus per-row facts gathered over every
+  process (prompt slot, rewards, completion length), so a generation batch can be assembled from several calls.
+- :class:`BatchAllocation` is the typed record of one generation batch's allocation that the JSONL log, the
+  metrics, the plot and the history all read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from .batching import concat_rows, select_rows
+
+__all__ = ["BatchAllocation", "GenerationBatchSampler", "Rollout"]
+
+
+class GenerationBatchSampler(Sampler[int]):
+    """TRL's ``RepeatSampler`` order, remembered, so the trainer can look one generation batch ahead.
+
+    Yields exactly what ``trl.trainer.utils.RepeatSampler`` yields with the same arguments (trl 1.16.0, utils.py lines
+    930-951: a seeded permutation per epoch, cut into generation batches of ``batch_size`` distinct prompts, the
+    incomplete last one dropped, each index repeated ``mini_repeat_count`` times and each batch ``repeat_count``
+    times), so a GVM trainer reads the same prompts, in the same order and layout, as `trl.GRPOTrainer`. It also
+    keeps each epoch's generation batches: :meth:`following` gives the batch after a given one — across the epoch
+    boundary too, by drawing the next epoch's permutation early and using it when that epoch starts.
+    """
+
+    def __init__(
+        self,
+        data_source: Sized,
+        mini_repeat_count: int,
+        batch_size: int,
+        repeat_count: int,
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.num_samples = len(data_source)
+        self.mini_repeat_count, self.batch_size, self.repeat_count = mini_repeat_count, batch_size, repeat_count
+        self.shuffle = shuffle
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self._epoch: list[list[int]] = []
+        self._next_epoch: list[list[int]] | None = None
+
+    def _draw_epoch(self) -> list[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        size = self.batch_size
+        return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+
+    def __iter__(self) -> Iterator[int]:
+        self._epoch, self._next_epoch = (self._next_epoch or self._draw_epoch()), None
+        for batch in self._epoch:
+            for _ in range(self.repeat_count):
+                for index in batch:
+                    yield from [index] * self.mini_repeat_count
+
+    def following(self, batch: list[int]) -> list[int] | None:
+        """The dataset indices of the generation batch after `batch` (None if `batch` is not one of this epoch's)."""
+        position = next((i for i, b in enumerate(self._epoch) if b == batch), None)
+        if position is None:
+            return None
+        if position + 1 < len(self._epoch):
+            return self._epoch[position + 1]
+        if self._next_epoch is None:
+            self._next_epoch = self._draw_epoch()
+        return self._next_epoch[0] if self._next_epoch else None
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+@dataclass
+class Rollout:
+    """The rows of one generation call (or a part of one).
+
+    ``batch`` is this process's rows as TRL's ``_generate_and_score_completions`` returns them; every one of the
+    ``num_processes`` processes holds the same number of them, and the per-row tensors below cover all processes,
+    process-major (row g lives on process g // rows_per_process). ``prompts`` is each row's prompt slot in its
+    generation batch (-1: a padding row that only keeps the processes in step). ``logged`` holds TRL's gathered
+    completions-table entries for the rows (prompt, completion, rewards, advantages, extra columns).
+    """
+
+    batch: dict[str, Any]
+    prompts: torch.Tensor
+    rewards_per_func: torch.Tensor
+    rewards: torch.Tensor
+    lengths: torch.Tensor
+    truncated: torch.Tensor
+    logged: dict[str, Any]
+    step: int
+    phase: str
+    num_processes: int = 1
+
+    @property
+    def rows_per_process(self) -> int:
+        return len(self.prompts) // self.num_processes
+
+    def local_rows(self, rank: int) -> slice:
+        """Where process `rank`'s rows sit among the global rows."""
+        return slice(rank * self.rows_per_process, (rank + 1) * self.rows_per_process)
+
+    def part(self, local: slice, phase: str) -> Rollout:
+        """The rows ``local`` of every process's share, as a rollout of its own."""
+        per_process = self.rows_per_process
+        offsets = torch.arange(per_process)[local]
+        rows = torch.cat([rank * per_process + offsets for rank in range(self.num_processes)]).tolist()
+        logged = {
+            key: {name: [values[i] for i in rows] for name, values in value.items()}
+            if isinstance(value, dict)
+            else [value[i] for i in rows]
+            for key, value in self.logged.items()
+        }
+        return Rollout(
+            batch=select_rows(self.batch, offsets),
+            prompts=self.prompts[rows],
+            rewards_per_func=self.rewards_per_func[rows],
+            rewards=self.rewards[rows],
+            lengths=self.lengths[rows],
+            truncated=self.truncated[rows],
+            logged=logged,
+            step=self.step,
+            phase=phase,
+            num_processes=self.num_processes,
+        )
+
+
+def concat_rollout_batches(batches: list[dict[str, Any]], pad_values: dict[str, float]) -> dict[str, Any]:
+    """Local batches concatenated row-wise; a per-row tensor that some lack (``old_per_token_logps`` of rows drawn by
+    the current weights, next to reused probes drawn by earlier ones) is filled with NaN for their rows, which the
+    trainer replaces by the current log-probabilities when it computes the loss."""
+    keys = {key for batch in batches for key, value in batch.items() if torch.is_tensor(value) and value.dim() > 0}
+    completed = []
+    for batch in batches:
+        batch = dict(batch)
+        rows = next(len(v) for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
+        for key in sorted(keys - set(batch)):
+            template = next(b[key] for b in batches if key in b)
+            batch[key] = template.new_full((rows, *template.shape[1:]), float("nan"))
+        completed.append(batch)
+    return concat_rows(completed, pad_values)
+
+
+@dataclass
+class BatchAllocation:
+    """One generation batch's allocation and what came of it: the one record the log, the metrics, the plot and the
+    per-prompt history read.
+
+    ``accept_rates``/``grad_norms`` are the estimates the allocation used (probes, combined with the history when it
+    is kept); ``probe_step`` is the optimizer step whose weights drew the probes (None: no probe round, as under
+    uniform allocation, where ``num_probes`` is 0 and the estimates come from the batch's own rows).
+    """
+
+    prompt_keys: list[int]
+    budget: int
+    sizes: list[int]
+    accept_rates: list[float]
+    grad_norms: list[float] | None
+    num_probes: int
+    probe_step: int | None
+    probes_accepted: list[int] = field(default_factory=list)
+    probe_norm_sums: list[float] = field(default_factory=list)
+    probe_norm_counts: list[int] = field(default_factory=list)
+    fallback: bool = False
+    allocated_accepted: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.sizes)
+
+    def log_line(self, step: int) -> dict[str, Any]:
+        """The JSONL line of this generation batch."""
+        return {
+            "step": step,
+            "probe_step": self.probe_step,
+            "budget": self.budget,
+            "uniform_fallback": self.fallback,
+            "prompts": [
+                {
+                    "index": self.prompt_keys[i],
+                    "accept_rate": self.accept_rates[i],
+                    "grad_norm": None if self.grad_norms is None else self.grad_norms[i],
+                    "num_samples": self.sizes[i],
+                    "num_accepted": self.allocated_accepted[i] if self.allocated_accepted else 0,
+                    "probes_accepted": self.probes_accepted[i] if self.probes_accepted else None,
+                }
+                for i in range(self.num_prompts)
+            ],
+        }
