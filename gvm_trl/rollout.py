@@ -30,7 +30,9 @@ class GenerationBatchSampler(Sampler[int]):
     incomplete last one dropped, each index repeated ``mini_repeat_count`` times and each batch ``repeat_count``
     times), so a GVM trainer reads the same prompts, in the same order and layout, as `trl.GRPOTrainer`. It also
     keeps each epoch's generation batches: :meth:`following` gives the batch after a given one — across the epoch
-    boundary too, by drawing the next epoch's permutation early and using it when that epoch starts.
+    boundary too, by drawing the next epoch's permutation early and using it when that epoch starts. Unlike TRL's,
+    it takes :meth:`set_epoch` (which Trainer calls at each epoch's start), so a run resumed in a later epoch gets
+    that epoch's permutation rather than the first one's.
     """
 
     def __init__(
@@ -45,14 +47,28 @@ class GenerationBatchSampler(Sampler[int]):
     ) -> None:
         self.num_samples = len(data_source)
         self.mini_repeat_count, self.batch_size, self.repeat_count = mini_repeat_count, batch_size, repeat_count
-        self.shuffle = shuffle
+        self.shuffle, self.seed = shuffle, seed
+        self._reset()
+
+    def _reset(self) -> None:
         self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        if self.seed is not None:
+            self.generator.manual_seed(self.seed)
+        self._drawn = 0  # permutations drawn so far
         self._epoch: list[list[int]] = []
         self._next_epoch: list[list[int]] | None = None
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next epoch drawn epoch `epoch`'s permutation (a no-op when iterating epochs in order)."""
+        pending = self._drawn - (self._next_epoch is not None)
+        if not self.shuffle or pending == epoch:
+            return
+        self._reset()
+        for _ in range(epoch):
+            self._draw_epoch()
+
     def _draw_epoch(self) -> list[list[int]]:
+        self._drawn += 1
         if self.shuffle:
             order = torch.randperm(self.num_samples, generator=self.generator).tolist()
         else:

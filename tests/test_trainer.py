@@ -9,11 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 from trl import GRPOConfig
-from trl.trainer.utils import nanstd
 
 from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
 from gvm_trl.allocation import allocate_budget, lemma1_weights
-from gvm_trl.advantages import group_normalized_advantages
 from gvm_trl.trainer import ALLOCATIONS_FILE
 
 from conftest import make_tiny_llama
@@ -422,26 +420,6 @@ def test_dapo_loss_is_the_lemma1_weighted_token_mean(tmp_path, char_tokenizer):
 
 
 # -- advantages -------------------------------------------------------------------------------------------------
-
-
-def test_group_advantages_match_trl_on_equal_groups():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
-    groups = torch.arange(2).repeat_interleave(4)
-    grouped = rewards.view(2, 4)
-    trl_std = nanstd(grouped, dim=1).repeat_interleave(4)
-    trl = (rewards - grouped.mean(1).repeat_interleave(4)) / (trl_std + 1e-4)
-    assert torch.allclose(group_normalized_advantages(rewards, groups, 2, "group"), trl)
-
-
-def test_group_advantages_with_ragged_groups_and_unscorable_rows():
-    rewards = torch.tensor([1.0, 0.0, 1.0, math.nan, 1.0, 0.5, 0.0])
-    groups = torch.tensor([0, 0, 0, 0, 1, 2, 2])
-    advantages = group_normalized_advantages(rewards, groups, 3, "group")
-    std0 = torch.tensor([1.0, 0.0, 1.0]).std()
-    assert advantages[0].item() == pytest.approx((1 - 2 / 3) / (std0.item() + 1e-4), rel=1e-5)
-    assert advantages[3] == 0 and advantages[4] == 0  # unscorable row; a group of one
-    assert advantages[5].item() == pytest.approx(0.25 / (torch.tensor([0.5, 0.0]).std().item() + 1e-4), rel=1e-5)
-    assert torch.allclose(group_normalized_advantages(rewards, groups, 3, "none")[:3], torch.tensor([1 / 3, -2 / 3, 1 / 3]))
 
 
 # -- configuration errors ----------------------------------------------------------------------------------------

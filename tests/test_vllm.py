@@ -44,7 +44,7 @@ def test_colocated_vllm_with_variable_budgets(trainer, schedule, tmp_path):
     assert [(r["group_size"], r["rows"]) for r in result["rounds"]] == expected_rounds(schedule)
     assert all(r["returned"] == r["rows"] for r in result["rounds"])
     assert all(sum(allocation["sizes"]) == 8 for allocation in result["allocations"])
-    assert any(len(set(a["sizes"])) > 1 for a in result["allocations"])  # per-prompt counts really varied
+    assert all(len(set(a["sizes"])) > 1 for a in result["allocations"])  # per-prompt counts really varied
     if schedule == "probe-ahead":
         assert [a["probe_step"] for a in result["allocations"]] == [0, 0, 1]
     assert result["importance_sampling"] and all(r is not None and r[0] for r in result["importance_sampling"])

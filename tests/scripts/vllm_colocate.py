@@ -28,6 +28,14 @@ from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
 from gvm_trl.testing import make_char_tokenizer, make_tiny_llama, parity_reward  # noqa: E402
 
 TRAINERS = {"raft": (GVMRAFTTrainer, GVMRAFTConfig), "grpo": (GVMGRPOTrainer, GVMGRPOConfig)}
+PROMPTS = ["abc", "hello", "xyz", "def", "ghi", "jkl", "mno", "pqr"]
+
+
+def half_solvable_reward(prompts, completions, **kwargs):
+    """The parity stand-in on every other prompt, nothing accepted on the others: in order, each generation batch
+    pairs one of each, so its budget is never split evenly."""
+    parity = parity_reward(completions)
+    return [r if PROMPTS.index(p) % 2 == 0 else 0.0 for p, r in zip(prompts, parity)]
 
 
 def keep_cpu_linear_weights() -> None:
@@ -129,10 +137,10 @@ def main():
         per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
         gvm_num_probes=4, gvm_budget_per_prompt=4, gvm_probe_ahead=options.schedule == "probe-ahead",
         use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_enable_sleep_mode=False,
-        vllm_max_model_length=256, vllm_importance_sampling_correction=True,
+        vllm_max_model_length=256, vllm_importance_sampling_correction=True, shuffle_dataset=False,
     )
-    dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xyz", "def", "ghi", "jkl", "mno", "pqr"]})
-    trainer = trainer_cls(model=model_path, reward_funcs=parity_reward, args=args, train_dataset=dataset)
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = trainer_cls(model=model_path, reward_funcs=half_solvable_reward, args=args, train_dataset=dataset)
 
     sync = trainer.vllm_generation.sync_weights
     records = attach_recorders(trainer)

@@ -1,0 +1,252 @@
+"""The generation schedules: sequential (the paper's probe round, then the allocated round), probe-ahead (one round
+per batch: its allocated rows and the next batch's probes) and uniform (one round, no probes)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
+from gvm_trl.rollout import GenerationBatchSampler
+from gvm_trl.trainer import STATE_FILE
+
+from conftest import make_tiny_llama
+from test_trainer import TRAINERS, graded_reward, last_logs, make_trainer, prompt_dataset, read_allocations
+
+
+def prompts_per_step(trainer) -> list[list[int]]:
+    return [[p["index"] for p in record["prompts"]] for record in read_allocations(trainer)]
+
+
+def count_generation_calls(trainer) -> list[int]:
+    """Rows of every generation call the trainer makes (TRL's `_generate`), filled in as it trains."""
+    calls, generate = [], trainer._generate
+
+    def counting(prompts):
+        calls.append(len(prompts))
+        return generate(prompts)
+
+    trainer._generate = counting
+    return calls
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
+def test_probe_ahead_trains_on_the_sequential_runs_prompts_in_the_same_order(trainer_cls, config_cls, tmp_path,
+                                                                             char_tokenizer):
+    """Across an epoch boundary (4 generation batches per epoch): each batch once per epoch, in the same order."""
+    runs = {}
+    for schedule in (False, True):
+        trainer = make_trainer(trainer_cls, config_cls, tmp_path / str(schedule), char_tokenizer,
+                               dataset=prompt_dataset(8), max_steps=6, gvm_probe_ahead=schedule)
+        trainer.train()
+        runs[schedule] = prompts_per_step(trainer)
+    assert runs[True] == runs[False]
+    epoch = sorted(i for batch in runs[True][:4] for i in batch)
+    assert epoch == list(range(8))
+
+
+def test_one_generation_round_per_batch(tmp_path, char_tokenizer):
+    """m = 2 prompts, N′ = 4, B = 4, 3 batches. Sequential: probes and allocated rows in two rounds per batch.
+    Probe-ahead: a probe round for the first batch, then one round per batch with the next batch's probes riding
+    along, none after the last. Uniform: one round of N′ + B per prompt and no gradient-norm pass."""
+    expected = {
+        "sequential": [8, 8] * 3,
+        "probe-ahead": [8, 8 + 8, 8 + 8, 8],
+        "uniform": [16] * 3,
+    }
+    for schedule, rows in expected.items():
+        options = {"gvm_allocation": "uniform"} if schedule == "uniform" else {
+            "gvm_probe_ahead": schedule == "probe-ahead"
+        }
+        trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / schedule, char_tokenizer, max_steps=3,
+                               **options)
+        calls = count_generation_calls(trainer)
+        norm_passes = []
+        measure = trainer._probe_grad_norms
+        trainer._probe_grad_norms = lambda *a, **k: norm_passes.append(1) or measure(*a, **k)
+        trainer.train()
+        assert calls == rows, schedule
+        assert len(norm_passes) == {"sequential": 3, "probe-ahead": 3, "uniform": 0}[schedule]
+        assert trainer.rollout_totals["probe_completions"] == (0 if schedule == "uniform" else 3 * 8)
+        assert trainer._pending is None  # nothing left probed at the end
+
+
+def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, max_steps=2,
+                           gvm_probe_ahead=True, learning_rate=1e-2)
+    drawn_by = copy.deepcopy(trainer.model)  # the weights of step 0, which draw the second batch's probes
+    checked = []
+
+    original = trainer._assemble
+
+    def check_then_assemble(allocation, probes, allocated):
+        if probes is not None and probes.step == 0 and trainer.state.global_step == 1:
+            batch = probes.batch
+            ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+            mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+            width = batch["completion_ids"].size(1)
+            with torch.no_grad():
+                then, _, _ = trainer._get_per_token_logps_and_entropies(drawn_by, ids, mask, width)
+                now, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width)
+            loss_mask = batch["completion_mask"].bool()
+            assert torch.allclose(batch["old_per_token_logps"][loss_mask], then[loss_mask], atol=1e-5)
+            assert not torch.allclose(batch["old_per_token_logps"][loss_mask], now[loss_mask], atol=1e-4)
+            checked.append(True)
+        return original(allocation, probes, allocated)
+
+    trainer._assemble = check_then_assemble
+    trainer.train()
+    assert checked == [True]
+    assert [r["probe_step"] for r in read_allocations(trainer)] == [0, 0]
+    assert last_logs(trainer)["gvm/probe_age"] == 1.0
+
+
+def test_on_policy_rows_beside_reused_probes_take_the_current_log_probs(tmp_path, char_tokenizer):
+    """Rows without old log-probabilities (NaN, drawn by the current weights) get the current ones, detached: the
+    loss equals TRL's loss on the same rows with those log-probabilities filled in by hand."""
+    from test_trainer import hand_built_batch
+
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer)
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model.train()
+    batch = hand_built_batch(char_tokenizer)
+    batch.pop("ref_per_token_logps")
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        current, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, ids.size(1) - 4)
+    by_hand = dict(batch, old_per_token_logps=batch["old_per_token_logps"].clone())
+    by_hand["old_per_token_logps"][[1, 3]] = current[[1, 3]]
+    marked = dict(batch, old_per_token_logps=batch["old_per_token_logps"].clone())
+    marked["old_per_token_logps"][[1, 3]] = float("nan")
+    expected = trainer.compute_loss(model, by_hand)
+    assert trainer.compute_loss(model, marked).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert not torch.isnan(marked["old_per_token_logps"]).any()
+
+
+def test_probe_ahead_resumes_with_the_same_prompts_and_probes_its_batch_again(tmp_path, char_tokenizer):
+    model_dir = tmp_path / "model"
+    make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
+    options = dict(save_strategy="steps", save_steps=2, max_steps=4, gvm_probe_ahead=True)
+    first = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
+    first.train()
+    full_run = read_allocations(first)
+    (tmp_path / "out" / "gvm_allocations.jsonl").unlink()
+    resumed = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    after = read_allocations(resumed)
+    assert [[p["index"] for p in r["prompts"]] for r in after] == [[p["index"] for p in r["prompts"]] for r in full_run[2:]]
+    assert [r["probe_step"] for r in full_run] == [0, 0, 1, 2]
+    assert [r["probe_step"] for r in after] == [2, 2]  # the batch probed before the checkpoint is probed again
+
+
+def test_sampler_matches_trls_and_looks_ahead_across_epochs():
+    from trl.trainer.utils import RepeatSampler
+
+    data = list(range(11))
+    ours = GenerationBatchSampler(data, mini_repeat_count=3, batch_size=4, repeat_count=2, seed=5)
+    theirs = RepeatSampler(data, mini_repeat_count=3, batch_size=4, repeat_count=2, seed=5)
+    for _ in range(3):  # three epochs: the same permutations, in the same layout
+        assert list(ours) == list(theirs)
+    sampler = GenerationBatchSampler(data, mini_repeat_count=1, batch_size=4, repeat_count=1, seed=5)
+    first_epoch = list(sampler)
+    batches = [first_epoch[0:4], first_epoch[4:8]]
+    assert sampler.following(batches[0]) == batches[1]
+    upcoming = sampler.following(batches[1])  # the next epoch's first batch, drawn early ...
+    assert list(sampler)[:4] == upcoming  # ... and used when that epoch starts
+    reference = RepeatSampler(data, mini_repeat_count=1, batch_size=4, repeat_count=1, seed=5)
+    list(reference)
+    assert list(reference)[:4] == upcoming  # the sequence of permutations is TRL's
+    assert sampler.following([99]) is None
+    resumed = GenerationBatchSampler(data, mini_repeat_count=3, batch_size=4, repeat_count=2, seed=5)
+    resumed.set_epoch(2)  # what Trainer calls when a resumed run starts in its third epoch
+    fresh = RepeatSampler(data, mini_repeat_count=3, batch_size=4, repeat_count=2, seed=5)
+    list(fresh), list(fresh)
+    assert list(resumed) == list(fresh)
+
+
+# -- estimates that survive few probes ------------------------------------------------------------------------------
+
+
+def test_history_feeds_the_allocation_and_is_checkpointed(tmp_path, char_tokenizer):
+    """Two epochs over 8 prompts: the second visit's accept rates combine both visits' counts, as PromptHistory
+    computes them; the checkpoint holds the history, and a resumed run restores it."""
+    model_dir = tmp_path / "model"
+    make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
+    options = dict(dataset=prompt_dataset(8), max_steps=8, gvm_history_decay=0.5, gvm_probe_ahead=False,
+                   save_strategy="steps", save_steps=4)
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
+    trainer.train()
+    records = read_allocations(trainer)
+    first_visit = {p["index"]: p for r in records[:4] for p in r["prompts"]}
+    for record in records[4:]:
+        for p in record["prompts"]:
+            past = first_visit[p["index"]]
+            trials = 0.5 * (4 + past["num_samples"]) + 4
+            accepted = 0.5 * (past["probes_accepted"] + past["num_accepted"]) + p["probes_accepted"]
+            assert p["accept_rate"] == pytest.approx(accepted / trials)
+    saved = json.loads((tmp_path / "out" / "checkpoint-4" / STATE_FILE).read_text())
+    assert sorted(map(int, saved["prompt_history"]["prompts"])) == list(range(8))
+
+    resumed = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert resumed.prompt_history.state_dict() == trainer.prompt_history.state_dict()
+    with pytest.raises(ValueError, match="gvm_history_decay"):
+        other = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, model=str(model_dir),
+                             **dict(options, gvm_history_decay=0.9))
+        other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+
+def test_exploration_floor_samples_prompts_whose_probes_all_failed(tmp_path, char_tokenizer):
+    """Prompts 0 mod 4 are never accepted: without the floor they get nothing, with it `gvm_explore_samples`."""
+    for explore in (0, 2):
+        trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path / str(explore), char_tokenizer,
+                               per_device_train_batch_size=16, max_steps=2, gvm_explore_samples=explore)
+        trainer.train()
+        for record in read_allocations(trainer):
+            for p in record["prompts"]:
+                if p["index"] % 4 == 0:
+                    assert p["accept_rate"] == 0 and p["num_samples"] == explore
+            assert sum(p["num_samples"] for p in record["prompts"]) == record["budget"]
+
+
+# -- what is logged describes the rows trained on -------------------------------------------------------------------
+
+
+def test_logged_completions_and_metrics_describe_the_training_rows(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16,
+                           max_steps=1, gvm_probe_ahead=False)
+    captured = {}
+    build = trainer._build_micro_batches
+
+    def capture(batch):
+        captured.update(batch)
+        return build(batch)
+
+    trainer._build_micro_batches = capture
+    trainer.train()
+    logs = trainer._logs
+    rows = len(captured["advantages"])
+    assert len(logs["prompt"]) == len(logs["advantages"]) == rows  # the trained rows, not every generated one
+    assert sorted(logs["advantages"]) == pytest.approx(sorted(captured["advantages"].tolist()))
+    assert all(reward == 1.0 for reward in logs["rewards"]["graded_reward"])  # RAFT++ trains on accepted rows
+    assert set(logs["extra"]["gvm_phase"]) <= {"probe", "allocated"}
+    log = last_logs(trainer)
+    assert log["reward"] == 1.0
+    assert log["num_tokens"] == int(captured["prompt_mask"].sum() + captured["completion_mask"].sum())
+
+
+def test_user_logged_columns_and_metrics_survive(tmp_path, char_tokenizer):
+    def reward(completions, log_extra, log_metric, **kwargs):
+        log_extra("length", [len(c[0]["content"]) for c in completions])
+        log_metric("custom/rows", float(len(completions)))
+        return graded_reward(kwargs["prompts"], completions)
+
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, reward=reward, max_steps=1,
+                           gvm_probe_ahead=False)
+    trainer.train()
+    assert len(trainer._logs["extra"]["length"]) == len(trainer._logs["prompt"])
+    assert last_logs(trainer)["custom/rows"] == 8.0  # each of the two calls scored 8 rows
