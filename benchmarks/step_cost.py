@@ -1,59 +1,57 @@
-"""What GVM's two-phase rollout costs per training step, against a plain `trl.GRPOTrainer` step.
+"""What a GVM step costs, against a plain `trl.GRPOTrainer` step at equal completions.
 
 What is measured
 ----------------
-Both trainers see the same model, prompts (same seed, hence the same sampler order), completion length and
-sampling settings, and generate the SAME number of completions per generation batch of m prompts:
+Every configuration sees the same model, prompts (same seed, hence the same sampler order), completion length and
+sampling settings, and generates the SAME number of completions per generation batch of m prompts, m·G:
 
-- ``grpo``        plain ``trl.GRPOTrainer`` with ``num_generations = G``: m·G completions in one round.
-- ``gvm-equal``   ``GVMGRPOTrainer`` with ``gvm_num_probes = N′`` and ``gvm_budget_per_prompt = G − N′``:
-                  N′·m probes, then (G − N′)·m allocated completions = m·G in two rounds (probes reused for
-                  training, so both update on m·G rows).
-- ``gvm-default`` (``--include-default``) the package default N′ = G, budget = G: 2·m·G completions.
-- ``gvm-raft``    ``GVMRAFTTrainer`` with gvm-equal's N′ and budget (``--configs grpo gvm-equal gvm-raft``); it
-                  trains on the accepted rows only.
+- ``grpo``           plain ``trl.GRPOTrainer`` with ``num_generations = G``: one round of m·G completions.
+- ``uniform``        ``GVMGRPOTrainer`` with ``gvm_allocation="uniform"``, ``gvm_weighting="none"``, N′ + B = G: one
+                     round, no probes, no gradient-norm pass (computes what ``trl.GRPOTrainer`` computes).
+- ``gvm-sequential`` ``GVMGRPOTrainer``, the paper's protocol: N′·m probes, the gradient-norm pass, then the
+                     (G − N′)·m allocated completions in a second round.
+- ``gvm-grpo``       ``GVMGRPOTrainer`` probing ahead: one round per step holding this batch's allocated completions
+                     and the next batch's N′·m probes; the gradient-norm pass over those probes; the reused probes'
+                     log-probabilities under the weights that drew them.
+- ``gvm-raft``       ``GVMRAFTTrainer`` probing ahead (trains on the accepted rows only).
 
-Each configuration runs ``--steps`` optimizer steps (one generation batch each, ``steps_per_generation = 1``)
-in its own subprocess (so peak-memory numbers do not leak between them); the first ``--warmup`` steps are
-discarded and the median over the rest is reported. A step's wall time is the time between consecutive
-``on_step_end`` callbacks, so it includes data loading and logging. It is split into:
+The configurations run in lockstep: each in its own worker process (so peak-memory numbers are its own), holding its
+trainer, and the coordinator lets one worker take one optimizer step at a time, round-robin in a rotating order, so a
+change of the machine's load hits every configuration alike. The first ``--warmup`` steps are discarded, and so is
+the last (probing ahead, the last batch has no successor to probe, so it is cheaper than a steady-state step); the
+median over the rest is reported. A step's wall time runs from its release to ``on_step_end``. It is split into:
 
-- plain GRPO: generation = TRL's ``_generate_and_score_completions`` (generate + score + advantages, timed by a
-  subclass), update = the rest of the step (forward + backward + optimizer);
-- GVM: probe generation, per-sample gradient-norm pass, allocation and phase-2 generation from
-  ``trainer.rollout_totals``; "rollout bookkeeping" = the rest of ``_generate_gvm_batch`` (advantages, weights,
-  row assembly); update = the rest of the step.
+- plain GRPO: generation = TRL's ``_generate_and_score_completions`` (generate + score + advantages), update = the
+  rest of the step (forward + backward + optimizer);
+- GVM: the probe round (sequential only: probing ahead needs one only for the first batch), the gradient-norm pass,
+  the allocation, the generation round (allocated rows, with the next batch's probes riding along), the riding
+  probes' old log-probabilities (one no-grad forward; TRL computes these itself under vLLM's importance-sampling
+  correction), the rest of the rollout (advantages, weights, rows), and the update.
 
-GVM's overhead at equal completions = (its step − the plain step) / the plain step; it is also broken down into
-the gradient pass, the allocation and the extra generation round (GVM's probe + phase-2 + bookkeeping time minus
-the plain generation time). Target (not asserted): ≤ 15 %.
+Targets (not asserted; issue: one generation round per step): probing ahead ≤ 1.15× plain GRPO with 8 completions
+per step and ≤ 1.05× with 16; uniform ≤ 1.05×.
 
 Reward: by default a ``parity`` stand-in that accepts about half of all completions (``--reward math`` uses the
-real verifier). Cost is what is measured here, and it depends on the accept rate: the gradient-norm pass runs on
-the accepted probes only, phase 2 skips prompts with p_i = 0, and a generation batch whose probes are all rejected
-skips phase 2 and the update altogether. SmolLM2-135M solves only ~20 % of the arithmetic prompts at temperature 1
-(most prompts never), so with the math reward and a few probes most GVM steps would be such skipped steps.
+real verifier). Cost depends on the accept rate: the gradient-norm pass runs on the accepted probes only.
 
 Memory: on CPU the peak resident set size of the worker process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``,
 model load included) and the peak RSS during ``trainer.train()`` above the RSS just before it (psutil, sampled
-every 5 ms); on CUDA ``torch.cuda.max_memory_allocated`` during training. Timings on a CPU shared with other jobs
-are noisy: compare configurations only within one run, and look at the per-step numbers in the JSON.
+every 5 ms); on CUDA ``torch.cuda.max_memory_allocated`` during training.
 
-    python benchmarks/step_cost.py                         # CPU: SmolLM2-135M-Instruct, fp32, m = 2, G = 4, N′ = 2
-    python benchmarks/step_cost.py --batch-size 16 --num-generations 8 --num-probes 4 --steps 4
-    python benchmarks/step_cost.py --include-default       # also N′ = G, budget = G (2× the completions)
-    python benchmarks/step_cost.py --reward math           # the real verifier instead of the parity stand-in
-    python benchmarks/step_cost.py --tiny                  # tiny random model (fast, numbers meaningless)
-    python benchmarks/step_cost.py --quick                 # smoke test: tiny model, 2 steps, in-process
-    python benchmarks/step_cost.py --device cuda           # GPU: bf16, m·G = 64, 256-token completions
-    python benchmarks/step_cost.py --device cuda --model Qwen/Qwen2.5-Math-1.5B --max-completion-length 1024
-    bash benchmarks/gpu_smoke.sh                           # one GPU, no downloads: random Qwen2-0.5B-shaped model
+    python benchmarks/step_cost.py                              # CPU: SmolLM2-135M-Instruct, m = 2, G = 4, N′ = 2
+    python benchmarks/step_cost.py --num-generations 8 --num-probes 4 --batch-size 16   # 16 completions per step
+    python benchmarks/step_cost.py --reward math                # the real verifier instead of the parity stand-in
+    python benchmarks/step_cost.py --tiny                       # tiny random model (fast, numbers meaningless)
+    python benchmarks/step_cost.py --quick                      # smoke test: tiny model, in-process
+    python benchmarks/step_cost.py --device cuda                # GPU: bf16, m·G = 64, 256-token completions
+    bash benchmarks/gpu_smoke.sh                                # one GPU, no downloads: random Qwen2-0.5B-shaped model
 
 ``--model random-qwen2-0.5b`` builds Qwen2-0.5B's transformer body (24 layers, hidden 896, 14 heads / 2 KV heads,
 MLP 4864; 358M parameters) with random weights over the character tokenizer of ``gvm_trl.testing`` (vocabulary
 100, so the embeddings are small): the cost of a 0.5B-class step with no download.
 
-Results: ``benchmarks/results/step_cost_<tag>.json`` and ``.png`` (tag: cpu, cuda, tiny or quick).
+Results: ``benchmarks/results/step_cost_<tag>.json`` and ``.png`` (tag: cpu, cuda, tiny or quick; with the number
+of completions per step appended when it is not the preset's).
 """
 
 from __future__ import annotations
@@ -83,23 +81,25 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-CONFIGS = ("grpo", "gvm-equal", "gvm-default", "gvm-raft")
+CONFIGS = ("grpo", "uniform", "gvm-sequential", "gvm-grpo", "gvm-raft")
+DEFAULT_CONFIGS = CONFIGS
 RANDOM_QWEN2 = "random-qwen2-0.5b"
-GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2")
+GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2", "probe_logps")
 PHASE_LABELS = {
-    "generation": "generation (plain GRPO)",
-    "probe": "probe generation",
+    "generation": "generation (one round)",
+    "probe": "probe round",
     "grad_norms": "per-sample gradient pass",
     "allocate": "allocation",
-    "phase2": "phase-2 generation",
+    "phase2": "generation round (allocated + riding probes)",
+    "probe_logps": "riding probes' old log-probs",
     "bookkeeping": "rollout bookkeeping",
     "update": "update",
     "step": "step total",
 }
 DEVICE_PRESETS = {
-    "cpu": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=24, steps=3, warmup=1),
-    "cuda": dict(batch_size=64, num_generations=8, num_probes=4, max_completion_length=256, steps=6, warmup=1),
-    "quick": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=8, steps=2, warmup=1),
+    "cpu": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=24, steps=7, warmup=1),
+    "cuda": dict(batch_size=64, num_generations=8, num_probes=4, max_completion_length=256, steps=7, warmup=1),
+    "quick": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=8, steps=3, warmup=1),
 }
 
 
@@ -203,52 +203,72 @@ class RSSMonitor:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time between consecutive optimizer steps, with each step's GVM phase times and rollout time."""
+    """Wall time of each optimizer step from its release, with the step's GVM phase times and rollout time.
 
-    def __init__(self, device: str):
-        self.device, self.steps, self._last = device, [], None
+    In lockstep mode (`gate` is a readable stream) each step waits for a line from the coordinator before it
+    starts, and reports its numbers as one JSON line on `report` when it ends."""
+
+    def __init__(self, device: str, gate=None, report=None):
+        self.device, self.steps, self._start = device, [], None
+        self.gate, self.report = gate, report
         self.trainer = None  # set after the trainer exists
         self.rollout_seconds = 0.0  # accumulated by the timed trainers' rollout method
+        self.probe_logps_seconds = 0.0
 
     def _totals(self) -> dict:
         return dict(getattr(self.trainer, "rollout_totals", {}))
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.gate is not None:
+            self.gate.readline()  # the coordinator's turn for this worker
         device_sync(self.device)
-        self._last, self._seen = time.perf_counter(), self._totals()
+        self._start, self._seen = time.perf_counter(), self._totals()
 
     def on_step_end(self, args, state, control, **kwargs):
         device_sync(self.device)
         now, totals = time.perf_counter(), self._totals()
-        step = {"step": now - self._last, "rollout": self.rollout_seconds}
-        for key in (*(f"time_{p}" for p in GVM_PHASES), "probe_completions", "budget_completions"):
-            if key in totals:
-                step[key] = totals[key] - self._seen.get(key, 0.0)
+        step = {"step": now - self._start, "rollout": self.rollout_seconds, "time_probe_logps": self.probe_logps_seconds}
+        for key in (*(f"time_{p}" for p in GVM_PHASES if p != "probe_logps"), "probe_completions",
+                    "budget_completions"):
+            step[key] = totals.get(key, 0.0) - self._seen.get(key, 0.0)
         self.steps.append(step)
-        self._last, self._seen, self.rollout_seconds = now, totals, 0.0
+        self.rollout_seconds = self.probe_logps_seconds = 0.0
+        if self.report is not None:
+            self.report.write(json.dumps({"step": len(self.steps)}) + "\n")
+            self.report.flush()
 
 
 def timed_trainer_class(base: type, method: str):
-    """A subclass of `base` whose `method` (the whole rollout of one generation batch) adds its wall time to the
-    step timer."""
+    """A subclass of `base` whose `method` (the whole rollout of one generation batch) adds its wall time to the step
+    timer, and whose riding probes' log-probability pass (GVM, probing ahead) is timed on its own."""
 
-    def wrapped(self, *args, **kwargs):
-        device_sync(self.args.device.type)
-        start = time.perf_counter()
-        result = getattr(base, method)(self, *args, **kwargs)
-        device_sync(self.args.device.type)
-        self.step_timer.rollout_seconds += time.perf_counter() - start
-        return result
+    def timed(name: str, attribute: str):
+        def wrapped(self, *args, **kwargs):
+            device_sync(self.args.device.type)
+            start = time.perf_counter()
+            result = getattr(base, name)(self, *args, **kwargs)
+            device_sync(self.args.device.type)
+            setattr(self.step_timer, attribute, getattr(self.step_timer, attribute) + time.perf_counter() - start)
+            return result
 
-    return type(f"Timed{base.__name__}", (base,), {method: wrapped})
+        return wrapped
+
+    members = {method: timed(method, "rollout_seconds")}
+    if hasattr(base, "_attach_sampling_logps"):
+        members["_attach_sampling_logps"] = timed("_attach_sampling_logps", "probe_logps_seconds")
+    return type(f"Timed{base.__name__}", (base,), members)
 
 
 def phase_breakdown(step: dict, config: str) -> dict:
-    """One step's seconds per phase (GVM phases from `rollout_totals`, the rest from the timers)."""
-    if config == "grpo":
-        return {"generation": step["rollout"], "update": step["step"] - step["rollout"], "step": step["step"]}
-    phases = {p: step[f"time_{p}"] for p in GVM_PHASES}
-    phases["bookkeeping"] = step["rollout"] - sum(phases.values())
+    """One step's seconds per phase (GVM phases from `rollout_totals`, the rest from the timers).
+
+    The generation round's time includes the riding probes' log-probability pass, reported apart."""
+    if config in ("grpo", "uniform"):
+        phases = {"generation": step["rollout"]}
+    else:
+        phases = {p: step[f"time_{p}"] for p in GVM_PHASES}
+        phases["phase2"] -= phases["probe_logps"]
+        phases["bookkeeping"] = step["rollout"] - sum(phases.values())
     phases["update"] = step["step"] - step["rollout"]
     phases["step"] = step["step"]
     return phases
@@ -277,11 +297,12 @@ def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
     else:
         trainer_cls, args_cls = (GVMRAFTTrainer, GVMRAFTConfig) if config == "gvm-raft" else (GVMGRPOTrainer, GVMGRPOConfig)
         method = "_generate_training_batch"
-        options.update(gvm_probe_ahead=False)
-        probes = args.num_generations if config == "gvm-default" else args.num_probes
-        budget = args.num_generations if config == "gvm-default" else args.num_generations - args.num_probes
-        options.update(gvm_num_probes=probes, gvm_budget_per_prompt=budget)
-    prompts = args.batch_size // args.num_generations * args.steps
+        options.update(gvm_num_probes=args.num_probes, gvm_budget_per_prompt=args.num_generations - args.num_probes)
+        if config == "uniform":
+            options.update(gvm_allocation="uniform", gvm_weighting="none")
+        else:
+            options.update(gvm_probe_ahead=config != "gvm-sequential")
+    prompts = args.batch_size // args.num_generations * (args.steps + 1)
     trainer = timed_trainer_class(trainer_cls, method)(
         model=model,
         reward_funcs=reward_function(args.reward),
@@ -300,14 +321,17 @@ def logged(trainer, key: str) -> list[float]:
     return [log[key] for log in trainer.state.log_history if key in log]
 
 
-def run_config(config: str, args) -> dict:
+def run_config(config: str, args, gate=None, report=None) -> dict:
     """Train `config` for `args.steps` steps; per-step phase seconds, completions and memory."""
     limit_threads(args.device)
-    timer = StepTimer(args.device)
+    timer = StepTimer(args.device, gate, report)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(config, args, output_dir, timer)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        if report is not None:
+            report.write(json.dumps({"ready": config}) + "\n")
+            report.flush()
         with RSSMonitor() as rss:
             trainer.train()
     steps = [phase_breakdown(step, config) for step in timer.steps]
@@ -332,50 +356,75 @@ def run_config(config: str, args) -> dict:
     }
 
 
-def run_isolated(config: str, argv: list[str]) -> dict:
-    """`run_config` in a fresh Python process, so that peak memory and allocator state are its own."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        path = handle.name
+def run_lockstep(configs: list[str], argv: list[str], steps: int) -> dict[str, dict]:
+    """Every configuration in its own worker process, one optimizer step at a time, round-robin in a rotating order
+    (so each configuration runs first, last and in between equally often)."""
+    workers = {}
+    for config in configs:
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", config]
+        workers[config] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    results = {}
     try:
-        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", config, "--worker-output", path]
-        subprocess.run(command, check=True)
-        return json.loads(Path(path).read_text())
+        for config, worker in workers.items():
+            _await(worker, "ready")
+        for step in range(steps):
+            order = configs[step % len(configs) :] + configs[: step % len(configs)]
+            for config in order:
+                workers[config].stdin.write("go\n")
+                workers[config].stdin.flush()
+                _await(workers[config], "step")
+            print(f"[step_cost] step {step + 1}/{steps} done", flush=True)
+        for config, worker in workers.items():
+            results[config] = _await(worker, "result")["result"]
+            worker.wait(timeout=600)
     finally:
-        os.unlink(path)
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.kill()
+    return results
+
+
+def _await(worker: subprocess.Popen, key: str) -> dict:
+    """The next JSON line from `worker` that carries `key` (other output is passed through)."""
+    for line in worker.stdout:
+        if line.startswith("{"):
+            message = json.loads(line)
+            if key in message:
+                return message
+        else:
+            print(line, end="")
+    raise RuntimeError(f"a step_cost worker exited (code {worker.wait()}) before sending {key!r}")
 
 
 # -- summary, table, plot ---------------------------------------------------------------------------------------------
 
 
 def summarize(result: dict, warmup: int) -> dict:
-    """Median seconds per phase over the steps after the warm-up."""
-    timed = result["steps"][warmup:] or result["steps"][-1:]
+    """Median seconds per phase over the steady-state steps: after the warm-up, before the last."""
+    timed = result["steps"][warmup:-1] or result["steps"][-1:]
     phases = list(timed[0])
     return {phase: statistics.median(step[phase] for step in timed) for phase in phases}
 
 
-def overhead(gvm: dict, plain: dict) -> dict:
-    """GVM's extra cost over the plain step, as fractions of the plain step."""
-    generation = gvm["probe"] + gvm["phase2"] + gvm["bookkeeping"]
-    parts = {
-        "grad_norms": gvm["grad_norms"],
-        "allocate": gvm["allocate"],
-        "extra_generation_round": generation - plain["generation"],
-    }
-    return {
-        "ratio_step": gvm["step"] / plain["step"],
-        "overhead_fraction": (gvm["step"] - plain["step"]) / plain["step"],
-        "overhead_parts_fraction": {name: value / plain["step"] for name, value in parts.items()},
-        "overhead_sum_fraction": sum(parts.values()) / plain["step"],
-        "update_ratio": gvm["update"] / plain["update"],
-    }
-
-
 def generation_total(summary: dict) -> float:
-    """All generation-side seconds of a step: plain generation, or probes + phase 2 + rollout bookkeeping."""
+    """All generation-side seconds of a step: one round, or GVM's rounds, log-probs and rollout bookkeeping."""
     if "generation" in summary:
         return summary["generation"]
-    return summary["probe"] + summary["phase2"] + summary["bookkeeping"]
+    return summary["probe"] + summary["phase2"] + summary["probe_logps"] + summary["bookkeeping"]
+
+
+def overhead(config: dict, plain: dict) -> dict:
+    """A configuration's extra cost over the plain step, as fractions of the plain step."""
+    parts = {"generation": generation_total(config) - plain["generation"], "update": config["update"] - plain["update"]}
+    for name in ("grad_norms", "allocate"):
+        if name in config:
+            parts[name] = config[name]
+    return {
+        "ratio_step": config["step"] / plain["step"],
+        "overhead_fraction": (config["step"] - plain["step"]) / plain["step"],
+        "overhead_parts_fraction": {name: value / plain["step"] for name, value in parts.items()},
+        "update_ratio": config["update"] / plain["update"],
+    }
 
 
 def format_table(summaries: dict[str, dict], results: dict[str, dict]) -> str:
@@ -385,13 +434,14 @@ def format_table(summaries: dict[str, dict], results: dict[str, dict]) -> str:
     totals = {n: {**s, "generation_total": generation_total(s)} for n, s in summaries.items()}
     labels = {**PHASE_LABELS, "generation_total": "all generation"}
     order = ["generation", *GVM_PHASES, "bookkeeping", "generation_total", "update", "step"]
+    order = [phase for phase in order if any(phase in totals[n] for n in totals)]
     for phase in order:
         cells = [f"{totals[n][phase]:.2f}" if phase in totals[n] else "-" for n in ["grpo", *names]]
         comparable = phase in ("generation_total", "update", "step")
         ratios = [f"{totals[n][phase] / totals['grpo'][phase]:.2f}" if comparable else "" for n in names]
         rows.append([labels[phase], *cells, *ratios])
     everyone = ["grpo", *names]
-    rows.append(["completions / step", *(str(results[n]["completions_per_step"][-1]) for n in everyone)])
+    rows.append(["completions / step", *(str(results[n]["completions_per_step"][-2]) for n in everyone)])
     lengths = [results[n]["mean_completion_length"] for n in everyone]
     rows.append(["mean completion length", *("-" if x is None else f"{x:.1f}" for x in lengths)])
     rewards = [results[n]["reward_mean"] for n in everyone]
@@ -448,9 +498,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, help="m·G: completions per generation batch (plain GRPO)")
     parser.add_argument("--num-generations", type=int, help="G of plain GRPO")
-    parser.add_argument("--num-probes", type=int, help="N′ of gvm-equal (its budget per prompt is G − N′)")
+    parser.add_argument("--num-probes", type=int, help="N′ of the GVM configurations (their budget per prompt is G − N′)")
     parser.add_argument("--max-completion-length", type=int)
-    parser.add_argument("--steps", type=int, help="optimizer steps per configuration, warm-up included")
+    parser.add_argument("--steps", type=int, help="optimizer steps per configuration, warm-up and last included")
     parser.add_argument("--warmup", type=int, help="steps discarded before the median")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--reward", choices=("parity", "math"), default="parity",
@@ -458,12 +508,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "mid-range accept rate; math: the real verifier (SmolLM2 solves ~20%% at T=1, and a step "
                              "whose probes are all rejected skips phase 2 and the update)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: grpo gvm-equal")
-    parser.add_argument("--include-default", action="store_true", help="also N′ = G, budget = G (2× completions)")
-    parser.add_argument("--in-process", action="store_true", help="run the configurations in this process")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help=f"default: {' '.join(DEFAULT_CONFIGS)}")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the configurations one after the other in this process (not in lockstep)")
     parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.tiny = args.in_process = True
@@ -474,14 +523,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size % args.num_generations:
         parser.error("--batch-size must be a multiple of --num-generations")
     if not 1 <= args.num_probes < args.num_generations:
-        parser.error("--num-probes must lie in [1, G): gvm-equal's phase-2 budget per prompt is G − N′")
-    if args.warmup >= args.steps:
-        parser.error("--warmup must be smaller than --steps")
-    if args.configs is None:
-        args.configs = ["grpo", "gvm-equal", *(["gvm-default"] if args.include_default else [])]
+        parser.error("--num-probes must lie in [1, G): the GVM configurations' budget per prompt is G − N′")
+    if args.warmup + 1 >= args.steps:
+        parser.error("--steps must exceed --warmup + 1 (the warm-up and the last step are not timed)")
+    args.configs = args.configs or list(DEFAULT_CONFIGS)
     if "grpo" not in args.configs:
         parser.error("--configs must include grpo, the baseline every ratio refers to")
     args.tag = "quick" if args.quick else "tiny" if args.tiny else args.device
+    if not args.quick and args.batch_size != preset["batch_size"]:
+        args.tag += f"_{args.batch_size}"
     return args
 
 
@@ -492,19 +542,6 @@ def environment(args) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
     info["load_average"] = os.getloadavg()
     return info
-
-
-def run_safely(config: str, args, argv: list[str]) -> dict:
-    """One configuration's result, or {"error": ...} if its worker failed (e.g. killed for memory)."""
-    try:
-        return run_config(config, args) if args.in_process else run_isolated(config, argv)
-    except subprocess.CalledProcessError as error:
-        reason = f"worker exited with {error.returncode}"
-        if error.returncode < 0:
-            reason = f"worker killed by signal {-error.returncode}"
-            reason += " (out of memory?)" if error.returncode == -9 else ""
-        print(f"[step_cost] {config} failed: {reason}", flush=True)
-        return {"config": config, "error": reason}
 
 
 def build_report(results: dict, args, started: float) -> dict:
@@ -548,21 +585,24 @@ def print_report(report: dict) -> None:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.worker:
-        Path(args.worker_output).write_text(json.dumps(run_config(args.worker, args)))
+    if args.worker:  # one configuration, stepping when the coordinator says so
+        result = run_config(args.worker, args, gate=sys.stdin, report=sys.stdout)
+        print(json.dumps({"result": result}), flush=True)
         return {}
     limit_threads(args.device)
     output = args.output or RESULTS_DIR / f"step_cost_{args.tag}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    started, results = time.perf_counter(), {}
-    for config in args.configs:
-        print(f"[step_cost] {config}: {args.steps} steps ...", flush=True)
-        results[config] = run_safely(config, args, argv)
-        report = build_report(results, args, started)
-        output.write_text(json.dumps(report, indent=2))  # after every configuration: a crash keeps the rest
+    started = time.perf_counter()
+    print(f"[step_cost] {', '.join(args.configs)}: {args.steps} steps each, "
+          f"{'one after the other' if args.in_process else 'in lockstep'} ...", flush=True)
+    if args.in_process:
+        results = {config: run_config(config, args) for config in args.configs}
+    else:
+        results = run_lockstep(args.configs, argv, args.steps)
+    report = build_report(results, args, started)
+    output.write_text(json.dumps(report, indent=2))
     print_report(report)
-    if "grpo" in report["summary_seconds_per_step"]:
-        plot(report["summary_seconds_per_step"], output.with_suffix(".png"), f"Seconds per step: {report['setup']}")
+    plot(report["summary_seconds_per_step"], output.with_suffix(".png"), f"Seconds per step: {report['setup']}")
     print(f"wrote {output} and {output.with_suffix('.png')} ({report['wall_time_s']:.0f} s)")
     return report
 

@@ -38,15 +38,27 @@ def test_step_cost_quick(step_cost, tmp_path):
     report = json.loads(output.read_text())
     assert output.with_suffix(".png").stat().st_size > 0
     runs = report["runs"]
-    assert set(runs) == {"grpo", "gvm-equal"}
-    # Equal completions: m·G for plain GRPO, N′m probes + (G − N′)m phase 2 for GVM.
-    assert runs["grpo"]["completions_per_step"] == runs["gvm-equal"]["completions_per_step"] == [8, 8]
-    gvm = report["summary_seconds_per_step"]["gvm-equal"]
-    assert {"probe", "grad_norms", "allocate", "phase2", "bookkeeping", "update", "step"} <= set(gvm)
-    assert gvm["probe"] > 0 and gvm["phase2"] > 0 and gvm["step"] > 0
-    assert report["summary_seconds_per_step"]["grpo"]["generation"] > 0
-    assert report["comparison_to_grpo"]["gvm-equal"]["ratio_step"] > 0
+    assert set(runs) == {"grpo", "uniform", "gvm-sequential", "gvm-grpo", "gvm-raft"}
+    # Equal completions: m·G for plain GRPO and uniform, N′m probes + (G − N′)m allocated for GVM. Probing ahead,
+    # the first step also probes its own batch (+N′m) and the last probes none (−N′m).
+    for config in ("grpo", "uniform", "gvm-sequential"):
+        assert runs[config]["completions_per_step"] == [8, 8, 8]
+    for config in ("gvm-grpo", "gvm-raft"):
+        assert runs[config]["completions_per_step"] == [12, 8, 4]
+    summaries = report["summary_seconds_per_step"]
+    assert {"probe", "grad_norms", "allocate", "phase2", "probe_logps", "bookkeeping", "update", "step"} <= set(
+        summaries["gvm-grpo"]
+    )
+    assert summaries["gvm-grpo"]["probe"] == 0 < summaries["gvm-sequential"]["probe"]  # one round per steady step
+    assert summaries["gvm-grpo"]["probe_logps"] > 0 == summaries["gvm-sequential"]["probe_logps"]
+    assert summaries["uniform"]["generation"] > 0 and "grad_norms" not in summaries["uniform"]
+    assert report["comparison_to_grpo"]["gvm-grpo"]["ratio_step"] > 0
     assert runs["grpo"]["memory"]["cpu_peak_rss_mib"] > 0
+
+
+def test_step_cost_lockstep_runs_the_workers_in_turn(step_cost, tmp_path):
+    results = step_cost.run_lockstep(["grpo", "gvm-grpo"], ["--tiny", "--steps", "3", "--max-completion-length", "4"], 3)
+    assert set(results) == {"grpo", "gvm-grpo"} and all(len(r["steps"]) == 3 for r in results.values())
 
 
 def test_convergence_quick(convergence, tmp_path):
