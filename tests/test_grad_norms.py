@@ -203,7 +203,7 @@ def test_unused_module_warns_and_counts_zero():
     model = tiny_model("llama")
     model.model.unused = nn.Linear(4, 4)
     batch = make_batch()
-    with pytest.warns(UserWarning, match=r"model\.unused\.weight.*not called"):
+    with pytest.warns(UserWarning, match=r"model\.unused\.weight.*not used"):
         got = per_sample_grad_norms(model, *batch, params="all")
     want = reference_norms(model, *batch, lambda n: "unused" not in n)
     assert max_rel_err(got, want) < TOLERANCE
@@ -311,12 +311,27 @@ def test_selection_errors():
         per_sample_grad_norms(model, *batch)
 
 
-def test_unsupported_module_is_named():
+class ScaledMLP(nn.Module):
+    """A Llama MLP whose output is scaled per channel by a parameter of the MLP itself (no fast rule covers it)."""
+
+    def __init__(self, mlp: nn.Module, width: int):
+        super().__init__()
+        self.mlp = mlp
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return self.mlp(x) * self.scale
+
+
+def test_parameter_without_fast_rule_is_measured_by_the_generic_rule():
     model = tiny_model("llama")
-    model.model.layers[0].mlp.scale = nn.Parameter(torch.ones(32))
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.scale.*LlamaMLP"):
-        per_sample_grad_norms(model, *make_batch(), params="all")
-    assert per_sample_grad_norms(model, *make_batch(), params=r"mlp\.(gate|up|down)").shape == (3,)
+    for layer in model.model.layers:
+        layer.mlp = ScaledMLP(layer.mlp, 32)
+    batch = make_batch("left")
+    got = per_sample_grad_norms(model, *batch, params="all")
+    assert max_rel_err(got, reference_norms(model, *batch, everything)) < TOLERANCE
+    got = per_sample_grad_norms(model, *batch, params=r"mlp\.scale")
+    assert max_rel_err(got, reference_norms(model, *batch, lambda n: "mlp.scale" in n)) < TOLERANCE
 
 
 def test_input_validation():

@@ -75,7 +75,14 @@ class _Dense:
     value: Tensor
 
 
-_Record = _Outer | _Dense
+@dataclass
+class _Squares:
+    """Per-row squared norms [B] (float64) of a parameter with one use, reduced as soon as it was formed."""
+
+    value: Tensor
+
+
+_Record = _Outer | _Dense | _Squares
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -184,6 +191,8 @@ def _gram_dot(a: _Gram, b: _Gram, length: int) -> Tensor:
 
 def _self_square(rec: _Record, method: Method, cache: _SharedInputs) -> Tensor:
     """‖G_b‖² for every row b, float64."""
+    if isinstance(rec, _Squares):
+        return rec.value
     if isinstance(rec, _Dense):
         return _sum_rows(rec.value.to(torch.float64).square())
     if rec.ids:
@@ -226,6 +235,8 @@ def _ids_segment_square(rec: _Outer) -> Tensor:
 
 def _cross(a: _Record, b: _Record, method: Method) -> Tensor:
     """⟨G_a, G_b⟩ per row (two uses of one parameter), float64."""
+    if isinstance(a, _Squares) or isinstance(b, _Squares):
+        raise AssertionError("squared norms are kept only for parameters with a single use")
     if isinstance(a, _Dense) and isinstance(b, _Dense):
         return _sum_rows(a.value.to(torch.float64) * b.value.to(torch.float64))
     if isinstance(a, _Dense) or isinstance(b, _Dense):
