@@ -96,8 +96,8 @@ def resolve(model: nn.Module, params: ParamSelection, setting: str) -> Resolved:
             shape = parameter_shape(p)
             rule = rule_for(module, attr, shape)
             targets[module].append(Target(selected[id(p)][0], attr, id(p), rule, shape))
-            checked = rule.is_checked(module)
-            uses.append(ParameterRule(selected[id(p)][0], module_name, type(module).__name__, shape, rule.name, checked))
+            name, module_type = selected[id(p)][0], type(module).__name__
+            uses.append(ParameterRule(name, module_name, module_type, shape, rule.name, rule.is_checked(module)))
     description = params if isinstance(params, str) else getattr(params, "__name__", "<predicate>")
     return Resolved(selected, dict(targets), GradNormPlan(setting, repr(description), tuple(uses)))
 

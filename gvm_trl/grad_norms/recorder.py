@@ -332,6 +332,8 @@ class Recorder:
                 hooked.fast.append((rule, targets, captured))
         frame.hooked.append(hooked)
         tensors = [leaves[i] for i in graded]
+        if not hooked.generic:
+            call.args, call.kwargs, call.leaves = (), {}, []  # fast rules keep only their captures (not the logits)
         if len(tensors) == 1:
             tensors[0].register_hook(lambda grad: self._on_grad(hooked, (grad,)))
         else:

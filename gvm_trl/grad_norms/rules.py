@@ -291,7 +291,8 @@ class GenericRule(Rule):
         return True
 
 
-LINEAR, CONV1D, EMBEDDING, CHANNELWISE, GENERIC = LinearRule(), Conv1DRule(), EmbeddingRule(), ChannelwiseRule(), GenericRule()
+LINEAR, CONV1D, EMBEDDING, CHANNELWISE = LinearRule(), Conv1DRule(), EmbeddingRule(), ChannelwiseRule()
+GENERIC = GenericRule()
 RULES: tuple[Rule, ...] = (LINEAR, CONV1D, EMBEDDING, CHANNELWISE)
 
 
@@ -396,7 +397,8 @@ class _Replay:
                 try:
                     with warnings.catch_warnings():  # ops without a batching rule run in a loop inside vmap
                         warnings.filterwarnings("ignore", message="There is a performance drop")
-                        outputs, grads = torch.func.vmap(self._one, in_dims=(None, 0, 0))(self.params, inputs, cotangents)
+                        batched = torch.func.vmap(self._one, in_dims=(None, 0, 0))
+                        outputs, grads = batched(self.params, inputs, cotangents)
                     return list(outputs), list(grads)
                 except Exception:  # noqa: BLE001 - e.g. data-dependent routing; the loop below is exact too
                     _VMAP_UNSUPPORTED.add(type(self.call.module))
