@@ -46,14 +46,17 @@ class Batch:
         return self.valid.shape[0]
 
     def layout(self, x: Tensor) -> Layout | None:
-        """How ``x`` splits into samples, or None where its leading dimension is not the batch."""
-        batch, masks = self.size, (self.valid, self.head_valid)
-        for mask in masks:
-            if x.ndim >= 3 and x.shape[0] == batch and x.shape[1] == mask.shape[1]:
-                return Layout(False, mask)
-        for mask in masks:
-            if x.ndim >= 1 and mask.shape[1] > 1 and x.shape[0] == batch * mask.shape[1]:
-                return Layout(True, mask)
+        """How ``x`` splits into samples, or None where its leading dimension is not the batch.
+
+        The head's positions need no mask: its input is zeroed and its output gradient is 0 where nothing counts.
+        """
+        batch, length, head_length = self.size, self.valid.shape[1], self.head_valid.shape[1]
+        if x.ndim >= 3 and x.shape[0] == batch and x.shape[1] == length:
+            return Layout(False, self.valid)
+        if x.ndim >= 1 and x.shape[0] == batch * length:
+            return Layout(True, self.valid)
+        if x.ndim >= 1 and head_length > 1 and x.shape[0] == batch * head_length:
+            return Layout(True, None)
         if x.ndim >= 1 and x.shape[0] == batch:
             return Layout(False, None)
         return None
