@@ -363,3 +363,16 @@ def test_errors_name_the_setting():
         per_sample_grad_norms(model, *make_batch(), params="nothing_here", setting="gvm_grad_params")
     with pytest.raises(ValueError, match=r"^params='nothing_here'"):  # the default name
         per_sample_grad_norms(model, *make_batch(), params="nothing_here")
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (1, 5)])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "nemotron_h"])
+def test_batch_size_equal_to_length_or_one(arch, shape):
+    """Inputs are split into samples by their leading dimension: B == T and B == 1 must not confuse it."""
+    rows, length = shape
+    model = tiny(arch)
+    batch = make_batch("right", (length,) * rows, tuple(range(1, rows + 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = per_sample_grad_norms(model, *batch, params="all")
+    assert max_rel_err(got, reference(model, batch)) < 1e-4
