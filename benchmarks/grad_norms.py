@@ -12,6 +12,10 @@ Timed per completion length, on one batch of completions from a random model (no
 and reports a/c, b/c, c/d, c2/d (c2 against d of the untied model), the same ratios in matmul FLOPs (counted by
 ``torch.utils.flop_counter``: independent of machine load, which on a shared CPU distorts timings), peak memory
 and the max relative error of (c) against (b). Cases are timed round-robin, ``--repeats`` times, best kept.
+
+``--generic`` instead times the exact generic rule (a per-sample re-run of each module and a VJP) against the fast
+rules on the same model and batch: a Llama with every decoder-layer parameter forced onto the generic rule, and a
+Qwen3-MoE whose experts and routers need it, against the same model measured without them.
 CPU memory is the peak process RSS above the RSS before the call, sampled every 2 ms with psutil
 (torch allocations are invisible to tracemalloc); CUDA memory is ``torch.cuda.max_memory_allocated`` above the
 allocation before the call.
@@ -19,6 +23,7 @@ allocation before the call.
     python benchmarks/grad_norms.py --quick                # smoke test, < 1 minute
     python benchmarks/grad_norms.py                        # CPU: hidden 256, 4 layers, vocab 49152 (SmolLM2-like)
     python benchmarks/grad_norms.py --device cuda          # Qwen2-0.5B-shaped, bf16, batch 64
+    python benchmarks/grad_norms.py --generic [--quick]    # cost of the generic rule vs the fast rules
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -40,9 +45,18 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
+import gvm_trl.grad_norms.planning as planning  # noqa: E402
 from gvm_trl.grad_norms import per_sample_grad_norms  # noqa: E402
+from gvm_trl.grad_norms.rules import GENERIC  # noqa: E402
 
 PRESETS = {
     "cpu": dict(
@@ -244,6 +258,79 @@ def run_length(cfg: dict, tied_model, untied_model, completion: int, args) -> di
     }
 
 
+GENERIC_PRESETS = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048, batch=8, prompt=16,
+                 completion=64),
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=8192, batch=8, prompt=32,
+                  completion=128),
+}
+
+
+@contextlib.contextmanager
+def generic_decoder_layers(model: torch.nn.Module):
+    """Plan every parameter outside the embeddings and the head onto the generic rule (for timing it)."""
+    keep = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    original = planning.rule_for
+    planning.rule_for = lambda module, attr, shape: original(module, attr, shape) if id(module) in keep else GENERIC
+    try:
+        yield
+    finally:
+        planning.rule_for = original
+
+
+def generic_cost(args) -> dict:
+    """Seconds of the pass with the fast rules vs with the generic rule where it is forced or needed."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*generic rule")
+    sizes = ["tiny"] if args.quick else ["tiny", "small"]
+    results = []
+    for size in sizes:
+        cfg = dict(GENERIC_PRESETS[size], dtype="float32", arch="llama")
+        batch = make_batch(cfg, cfg["completion"], cfg["batch"], "cpu")
+        llama = build_model(cfg, True, "cpu")
+        torch.manual_seed(0)
+        moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"], intermediate_size=cfg["intermediate"],
+            moe_intermediate_size=cfg["intermediate"] // 4, num_experts=8, num_experts_per_tok=2,
+            head_dim=cfg["hidden"] // cfg["heads"], max_position_embeddings=4096,
+        )).eval()
+        fast_only = r"embed_tokens|lm_head|self_attn|layernorm|norm\.weight"
+
+        def forced(model=llama):
+            with generic_decoder_layers(model):
+                return per_sample_grad_norms(model, **batch, params="all")
+
+        cases = {
+            "llama_fast": lambda: per_sample_grad_norms(llama, **batch, params="all"),
+            "llama_layers_generic": forced,
+            "moe_fast_parameters_only": lambda: per_sample_grad_norms(moe, **batch, params=fast_only),
+            "moe_all_experts_generic": lambda: per_sample_grad_norms(moe, **batch, params="all"),
+        }
+        for fn in cases.values():  # warm-up (and vmap's one-off probe of which modules it can batch)
+            fn()
+        seconds = defaultdict(list)
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
+        best = {name: min(times) for name, times in seconds.items()}
+        error = ((forced().double() - cases["llama_fast"]().double()).abs() / cases["llama_fast"]().double()).max()
+        generic_params = sum(p.numel() for n, p in moe.named_parameters() if "experts" in n or "mlp.gate" in n)
+        result = {
+            "size": size, "config": cfg, "seconds": {k: round(v, 4) for k, v in best.items()},
+            "llama_generic_over_fast": round(best["llama_layers_generic"] / best["llama_fast"], 2),
+            "moe_all_over_fast_only": round(best["moe_all_experts_generic"] / best["moe_fast_parameters_only"], 2),
+            "llama_generic_vs_fast_max_rel_diff": float(error),
+            "moe_generic_parameter_share": round(generic_params / sum(p.numel() for p in moe.parameters()), 3),
+        }
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return {"threads": args.threads, "torch": torch.__version__, "repeats": args.repeats, "results": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -254,8 +341,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds over all cases (the best is reported)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--output", default="benchmarks/results/grad_norms.json")
+    parser.add_argument("--generic", action="store_true", help="time the generic rule against the fast rules")
+    parser.add_argument("--output", help="default: benchmarks/results/grad_norms.json (or grad_norms_generic.json)")
     args = parser.parse_args()
+    if args.generic:
+        torch.set_num_threads(args.threads)
+        out = Path(args.output or "benchmarks/results/grad_norms_generic.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(generic_cost(args), indent=2))
+        print(f"wrote {out}")
+        return
+    args.output = args.output or "benchmarks/results/grad_norms.json"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
-import gvm_trl.grad_norms as grad_norms
+import gvm_trl.grad_norms.products as products
 from gvm_trl.grad_norms import per_sample_grad_norms
 
 VOCAB = 97
@@ -117,8 +117,8 @@ def test_ghost_and_materialized_paths_agree(arch, monkeypatch):
     batch = make_batch("left")
     want = reference_norms(model, *batch, everything)
     materialized = []
-    original = grad_norms._materialize
-    monkeypatch.setattr(grad_norms, "_materialize", lambda *a: materialized.append(1) or original(*a))
+    original = products._materialize
+    monkeypatch.setattr(products, "_materialize", lambda *a: materialized.append(1) or original(*a))
     for method in ["ghost", "materialize", "auto"]:
         materialized.clear()
         got = per_sample_grad_norms(model, *batch, params="all", method=method)
@@ -132,7 +132,7 @@ def test_row_chunking(method, monkeypatch):
     model = tiny_model("gpt2", tied=True)
     batch = make_batch("left")
     whole = per_sample_grad_norms(model, *batch, params="all", method=method)
-    monkeypatch.setattr(grad_norms, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(products, "_CHUNK_ELEMENTS", 1)
     torch.testing.assert_close(per_sample_grad_norms(model, *batch, params="all", method=method), whole)
 
 
@@ -141,13 +141,13 @@ def test_auto_follows_choose_method(monkeypatch):
     batch = make_batch()
     want = reference_norms(model, *batch, everything)
     for choice in ["ghost", "materialize"]:
-        monkeypatch.setattr(grad_norms, "_choose_method", lambda *a, c=choice: c)
+        monkeypatch.setattr(products, "_choose_method", lambda *a, c=choice: c)
         assert max_rel_err(per_sample_grad_norms(model, *batch, params="all"), want) < TOLERANCE
 
 
 def test_choose_method_rule():
     """The measured choices: ghost everywhere at T=128, q/k/v and MLP materialised at T=416, a wide head at 1024."""
-    choose = grad_norms._choose_method
+    choose = products._choose_method
     assert [choose(128, 128, m, n) for m, n in [(256, 256), (768, 256), (49152, 256)]] == ["ghost"] * 3
     assert [choose(416, 416, m, n) for m, n in [(256, 256), (768, 256)]] == ["materialize"] * 2
     assert choose(1024, 1024, 49152, 256) == "materialize"
@@ -203,7 +203,7 @@ def test_unused_module_warns_and_counts_zero():
     model = tiny_model("llama")
     model.model.unused = nn.Linear(4, 4)
     batch = make_batch()
-    with pytest.warns(UserWarning, match=r"model\.unused\.weight.*not called"):
+    with pytest.warns(UserWarning, match=r"model\.unused\.weight.*not used"):
         got = per_sample_grad_norms(model, *batch, params="all")
     want = reference_norms(model, *batch, lambda n: "unused" not in n)
     assert max_rel_err(got, want) < TOLERANCE
@@ -311,12 +311,27 @@ def test_selection_errors():
         per_sample_grad_norms(model, *batch)
 
 
-def test_unsupported_module_is_named():
+class ScaledMLP(nn.Module):
+    """A Llama MLP whose output is scaled per channel by a parameter of the MLP itself (no fast rule covers it)."""
+
+    def __init__(self, mlp: nn.Module, width: int):
+        super().__init__()
+        self.mlp = mlp
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return self.mlp(x) * self.scale
+
+
+def test_parameter_without_fast_rule_is_measured_by_the_generic_rule():
     model = tiny_model("llama")
-    model.model.layers[0].mlp.scale = nn.Parameter(torch.ones(32))
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.scale.*LlamaMLP"):
-        per_sample_grad_norms(model, *make_batch(), params="all")
-    assert per_sample_grad_norms(model, *make_batch(), params=r"mlp\.(gate|up|down)").shape == (3,)
+    for layer in model.model.layers:
+        layer.mlp = ScaledMLP(layer.mlp, 32)
+    batch = make_batch("left")
+    got = per_sample_grad_norms(model, *batch, params="all")
+    assert max_rel_err(got, reference_norms(model, *batch, everything)) < TOLERANCE
+    got = per_sample_grad_norms(model, *batch, params=r"mlp\.scale")
+    assert max_rel_err(got, reference_norms(model, *batch, lambda n: "mlp.scale" in n)) < TOLERANCE
 
 
 def test_input_validation():

@@ -1,0 +1,189 @@
+r"""Per-sample gradient norms ‖∇_θ ln P(y | x)‖₂ for a batch of completions, in one forward and one backward.
+
+GVM weights each prompt by the mean norm of the per-sample gradient of ln P(y|x) = Σ_t log p_θ(y_t | ·) (a
+*sum* over completion tokens) over its accepted completions. Autograd only gives the gradient of a sum over the
+batch; looping over samples costs a backward each, and ``torch.func`` per-sample gradients need B×|θ| memory.
+This module instead hooks the modules that use the measured parameters and rebuilds per-sample squared norms from
+what each layer sees — its inputs and the gradients g_t of its output — with the parameters frozen, so no weight
+gradient is ever formed.
+
+**Rules.** Each use of a measured parameter is measured by the first rule of a table (:data:`.rules.RULES`, one
+small class per layer kind, as Opacus registers one function per layer type) whose condition holds — matched by
+what the module computes, so subclasses are covered — and otherwise by the generic rule:
+
+* ``linear``: ``nn.Linear`` and subclasses keeping its ``forward`` (W: out×in), G = Σ_t g_t a_tᵀ; ``conv1d``:
+  transformers' ``Conv1D`` (W transposed), G = Σ_t a_t g_tᵀ. Either materialise G (cost ∝ T·d_in·d_out), or use
+  the Gram ("ghost norm") identity ‖G‖²_F = Σ_{t,s} (a_t·a_s)(g_t·g_s) (cost ∝ T²·(d_in + d_out));
+  :func:`.products._choose_method` picks per layer and length whichever costs less (mixed ghost norm, as in the
+  book-keeping method of Bu et al. 2022). Layers reading one input (q/k/v, gate/up) share its Gram. Biases:
+  G = Σ_t g_t.
+* ``embedding``: any ``nn.Embedding`` whose output is c·W[ids] for one scalar c (c = 1 for the base class;
+  subclasses such as Gemma's scaled embedding are checked on a probe at planning and on each call):
+  G = c Σ_t e_{id_t} g_tᵀ, so ‖G‖² = c² Σ_{t,s} [id_t = id_s](g_t·g_s) (token-equality ghost norm,
+  ``method="ghost"``), or — otherwise — sum the g_t of equal ids per sample (a segment sum over unique (sample, id)
+  pairs) and square, O(T·d).
+* ``channelwise``: 1-D parameters of leaf modules (norm weights and biases, whatever the class is called) where
+  output channel i depends on p_i only: G = Σ_t u_t ⊙ g_t with u = ∂y/∂p by forward-mode AD of the module, so
+  RMSNorm, LayerNorm and variants such as Gemma's (1 + w) are exact without per-class formulas. Checked on each
+  call with a second forward-mode pass along a random tangent.
+* ``generic`` (:func:`.rules.generic_records`): everything else — fused MoE expert weights and routers, Mamba's
+  ``A_log``/``D``/``dt_bias``, ``nn.Conv1d``, subclasses that override ``forward``, and calls where a checked rule's
+  assumption fails. The forward hook keeps the module's inputs, the gradient hook its output gradients; then for
+  every sample the module is re-run on that sample's slice of its inputs (those leading with the batch, or with the
+  flattened batch × positions as MoE experts see tokens) and the VJP w.r.t. just its generic parameters is taken,
+  with ``torch.func.vmap`` over samples where the module allows it and a loop where it has data-dependent control
+  flow (MoE routing). Re-run outputs must equal the recorded ones at real positions (else the module mixes samples:
+  an error, never a guess). Exact for any module that treats samples independently; it costs one extra forward
+  and backward of the module per sample (batched under vmap) and each sample's dense gradient of its generic
+  parameters, so it grows with batch × their size. Measured on CPU (``benchmarks/grad_norms.py --generic``,
+  1 thread, batch 8): every decoder-layer parameter of a Llama forced onto it costs 1.03× (hidden 64) and 1.12×
+  (hidden 256, 4 layers) the fast pass, as vmap batches the re-runs; a Qwen3-MoE's experts and routers (26% and 49%
+  of its parameters) make the pass 1.2× and 2.6× slower than leaving them out, routing forcing a per-sample loop.
+
+Parameters read outside their own module's forward (a Mamba mixer calling ``causal_conv1d_fn(x,
+self.conv1d.weight, ...)`` without calling ``self.conv1d``) are seen by a ``TorchFunctionMode`` during the forward
+and measured by the generic rule at the module that read them. :func:`plan_per_sample_grad_norms` reports which
+rule measures which parameter before any batch and warns when the generic rule is needed.
+
+A parameter reached by several uses k (tied ``embed_tokens``/``lm_head``, a module called twice) has per-sample
+gradient Σ_k G_k and ‖Σ_k G_k‖² = Σ_k ‖G_k‖² + 2 Σ_{k<l} ⟨G_k, G_l⟩. Uses are grouped by parameter identity and
+the cross terms computed from the same factors, e.g. for a tied head (a_s, g_s at loss positions s) and embedding
+(ids id_t, gradients e_t): ⟨G_head, G_emb⟩ = Σ_{t,s} g_s[id_t] (a_s·e_t). Dropping it is wrong (measured: 2e-3
+relative error at random init, more on trained models).
+
+Autograd never reaches further down than needed: all parameters are frozen during the call and gradients start
+from detached, grad-requiring copies of the outputs of the lowest measured modules, so ``params="lm_head"`` costs a
+forward plus a backward through the head only. The head is fed only the positions whose next token counts (its
+input is gathered to B×L×d, L = most counted tokens in a row), never B×T×V logits. With HF gradient checkpointing
+on layers that hold measured parameters, checkpointing stays on and the backward starts at the input embeddings
+(checkpointed layers need a grad-requiring input); forward hooks re-run by the recompute are not counted twice.
+
+Limits: checkpointing other than HF's ``GradientCheckpointingLayer`` must be off; under non-reentrant checkpointing
+(HF's default) the inputs of measured layers are kept from the forward, as without checkpointing; a parameter used
+by the model's own top-level forward (not inside a submodule) is refused; under FSDP2, a parameter read outside its
+module is seen only when the reading module is its parent (Mamba's mixers).
+
+Why hand-written: Opacus' ghost clipping and private-transformers use the same identities, but around DP-SGD's
+clipped update and their own model wrappers, without a per-layer choice of method, and they refuse (or ignore the
+cross terms of) shared parameters and unknown layer types; ``torch.func`` per-sample gradients over the whole
+model need B×|θ| memory. Here any Hugging Face causal LM, PEFT-wrapped or not, is measured in place and left
+exactly as it was, and ``torch.func`` is used only for the few parameters no fast rule covers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .planning import GradNormPlan, ParameterRule, ParamSelection, embeddings, resolve, warn_generic
+from .products import Method
+from .recorder import Recorder, measurement_mode
+
+__all__ = ["GradNormPlan", "ParameterRule", "per_sample_grad_norms", "plan_per_sample_grad_norms"]
+
+_METHODS = ("auto", "ghost", "materialize")
+
+
+def plan_per_sample_grad_norms(
+    model: nn.Module, params: ParamSelection = "trainable", *, setting: str = "params"
+) -> GradNormPlan:
+    """Which rule :func:`per_sample_grad_norms` will use for each selected parameter, resolved without a batch.
+
+    Call it once where the selection is configured (a trainer's construction). ``setting`` is the name the user
+    gave ``params`` under (e.g. ``"gvm_grad_params"``); error and warning messages name it.
+
+    Raises:
+        ValueError: ``params`` selects nothing, or names a missing embedding, or is an invalid regex.
+        TypeError: ``params`` is neither a string nor a predicate.
+
+    Warns (``UserWarning``, once): when some parameters need the generic rule, naming a few, their count and cost.
+    """
+    plan = resolve(model, params, setting).plan
+    warn_generic(plan, stacklevel=2)
+    return plan
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    loss_mask: Tensor,
+    *,
+    params: ParamSelection = "trainable",
+    micro_batch_size: int | None = None,
+    method: Method = "auto",
+    setting: str = "params",
+) -> Tensor:
+    """‖∇_θ Σ_t loss_mask[b,t]·log p_θ(input_ids[b,t] | input_ids[b,<t])‖₂ for every row b: float32 [B].
+
+    Args:
+        model: a causal LM whose forward takes ``input_ids``/``attention_mask`` and returns ``.logits`` (HF or PEFT).
+        input_ids: [B, T] token ids, left or right padded.
+        attention_mask: [B, T], 1 on real tokens (``None``: no padding).
+        loss_mask: [B, T] aligned with ``input_ids``; non-zero where the token's log-probability counts (bool, int or
+            float). Position 0 cannot count, nor can padding.
+        params: which parameters θ spans: ``"trainable"`` (``requires_grad``), ``"all"``, ``"embed_tokens"`` (the
+            input embedding matrix, the official GVM code's choice), ``"lm_head"`` (the output embedding matrix; with
+            tied embeddings both names mean the shared matrix, with both its contributions), otherwise a regular
+            expression searched in parameter names (any alias of a tied parameter) or a predicate ``(name, param)``.
+        micro_batch_size: rows per forward/backward (``None``: all at once).
+        method: ``"auto"`` chooses ghost or materialised norms per layer and length
+            (:func:`.products._choose_method`); ``"ghost"``/``"materialize"`` force one (for embeddings:
+            token-equality Gram / segment sums).
+        setting: the name ``params`` has in the caller's configuration, for error messages.
+
+    The model runs in eval mode (no dropout), with position ids counted over real tokens as in generation, so
+    padding does not change a row's norm. It is left as found: no hooks, the same ``.grad`` (none is created),
+    ``requires_grad`` flags and per-module train/eval modes. HF gradient checkpointing, if enabled on layers that
+    hold measured parameters, stays on. Rows are measured in micro-batches of similar lengths.
+
+    Every selected parameter is measured exactly: by a fast rule where one applies, by the slower generic rule
+    otherwise (see the module docstring; :func:`plan_per_sample_grad_norms` says which, and warns).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    resolved = resolve(model, params, setting)
+    device, out_device = _model_device(model), input_ids.device
+    recorder = Recorder(model, resolved.targets, method, setting)
+    # Callers may hold no_grad or inference mode (e.g. around generation); the measurement needs autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        input_ids, attention_mask, loss_mask = _check_inputs(input_ids, attention_mask, loss_mask, device)
+        batch = input_ids.shape[0]
+        step = micro_batch_size or max(batch, 1)
+        # Micro-batches of similar lengths carry less padding.
+        order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
+        squares = torch.zeros(batch, dtype=torch.float64, device=device)
+        with measurement_mode(model, recorder.checkpointed_layers), recorder.attached():
+            for start in range(0, batch, step):
+                rows = order[start : start + step]
+                squares[rows] = recorder.measure(input_ids[rows], attention_mask[rows], loss_mask[rows])
+    return squares.clamp(min=0).sqrt().to(device=out_device, dtype=torch.float32)
+
+
+def _check_inputs(
+    input_ids: Tensor, attention_mask: Tensor | None, loss_mask: Tensor, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated copies on ``device`` (copies: inputs made under inference mode cannot enter autograd)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    for name, mask in (("attention_mask", attention_mask), ("loss_mask", loss_mask)):
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape {tuple(input_ids.shape)} of input_ids, got {tuple(mask.shape)}")
+    input_ids = input_ids.to(device).clone()
+    attention_mask, loss_mask = attention_mask.to(device) != 0, loss_mask.to(device) != 0
+    if loss_mask[:, :1].any():
+        raise ValueError("loss_mask[:, 0] must be 0: the first token has no log-probability")
+    if (loss_mask & ~attention_mask).any():
+        raise ValueError("loss_mask marks padding tokens (attention_mask == 0)")
+    return input_ids, attention_mask, loss_mask
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    weight = getattr(embeddings(model, output=False), "weight", None)
+    if isinstance(weight, Tensor):
+        return weight.device
+    return next(model.parameters()).device

@@ -1,0 +1,309 @@
+"""Per-sample gradients held as factors or dense tensors, their squared norms and inner products, per row.
+
+A 2-D parameter's per-sample gradient Σ_t l_t r_tᵀ is kept as its factors (:class:`_Outer`) and reduced with
+either the Gram ("ghost norm") identity or by materialising it, whichever :func:`_choose_method` finds cheaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Method = Literal["auto", "ghost", "materialize"]
+
+# Largest intermediate (Gram or materialised gradient) built at once, in elements; work is split over rows above it.
+_CHUNK_ELEMENTS = 1 << 26
+# Cost of forming and reducing one element of a materialised per-sample gradient, in multiply-adds (CPU-calibrated).
+_MATERIALIZE_OVERHEAD = 256
+# Ghost norms of long sequences multiply Grams out in blocks of this many positions, skipping the mirrored half.
+_GRAM_BLOCK = 128
+
+
+def _choose_method(t_a: int, t_b: int, m: int, n: int) -> Literal["ghost", "materialize"]:
+    """Ghost or materialised inner product of per-sample gradients (m×n) summed over T_a and T_b positions.
+
+    Ghost costs T_a·T_b·(m + n) multiply-adds; materialising costs T·m·n plus writing and reducing the m×n
+    result, which is memory-bound: counted as ``_MATERIALIZE_OVERHEAD`` multiply-adds per element. This agrees
+    with the "ghost when 2T² ≤ m·n" rule on every CPU measurement of the design notes (ghost everywhere at T=128;
+    q/k/v and MLP materialised at T≈400, lm_head a tie there) and, unlike it, materialises a 49k×256 lm_head at
+    T=1024, where that is 3× faster.
+    """
+    ghost = t_a * t_b * (m + n)
+    materialize = (max(t_a, t_b) + _MATERIALIZE_OVERHEAD) * m * n
+    return "ghost" if ghost <= materialize else "materialize"
+
+
+
+
+
+@dataclass
+class _Outer:
+    """Per-sample gradient Σ_t left_t right_tᵀ of a 2-D parameter of shape [m, n].
+
+    ``left`` is [B, T, m], or [B, T] token ids standing for one-hot rows (embeddings); ``right`` is [B, T, n].
+    Positions outside ``valid`` are ignored (masked with ``where``: padding may hold NaN). ``left_key``/``right_key``
+    name a side shared between layers, whose Gram is then computed once.
+    """
+
+    left: Tensor
+    right: Tensor
+    m: int
+    valid: Tensor | None
+    left_key: int | None = None
+    right_key: int | None = None
+
+    @property
+    def ids(self) -> bool:
+        return not self.left.is_floating_point()
+
+    @property
+    def n(self) -> int:
+        return self.right.shape[-1]
+
+    @property
+    def length(self) -> int:
+        return self.right.shape[1]
+
+
+@dataclass
+class _Dense:
+    """Materialised per-sample gradient [B, *param.shape] (biases and norm weights: small)."""
+
+    value: Tensor
+
+
+@dataclass
+class _Squares:
+    """Per-row squared norms [B] (float64) of a parameter with one use, reduced as soon as it was formed."""
+
+    value: Tensor
+
+
+_Record = _Outer | _Dense | _Squares
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _masked(x: Tensor, valid: Tensor | None, dtype: torch.dtype) -> Tensor:
+    x = x.to(dtype)
+    return x if valid is None else torch.where(valid[..., None], x, 0)
+
+
+def _row_chunks(batch: int, elements_per_row: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(elements_per_row, 1))
+    return [slice(i, i + step) for i in range(0, batch, step)]
+
+
+def _factor_elements(rec: _Outer) -> int:
+    """Elements per row of the (cast, masked) copies of both factors."""
+    return rec.length * ((1 if rec.ids else rec.m) + rec.n)
+
+
+def _sum_rows(x: Tensor) -> Tensor:
+    """Per-row sum of a [b, ...] tensor: in its dtype along the last dim, then in float64."""
+    if x.ndim > 2:
+        x = x.sum(-1)
+    return x.flatten(1).sum(1, dtype=torch.float64)
+
+
+def _materialize(rec: _Outer, rows: slice, dtype: torch.dtype) -> Tensor:
+    """[b, m, n] per-sample gradients of ``rows`` (dense ``left`` only)."""
+    valid = _valid(rec, rows)
+    return _masked(rec.left[rows], valid, dtype).mT @ _masked(rec.right[rows], valid, dtype)
+
+
+def _valid(rec: _Outer, rows: slice) -> Tensor | None:
+    return None if rec.valid is None else rec.valid[rows]
+
+
+@dataclass
+class _Shared:
+    source: Tensor
+    detached: Tensor
+    gram: Tensor | None = None
+    pending: int = 0
+
+
+class _SharedInputs:
+    """Activations captured by the hooks, deduplicated: layers reading one tensor (q/k/v, gate/up) share it and its
+    Gram a·aᵀ. An entry lives while a record still needs it; holding the source tensor keeps its id unique."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Shared] = {}
+
+    def capture(self, source: Tensor) -> tuple[int, Tensor]:
+        key = id(source)
+        entry = self._entries.get(key)
+        if entry is None or entry.source is not source:
+            entry = self._entries[key] = _Shared(source, source.detach())
+        entry.pending += 1
+        return key, entry.detached
+
+    def release(self, key: int | None) -> None:
+        entry = self._entries.get(key) if key is not None else None
+        if entry is not None:
+            entry.pending -= 1
+            if entry.pending <= 0:
+                del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def gram(self, x: Tensor, key: int | None, valid: Tensor | None, rows: slice, dtype: torch.dtype) -> _Gram:
+        """Gram of ``x`` [B, T, k] restricted to ``rows``; whole and cached for shared inputs if the batch fits."""
+        batch, length, width = x.shape
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None or batch * length * (length + width) > _CHUNK_ELEMENTS:
+            return _Gram(factor=_masked(x[rows], None if valid is None else valid[rows], dtype))
+        if entry.gram is None:
+            factor = _masked(x, valid, dtype)
+            entry.gram = factor @ factor.mT
+        return _Gram(whole=entry.gram[rows])
+
+
+@dataclass
+class _Gram:
+    """A Gram x·xᵀ, held whole or as its factor x whose blocks are multiplied out on demand."""
+
+    whole: Tensor | None = None
+    factor: Tensor | None = None
+
+    def block(self, i: slice, j: slice) -> Tensor:
+        if self.whole is not None:
+            return self.whole[:, i, j]
+        return self.factor[:, i] @ self.factor[:, j].mT
+
+
+def _gram_dot(a: _Gram, b: _Gram, length: int) -> Tensor:
+    """Σ_{t,s} A_ts·B_ts of two symmetric Grams, over the upper block triangle only (≈ half the products)."""
+    blocks = [slice(i, i + _GRAM_BLOCK) for i in range(0, length, _GRAM_BLOCK)]
+    total = 0
+    for k, i in enumerate(blocks):
+        for j in blocks[k:]:
+            total = total + (1 if i == j else 2) * _sum_rows(a.block(i, j) * b.block(i, j))
+    return total
+
+
+def _self_square(rec: _Record, method: Method, cache: _SharedInputs) -> Tensor:
+    """‖G_b‖² for every row b, float64."""
+    if isinstance(rec, _Squares):
+        return rec.value
+    if isinstance(rec, _Dense):
+        return _sum_rows(rec.value.to(torch.float64).square())
+    if rec.ids:
+        return _ids_ghost_square(rec) if method == "ghost" else _ids_segment_square(rec)
+    dtype, batch, length = _compute_dtype(rec.right), rec.right.shape[0], rec.length
+    if method == "auto":
+        method = _choose_method(length, length, rec.m, rec.n)
+    if method == "materialize":
+        rows = _row_chunks(batch, rec.m * rec.n + _factor_elements(rec))
+        return torch.cat([_sum_rows(_materialize(rec, r, dtype).square()) for r in rows])
+    parts = []
+    for r in _row_chunks(batch, length * length + _factor_elements(rec)):
+        left = cache.gram(rec.left, rec.left_key, rec.valid, r, dtype)
+        right = cache.gram(rec.right, rec.right_key, rec.valid, r, dtype)
+        parts.append(_gram_dot(left, right, length))
+    return torch.cat(parts)
+
+
+def _ids_ghost_square(rec: _Outer) -> Tensor:
+    """Σ_{t,s} [id_t = id_s] (g_t·g_s)."""
+    dtype, batch, length = _compute_dtype(rec.right), rec.right.shape[0], rec.length
+    parts = []
+    for r in _row_chunks(batch, length * length + _factor_elements(rec)):
+        g = _masked(rec.right[r], _valid(rec, r), dtype)
+        same = rec.left[r, :, None] == rec.left[r, None, :]
+        parts.append(_sum_rows(torch.where(same, g @ g.mT, 0)))
+    return torch.cat(parts)
+
+
+def _ids_segment_square(rec: _Outer) -> Tensor:
+    """Sum g_t over equal (row, id) pairs, square, and add up per row: O(T·d)."""
+    batch, length, n = rec.right.shape
+    g = _masked(rec.right, rec.valid, _compute_dtype(rec.right)).reshape(-1, n)
+    rows = torch.arange(batch, device=g.device).repeat_interleave(length)
+    keys, inverse = torch.unique(rows * rec.m + rec.left.reshape(-1), return_inverse=True)
+    sums = torch.zeros(len(keys), n, dtype=g.dtype, device=g.device).index_add_(0, inverse, g)
+    squares = sums.to(torch.float64).square().sum(1)
+    return torch.zeros(batch, dtype=torch.float64, device=g.device).index_add_(0, keys // rec.m, squares)
+
+
+def _cross(a: _Record, b: _Record, method: Method) -> Tensor:
+    """⟨G_a, G_b⟩ per row (two uses of one parameter), float64."""
+    if isinstance(a, _Squares) or isinstance(b, _Squares):
+        raise AssertionError("squared norms are kept only for parameters with a single use")
+    if isinstance(a, _Dense) and isinstance(b, _Dense):
+        return _sum_rows(a.value.to(torch.float64) * b.value.to(torch.float64))
+    if isinstance(a, _Dense) or isinstance(b, _Dense):
+        dense, outer = (a, b) if isinstance(a, _Dense) else (b, a)
+        return _dense_outer_dot(dense.value, outer)
+    if a.ids and b.ids:
+        return _ids_ids_dot(a, b)
+    if b.ids:
+        a, b = b, a
+    if method == "auto":
+        method = _choose_method(a.length, b.length, b.m, b.n)
+    if method == "materialize" or a.ids:
+        return _materialized_dot(a, b) if method == "materialize" else _ids_ghost_dot(a, b)
+    return _ghost_dot(a, b)
+
+
+def _pair_chunks(a: _Outer, b: _Outer) -> list[slice]:
+    return _row_chunks(a.right.shape[0], a.length * b.length + _factor_elements(a) + _factor_elements(b))
+
+
+def _ghost_dot(a: _Outer, b: _Outer) -> Tensor:
+    """Σ_{t,s} (l_t·l'_s)(r_t·r'_s)."""
+    dtype, parts = _compute_dtype(a.right), []
+    for r in _pair_chunks(a, b):
+        la, lb = _masked(a.left[r], _valid(a, r), dtype), _masked(b.left[r], _valid(b, r), dtype)
+        ra, rb = _masked(a.right[r], _valid(a, r), dtype), _masked(b.right[r], _valid(b, r), dtype)
+        parts.append(_sum_rows((la @ lb.mT) * (ra @ rb.mT)))
+    return torch.cat(parts)
+
+
+def _ids_ghost_dot(ids: _Outer, b: _Outer) -> Tensor:
+    """Σ_{t,s} l'_s[id_t] (r_t·r'_s): embedding rows against a dense left side (tied head)."""
+    dtype, parts = _compute_dtype(ids.right), []
+    for r in _pair_chunks(ids, b):
+        lb = _masked(b.left[r], _valid(b, r), dtype)
+        index = ids.left[r, None, :].expand(-1, b.length, -1)
+        ra, rb = _masked(ids.right[r], _valid(ids, r), dtype), _masked(b.right[r], _valid(b, r), dtype)
+        parts.append(_sum_rows(lb.gather(2, index) * (rb @ ra.mT)))
+    return torch.cat(parts)
+
+
+def _ids_ids_dot(a: _Outer, b: _Outer) -> Tensor:
+    dtype, parts = _compute_dtype(a.right), []
+    for r in _pair_chunks(a, b):
+        ra, rb = _masked(a.right[r], _valid(a, r), dtype), _masked(b.right[r], _valid(b, r), dtype)
+        same = a.left[r, :, None] == b.left[r, None, :]
+        parts.append(_sum_rows(torch.where(same, ra @ rb.mT, 0)))
+    return torch.cat(parts)
+
+
+def _materialized_dot(a: _Outer, b: _Outer) -> Tensor:
+    """⟨G_a, G_b⟩ with ``b`` materialised (``a`` may be token ids)."""
+    dtype, parts = _compute_dtype(b.right), []
+    for r in _row_chunks(b.right.shape[0], b.m * b.n + _factor_elements(a) + _factor_elements(b)):
+        parts.append(_dense_outer_dot(_materialize(b, r, dtype), _slice(a, r)))
+    return torch.cat(parts)
+
+
+def _slice(rec: _Outer, rows: slice) -> _Outer:
+    return _Outer(rec.left[rows], rec.right[rows], rec.m, _valid(rec, rows))
+
+
+def _dense_outer_dot(dense: Tensor, rec: _Outer) -> Tensor:
+    """Σ_t l_tᵀ D r_t per row, D: [B, m, n]."""
+    dtype = _compute_dtype(dense)
+    right = _masked(rec.right, rec.valid, dtype)
+    if rec.ids:
+        rows = dense.to(dtype).gather(1, rec.left[..., None].expand(-1, -1, rec.n))
+        return _sum_rows(rows * right)
+    return _sum_rows(_masked(rec.left, rec.valid, dtype) * (right @ dense.to(dtype).mT))

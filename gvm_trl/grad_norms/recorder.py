@@ -1,0 +1,451 @@
+"""The hooks of one pass: which module calls use which measured parameters, their records, and the squared norms."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .layout import Batch
+from .planning import embeddings
+from .products import Method, _compute_dtype, _cross, _Outer, _Record, _self_square, _SharedInputs
+from .rules import GENERIC, Call, Rule, Target, generic_records
+
+try:  # transformers is a dependency of the package, but keep this module importable on its own.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = None
+
+
+@dataclass(eq=False)
+class _HookedCall:
+    """A call whose output gradient is awaited: its fast rules' captures, its generic targets, and the parameters
+    it must leave out because an enclosing call re-runs them (``skip``)."""
+
+    call: Call
+    fast: list[tuple[Rule, list[Target], object]]
+    generic: list[Target]
+    skip: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Frame:
+    """A module call in progress: measured parameters it used while none of their modules was running, and the
+    calls hooked inside it."""
+
+    module: nn.Module
+    foreign: set[int] = field(default_factory=set)
+    hooked: list[_HookedCall] = field(default_factory=list)
+
+
+class _UseTracer(TorchFunctionMode):
+    """Notes measured parameters that a module reads directly from a submodule, e.g. a Mamba mixer calling
+    ``causal_conv1d_fn(x, self.conv1d.weight, ...)`` without calling ``self.conv1d``: those uses have no hooked
+    call of the parameter's own module, so the module that read it is re-run by the generic rule instead.
+
+    A ``TorchFunctionMode`` because reads of a parameter (``param.squeeze(1)``, ``param @ x``) are only visible
+    as the torch functions they call; the check costs a dictionary lookup per tensor argument."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        recorder = self.recorder
+        if recorder.replaying or not recorder.stack:
+            return result
+        keys = [k for k in map(recorder.watched.get, map(id, _tensor_arguments(args, kwargs))) if k is not None]
+        if keys and _has_float_tensor(result):  # metadata reads (.dtype, .shape) are no use
+            recorder.note_uses(keys)
+        return result
+
+
+def _tensor_arguments(args: tuple, kwargs: dict) -> Iterator[Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, Tensor))
+
+
+def _has_float_tensor(value) -> bool:
+    if isinstance(value, Tensor):
+        return value.is_floating_point()
+    return isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) and v.is_floating_point() for v in value)
+
+
+class Recorder:
+    """Hooks every module (a call stack for :class:`_UseTracer`) and the measured ones, pairs activations with
+    output gradients, and accumulates per-row squared norms of each measured parameter's summed uses."""
+
+    def __init__(
+        self, model: nn.Module, targets: dict[nn.Module, list[Target]], method: Method, setting: str
+    ) -> None:
+        self.model, self.targets, self.method, self.setting = model, targets, method, setting
+        self.owners: dict[int, list[nn.Module]] = defaultdict(list)
+        self.names: dict[int, str] = {}
+        for module, module_targets in targets.items():
+            for target in module_targets:
+                self.owners[target.key].append(module)
+                self.names[target.key] = target.name
+        self.watched = {id(m._parameters[t.path]): t.key for m, ts in targets.items() for t in ts}
+        # FSDP2 swaps unsharded parameters into the modules for their forward: watch those objects too.
+        self.swapping = any(type(m._parameters[t.path]) is not nn.Parameter for m, ts in targets.items() for t in ts)
+        self.input_embeddings = embeddings(model, output=False)
+        self.head = embeddings(model, output=True)
+        # Checkpointed layers need a grad-requiring input, so the backward then starts at the embeddings.
+        has_embeddings = self.input_embeddings is not None
+        self.checkpointed_layers = _checkpointed_layers(model, list(targets)) if has_embeddings else []
+        self.inputs = _SharedInputs()
+        self.replaying = False
+        self._in_forward = False
+        self._fallbacks: set[str] = set()
+        self._start(None, None)
+
+    def _start(self, batch: Batch | None, squares: Tensor | None) -> None:
+        """Per micro-batch state."""
+        self.batch, self.squares, self.head_gathered = batch, squares, False
+        self.records: dict[int, list[_Record]] = defaultdict(list)
+        self.received: dict[int, int] = defaultdict(int)
+        self.calls: dict[nn.Module, int] = defaultdict(int)
+        self.registered: dict[nn.Module, int] = defaultdict(int)
+        self.stack: list[_Frame] = []
+        self.active: dict[nn.Module, int] = defaultdict(int)
+        self.foreign_by_module: dict[nn.Module, set[int]] = defaultdict(set)
+        self.foreign_uses: dict[int, int] = defaultdict(int)
+        self.foreign_sites: dict[int, set[str]] = defaultdict(set)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = []
+        try:
+            if self.input_embeddings is not None:
+                handles.append(self.input_embeddings.register_forward_hook(self._root_at_embeddings))
+            if self.head is not None:
+                handles.append(self.head.register_forward_pre_hook(self._gather_head_input))
+            self.module_names = {m: n for n, m in self.model.named_modules()}
+            for module in self.model.modules():
+                handles.append(module.register_forward_pre_hook(self._enter))
+                handles.append(module.register_forward_hook(self._leave, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.inputs.clear()
+            self._start(None, None)
+
+    @contextlib.contextmanager
+    def replay_mode(self) -> Iterator[None]:
+        """Modules re-run by the rules (checks, generic replays) are invisible to the hooks and the tracer."""
+        previous, self.replaying = self.replaying, True
+        try:
+            yield
+        finally:
+            self.replaying = previous
+
+    def measure(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+        """Squared norms of one micro-batch (float64 [b])."""
+        batch = input_ids.shape[0]
+        squares = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
+        if not loss_mask.any():
+            return squares
+        columns = attention_mask.any(0).nonzero()
+        columns = slice(int(columns[0]), int(columns[-1]) + 1)
+        input_ids, attention_mask, loss_mask = (x[:, columns] for x in (input_ids, attention_mask, loss_mask))
+        self._start(Batch.build(input_ids, attention_mask, loss_mask), squares)
+        try:
+            self._in_forward = True
+            with _UseTracer(self):
+                log_prob = self._log_prob(input_ids, attention_mask)
+            self._in_forward = False
+            if log_prob.requires_grad:
+                log_prob.backward()
+            for key in list(self.records):
+                self._finalize(key)
+            self._warn_unused()
+        finally:
+            self._in_forward = False
+            self.records.clear()
+            self.inputs.clear()
+            self.stack.clear()
+        return squares
+
+    def _log_prob(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Σ over the batch of the counted tokens' log-probabilities (rows are independent, so its gradient w.r.t.
+        a row's activations is that row's own)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+        if _accepts(self.model, "position_ids"):
+            kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if _accepts(self.model, "use_cache"):
+            kwargs["use_cache"] = False
+        output = self.model(**kwargs)
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if not self.head_gathered:
+            logits = logits.gather(1, self.batch.head_index[..., None].expand(-1, -1, logits.shape[-1]))
+        targets = self.batch.targets
+        if logits.shape[:2] != targets.shape:
+            raise RuntimeError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+        logits = logits.flatten(0, 1).to(_compute_dtype(logits))
+        return -nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+
+    def _root_at_embeddings(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Cut autograd below the embeddings (and other hooks' ``requires_grad_``); start it there only when
+        checkpointed layers need a grad-requiring input. Measured embeddings become a root in ``_leave``."""
+        if self.replaying or not self._in_forward or not isinstance(output, Tensor):
+            return None
+        output = output.detach()
+        return output.requires_grad_() if self.checkpointed_layers else output
+
+    def _gather_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Feed the head only the positions whose next token counts: [B, L, d] instead of [B, T, d]."""
+        hidden = args[0] if args else None
+        if self.replaying or not self._in_forward or self.head_gathered or not isinstance(hidden, Tensor):
+            return None
+        if hidden.ndim != 3 or hidden.shape[:2] != self.batch.valid.shape:
+            return None
+        self.head_gathered = True
+        index = self.batch.head_index[..., None].expand(-1, -1, hidden.shape[-1])
+        return (torch.where(self.batch.head_valid[..., None], hidden.gather(1, index), 0), *args[1:])
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        if self.replaying or self.batch is None:
+            return
+        self.stack.append(_Frame(module))
+        self.active[module] += 1
+        if self.swapping:  # a module reads its children's parameters at most (Mamba mixers)
+            for owner in (module, *module.children()):
+                for target in self.targets.get(owner, ()):
+                    self.watched[id(owner._parameters[target.path])] = target.key
+
+    def note_uses(self, keys: list[int]) -> None:
+        """Parameters read by the innermost running module while none of their owning modules runs."""
+        frame = self.stack[-1]
+        for key in keys:
+            if not any(self.active[owner] for owner in self.owners[key]):
+                frame.foreign.add(key)
+
+    def _leave(self, module: nn.Module, args: tuple, kwargs: dict, output) -> object:
+        if self.replaying or self.batch is None or not self.stack or self.stack[-1].module is not module:
+            return None
+        frame = self.stack.pop()
+        self.active[module] -= 1
+        replaced = self._hook_call(module, args, kwargs, output, frame)
+        if self.stack:
+            self.stack[-1].hooked.extend(frame.hooked)
+        return replaced
+
+    def _foreign_targets(self, module: nn.Module, frame: _Frame) -> list[Target]:
+        """Generic targets for the parameters this call read outside their own modules (from the forward's notes
+        when the call is a checkpoint's recompute)."""
+        if self._in_forward:
+            keys = frame.foreign
+            self.foreign_by_module[module] |= keys
+            for key in keys:
+                self.foreign_uses[key] += 1
+                self.foreign_sites[key].add(self.module_names.get(module, type(module).__name__))
+        else:
+            keys = self.foreign_by_module.get(module, set())
+        if not keys:
+            return []
+        if module is self.model:
+            names = sorted(self.names[k] for k in keys)
+            raise NotImplementedError(
+                f"{names[:3]} are used by the model's own forward, outside any submodule: their per-sample "
+                f"gradients cannot be measured; narrow {self.setting} to exclude them"
+            )
+        paths = {}
+        for path, p in module.named_parameters(remove_duplicate=False):
+            key = self.watched.get(id(p))
+            if key in keys:
+                paths.setdefault(key, path)
+        return [Target(self.names[k], paths[k], k, GENERIC, tuple(module.get_parameter(paths[k]).shape))
+                for k in keys if k in paths]
+
+    def _hook_call(self, module: nn.Module, args: tuple, kwargs: dict, output, frame: _Frame) -> object:
+        """Hook the output gradient of a call that uses measured parameters; an output that needs no grad yet
+        becomes a root (a detached, grad-requiring copy)."""
+        static = self.targets.get(module, [])
+        foreign = self._foreign_targets(module, frame)
+        if not static and not foreign:
+            return None
+        if self._in_forward:
+            self.calls[module] += 1
+        elif self.registered[module] >= self.calls[module]:
+            return None  # checkpoint recompute of a call already hooked in the forward
+        if not torch.is_grad_enabled():
+            return None  # first pass of a reentrant checkpoint: hooked when recomputed
+        leaves, spec = tree_flatten(output)
+        floats = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+        if not floats:
+            return None
+        replaced = None
+        if not any(leaves[i].requires_grad for i in floats):
+            if not self._in_forward:
+                return None
+            for i in floats:
+                leaves[i] = leaves[i].detach().requires_grad_()
+            replaced = output = leaves[floats[0]] if isinstance(output, Tensor) else tree_unflatten(leaves, spec)
+        graded = [i for i in floats if leaves[i].requires_grad]
+        if len(graded) > 1 and replaced is None:
+            # An output computed from another (a router's scores from its logits) would receive, through that one,
+            # gradient from inside the module: hooking aliases leaves each with only the gradient from outside.
+            for i in graded:
+                leaves[i] = leaves[i].view_as(leaves[i])
+            replaced = tree_unflatten(leaves, spec)
+        for i in graded:
+            if self.batch.layout(leaves[i]) is None:
+                names = sorted({t.name for t in static + foreign})
+                raise RuntimeError(
+                    f"{type(module).__name__} output of shape {tuple(leaves[i].shape)} does not lead with the batch "
+                    f"dimension: its per-sample gradients cannot be told apart; narrow {self.setting} to exclude "
+                    f"{names[:3]}"
+                )
+        self.registered[module] += 1
+        for hooked in frame.hooked:  # this call's re-run covers every use of these parameters inside it
+            hooked.skip.update(t.key for t in foreign)
+        call = Call(module, args, kwargs, leaves, graded, self.batch, self.inputs)
+        hooked = _HookedCall(call, [], list(foreign))
+        plain = isinstance(output, Tensor) and len(graded) == 1
+        for rule, targets in _by_rule(static).items():
+            captured = None
+            if rule is not GENERIC and plain:
+                with self.replay_mode():
+                    captured = rule.capture(call, targets)
+                if captured is None and rule.is_checked(module):
+                    self._warn_fallback(module, rule, targets)
+            if captured is None:
+                hooked.generic.extend(targets)
+            else:
+                hooked.fast.append((rule, targets, captured))
+        frame.hooked.append(hooked)
+        tensors = [leaves[i] for i in graded]
+        if not hooked.generic:
+            call.args, call.kwargs, call.leaves = (), {}, []  # fast rules keep only their captures (not the logits)
+        if len(tensors) == 1:
+            tensors[0].register_hook(lambda grad: self._on_grad(hooked, (grad,)))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(tensors, functools.partial(self._on_grad, hooked))
+        return replaced
+
+    def _on_grad(self, hooked: _HookedCall, grads) -> None:
+        call = hooked.call
+        with torch.no_grad():
+            for rule, targets, captured in hooked.fast:
+                for target, record in zip(targets, rule.records(call, targets, captured, grads[0])):
+                    if target.key not in hooked.skip:
+                        self._add(target.key, record)
+        generic = [t for t in hooked.generic if t.key not in hooked.skip]
+        if generic:
+            single = {t.key for t in generic if self._uses(t.key) == 1}
+            with self.replay_mode():
+                records = generic_records(call, generic, grads, single, self.setting)
+            for target, record in zip(generic, records):
+                self._add(target.key, record)
+
+    def _uses(self, key: int) -> int:
+        return sum(self.calls[m] for m in self.owners[key]) + self.foreign_uses[key]
+
+    def _add(self, key: int, record: _Record | None) -> None:
+        if record is not None:
+            self.records[key].append(record)
+        self.received[key] += 1
+        # Parameters read outside their modules (rare) are finalised after the backward: their calls may be skipped.
+        if not self.foreign_uses[key] and self.received[key] >= self._uses(key):
+            self._finalize(key)
+
+    def _finalize(self, key: int) -> None:
+        """Add ‖Σ_k G_k‖² = Σ_k ‖G_k‖² + 2Σ_{k<l}⟨G_k, G_l⟩ of one parameter to the squares."""
+        records = self.records.pop(key, [])
+        with torch.no_grad():
+            for i, rec in enumerate(records):
+                self.squares += _self_square(rec, self.method, self.inputs)
+                for other in records[i + 1 :]:
+                    self.squares += 2 * _cross(rec, other, self.method)
+        for rec in records:
+            if isinstance(rec, _Outer):
+                self.inputs.release(rec.left_key)
+                self.inputs.release(rec.right_key)
+
+    def _warn_fallback(self, module: nn.Module, rule: Rule, targets: list[Target]) -> None:
+        names = [t.name for t in targets]
+        message = (
+            f"{names} ({type(module).__name__}) do not compute what the {rule.name} rule assumes in this call: "
+            "measured by the exact, slower generic rule"
+        )
+        if message not in self._fallbacks:
+            self._fallbacks.add(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+    def _warn_unused(self) -> None:
+        unused = [self.names[k] for k in self.owners if self._uses(k) == 0]
+        if unused:
+            warnings.warn(
+                f"{unused[:5]} (of {len(unused)}) were not used in the forward pass: their per-sample gradient is 0",
+                stacklevel=4,
+            )
+        foreign = sorted(f"{self.names[k]} (in {', '.join(sorted(s))})" for k, s in self.foreign_sites.items())
+        if foreign:
+            message = (
+                f"{foreign[:3]} (of {len(foreign)}) are used outside their own module's forward: measured by the "
+                "exact, slower generic rule at the module that uses them"
+            )
+            if message not in self._fallbacks:
+                self._fallbacks.add(message)
+                warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _by_rule(targets: list[Target]) -> dict[Rule, list[Target]]:
+    groups: dict[Rule, list[Target]] = defaultdict(list)
+    for target in targets:
+        groups[target.rule].append(target)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model state
+
+
+@contextlib.contextmanager
+def measurement_mode(model: nn.Module, checkpointed: list[nn.Module]) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration; checkpointed layers keep their training flag only."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for layer in checkpointed:
+            layer.training = True  # HF layers checkpoint only in training; their submodules (dropout) stay in eval
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _checkpointed_layers(model: nn.Module, measured: list[nn.Module]) -> list[nn.Module]:
+    """HF layers with gradient checkpointing on, if any of them holds a measured module (else none is needed)."""
+    if GradientCheckpointingLayer is None:  # pragma: no cover
+        return []
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    inside = {id(sub) for layer in layers for sub in layer.modules()}
+    return layers if any(id(m) in inside for m in measured) else []
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    parameters = inspect.signature(model.forward).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

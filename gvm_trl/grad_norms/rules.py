@@ -1,0 +1,445 @@
+r"""The per-layer rules: one small class per layer kind, tried in the order of :data:`RULES`, and the generic rule.
+
+A rule says which parameters it measures (:meth:`Rule.matches`, from the module and the parameter's shape, at
+planning), what a call's forward hook keeps (:meth:`Rule.capture`) and how a call's per-sample gradients follow
+from that and the output gradient (:meth:`Rule.records`). A new layer kind is one new class in :data:`RULES`.
+
+Fast rules match by what a module computes, never by its class name: ``nn.Linear``/``Conv1D`` subclasses that keep
+the base ``forward``; any ``nn.Embedding`` whose output is the looked-up rows times one scalar (checked on each
+call: Gemma's scaled embedding gets the scale); and 1-D parameters of leaf modules whose output channel i depends
+on p_i only (checked on each call). A call that fails its rule's check, and every parameter no fast rule matches,
+is measured by :func:`generic_records`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .layout import Batch, Layout, broadcast_mask
+from .products import _compute_dtype, _Dense, _masked, _Outer, _Record, _SharedInputs, _Squares
+
+try:  # transformers is a dependency of the package, but keep this module importable on its own.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+# Largest per-sample work (parameters, inputs and outputs of one module, in elements) vmapped at once.
+_REPLAY_ELEMENTS = 1 << 25
+# Relative differences up to which a check accepts equality: a multiple of the dtype's epsilon.
+_CHECK_EPS = 16
+# Module classes whose forward ``torch.func.vmap`` could not batch (data-dependent control flow): replayed in a loop.
+_VMAP_UNSUPPORTED: set[type] = set()
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One use of a selected parameter: reached as ``module.<path>`` by a hooked module, measured by ``rule``."""
+
+    name: str
+    path: str
+    key: int
+    rule: Rule
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Call:
+    """A hooked call of a module in the measured forward: its inputs and its output's pytree leaves, of which
+    ``graded`` (indices) are the floating-point ones that receive gradients."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    leaves: list
+    graded: list[int]
+    batch: Batch
+    inputs: _SharedInputs
+
+    @property
+    def output(self) -> Tensor:
+        return self.leaves[self.graded[0]]
+
+    def first_input(self) -> Any:
+        return self.args[0] if self.args else next(iter(self.kwargs.values()), None)
+
+
+class Rule:
+    """A layer kind. ``checked``: :meth:`capture` verifies on each call that the module computes what the rule
+    assumes, and returns None where it does not (that call is then measured by the generic rule)."""
+
+    name: ClassVar[str]
+    checked: ClassVar[bool] = False
+
+    def matches(self, module: nn.Module, attr: str, shape: tuple[int, ...]) -> bool:
+        raise NotImplementedError
+
+    def is_checked(self, module: nn.Module) -> bool:
+        return self.checked
+
+    def capture(self, call: Call, targets: list[Target]) -> Any | None:
+        """In the forward hook (single-tensor outputs only): what :meth:`records` needs besides the gradient."""
+        return None
+
+    def records(self, call: Call, targets: list[Target], captured: Any, grad: Tensor) -> list[_Record]:
+        """The per-sample gradient of each target from this call, given the output gradient."""
+        raise NotImplementedError
+
+
+def _bias_record(grad: Tensor, batch: Batch) -> _Dense:
+    """G = Σ_t g_t."""
+    rows, valid = batch.rows(grad)
+    return _Dense(_masked(rows, valid, _compute_dtype(grad)).sum(1))
+
+
+class LinearRule(Rule):
+    """``nn.Linear`` (W: out×in): G = Σ_t g_t a_tᵀ, kept as factors; bias Σ_t g_t."""
+
+    name = "linear"
+    base: ClassVar[type | None] = nn.Linear
+
+    def matches(self, module, attr, shape):
+        base = self.base
+        return base is not None and isinstance(module, base) and type(module).forward is base.forward and attr in (
+            "weight",
+            "bias",
+        )
+
+    def capture(self, call, targets):
+        if not any(t.path == "weight" for t in targets):
+            return {}
+        key, inputs = call.inputs.capture(call.first_input())
+        return {"key": key, "input": inputs}
+
+    def records(self, call, targets, captured, grad):
+        grads, valid = call.batch.rows(grad)
+        out = []
+        for target in targets:
+            if target.path == "bias":
+                out.append(_bias_record(grad, call.batch))
+                continue
+            activations, _ = call.batch.rows(captured["input"])
+            out.append(self._outer(grads, activations, valid, captured["key"]))
+        return out
+
+    def _outer(self, grads: Tensor, activations: Tensor, valid: Tensor | None, key: int) -> _Outer:
+        return _Outer(grads, activations, grads.shape[-1], valid, right_key=key)
+
+
+class Conv1DRule(LinearRule):
+    """transformers' ``Conv1D`` stores W transposed (in×out): G = Σ_t a_t g_tᵀ."""
+
+    name = "conv1d"
+    base = Conv1D
+
+    def _outer(self, grads, activations, valid, key):
+        return _Outer(activations, grads, activations.shape[-1], valid, left_key=key)
+
+
+class EmbeddingRule(Rule):
+    """``nn.Embedding``: G = c Σ_t e_{id_t} g_tᵀ for output c·W[ids] (c = 1 unless a subclass scales it).
+
+    Rows at ``padding_idx`` get no gradient. ``scale_grad_by_freq`` rescales by counts within the batch and is
+    left to the generic rule.
+    """
+
+    name = "embedding"
+
+    def matches(self, module, attr, shape):
+        return isinstance(module, nn.Embedding) and attr == "weight" and not module.scale_grad_by_freq
+
+    def is_checked(self, module):
+        return type(module).forward is not nn.Embedding.forward
+
+    def capture(self, call, targets):
+        ids = call.first_input()
+        if not isinstance(ids, Tensor) or ids.is_floating_point():
+            return None
+        scale = 1.0
+        if self.is_checked(call.module):
+            scale = embedding_scale(call.module, ids, call.output)
+            if scale is None:
+                return None
+        return {"ids": ids, "scale": scale}
+
+    def records(self, call, targets, captured, grad):
+        module, ids = call.module, captured["ids"]
+        grads, valid = call.batch.rows(grad)
+        ids = ids.reshape(grads.shape[:2])
+        if module.padding_idx is not None:
+            not_padding = ids != module.padding_idx
+            valid = not_padding if valid is None else valid & not_padding
+        if captured["scale"] != 1.0:
+            grads = grads * captured["scale"]
+        return [_Outer(ids, grads, targets[0].shape[0], valid)]
+
+
+def embedding_scale(module: nn.Embedding, ids: Tensor, output: Any) -> float | None:
+    """The scalar c with ``output == c · module.weight[ids]``, or None where the output is not of that form."""
+    weight = module.weight
+    if not isinstance(output, Tensor) or output.shape != (*ids.shape, weight.shape[-1]):
+        return None
+    with torch.no_grad():
+        rows, values = F.embedding(ids, weight).double(), output.double()
+        norm = rows.square().sum()
+        if not norm > 0:
+            return None
+        scale = (rows * values).sum() / norm
+        error = (values - scale * rows).abs().max()
+        bound = _CHECK_EPS * torch.finfo(output.dtype).eps * values.abs().max()
+        return float(scale) if bool(error <= bound) else None
+
+
+def probe_embedding(module: nn.Embedding) -> bool | None:
+    """Whether an ``nn.Embedding`` subclass computes c·W[ids] on a few ids; None where that cannot be tried at
+    planning (weights sharded, on the meta device, or renormalised in place by ``max_norm``)."""
+    weight = module.weight
+    if type(weight) not in (nn.Parameter, Tensor) or weight.device.type == "meta" or weight.ndim != 2:
+        return None
+    if module.max_norm is not None or weight.numel() == 0:
+        return None
+    ids = torch.arange(min(weight.shape[0], 16), device=weight.device)[None]
+    try:
+        with torch.no_grad():
+            output = module.forward(ids)
+    except Exception:  # noqa: BLE001 - a forward that cannot run on a probe is checked on real calls instead
+        return None
+    return embedding_scale(module, ids, output) is not None
+
+
+class ChannelwiseRule(Rule):
+    """1-D parameters of leaf modules (norm weights and biases, gates, DoRA magnitudes) where output channel i
+    depends on p_i only: G = Σ_t u_t ⊙ g_t, u = ∂y/∂p by forward-mode AD of the module, so RMSNorm, LayerNorm and
+    variants such as Gemma's (1 + w) are exact without per-class formulas. Checked on each call by a second
+    forward-mode pass with a random tangent r: channel-wise iff ∂y/∂p · r = u ⊙ r."""
+
+    name = "channelwise"
+    checked = True
+
+    def matches(self, module, attr, shape):
+        convolution = isinstance(module, nn.modules.conv._ConvNd)
+        return len(shape) == 1 and not convolution and next(module.children(), None) is None
+
+    def capture(self, call, targets):
+        sensitivity = {}
+        for target in targets:
+            u = channel_sensitivity(call.module, target.path, call.args, call.kwargs)
+            if u is None or call.batch.layout(u) is None:
+                return None
+            sensitivity[target.path] = u
+        return sensitivity
+
+    def records(self, call, targets, captured, grad):
+        grads, valid = call.batch.rows(grad)
+        out = []
+        for target in targets:
+            u, _ = call.batch.rows(captured[target.path])
+            dtype = _compute_dtype(grad)
+            out.append(_Dense((_masked(u, valid, dtype) * _masked(grads, valid, dtype)).sum(1)))
+        return out
+
+
+def _tangent(module: nn.Module, attr: str, args: tuple, kwargs: dict, tangent: Tensor) -> Tensor | None:
+    """∂ module(args)/∂p · tangent for p = ``module.<attr>``, calling ``forward`` directly (bypassing hooks)."""
+    param = module._parameters[attr]
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+    with torch.no_grad(), forward_ad.dual_level():
+        module._parameters[attr] = forward_ad.make_dual(param.detach(), tangent)
+        try:
+            output = module.forward(*args, **kwargs)
+        finally:
+            module._parameters[attr] = param
+        return forward_ad.unpack_dual(output).tangent if isinstance(output, Tensor) else None
+
+
+def channel_sensitivity(module: nn.Module, attr: str, args: tuple, kwargs: dict) -> Tensor | None:
+    """u = ∂y/∂p (tangent 1) for a parameter p that output channel i depends on through p_i only; None where the
+    output is not channel-wise in p over its last dimension."""
+    param = module._parameters[attr]
+    try:
+        sensitivity = _tangent(module, attr, args, kwargs, torch.ones_like(param))
+        if sensitivity is None or sensitivity.ndim == 0 or sensitivity.shape[-1] != param.shape[0]:
+            return None
+        generator = torch.Generator(device=param.device).manual_seed(0)  # the caller's RNG stays untouched
+        probe = torch.rand(param.shape, generator=generator, device=param.device).add_(0.5).to(param.dtype)
+        along_probe = _tangent(module, attr, args, kwargs, probe)
+    except Exception:  # noqa: BLE001 - a module whose forward-mode AD fails is measured by the generic rule
+        return None
+    if along_probe is None or along_probe.shape != sensitivity.shape:
+        return None
+    expected = sensitivity.double() * probe.double()
+    error = (along_probe.double() - expected).abs().max()
+    bound = _CHECK_EPS * torch.finfo(sensitivity.dtype).eps * expected.abs().max()
+    return sensitivity if bool(error <= bound) else None
+
+
+class GenericRule(Rule):
+    """Everything else: per sample, re-run the module on that sample's inputs and take the VJP of its output
+    gradient w.r.t. just these parameters (:func:`generic_records`)."""
+
+    name = "generic"
+
+    def matches(self, module, attr, shape):
+        return True
+
+
+LINEAR, CONV1D, EMBEDDING, CHANNELWISE = LinearRule(), Conv1DRule(), EmbeddingRule(), ChannelwiseRule()
+GENERIC = GenericRule()
+RULES: tuple[Rule, ...] = (LINEAR, CONV1D, EMBEDDING, CHANNELWISE)
+
+
+def rule_for(module: nn.Module, attr: str, shape: tuple[int, ...]) -> Rule:
+    """The first rule of :data:`RULES` that measures ``module.<attr>``, else :data:`GENERIC`."""
+    for rule in RULES:
+        if rule.matches(module, attr, shape):
+            if rule is EMBEDDING and rule.is_checked(module) and probe_embedding(module) is False:
+                return GENERIC
+            return rule
+    return GENERIC
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The generic rule
+
+
+def generic_records(
+    call: Call, targets: list[Target], grads: Sequence[Tensor | None], single: set[int], setting: str
+) -> list[_Record | None]:
+    """Exact per-sample gradients of ``targets`` from one call of any module that treats samples independently.
+
+    For every sample b, ``module.forward`` is re-run on b's slice of each input that leads with the batch (or the
+    flattened batch × positions), and the VJP of b's output gradient (zero at padding) w.r.t. just these parameters
+    gives b's gradient: ``torch.func.vmap`` over samples where the module allows it, a Python loop where it has
+    data-dependent control flow (MoE routing). The re-run outputs must match the recorded ones (else the module
+    mixes samples and this raises). Cost: one forward and backward of the module per sample (batched under vmap)
+    and each sample's dense gradient of the parameters, reduced at once for ``single``-use keys.
+    """
+    batch = call.batch
+    size = batch.size
+    graded = [(i, g) for i, g in zip(call.graded, grads) if g is not None]
+    if not graded:  # no output reached the loss: every gradient is 0
+        return [None] * len(targets)
+    replay = _Replay(call, [i for i, _ in graded], [g for _, g in graded], [t.path for t in targets])
+    rows_per_chunk = max(1, _REPLAY_ELEMENTS // max(replay.elements_per_sample, 1))
+    squares = [torch.zeros(size, dtype=torch.float64, device=batch.valid.device) for _ in targets]
+    dense: list[list[Tensor]] = [[] for _ in targets]
+    for start in range(0, size, rows_per_chunk):
+        rows = range(start, min(start + rows_per_chunk, size))
+        outputs, gradients = replay.run(rows)
+        replay.check(rows, outputs, setting, targets)
+        for k, (target, g) in enumerate(zip(targets, gradients)):
+            if target.key in single:
+                squares[k][start : start + len(rows)] = g.to(torch.float64).square().flatten(1).sum(1)
+            else:
+                dense[k].append(g)
+    return [_Squares(s) if t.key in single else _Dense(torch.cat(d)) for t, s, d in zip(targets, squares, dense)]
+
+
+class _Replay:
+    """One module call, split into per-sample inputs and output gradients, ready to re-run sample by sample."""
+
+    def __init__(self, call: Call, outputs: list[int], grads: list[Tensor], paths: list[str]) -> None:
+        self.call, self.outputs, self.paths = call, outputs, paths
+        batch = call.batch
+        self.params = tuple(call.module.get_parameter(p).detach() for p in paths)
+        self.leaves, self.spec = tree_flatten((call.args, call.kwargs))
+        self.leaves = [x.detach() if isinstance(x, Tensor) else x for x in self.leaves]
+        self.sliced: list[tuple[int, bool, Tensor]] = []  # (leaf index, flat, per-sample [B, ...] tensor)
+        for j, leaf in enumerate(self.leaves):
+            layout = batch.layout(leaf) if isinstance(leaf, Tensor) else None
+            if layout is not None:
+                self.sliced.append((j, layout.flat, batch.per_sample(_finite_padding(leaf, layout, batch), layout)))
+        self.layouts = [batch.layout(call.leaves[i]) for i in outputs]
+        self.recorded = [batch.per_sample(call.leaves[i].detach(), lay) for i, lay in zip(outputs, self.layouts)]
+        self.cotangents = []
+        for grad, layout in zip(grads, self.layouts):
+            grad = batch.per_sample(grad, layout)
+            if layout.mask is not None:
+                grad = torch.where(broadcast_mask(layout.mask, grad), grad, 0)
+            self.cotangents.append(grad)
+        per_sample = sum(p.numel() for p in self.params) + sum(x[0].numel() for _, _, x in self.sliced)
+        self.elements_per_sample = per_sample + sum(x[0].numel() for x in self.recorded)
+
+    def _one(self, params: tuple[Tensor, ...], inputs: list[Tensor], cotangents: list[Tensor]):
+        """(outputs, gradients) of one sample; inputs and cotangents come without the batch dimension."""
+        leaves = list(self.leaves)
+        for (j, flat, _), x in zip(self.sliced, inputs):
+            leaves[j] = x if flat else x.unsqueeze(0)
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        module, paths, picked = self.call.module, self.paths, self.outputs
+
+        def forward(*values: Tensor) -> tuple[Tensor, ...]:
+            output = torch.func.functional_call(module, dict(zip(paths, values)), tuple(args), kwargs, strict=False)
+            flat_output = tree_flatten(output)[0]
+            return tuple(flat_output[i] for i in picked)
+
+        outputs, vjp = torch.func.vjp(forward, *params)
+        cotangents = tuple(c if lay.flat else c.unsqueeze(0) for c, lay in zip(cotangents, self.layouts))
+        cotangents = tuple(c.to(o.dtype) for c, o in zip(cotangents, outputs))
+        outputs = tuple(o if lay.flat else o.squeeze(0) for o, lay in zip(outputs, self.layouts))
+        return outputs, vjp(cotangents)
+
+    def run(self, rows: range) -> tuple[list[Tensor], list[Tensor]]:
+        """Outputs [b, ...] and gradients [b, *shape] of ``rows``: vmapped where possible, else one at a time."""
+        index = slice(rows.start, rows.stop)
+        inputs = [x[index] for _, _, x in self.sliced]
+        cotangents = [c[index] for c in self.cotangents]
+        with torch.enable_grad():
+            if type(self.call.module) not in _VMAP_UNSUPPORTED:
+                try:
+                    with warnings.catch_warnings():  # ops without a batching rule run in a loop inside vmap
+                        warnings.filterwarnings("ignore", message="There is a performance drop")
+                        batched = torch.func.vmap(self._one, in_dims=(None, 0, 0))
+                        outputs, grads = batched(self.params, inputs, cotangents)
+                    return list(outputs), list(grads)
+                except Exception:  # noqa: BLE001 - e.g. data-dependent routing; the loop below is exact too
+                    _VMAP_UNSUPPORTED.add(type(self.call.module))
+            per_sample = [self._one(self.params, [x[b] for x in inputs], [c[b] for c in cotangents])
+                          for b in range(len(rows))]
+        outputs = [torch.stack([s[0][k] for s in per_sample]) for k in range(len(self.outputs))]
+        grads = [torch.stack([s[1][k] for s in per_sample]) for k in range(len(self.params))]
+        return outputs, grads
+
+    def check(self, rows: range, outputs: list[Tensor], setting: str, targets: list[Target]) -> None:
+        """The re-run outputs equal the recorded ones at real positions, or the module does not treat samples
+        independently (or an input's batch-sized leading dimension is not the batch): raise rather than guess."""
+        index = slice(rows.start, rows.stop)
+        for replayed, recorded, layout in zip(outputs, self.recorded, self.layouts):
+            recorded = recorded[index]
+            if layout.mask is not None:
+                keep = broadcast_mask(layout.mask[index], recorded)
+                replayed, recorded = torch.where(keep, replayed, 0), torch.where(keep, recorded, 0)
+            dtype = _compute_dtype(recorded)
+            difference = torch.linalg.vector_norm((replayed.to(dtype) - recorded.to(dtype)).flatten())
+            scale = torch.linalg.vector_norm(recorded.to(dtype).flatten())
+            tolerance = 1e-3 if torch.finfo(recorded.dtype).bits > 16 else 5e-2
+            if not bool(difference <= tolerance * scale + torch.finfo(dtype).tiny):
+                names = sorted({t.name for t in targets})
+                raise RuntimeError(
+                    f"the generic per-sample rule could not reproduce the output of {type(self.call.module).__name__} "
+                    f"from one sample's inputs (relative difference {float(difference / scale):.1e}): the module "
+                    f"mixes samples, or an input's leading dimension only looks like the batch; narrow {setting} to "
+                    f"exclude {names[:3]}"
+                )
+
+
+def _finite_padding(x: Tensor, layout: Layout, batch: Batch) -> Tensor:
+    """``x`` with NaN at padding positions set to 0 (it would turn their zero gradients into NaN); real positions
+    and everything else are untouched, so the module computes what it computed in the forward."""
+    if layout.mask is None or not x.is_floating_point():
+        return x
+    nan = torch.isnan(x)
+    if not bool(nan.any()):
+        return x
+    per_sample = batch.per_sample(x, layout)
+    keep = broadcast_mask(layout.mask, per_sample) | ~batch.per_sample(nan, layout)
+    return torch.where(keep, per_sample, 0).reshape(x.shape)
+
