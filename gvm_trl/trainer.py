@@ -54,7 +54,7 @@ from .allocation import allocate_budget, lemma1_weights, uniform_allocation, var
 from .batching import num_rows, select_rows, split_rows, trim_padding_columns
 from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig
 from .estimates import PromptEvidence, PromptHistory
-from .grad_norms import per_sample_grad_norms
+from .grad_norms import per_sample_grad_norms, plan_per_sample_grad_norms
 from .rollout import BatchAllocation, GenerationBatchSampler, Rollout, concat_rollout_batches
 
 logger = logging.get_logger(__name__)
@@ -119,6 +119,10 @@ class _GVMTrainer(GRPOTrainer):
         train_dataset = self._with_prompt_index(train_dataset, args)
         super().__init__(model, reward_funcs, args, train_dataset, *trainer_args, **trainer_kwargs)
         self._check_supported()
+        if args.gvm_allocation == "gvm":  # a bad selection fails here, not at the first batch; the generic rule warns
+            self.grad_norm_plan = plan_per_sample_grad_norms(
+                self.accelerator.unwrap_model(self.model), args.gvm_grad_params, setting="gvm_grad_params"
+            )
         self.num_prompts_per_generation = args.num_prompts_per_generation
         self.prompt_history = PromptHistory(args.gvm_history_decay) if args.gvm_history_decay else None
         self.rollout_totals: dict[str, float] = defaultdict(float)  # completions and seconds, summed over the run
@@ -594,6 +598,7 @@ class _GVMTrainer(GRPOTrainer):
                     torch.cat([torch.zeros_like(batch["prompt_mask"]), loss_mask], dim=1),
                     params=self.args.gvm_grad_params,
                     micro_batch_size=self.args.gvm_grad_batch_size or self.args.per_device_train_batch_size,
+                    setting="gvm_grad_params",
                 )
             norms[index] = measured[:count].float().cpu()
         if self.accelerator.num_processes > 1:

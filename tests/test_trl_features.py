@@ -228,6 +228,12 @@ def test_moe_router_auxiliary_loss_matches_trl(tmp_path, char_tokenizer):
     assert "aux_loss" in [key for entry in off.state.log_history for key in entry]
     for ours, theirs in zip(off.model.parameters(), plain.model.parameters()):
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # With GVM on, the fused experts and routers are measured by the exact generic rule, which the trainer says
+    # at construction.
+    with pytest.warns(UserWarning, match=r"gvm_grad_params='trainable': \d+ parameters .* generic rule"):
+        on, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", gvm_accept_threshold=0.5)
+    assert any("experts" in name for name in changed)
+    assert set(on.grad_norm_plan.parameters("generic")) >= {"model.layers.0.mlp.experts.gate_up_proj"}
 
 
 def test_peft_adapters_train_as_in_trl(tmp_path, char_tokenizer):
@@ -257,6 +263,14 @@ def test_evaluation_runs_trls_own_loop(tmp_path, char_tokenizer):
                              processing_class=char_tokenizer)
     trainer.train()
     assert sum("eval_loss" in entry for entry in trainer.state.log_history) == 3
+
+
+def test_a_bad_gradient_selection_fails_at_construction_naming_the_setting(tmp_path, char_tokenizer):
+    args = config(GVMGRPOConfig, tmp_path, per_device_train_batch_size=8, num_generations=GROUP,
+                  gvm_grad_params="no_such_parameter")
+    with pytest.raises(ValueError, match="gvm_grad_params='no_such_parameter' selects no parameter"):
+        GVMGRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=length_reward, args=args,
+                       train_dataset=prompt_dataset(), processing_class=char_tokenizer)
 
 
 @pytest.mark.parametrize(
