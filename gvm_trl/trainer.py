@@ -447,18 +447,23 @@ class _GVMTrainer(GRPOTrainer):
     def _attach_sampling_logps(self, probes: Rollout) -> None:
         """Log-probabilities of the probes under the weights that drew them, for the importance ratio when they are
         trained a generation batch later. TRL computes these itself when the steps are misaligned or vLLM's
-        correction is on (trl 1.16.0, grpo_trainer.py lines 2634-2655, which this mirrors); otherwise here."""
+        correction is on (trl 1.16.0, grpo_trainer.py lines 2634-2655, which this mirrors); otherwise here, for the
+        rows that will train (the others get NaN, never read)."""
         batch = probes.batch
         if "old_per_token_logps" in batch:
             return
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.model,
-                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-                batch["completion_ids"].size(1),
-                batch_size=self.args.per_device_train_batch_size,
-            )
+        rows = self._trains(probes)[probes.local_rows(self.accelerator.process_index)].nonzero().flatten()
+        logps = torch.full(batch["completion_ids"].shape, float("nan"), device=batch["completion_ids"].device)
+        if len(rows):
+            part = select_rows(batch, rows)
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                logps[rows.to(logps.device)], _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([part["prompt_ids"], part["completion_ids"]], dim=1),
+                    torch.cat([part["prompt_mask"], part["completion_mask"]], dim=1),
+                    part["completion_ids"].size(1),
+                    batch_size=self.args.per_device_train_batch_size,
+                )
         batch["old_per_token_logps"] = logps
 
     # -- TRL's generation, one call ------------------------------------------------------------------------------------
@@ -659,6 +664,10 @@ class _GVMTrainer(GRPOTrainer):
 
     def _advantages(self, parts, prompts, rewards, accepted) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row advantages and which rows train, over the whole generation batch (all processes)."""
+        raise NotImplementedError
+
+    def _trains(self, rollout: Rollout) -> torch.Tensor:
+        """Which rows of `rollout` (all processes) will be trained on."""
         raise NotImplementedError
 
     def _prompt_weights(self, allocation: BatchAllocation, drawn: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
@@ -1023,6 +1032,9 @@ class GVMGRPOTrainer(_GVMTrainer):
     config_class = GVMGRPOConfig
     _name = "GVM-GRPO"
 
+    def _trains(self, rollout):
+        return rollout.prompts >= 0
+
     def _advantages(self, parts, prompts, rewards, accepted):
         if len(parts) == 1 and self.args.gvm_allocation == "uniform":
             # One round grouped exactly as TRL groups it: TRL's own advantages (all processes, as it logged them).
@@ -1053,6 +1065,9 @@ class GVMRAFTTrainer(_GVMTrainer):
 
     config_class = GVMRAFTConfig
     _name = "GVM-RAFT++"
+
+    def _trains(self, rollout):
+        return self._accepted(rollout)
 
     def _advantages(self, parts, prompts, rewards, accepted):
         return torch.nan_to_num(rewards, nan=0.0).clamp(min=0.0), accepted

@@ -56,6 +56,13 @@ def test_step_cost_quick(step_cost, tmp_path):
     assert runs["grpo"]["memory"]["cpu_peak_rss_mib"] > 0
 
 
+def test_kl_weighting_quick(tmp_path):
+    output = tmp_path / "kl.json"
+    load_benchmark("kl_weighting").main(["--quick", "--output", str(output)])
+    result = json.loads(output.read_text())["results"]["0.04"]
+    assert 0 < result["relative_difference_median"] < 0.5 and result["cosine_min"] > 0.9
+
+
 def test_step_cost_lockstep_runs_the_workers_in_turn(step_cost, tmp_path):
     results = step_cost.run_lockstep(["grpo", "gvm-grpo"], ["--tiny", "--steps", "3", "--max-completion-length", "4"], 3)
     assert set(results) == {"grpo", "gvm-grpo"} and all(len(r["steps"]) == 3 for r in results.values())

@@ -91,7 +91,11 @@ def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_pat
             with torch.no_grad():
                 then, _, _ = trainer._get_per_token_logps_and_entropies(drawn_by, ids, mask, width)
                 now, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width)
-            loss_mask = batch["completion_mask"].bool()
+            # RAFT++ trains only the accepted probes: they, and only they, carry log-probabilities.
+            accepted = trainer._accepted(probes)
+            assert torch.isnan(batch["old_per_token_logps"][~accepted]).all()
+            loss_mask = batch["completion_mask"].bool() & accepted.unsqueeze(1)
+            assert loss_mask.any()
             assert torch.allclose(batch["old_per_token_logps"][loss_mask], then[loss_mask], atol=1e-5)
             assert not torch.allclose(batch["old_per_token_logps"][loss_mask], now[loss_mask], atol=1e-4)
             checked.append(True)
