@@ -216,16 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
 def _rollout_summary(trainer) -> dict:
     """Completions generated and seconds per phase over the whole run."""
     totals = trainer.rollout_totals
-    rollout = totals["time_probe"] + totals["time_grad_norms"] + totals["time_allocate"] + totals["time_phase2"]
+    phases = {
+        "probe rounds": totals["time_probe"],
+        "gradient norms": totals["time_grad_norms"],
+        "allocation": totals["time_allocate"],
+        "generation rounds (allocated, with riding probes)": totals["time_phase2"],
+    }
+    train_runtime = trainer.state.log_history[-1].get("train_runtime", sum(phases.values()))
     return {
         "completions_generated": int(totals["probe_completions"] + totals["budget_completions"]),
-        "seconds_per_phase": {
-            "probe generation": totals["time_probe"],
-            "gradient norms": totals["time_grad_norms"],
-            "allocation": totals["time_allocate"],
-            "phase-2 generation": totals["time_phase2"],
-            "update": trainer.state.log_history[-1].get("train_runtime", rollout) - rollout,
-        },
+        "probe_completions": int(totals["probe_completions"]),
+        "seconds_per_phase": {**phases, "update and the rest": train_runtime - sum(phases.values())},
     }
 
 

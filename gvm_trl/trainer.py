@@ -112,9 +112,7 @@ class _GVMTrainer(GRPOTrainer):
                 )
         for name in ("tools", "environment_factory", "rollout_func"):  # refused before TRL validates them
             if trainer_kwargs.get(name):
-                raise NotImplementedError(
-                    f"The GVM trainers do not support {name} (see the README's 'Not supported'); use trl.GRPOTrainer."
-                )
+                _refuse(name)
         self._probe_ahead = self._resolve_probe_ahead(args, train_dataset)
         train_dataset = self._with_prompt_index(train_dataset, args)
         super().__init__(model, reward_funcs, args, train_dataset, *trainer_args, **trainer_kwargs)
@@ -182,9 +180,7 @@ class _GVMTrainer(GRPOTrainer):
         }
         for name, present in unsupported.items():
             if present:
-                raise NotImplementedError(
-                    f"The GVM trainers do not support {name} (see the README's 'Not supported'); use trl.GRPOTrainer."
-                )
+                _refuse(name)
         if self._dist.is_zero3 and not self.args.ds3_gather_for_generation and self.args.gvm_allocation == "gvm":
             # The norm hooks read the measured parameters whole; ZeRO-3's layer-by-layer gathering frees them first.
             raise NotImplementedError(
@@ -1005,6 +1001,12 @@ def last_complete_checkpoint(output_dir: str) -> str:
     raise ValueError(
         f"resume_from_checkpoint=True found no complete checkpoint in {output_dir!r}; pass a checkpoint path, or "
         "drop resume_from_checkpoint to start from scratch."
+    )
+
+
+def _refuse(feature: str) -> None:
+    raise NotImplementedError(
+        f"The GVM trainers do not support {feature} (see the README's 'Not supported'); use trl.GRPOTrainer for it."
     )
 
 
