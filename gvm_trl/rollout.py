@@ -161,10 +161,15 @@ def concat_rollout_batches(batches: list[dict[str, Any]], pad_values: dict[str, 
     completed = []
     for batch in batches:
         batch = dict(batch)
-        rows = next(len(v) for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
+        rows, width = batch["completion_ids"].shape
         for key in sorted(keys - set(batch)):
-            template = next(b[key] for b in batches if key in b)
-            batch[key] = template.new_full((rows, *template.shape[1:]), float("nan"))
+            owner = next(b for b in batches if key in b)
+            template = owner[key]
+            shape = list(template.shape)
+            shape[0] = rows
+            if template.dim() >= 2 and template.shape[1] == owner["completion_ids"].shape[1]:
+                shape[1] = width  # a per-token tensor: as wide as this batch's completions
+            batch[key] = template.new_full(shape, float("nan"))
         completed.append(batch)
     return concat_rows(completed, pad_values)
 

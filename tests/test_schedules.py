@@ -254,3 +254,22 @@ def test_user_logged_columns_and_metrics_survive(tmp_path, char_tokenizer):
     trainer.train()
     assert len(trainer._logs["extra"]["length"]) == len(trainer._logs["prompt"])
     assert last_logs(trainer)["custom/rows"] == 8.0  # each of the two calls scored 8 rows
+
+
+def test_rows_without_old_log_probs_are_filled_as_wide_as_their_completions():
+    from gvm_trl.rollout import concat_rollout_batches
+
+    def rows(count, width, with_logps):
+        batch = {
+            "prompt_ids": torch.ones(count, 3, dtype=torch.long), "prompt_mask": torch.ones(count, 3, dtype=torch.long),
+            "completion_ids": torch.ones(count, width, dtype=torch.long),
+            "completion_mask": torch.ones(count, width, dtype=torch.long), "advantages": torch.ones(count),
+        }
+        if with_logps:
+            batch["old_per_token_logps"] = torch.zeros(count, width)
+        return batch
+
+    merged = concat_rollout_batches([rows(2, 5, True), rows(3, 7, False)], {"prompt_ids": 0, "completion_ids": 0})
+    assert merged["completion_ids"].shape == merged["old_per_token_logps"].shape == (5, 7)
+    assert torch.isnan(merged["old_per_token_logps"][2:]).all()
+    assert not torch.isnan(merged["old_per_token_logps"][:2]).any()
