@@ -273,7 +273,7 @@ class _GVMTrainer(GRPOTrainer):
             phase="allocated",
         )
         elapsed = time.perf_counter() - start
-        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        all_prompts = self._gathered(prompts)
         self._count_completions(rollout)
         accepted = self._per_prompt(self._accepted(rollout), rollout.prompts)
         allocation = BatchAllocation(
@@ -284,8 +284,8 @@ class _GVMTrainer(GRPOTrainer):
             grad_norms=None,
             num_probes=0,
             probe_step=None,
-            timings={"phase2": elapsed},
         )
+        self._timed(allocation, "phase2", elapsed)
         return self._assemble(allocation, None, rollout)
 
     def _sequential_batch(self, prompts: list[dict]) -> dict[str, Any]:
@@ -293,7 +293,7 @@ class _GVMTrainer(GRPOTrainer):
         probed = self._probe_and_allocate(prompts)
         start = time.perf_counter()
         allocated = self._generate_allocated(probed.allocation, self._gathered(prompts))
-        probed.allocation.timings["phase2"] = time.perf_counter() - start
+        self._timed(probed.allocation, "phase2", time.perf_counter() - start)
         return self._assemble(probed.allocation, probed.probes, allocated)
 
     def _probe_ahead_batch(self, prompts: list[dict]) -> dict[str, Any]:
@@ -311,7 +311,7 @@ class _GVMTrainer(GRPOTrainer):
             upcoming = upcoming if all(gather_object([bool(upcoming)])) else []
         start = time.perf_counter()
         allocated, next_probes = self._generate_allocated_and_probes(probed.allocation, all_prompts, upcoming)
-        probed.allocation.timings["phase2"] = time.perf_counter() - start
+        self._timed(probed.allocation, "phase2", time.perf_counter() - start)
         batch = self._assemble(probed.allocation, probed.probes, allocated)
         self._pending = self._allocate(upcoming, next_probes) if next_probes is not None else None
         return batch
@@ -336,7 +336,7 @@ class _GVMTrainer(GRPOTrainer):
         elapsed = time.perf_counter() - start
         self._count_completions(probes)
         probed = self._allocate(prompts, probes)
-        probed.allocation.timings["probe"] = elapsed
+        self._timed(probed.allocation, "probe", elapsed)
         return probed
 
     def _probe_slots(self) -> torch.Tensor:
@@ -394,8 +394,9 @@ class _GVMTrainer(GRPOTrainer):
             probe_norm_sums=evidence.norm_sums,
             probe_norm_counts=[int(c) for c in evidence.norm_counts],
             fallback=fallback,
-            timings={"grad_norms": time_grad_norms, "allocate": time.perf_counter() - start},
         )
+        self._timed(allocation, "grad_norms", time_grad_norms)
+        self._timed(allocation, "allocate", time.perf_counter() - start)
         return _ProbedBatch(prompts, probes, allocation)
 
     def _deal(self, allocation: BatchAllocation, all_prompts: list[dict]) -> tuple[list[dict], torch.Tensor]:
@@ -548,6 +549,11 @@ class _GVMTrainer(GRPOTrainer):
             phase=phase,
             num_processes=self.accelerator.num_processes,
         )
+
+    def _timed(self, allocation: BatchAllocation, phase: str, seconds: float) -> None:
+        """Record a phase's seconds on the batch it belongs to, and in the run's totals when it ran."""
+        allocation.timings[phase] = seconds
+        self.rollout_totals[f"time_{phase}"] += seconds
 
     def _count_completions(self, rollout: Rollout) -> None:
         """Completions generated over the run, by phase (padding rows not counted)."""
@@ -903,7 +909,6 @@ class _GVMTrainer(GRPOTrainer):
             metrics["gvm/probe_age"].append(float(self.state.global_step - allocation.probe_step))
         for name, seconds in allocation.timings.items():
             metrics[f"gvm/time_{name}"].append(seconds)
-            self.rollout_totals[f"time_{name}"] += seconds
         if norms is not None:
             metrics["gvm/grad_norm"].append(sum(norms) / num_prompts)
             ratio = self._variance_bound_ratio(rates, norms, sizes)
