@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gvm_trl import rewards  # noqa: E402
+from gvm_trl.answers import extraction, symbolic  # noqa: E402
 from gvm_trl.rewards import extract_answer, grade_answer  # noqa: E402
 
 SETS = ("math500", "minerva_math", "olympiad_bench", "aime24", "amc23")
@@ -71,10 +71,10 @@ def load_rows(name: str) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for row in rows:
         if name == "minerva_math":
-            row["solution"], row["answer"] = row["answer"], rewards.extract_boxed(row["answer"])
+            row["solution"], row["answer"] = row["answer"], extraction.extract_boxed(row["answer"])
         if isinstance(row.get("solution"), list):
             row["solution"] = "\n".join(row["solution"])
-        row["answer"] = rewards._gold_text(row["answer"])
+        row["answer"] = extraction.gold_text(row["answer"])
     return rows
 
 
@@ -149,7 +149,7 @@ def perturbed(golds: list[tuple[str, str]], timeout: float) -> dict:
 
 def throughput(pairs: list[tuple[str, str]], timeout: float, repeat: int = 1) -> float:
     """Answers graded per second over *pairs* (symbolic cache cleared first)."""
-    rewards._CACHE.clear()
+    symbolic.CACHE.clear()
     start = time.perf_counter()
     for _ in range(repeat):
         for completion, gold in pairs:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-n", type=int, default=5000, help="synthetic answers per throughput case")
     args = parser.parse_args(argv)
 
-    rewards._WORKER.start()
+    symbolic.WORKER.start()
     results: dict = {"sets": {}, "timeout_s": args.timeout}
     all_pairs: list[tuple[str, str]] = []
     for name in args.sets:
