@@ -45,6 +45,11 @@ def _digits_bound(node) -> float:
             return 1.0
         if exp > 5:  # exponent may exceed 1e5: power tower or huge power
             return math.inf
+        if node.exp.is_number and not node.exp.free_symbols:
+            try:  # a numeric exponent such as 2/3 or -1: its own size, not its digit bound
+                return (base + 1) * max(abs(complex(node.exp)), 1.0)
+            except (TypeError, ValueError, OverflowError):
+                pass
         return (base + 1) * 10**exp
     if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.binomial)):
         arg = max((_digits_bound(a) for a in node.args), default=1.0)
@@ -60,11 +65,14 @@ def _digits_bound(node) -> float:
 @functools.lru_cache(maxsize=4096)
 def _latex_to_expr(s: str):
     """latex2sympy2 + imaginary unit + size guard; None when unusable (cached: golds repeat)."""
+    import latex2sympy2
     import sympy
-    from latex2sympy2 import latex2sympy
 
+    # latex2sympy2 keeps module globals that a parse can corrupt (a differential such as "de" in
+    # "code" replaces its ``var`` dict by a Symbol, after which every parse fails): reset them.
+    latex2sympy2.var, latex2sympy2.variances = {}, {}
     try:
-        expr = latex2sympy("(" + s + ")")  # the parentheses force the grammar to consume all of s
+        expr = latex2sympy2.latex2sympy("(" + s + ")")  # the parentheses force the grammar to consume all of s
     except TimeoutError:
         raise
     except Exception:  # noqa: BLE001 - the grammar rejected it (cached as unusable)
@@ -93,7 +101,8 @@ def _closed_forms_equal(a, b) -> bool | None:
 
     Exact when both reduce to rationals; otherwise ``a - b`` is evaluated with SymPy's adaptive
     precision (which resolves cancellation) and must vanish to 1e-90 relative to the operands, so
-    ``10^{30}`` and ``10^{30}+1`` differ while ``\\sqrt{8}`` and ``2\\sqrt{2}`` agree.
+    ``10^{30}`` and ``10^{30}+1`` differ while ``\\sqrt{8}`` and ``2\\sqrt{2}`` agree. A decimal inside
+    an expression (``x^{0.5}``) carries only machine precision, so then 1e-9 relative is enough.
     """
     import sympy
 
@@ -110,7 +119,8 @@ def _closed_forms_equal(a, b) -> bool | None:
         if not v.is_number or v.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
             return None
     scale = max(abs(values[0]), abs(values[1]))
-    return bool(scale == 0 or abs(diff) <= scale * sympy.Float("1e-90", 20))
+    tolerance = "1e-9" if a.atoms(sympy.Float) or b.atoms(sympy.Float) else "1e-90"
+    return bool(scale == 0 or abs(diff) <= scale * sympy.Float(tolerance, 20))
 
 
 _SAMPLE_VALUES = ((17, 7), (143, 11), (419, 13), (1009, 17), (73, 29), (2311, 23))
@@ -135,10 +145,11 @@ def _exprs_equal(a, b) -> bool:
 
     if a == b:
         return True
-    if {s.name for s in a.free_symbols} != {s.name for s in b.free_symbols}:
+    names_a, names_b = {s.name for s in a.free_symbols}, {s.name for s in b.free_symbols}
+    if not (names_a <= names_b or names_b <= names_a):
         return False
     diff = a - b
-    if not a.free_symbols:
+    if not a.free_symbols and not b.free_symbols:
         same = _closed_forms_equal(a, b)
         return same if same is not None else sympy.simplify(diff) == 0
     if sympy.expand(diff) == 0:
@@ -183,8 +194,8 @@ def _symbolic_leaf(pred: str, gold: str) -> bool:
     return _exprs_equal(a, b)
 
 
-def _symbolic_equation(l1: str, r1: str, l2: str, r2: str) -> bool:
-    """Equations equal when ``l1 - r1`` is a non-zero constant multiple of ``l2 - r2``."""
+def _symbolic_equation(l1: str, r1: str, l2: str, r2: str, sign: str = "any") -> bool:
+    """``l1 - r1`` is a non-zero constant multiple of ``l2 - r2`` (a positive one when *sign* is "positive")."""
     import sympy
 
     exprs = [_latex_to_expr(x) for x in (l1, r1, l2, r2)]
@@ -193,7 +204,7 @@ def _symbolic_equation(l1: str, r1: str, l2: str, r2: str) -> bool:
     d1, d2 = exprs[0] - exprs[1], exprs[2] - exprs[3]
     if {s.name for s in d1.free_symbols} != {s.name for s in d2.free_symbols} or not d1.free_symbols:
         return False
-    if sympy.expand(d1 - d2) == 0 or sympy.expand(d1 + d2) == 0:
+    if sympy.expand(d1 - d2) == 0 or (sign == "any" and sympy.expand(d1 + d2) == 0):
         return True
     ratios = []
     for point in _sample_points(d1.free_symbols | d2.free_symbols, 6):
@@ -205,11 +216,13 @@ def _symbolic_equation(l1: str, r1: str, l2: str, r2: str) -> bool:
             break
     if len(ratios) < 3 or _closed_forms_equal(ratios[0], sympy.S.Zero) is not False:
         return False
+    if sign == "positive" and not (ratios[0].is_extended_real and ratios[0] > 0):
+        return False
     return all(_closed_forms_equal(r, ratios[0]) for r in ratios[1:])
 
 
 def run_request(request: list) -> bool:
-    """Dispatch one worker request: ["leaf", a, b] or ["eq", l1, r1, l2, r2]."""
+    """Dispatch one worker request: ["leaf", a, b] or ["eq", l1, r1, l2, r2, sign]."""
     kind, *args = request
     if kind == "leaf":
         return _symbolic_leaf(*args)
