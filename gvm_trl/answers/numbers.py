@@ -37,12 +37,16 @@ _NUM_RE = re.compile(_NUM)
 _SCI_RE = re.compile(rf"({_NUM})(?:[eE]|\*10\^|\\times10\^|\\cdot10\^)\{{?([-+]?\d{{1,3}})\}}?")
 _FRAC_RE = re.compile(rf"([-+]?)(\d+)?\\frac\{{({_NUM})\}}\{{({_NUM})\}}")
 _SLASH_RE = re.compile(rf"([-+]?)()({_NUM})/({_NUM})")
+_MIXED_RE = re.compile(r"\s*([-+]?)(\d+)\s+(\d+)\s*/\s*(\d+)\s*")
 
 
 def parse_number(s: str) -> Number | None:
     r"""Read integers, decimals, a/b, ``\frac{a}{b}``, mixed numbers and scientific notation."""
     if len(s) > 120:
         return None
+    mixed = _MIXED_RE.fullmatch(s)
+    if mixed:
+        s = f"{mixed.group(1)}{mixed.group(2)}\\frac{{{mixed.group(3)}}}{{{mixed.group(4)}}}"
     t = _SPACES.sub("", s)
     if len(t) > 60:
         return None
@@ -66,7 +70,7 @@ def parse_number(s: str) -> Number | None:
 
 
 def numbers_close(a: Number, b: Number) -> bool:
-    """Number rule from the module docstring (exact, or decimal within rounding and 1e-4 relative)."""
+    """Exact equality, or a decimal within 1e-4 relative that is the other value rounded or truncated."""
     if a.ulp is None and b.ulp is None:
         return a.value == b.value
     diff = abs(a.value - b.value)
@@ -74,7 +78,8 @@ def numbers_close(a: Number, b: Number) -> bool:
     if diff > Fraction(1, 10**4) * scale:
         return False
     if a.ulp is None or b.ulp is None:
-        ulp = a.ulp if a.ulp is not None else b.ulp
-        return diff <= ulp / 2
+        decimal, exact = (a, b) if a.ulp is not None else (b, a)
+        truncated = abs(decimal.value) <= abs(exact.value) and diff < decimal.ulp
+        return diff <= decimal.ulp / 2 or truncated
     return True
 
