@@ -72,12 +72,21 @@ fractions, strings, structure) is decided in-process in microseconds.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Sequence
 
 from .answers import symbolic
 from .answers.comparison import Context, answers_equal
-from .answers.extraction import MAX_ANSWER_CHARS, extract_answer, extract_boxed, gold_text
+from .answers.extraction import (
+    MAX_ANSWER_CHARS,
+    choice_in_completion,
+    choice_of_gold,
+    extract_answer,
+    extract_boxed,
+    gold_candidates,
+    gold_text,
+)
 
 __all__ = [
     "MAX_ANSWER_CHARS",
@@ -89,6 +98,31 @@ __all__ = [
 ]
 
 
+_INTEGER_RE = re.compile(r"-?\d{1,400}")
+_GROUP_WINDOW = MAX_ANSWER_CHARS + 300  # a box further back than this cannot join the last one
+
+
+def _boxed_integer_verdict(completion: Any, gold: Any) -> bool | None:
+    r"""The verdict for the common case (one final ``\boxed{integer}``, an integer gold), else None."""
+    if not isinstance(completion, str) or isinstance(gold, bool):
+        return None
+    if isinstance(gold, str):
+        gold = gold.strip()
+        if not _INTEGER_RE.fullmatch(gold):
+            return None
+    elif not isinstance(gold, int):
+        return None
+    start = completion.rfind("\\boxed{")
+    if start < 0 or "\\boxed" in completion[max(0, start - _GROUP_WINDOW) : start] or "\\fbox" in completion:
+        return None
+    end = completion.find("}", start + 7, start + 420)
+    if end < 0 or not _INTEGER_RE.fullmatch(completion[start + 7 : end]):
+        return None
+    if "<answer>" in completion or "</think>" in completion or "<|" in completion:
+        return None
+    return int(completion[start + 7 : end]) == int(gold)
+
+
 def grade_answer(completion: str, gold: str | float | int | list, *, timeout: float = 5.0) -> bool:
     """True when the final answer of *completion* is equivalent to *gold*; never raises.
 
@@ -97,12 +131,33 @@ def grade_answer(completion: str, gold: str | float | int | list, *, timeout: fl
     overrunning), which one call waits for at most 30 s before answering False.
     """
     try:
+        fast = _boxed_integer_verdict(completion, gold)
+        if fast is not None:
+            return fast
         deadline = time.monotonic() + max(float(timeout), 0.0)
-        gold_answer = gold_text(gold)
-        pred = extract_answer(completion)
-        if not pred or not gold_answer or len(pred) > MAX_ANSWER_CHARS or len(gold_answer) > MAX_ANSWER_CHARS:
-            return False
-        return answers_equal(pred.strip(), gold_answer.strip(), Context(deadline, symbolic.symbolic_remote))
+        if not isinstance(completion, str):
+            completion = gold_text(completion) or ""  # a bare number or a list, as some callers pass
+        pred = None
+        for gold_answer in gold_candidates(gold):
+            if len(gold_answer) > MAX_ANSWER_CHARS:
+                continue
+            choice = choice_of_gold(gold_answer)
+            if choice is not None:
+                letter, option_text = choice
+                picked = choice_in_completion(completion)
+                if picked is not None:
+                    if picked == letter:
+                        return True
+                    continue
+                if not option_text:
+                    continue
+                gold_answer = option_text
+            pred = extract_answer(completion) if pred is None else pred
+            if not pred or len(pred) > MAX_ANSWER_CHARS:
+                return False
+            if answers_equal(pred.strip(), gold_answer.strip(), Context(deadline, symbolic.symbolic_remote)):
+                return True
+        return False
     except Exception:  # noqa: BLE001 - a grader must never take training down
         return False
 

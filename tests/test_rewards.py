@@ -294,7 +294,7 @@ EQUIVALENCE = [
     ("expr", "fraction_expr", r"\frac{11+9a}{20}", r"\frac{11}{20} + \frac{9a}{20}", True),
     ("expr", "different_variable", "2k", "2n", False),
     ("expr", "n_expression", r"\frac{n(n+1)}{2}", r"\frac{n^2+n}{2}", True),
-    ("expr", "trig_identity", r"\sin^2 x + \cos^2 x", "1", False),
+    ("expr", "trig_identity", r"\sin^2 x + \cos^2 x", "1", True),  # decided by sampling since the family table
     ("expr", "cot", r"\cot x", r"\cot x", True),
     ("expr", "case_sensitive_var", "3R^2", "3r^2", False),
     # multiple-choice letters

@@ -43,13 +43,14 @@ def _digits_bound(node) -> float:
         base, exp = _digits_bound(node.base), _digits_bound(node.exp)
         if node.base in (0, 1, -1):
             return 1.0
+        if exp <= 50 and node.exp.is_number and not node.exp.free_symbols:
+            try:  # a numeric exponent such as 2/3 or (\sqrt{13}-5)/6: its size, not its digit bound
+                size = abs(complex(node.exp))
+            except (TypeError, ValueError, OverflowError):
+                size = math.inf
+            return math.inf if size > 1e5 else (base + 1) * max(size, 1.0)
         if exp > 5:  # exponent may exceed 1e5: power tower or huge power
             return math.inf
-        if node.exp.is_number and not node.exp.free_symbols:
-            try:  # a numeric exponent such as 2/3 or -1: its own size, not its digit bound
-                return (base + 1) * max(abs(complex(node.exp)), 1.0)
-            except (TypeError, ValueError, OverflowError):
-                pass
         return (base + 1) * 10**exp
     if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.binomial)):
         arg = max((_digits_bound(a) for a in node.args), default=1.0)
