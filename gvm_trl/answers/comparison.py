@@ -49,6 +49,7 @@ _CMD_RE = re.compile(r"\\[A-Za-z]+")
 _WORDS_RE = re.compile(r"[A-Za-z]+(?:[ '\-][A-Za-z]+)*")
 _VARIABLE_RE = re.compile(r"([A-Za-z])(?:_\{?\s*([A-Za-z0-9]+)\s*\}?)?")
 _PLAIN_INT_RE = re.compile(r"-?\d+")
+_BARE_NAME_RE = re.compile(r"-?\s*(?![ei]$)[A-Za-z](?:_\{?\w+\}?)?")  # not the constants e, i
 _MATRIX_ENV_RE = re.compile(
     r"\\begin\{([pbvBV]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S
 )
@@ -127,7 +128,7 @@ def _chain(members: list[str], ops: list[str], depth: int) -> tuple:
     if r"\approx" in ops:
         cut = ops.index(r"\approx")
         exact = "".join(m + " " + o + " " for m, o in zip(members[:cut], ops[:cut])) + members[cut]
-        alternatives = [_parse(exact, depth + 1), _parse(members[-1], depth + 1)]
+        alternatives = [_parse(members[-1], depth + 1), _parse(exact, depth + 1)]
         return ("alt", alternatives)
     if any(not m for m in members):
         return ("leaf", " ".join(m + " " + o for m, o in zip(members, ops + [""])).strip())
@@ -285,8 +286,10 @@ def _matrix_expression(s: str, envs: list[re.Match]) -> list[list[str]] | None:
     placeholder.append(s[last:])
     text = "".join(placeholder)
     matrices = [_matrix_rows(m.group(2)) for m in envs]
-    if any(m.group(1) in ("vmatrix", "Vmatrix") for m in envs):
+    if any(m.group(1) in ("vmatrix", "Vmatrix") for m in envs) or len(envs) > 6:
         return None
+    if any(len(rows) * max(len(r) for r in rows) > 64 for rows in matrices if rows):
+        return None  # written-out products stay small; their entries grow as text
     total = None
     for sign, term in _signed_terms(text):
         indices = [int(i) for i in re.findall(r"\x01(\d+)\x01", term)]
@@ -307,6 +310,8 @@ def _matrix_expression(s: str, envs: list[re.Match]) -> list[list[str]] | None:
             factor = _negated(factor)
         if factor != "1":
             product = [[_product_text(factor, c) for c in row] for row in product]
+        if any(len(c) > _MAX_LEAF_CHARS for row in product for c in row):
+            return None
         if total is None:
             total = product
         else:
@@ -495,8 +500,8 @@ def _leaf_equal(pred: str, gold: str, ctx: Context) -> bool:
     if pn is not None and gn is not None:
         return numbers_close(pn, gn)
     pv, gv = _variable_letters(pred), _variable_letters(gold)
-    if not (pv <= gv or gv <= pv):
-        return False  # SymPy would find different free symbols: skip the (slow) parse
+    if not (pv <= gv or gv <= pv) or _BARE_NAME_RE.fullmatch(pred) or _BARE_NAME_RE.fullmatch(gold):
+        return False  # different free symbols, or a lone variable against anything else: no SymPy
     p_sym, g_sym = _sympy_ready(pred), _sympy_ready(gold)
     if p_sym is None or g_sym is None:
         return False
@@ -569,11 +574,24 @@ def _distinct(items: list) -> list:
     return out
 
 
+def _labels_of(items: list) -> list[str] | None:
+    """The labels of a list of labelled equations (``a = 9, b = 2``) when they are distinct, else None."""
+    labels = [key(it[1]) if it[0] == "eq" and it[1] is not None and it[2] is not None else None for it in items]
+    return labels if None not in labels and len(set(labels)) == len(labels) else None
+
+
 def _set_equal(preds: list, golds: list, ctx: Context) -> bool:
     """Answer lists as sets: a repeated item counts once (an answer listing a solution twice is not wrong)."""
+    p_labels, g_labels = _labels_of(preds), _labels_of(golds)
+    if p_labels is not None and g_labels is not None and set(p_labels) == set(g_labels):
+        by_label = dict(zip(g_labels, golds))
+        return all(_tree_equal(p[2], by_label[k][2], ctx) for k, p in zip(p_labels, preds))
     if _multiset_equal(preds, golds, ctx):
         return True
-    preds, golds = _distinct(preds), _distinct(golds)
+    distinct_p, distinct_g = _distinct(preds), _distinct(golds)
+    if (len(distinct_p), len(distinct_g)) == (len(preds), len(golds)):
+        return False
+    preds, golds = distinct_p, distinct_g
     if len(preds) == len(golds):
         return _multiset_equal(preds, golds, ctx)
     if max(len(preds), len(golds)) > 16:
@@ -627,6 +645,8 @@ def _equation_equal(p: tuple, g: tuple, ctx: Context) -> bool:
     if p_label is None and g_label is None and p_value is not None and g_value is not None:
         if _tree_equal(p_value, g_value, ctx):
             return True
+    if key(p_lhs) == key(g_lhs) and (p_value is not None or g_value is not None):
+        return False  # the same left side with different values: no multiple of one is the other
     return _proportional(p_lhs, p_rhs, g_lhs, g_rhs, "any", ctx)
 
 

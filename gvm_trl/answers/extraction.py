@@ -62,6 +62,10 @@ _NUMBER_RE = re.compile(r"(?<![A-Za-z\d.,_^])(?:" + _NUMBER + r")(?![\d])" + _PE
 _VERB_RE = re.compile(r"(?i)(?<![A-Za-z])(?:is|are|was|equals|equal\s+to|be|becomes|gives|yields|=)(?![A-Za-z])")
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _CONNECTIVES = {"and", "or", "et", "und", "y", "ou"}
+_SHORT_WORDS = {
+    "is", "the", "we", "so", "it", "be", "are", "an", "to", "of", "and", "or", "in", "on", "at", "for", "as",
+    "by", "not", "but", "get", "has", "was", "its", "all", "any", "can", "may", "too", "our", "you", "one", "two",
+}
 _UNIT_WORDS = {
     "units", "unit", "square", "sq", "cubic", "cm", "mm", "km", "meters", "meter", "metres", "metre", "inches",
     "inch", "feet", "foot", "ft", "miles", "mile", "mph", "hours", "hour", "minutes", "minute", "seconds",
@@ -201,13 +205,15 @@ def _masked(text: str, spans: list[tuple[int, int, str]]) -> str:
 
 
 def _prose_words(text: str) -> list[str]:
-    """Words outside LaTeX commands, ``\\text{}`` wrappers and environment names."""
+    """English words outside LaTeX commands, ``\\text{}`` wrappers and environment names (not ``xy``)."""
     text = re.sub(r"\\(?:begin|end)\s*\{[^{}]*\}", " ", _WRAPPER_RE.sub(" ", text))
-    return _WORD_RE.findall(text)
+    return [w for w in _WORD_RE.findall(text) if len(w) >= 4 or w.lower() in _SHORT_WORDS]
 
 
 def _is_all_math(text: str) -> bool:
-    """Rule 5: math spans joined by connectives, or a bare answer without two prose words in a row."""
+    """Rule 5: math spans joined by connectives, or a bare answer with at most one prose word."""
+    if len(text) > 2 * MAX_ANSWER_CHARS:
+        return False
     spans = math_spans(text)
     masked = _masked(text, spans)
     if spans:
@@ -247,7 +253,7 @@ def _sentences(text: str, masked: str) -> list[tuple[int, int]]:
 def _is_mathy(content: str) -> bool:
     """A math span worth reading as an answer (not prose in dollars such as ``$? just about 1$``)."""
     words = [w for w in _prose_words(content) if w.lower() not in _CONNECTIVES]
-    return bool(content.strip()) and len(words) < 2
+    return bool(content.strip()) and not words
 
 
 def _join_spans(contents: list[str]) -> str:
@@ -272,6 +278,9 @@ def _leading_answer(clause: str) -> str | None:
     number = _NUMBER_RE.match(clause)
     if number:
         return number.group(0)
+    letter = re.match(r"\(?([A-E])\)?(?=[\s,.;:]|$)", clause)
+    if letter:
+        return letter.group(1)  # "the answer is B, since ..."
     return None
 
 
@@ -295,7 +304,7 @@ def _answer_in_clause(clause: str) -> str | None:
     mathy = [s for s in spans if _is_mathy(s[2])]
     if mathy:
         return mathy[-1][2]
-    numbers = list(_NUMBER_RE.finditer(masked))
+    numbers = list(_NUMBER_RE.finditer(clause.replace("$", " ")))  # prose in dollars: read its numbers
     if numbers:
         return numbers[-1].group(0)
     return None
@@ -343,9 +352,7 @@ def _concluding_sentence_answer(text: str) -> str | None:
     spans = math_spans(tail)
     masked = _masked(tail, spans)
     for start, end in reversed(_sentences(tail, masked)):
-        sentence_masked = masked[start:end]
-        has_math = "\x00" in sentence_masked
-        if not has_math and not _NUMBER_RE.search(sentence_masked):
+        if not _NUMBER_RE.search(tail[start:end].replace("$", " ")) and "\x00" not in masked[start:end]:
             continue
         answer = _answer_in_clause(tail[start:end])
         if answer:
