@@ -3,72 +3,40 @@ r"""Rule-based answer verification for maths RL rewards.
 Public API
 ----------
 ``extract_boxed(text)``        contents of the last ``\boxed{...}`` / ``\fbox{...}`` (nested braces), or None.
-``extract_answer(completion)`` the model's final answer: the last box (also ``\boxed 5``); a broken
-                               last box means no answer. Without a box: ``#### x`` on the last line
-                               (GSM8K), else the last "the answer is x" / "final answer: x" /
-                               "Answer: x" line, else the last number in the text.
+``extract_answer(completion)`` the model's final answer: the final group of boxes, else ``#### x``, else the
+                               last "answer is" phrase, else a bare answer, else the value of the concluding
+                               sentence (``gvm_trl.answers.extraction`` documents the rules).
 ``grade_answer(completion, gold, *, timeout=5.0)`` True when the completion's final answer is
                                equivalent to ``gold`` (a bare answer, a solution with a box, a GSM8K
-                               solution, a number such as ``27.0`` or a list whose element 0 is used).
+                               solution, a number such as ``27.0`` or a list whose element 0 is used;
+                               a multiple-choice gold such as ``C`` or ``(B) Paris`` is matched by letter).
 ``make_math_reward(answer_column="answer", timeout=5.0)`` a TRL reward function named ``math_reward``.
 ``math_reward``                ``make_math_reward()``.
 
-Why parts of this are hand-written
-----------------------------------
-``latex2sympy2`` turns one LaTeX *expression* into SymPy and SymPy decides symbolic equality, but
-benchmark answers are rarely a bare expression: they carry units, ``\text{}`` wrappers, thousands
-separators, degree signs, percentages, ``x =`` prefixes, tuples, intervals, unordered answer lists,
-matrices and multiple-choice letters, and latex2sympy2 rejects or silently misreads them: ``1.5e3``
-becomes ``1.5*e*3``, ``1\frac{4}{5}`` becomes ``4/5``, ``y = 2x`` *assigns* a global variable, and
-since its grammar is not anchored at the end of the input it returns a parse of a prefix
-(``np.arcsin(10/13)`` becomes ``n*p``). So benchmark conventions are normalised here, each answer is
-split into a small structure, and only leaf expressions reach latex2sympy2, wrapped in parentheses
-so that the whole leaf must parse.
-
-Equivalence rules (documented decisions)
-----------------------------------------
-* Numbers: integers and fractions compare exactly. When a side is a decimal it matches when the two
-  agree to a relative 1e-4 *and*, against an exact value, the decimal is that value correctly
-  rounded to its own number of places: ``0.3333 == 1/3`` but ``0.33 != 1/3`` and ``26.002 != 26``.
-  A decimal against an irrational closed form uses the same rule (``1.4142 == \sqrt2``,
-  ``3.14 != \pi``).
-* A percentage ``p\%`` matches ``p`` and ``p/100`` (``50\% == 50 == 0.5``).
-* ``30^\circ == 30``; trailing units (``\text{ cm}``, ``\mathrm{~m/s}``, "inches", "dollars", ...)
-  and ``\$`` are ignored; ``x = 3``, ``f(x) = 3``, ``x \in [1, 2]`` match the bare right-hand side
-  when the left-hand side is a plain name (``x = 2 + 3 = 5`` gives ``5``).
-* ``1,080`` (the whole answer, 3-digit groups), ``1\,080``, ``1{,}080`` and ``1,\!080`` are one
-  number; any other top-level comma separates answers.
-* A top-level comma list (also "a and b", "a or b") is an unordered multiset of answers
-  (OlympiadBench multi-answer style), ``\{...\}`` is a set, ``a \pm b`` is the two-element set
-  {a+b, a-b}; parenthesised / bracketed lists are ordered tuples or intervals whose bracket shapes
-  must match (``(1,2] != (1,2)``); unions of intervals are compared as multisets; matrices
-  entrywise (a column or row vector also matches a tuple of the same entries).
-* Equations match when ``lhs - rhs`` of one is a non-zero constant multiple of the other's.
-* Plain words compare case-insensitively (``\text{Evelyn} == evelyn``); multiple-choice letters
-  A-E match with or without parentheses / ``\text{}`` (``(E) 12`` too, ``C or A`` not); other single
-  letters are case-sensitive. A number with a subscript (``204_5``, a base) is compared literally.
-* Scientific notation: ``1.5\times10^{3} == 1.5e3 == 1500`` (a digit, ``e``/``E``, optional sign
-  and digits is read as scientific notation, never as Euler's number).
-* Symbolic leaves (in the worker) need the same variable names on both sides. Closed forms compare
-  exactly when both are rational, else by evaluating their difference with adaptive precision
-  (``\sqrt8 == 2\sqrt2`` but ``10^{30} != 10^{30}+1``). With variables: ``expand(a - b) == 0``, else
-  exact agreement at three rational points in 2.4..100 (variables are treated as positive reals, so
-  ``\sqrt{ab} == \sqrt a\sqrt b``), else ``simplify``; step functions (floor, ceiling) skip the
-  sampling, which they would pass by chance.
+How it is organised
+-------------------
+``latex2sympy2`` turns one LaTeX *expression* into SymPy and SymPy decides symbolic equality, but answers
+are rarely a bare expression: they carry units, wrappers, labels (``x =``, ``|PQ| =``), relations, lists,
+intervals, matrices, ratios and choice letters, and latex2sympy2 rejects or misreads them (``1.5e3`` is
+``1.5*e*3``, ``y = 2x`` *assigns* a global, its grammar accepts a prefix of the input). So
+``gvm_trl.answers`` finds the final answer (``extraction``), canonicalises its text (``normalisation``),
+splits it into a small tree and compares trees (``comparison``, which documents the equivalence rules),
+reads numbers without SymPy (``numbers``), and sends only leaf expressions, wrapped in parentheses so
+that the whole leaf must parse, to SymPy (``symbolic``).
 
 Safety
 ------
-Model output is hostile input. Nothing here calls ``eval``/``sympify``/``parse_expr`` on it: the
-only parser is latex2sympy2's ANTLR grammar (its one ``parse_expr`` call only reads the
-``variable_values`` argument, which is never passed), and leaves containing relations, ``:=``,
-``\in`` or ``\operatorname`` (which would mutate latex2sympy2's globals or build huge matrices) are
-refused. SymPy runs in a persistent worker *subprocess* (loaded from this file, so it never imports
-the trainer) with a 4 GiB address-space limit; it is killed when a call overruns its ``timeout`` and
-restarted on demand, so pathological input cannot hang or exhaust the trainer from any thread.
-Answers are capped at ``MAX_ANSWER_CHARS`` and expressions whose size bound exceeds 5000 digits
-(power towers, huge factorials) are refused before evaluation. Grading never raises; anything
-unparseable is simply not equivalent. Everything that needs no SymPy (integers, decimals,
-fractions, strings, structure) is decided in-process in microseconds.
+Model output is hostile input. Nothing calls ``eval``/``sympify``/``parse_expr`` on it: the only parser
+is latex2sympy2's ANTLR grammar (its one ``parse_expr`` call only reads the ``variable_values``
+argument, which is never passed), its module globals are reset before every parse, and leaves
+containing relations, ``:=``, ``\in`` or ``\operatorname`` are refused. SymPy runs in a persistent worker
+*subprocess* that never imports the trainer, with a 4 GiB address-space limit; it is killed when a call
+overruns its ``timeout`` and restarted on demand, so pathological input cannot hang or exhaust the
+trainer from any thread. Answers are capped at ``MAX_ANSWER_CHARS``, expressions whose size bound
+exceeds 5000 digits are refused before evaluation, written-out matrix products are bounded, and
+grading never raises; anything unparseable is simply not equivalent. Everything that needs no SymPy
+(integers, decimals, fractions, strings, structure, intervals) is decided in-process in microseconds,
+and a final ``\boxed{integer}`` against an integer gold takes a shortcut that reads nothing else.
 """
 from __future__ import annotations
 

@@ -62,6 +62,11 @@ CASES = [
     ("relations", "or_rays_vs_union", r"x < -1 \text{ or } x > 4", r"(-\infty, -1) \cup (4, \infty)", True),
     ("relations", "in_sentence", r"Therefore the inequality holds exactly when $d \geq 6$.", r"[6, \infty)", True),
     ("relations", "chain_order", "f(1) < f(3) < f(2)", "f(1) < f(3) < f(2)", True),
+    ("relations", "open_ray_vs_closed", "x < 3", r"(-\infty, 3]", False),
+    ("relations", "punctured_line", r"t \neq 0", r"(-\infty, 0) \cup (0, \infty)", True),
+    ("relations", "strict_swapped", "5 > u", "u < 5", True),
+    ("relations", "fraction_bounds", r"\frac{1}{2} < r < 1", r"\left(\frac12, 1\right)", True),
+    ("relations", "leqslant", r"n \leqslant 8", r"n \le 8", True),
     ("relations", "chain_order_wrong", "f(3) < f(1) < f(2)", "f(1) < f(3) < f(2)", False),
     # ---------------------------------------------------------------------------------------------
     # 2. Matrices
@@ -93,6 +98,12 @@ CASES = [
      r"\begin{pmatrix} \cos(t) & -\sin(t) \\ \sin(t) & \cos(t) \end{pmatrix}", True),
     ("matrices", "parenthesised_matrix", r"(\begin{pmatrix} 7 \\ -2 \end{pmatrix})", r"\begin{pmatrix} 7 \\ -2 \end{pmatrix}", True),
     ("matrices", "column_vs_tuple", r"\begin{bmatrix} 7 \\ -2 \end{bmatrix}", "(7, -2)", True),
+    ("matrices", "smallmatrix", r"\begin{smallmatrix} 1 & 0 \\ 0 & 1 \end{smallmatrix}",
+     r"\begin{pmatrix} 1 & 0 \\ 0 & 1 \end{pmatrix}", True),
+    ("matrices", "vmatrix_three", r"\begin{vmatrix} 1 & 0 & 2 \\ 0 & 3 & 0 \\ 1 & 0 & 1 \end{vmatrix}", "-3", True),
+    ("matrices", "difference", r"\begin{pmatrix} 5 \\ 1 \end{pmatrix} - \begin{pmatrix} 2 \\ 4 \end{pmatrix}", "(3, -3)", True),
+    ("matrices", "negated_matrix", r"-\begin{pmatrix} 1 & -2 \end{pmatrix}", "(-1, 2)", True),
+    ("matrices", "difference_wrong", r"\begin{pmatrix} 5 \\ 1 \end{pmatrix} - \begin{pmatrix} 2 \\ 4 \end{pmatrix}", "(3, 3)", False),
     ("matrices", "transposed_wrong", r"\begin{pmatrix} 2 & 1 \\ 0 & 5 \end{pmatrix}",
      r"\begin{pmatrix} 2 & 0 \\ 1 & 5 \end{pmatrix}", False),
     # ---------------------------------------------------------------------------------------------
@@ -115,6 +126,10 @@ CASES = [
     ("outside_box", "digit_inside_word_gold", "The label reads ZR9", "9", False),
     ("outside_box", "bare_with_unit", "72 km", "72", True),
     ("outside_box", "number_with_percent_words", LONG_REASONING + "The price rises by 35 percent.", r"35\%", True),
+    ("outside_box", "bold_answer_label", LONG_REASONING + "\n**Answer:** 17", "17", True),
+    ("outside_box", "answer_colon_with_unit", LONG_REASONING + "The answer: 23 days", "23", True),
+    ("outside_box", "equals_in_words", LONG_REASONING + "The sum of the roots equals $-\\frac{7}{3}$.", r"-\frac73", True),
+    ("outside_box", "equals_in_words_wrong", LONG_REASONING + "The sum of the roots equals $-\\frac{7}{3}$.", r"\frac73", False),
     ("outside_box", "gsm8k_style", "She pays 3 * 4 = 12 dollars.\n#### 12", "12", True),
     # ---------------------------------------------------------------------------------------------
     # 4. Several answers
@@ -138,6 +153,10 @@ CASES = [
     ("several", "mixed_separators", r"-4;\ 0;\ 4", r"\{-4, 0, 4\}", True),
     ("several", "list_missing", "-4, 4", "-4, 0, 4", False),
     ("several", "no_space_or", "(3,1)or(1,3)", r"(1,3),\ (3,1)", True),
+    ("several", "boxes_or_vs_pm", r"$\boxed{2}$ or $\boxed{-2}$", r"\pm 2", True),
+    ("several", "labelled_boxes_vs_tuple", r"$x=\boxed{1}$, $y=\boxed{2}$", "(1, 2)", True),
+    ("several", "plain_braces_set", "3, -1", "{-1, 3}", True),
+    ("several", "set_vs_smaller_set", r"\{1, 2, 3\}", r"\{1, 2\}", False),
     ("several", "boxes_duplicate", r"\boxed{12} \boxed{12}", "12", True),
     # ---------------------------------------------------------------------------------------------
     # 5. Labelled answers and chains
@@ -164,6 +183,11 @@ CASES = [
     ("labels", "equation_not_label", "2u + v = 4", "4", False),
     ("labels", "constant_lhs_equation", "5 = 3c + d", "3c + d", False),
     ("labels", "tuple_label", "(a, b) = (3, -8)", "(3,-8)", True),
+    ("labels", "segment_label", r"\overline{AB} = 5", "5", True),
+    ("labels", "probability_label", r"P(A) = \frac{1}{3}", "1/3", True),
+    ("labels", "angle_label", r"\angle C = 40^\circ", "40", True),
+    ("labels", "area_label_subscript", "S_{ABC} = 6", "6", True),
+    ("labels", "area_label_wrong", "S_{ABC} = 6", "8", False),
     ("labels", "different_variable_labels", "u = 5", "v = 5", False),
     # ---------------------------------------------------------------------------------------------
     # 6. Words and notation
@@ -187,6 +211,10 @@ CASES = [
     ("notation", "choice_expression_not_letter", r"\boxed{\mathrm{B}+1}", "B", False),
     ("notation", "choice_in_sentence", "Checking each option, the correct answer is E, not A or C.", "E", True),
     ("notation", "choice_letter_digit_not_letter", r"\boxed{B2}", "B", False),
+    ("notation", "clock_midnight", r"12:30 \text{ a.m.}", "0:30", True),
+    ("notation", "mixed_number_space", "5 1/2", r"\frac{11}{2}", True),
+    ("notation", "choice_text_macro", r"\text{(D)}", "D", True),
+    ("notation", "choice_other_option", "(D)", "(C) 15", False),
     ("notation", "thousands_words", r"\$1,250", "1250", True),
     # ---------------------------------------------------------------------------------------------
     # 7. Symbolic equivalence
@@ -207,6 +235,12 @@ CASES = [
     ("symbolic", "log_rules", r"\ln 12", r"2\ln 2 + \ln 3", True),
     ("symbolic", "log_rules_wrong", r"\ln 12", r"2\ln 3 + \ln 2", False),
     ("symbolic", "exp_forms", r"e^{2x} e^{x}", "e^{3x}", True),
+    ("symbolic", "tangent_secant", r"\tan^2 x", r"\sec^2 x - 1", True),
+    ("symbolic", "log_value", r"\log_2 32", "5", True),
+    ("symbolic", "removable_factor", r"\frac{x^2-4}{x-2}", "x+2", True),
+    ("symbolic", "supplementary_angle", r"\cos(\pi - a)", r"-\cos a", True),
+    ("symbolic", "radical_not_linear", r"\sqrt{2x}", r"2\sqrt{x}", False),
+    ("symbolic", "exp_log", r"e^{\ln 5}", "5", True),
     ("symbolic", "different_letters", "4j+1", "4i+1", False),
 ]
 

@@ -292,6 +292,9 @@ def _matrix_expression(s: str, envs: list[re.Match]) -> list[list[str]] | None:
         return None  # written-out products stay small; their entries grow as text
     total = None
     for sign, term in _signed_terms(text):
+        if term.lstrip().startswith(("-", "+")):
+            term = term.lstrip()
+            sign, term = ("-" if (term[0] == "-") != (sign == "-") else "+"), term[1:]
         indices = [int(i) for i in re.findall(r"\x01(\d+)\x01", term)]
         scalar = re.sub(r"\x01\d+\x01|\\cdot|\\times", " ", term).strip()
         if not indices or (scalar and not re.fullmatch(r"[\w\\{}()/.^ ]+", scalar)):
