@@ -17,11 +17,14 @@ False acceptances (each rate must stay at or below 0.5%; the accepted pairs are 
 * ``perturbed``: every gold against perturbed copies of itself: its first digit changed, its last digit
   changed, its sign flipped, and for answers without digits a letter changed.
 
-Speed (answers/s, one thread, symbolic cache cleared): the realistic mix (every restated gold plus every
-perturbed copy), its part that needs SymPy, ``\\boxed{int}`` after a few hundred characters of reasoning,
-and boxed radicals. With ``--baseline REV`` (default: the verifier before the answer-family work) the same
-pairs are graded by that revision's ``gvm_trl/rewards.py`` in the same run, for a like-for-like comparison,
-and its agreement on the family table and the restated golds is reported as "before".
+Speed (answers/s, one thread, from cold caches and a fresh warmed-up SymPy worker): the realistic mix
+(every restated gold plus a perturbed copy of every gold), its part that needs SymPy now, the part that
+needed SymPy before too (the old verifier rejects many restated answers without trying, which is fast
+but wrong), ``\\boxed{int}`` after a few hundred characters of reasoning, and boxed radicals. With
+``--baseline REV`` (default: the verifier before the answer-family work) the same pairs are graded by that
+revision's ``gvm_trl/rewards.py`` in the same run, alternating with the current one chunk by chunk so that
+both see the same machine load; its agreement on the family table and the restated golds is reported as
+"before".
 
 Hostile inputs: the worst wall time of one call over power towers, deep nesting, megabyte texts, long
 relation chains, thousands of boxes and matrices (the timeout is 2 s).
@@ -287,13 +290,28 @@ def cold_baseline(module) -> None:
     module._CACHE.clear()
 
 
-def throughput(grade, pairs: list[tuple[str, object]], timeout: float, cold) -> float:
-    """Answers graded per second over *pairs*, starting from cold caches and an idle fresh worker."""
-    cold()
-    start = time.perf_counter()
-    for completion, gold in pairs:
-        grade(completion, gold, timeout=timeout)
-    return len(pairs) / (time.perf_counter() - start)
+def throughput_side_by_side(versions: list, pairs: list[tuple[str, object]], timeout: float, chunks: int = 20) -> list[float]:
+    """Answers/s of each (grade, cold) version over the same pairs, graded in alternating chunks.
+
+    The machine is shared, so its speed drifts within a run; alternating the versions chunk by chunk
+    (each version still sees every pair once, from cold caches) gives both the same conditions.
+    """
+    for _, cold in versions:
+        cold()
+    spent = [0.0] * len(versions)
+    size = max(1, -(-len(pairs) // chunks))
+    for k, start in enumerate(range(0, len(pairs), size)):
+        chunk = pairs[start : start + size]
+        order = list(range(len(versions)))
+        if k % 2:
+            order.reverse()
+        for i in order:
+            grade = versions[i][0]
+            began = time.perf_counter()
+            for completion, gold in chunk:
+                grade(completion, gold, timeout=timeout)
+            spent[i] += time.perf_counter() - began
+    return [len(pairs) / t if t else float("inf") for t in spent]
 
 
 def hostile_inputs() -> list[tuple[str, str, str]]:
@@ -302,7 +320,7 @@ def hostile_inputs() -> list[tuple[str, str, str]]:
         ("power_tower", r"\boxed{9^{9^{9^{9}}}}", r"9^{9^{9^{9}}}+1"),
         ("huge_factorial", r"\boxed{(10^{7})!}", "3"),
         ("symbolic_power", r"\boxed{(x+1)^{100000}}", "x"),
-        ("expansion", r"\boxed{(a+b+c+d+f+g+h+k)^{20}}", "(a+b+c+d+f+g+h+2k)^{20}"),
+        ("expansion", r"\boxed{(a+b+c+d+f+g+h+k)^{20}}", "(a+b+c+d+f+g+h+k)^{19}(a+b+c+d+f+g+h) + (a+b+c+d+f+g+h+k)^{19} k"),  # equal: no shortcut
         ("deep_braces", deep, "1"),
         ("deep_parens", r"\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}", "1"),
         ("many_boxes", r"\boxed{1}, " * 20000, "1"),
@@ -348,13 +366,13 @@ def speed_cases(golds: list[str], n: int, seed: int = 0) -> dict[str, list[tuple
     return {"realistic_mix": mix, "common_int": ints, "symbolic_radicals": radicals}
 
 
-def needs_sympy(pairs: list[tuple[str, object]], timeout: float) -> list[tuple[str, object]]:
-    """The pairs whose grading sends at least one request to the SymPy worker (current verifier)."""
+def needs_sympy(pairs: list[tuple[str, object]], grade, cache, timeout: float) -> list[tuple[str, object]]:
+    """The pairs whose grading sends at least one request to the SymPy worker (*cache*: its result cache)."""
     out = []
     for completion, gold in pairs:
-        symbolic.CACHE.clear()
-        grade_answer(completion, gold, timeout=timeout)
-        if symbolic.CACHE:
+        cache.clear()
+        grade(completion, gold, timeout=timeout)
+        if cache:
             out.append((completion, gold))
     return out
 
@@ -454,22 +472,30 @@ def main(argv: list[str] | None = None) -> int:
         results["restated"]["rate_before"] = before
         line += f"   (before: {before:.2%})"
     print(line)
-    cases["realistic_mix_sympy"] = needs_sympy(cases["realistic_mix"], args.timeout)
+    cases["realistic_mix_sympy"] = needs_sympy(cases["realistic_mix"], grade_answer, symbolic.CACHE, args.timeout)
+    if baseline is not None:
+        old_sympy = set(needs_sympy(cases["realistic_mix"], baseline.grade_answer, baseline._CACHE, args.timeout))
+        cases["realistic_mix_sympy_in_both"] = [p for p in cases["realistic_mix_sympy"] if p in old_sympy]
 
     speeds: dict = {}
+    versions = [(grade_answer, cold_current)]
+    if baseline is not None:
+        versions.append((baseline.grade_answer, lambda: cold_baseline(baseline)))
     for case, pairs in cases.items():
-        speeds[case] = {"n": len(pairs), "now": round(throughput(grade_answer, pairs, args.timeout, cold_current), 1)}
-        line = f"throughput {case:22s} {speeds[case]['now']:>10.1f} answers/s"
+        rates = throughput_side_by_side(versions, pairs, args.timeout)
+        speeds[case] = {"n": len(pairs), "now": round(rates[0], 1)}
+        line = f"throughput {case:27s} {rates[0]:>10.1f} answers/s"
         if baseline is not None:
-            cold = lambda: cold_baseline(baseline)  # noqa: E731
-            speeds[case]["before"] = round(throughput(baseline.grade_answer, pairs, args.timeout, cold), 1)
-            line += f"   (before: {speeds[case]['before']:>10.1f})"
+            speeds[case]["before"] = round(rates[1], 1)
+            line += f"   (before: {rates[1]:>10.1f})"
         print(line + f"   ({len(pairs)} answers)")
     results["throughput_answers_per_s"] = speeds
 
+    cold_current()
     results["hostile"] = worst_call(grade_answer)
     line = f"hostile inputs: worst call {results['hostile']['worst_s']} s ({results['hostile']['worst_case']}, timeout 2 s)"
     if baseline is not None:
+        cold_baseline(baseline)
         results["hostile_before"] = worst_call(baseline.grade_answer)
         line += f"   (before: {results['hostile_before']['worst_s']} s, {results['hostile_before']['worst_case']})"
     print(line)

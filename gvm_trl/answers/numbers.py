@@ -70,7 +70,7 @@ def parse_number(s: str) -> Number | None:
 
 
 def numbers_close(a: Number, b: Number) -> bool:
-    """Exact equality, or a decimal within 1e-4 relative that is the other value rounded or truncated."""
+    """Exact equality, or within 1e-4 relative with the coarser value the other one rounded or truncated."""
     if a.ulp is None and b.ulp is None:
         return a.value == b.value
     diff = abs(a.value - b.value)
@@ -79,7 +79,8 @@ def numbers_close(a: Number, b: Number) -> bool:
         return False
     if a.ulp is None or b.ulp is None:
         decimal, exact = (a, b) if a.ulp is not None else (b, a)
-        truncated = abs(decimal.value) <= abs(exact.value) and diff < decimal.ulp
-        return diff <= decimal.ulp / 2 or truncated
-    return True
+    else:  # two decimals: the coarser one must be the finer one rounded or truncated (671.02 != 671.03)
+        decimal, exact = (a, b) if a.ulp >= b.ulp else (b, a)
+    truncated = abs(decimal.value) <= abs(exact.value) and diff < decimal.ulp
+    return diff <= decimal.ulp / 2 or truncated
 

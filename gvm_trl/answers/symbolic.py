@@ -43,8 +43,11 @@ def _digits_bound(node) -> float:
         base, exp = _digits_bound(node.base), _digits_bound(node.exp)
         if node.base in (0, 1, -1):
             return 1.0
+        if node.exp.is_Rational:  # 1/2, -1, 2/3: the exponent's size, not its digit bound
+            size = abs(int(node.exp.p)) / int(node.exp.q) if exp <= 50 else math.inf
+            return math.inf if size > 1e5 else (base + 1) * max(size, 1.0)
         if exp <= 50 and node.exp.is_number and not node.exp.free_symbols:
-            try:  # a numeric exponent such as 2/3 or (\sqrt{13}-5)/6: its size, not its digit bound
+            try:  # a numeric exponent such as (\sqrt{13}-5)/6
                 size = abs(complex(node.exp))
             except (TypeError, ValueError, OverflowError):
                 size = math.inf
@@ -139,6 +142,31 @@ def _sample_points(symbols, count: int):
         }
 
 
+def _clearly_differ(a, b) -> bool:
+    """Whether *a* and *b* take clearly different finite values (1e-8 relative) at the first sample point.
+
+    Each side is evaluated to 15 correct digits on its own (no cancellation between them), so an
+    identity is never rejected here; anything undecided is left to the exact checks.
+    """
+    import sympy
+
+    point = next(_sample_points(a.free_symbols | b.free_symbols, 1))
+    try:
+        values = [sympy.N(x.subs(point), 15) for x in (a, b)]
+    except Exception:  # noqa: BLE001 - a value SymPy cannot produce decides nothing
+        return False
+    numbers = []
+    for v in values:
+        if not v.is_number or v.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+            return False
+        re_part, im_part = v.as_real_imag()
+        if not (re_part.is_Number and im_part.is_Number):
+            return False
+        numbers.append(complex(re_part, im_part))
+    scale = max(abs(numbers[0]), abs(numbers[1]))
+    return scale > 1e-6 and abs(numbers[0] - numbers[1]) > 1e-8 * scale
+
+
 def _exprs_equal(a, b) -> bool:
     """Symbolic equality of two SymPy expressions (see module docstring)."""
     import sympy
@@ -153,6 +181,8 @@ def _exprs_equal(a, b) -> bool:
     if not a.free_symbols and not b.free_symbols:
         same = _closed_forms_equal(a, b)
         return same if same is not None else sympy.simplify(diff) == 0
+    if not diff.has(sympy.floor, sympy.ceiling, sympy.frac, sympy.Mod) and _clearly_differ(a, b):
+        return False  # most wrong answers: one cheap evaluation instead of an expansion
     if sympy.expand(diff) == 0:
         return True
     if diff.has(sympy.floor, sympy.ceiling, sympy.frac, sympy.Mod):
