@@ -548,7 +548,7 @@ def _tree_key(node: tuple) -> str:
     """Canonical text of a parsed answer (order-free for sets and unions), for cheap exact matching."""
     kind = node[0]
     if kind == "leaf":
-        return _key_leaf(node[1])
+        return key(node[1])
     if kind == "seq":
         return f"seq{node[1]}{node[2]}(" + ";".join(map(_tree_key, node[3])) + ")"
     if kind == "matrix":
@@ -561,10 +561,6 @@ def _tree_key(node: tuple) -> str:
         return "ratio(" + ":".join(map(key, node[1])) + ")"
     keys = [_tree_key(n) for n in node[1]]
     return f"{kind}(" + ";".join(sorted(keys) if kind in ("set", "union", "alt") else keys) + ")"
-
-
-def _key_leaf(s: str) -> str:
-    return key(s)
 
 
 def _distinct(items: list) -> list:
@@ -703,8 +699,6 @@ def _tree_equal(p: tuple, g: tuple, ctx: Context) -> bool:
     if p[0] == "alt" or g[0] == "alt":
         pa = p[1] if p[0] == "alt" else [p]
         ga = g[1] if g[0] == "alt" else [g]
-        if p[0] == "alt" and g[0] == "alt":
-            return any(_tree_equal(a, b, ctx) for a in pa for b in ga)
         return any(_tree_equal(a, b, ctx) for a in pa for b in ga)
     if p[0] == "eq" and g[0] == "eq":
         return _equation_equal(p, g, ctx)
