@@ -114,6 +114,8 @@ DECIDED_WITHOUT_SYMPY = [
     ("labels_swapped_values", "a = 2, b = 1", "a = 1, b = 2", False),
     ("function_labels", "f(x) = 7", "y = 7", True),
     ("approximate_value", r"t \approx 2.5", "2.5", True),
+    ("approximation_is_not_two_chances", r"7 \approx 8", "8", False),
+    ("close_approximation", r"0.333 \approx 0.33", "0.33", True),
     ("clock", "9:05", "9:05:00", True),
     ("clock_pm", "21:30", "9:30pm", True),
     ("ratio_scaled", "2:6", "1:3", True),

@@ -121,6 +121,8 @@ CHOICE_COMPLETIONS = [
     ("last_standalone_letter", "It is not A, because of the sign, so I pick B", "B"),
     ("bare_math_not_a_letter", r"\mathrm{E}*2", None),
     ("no_letter", "The value is 12.", None),
+    ("hedged_letters", "The answer is A or B.", None),
+    ("letter_then_rejected_ones", "The answer is D, not A or B.", "D"),
 ]
 
 

@@ -128,6 +128,11 @@ def _chain(members: list[str], ops: list[str], depth: int) -> tuple:
     if r"\approx" in ops:
         cut = ops.index(r"\approx")
         exact = "".join(m + " " + o + " " for m, o in zip(members[:cut], ops[:cut])) + members[cut]
+        exact_number, value_number = parse_number(members[cut]), parse_number(members[-1])
+        if exact_number is not None and value_number is not None:
+            scale = max(abs(exact_number.value), abs(value_number.value))
+            if abs(exact_number.value - value_number.value) > scale / 100:
+                return _parse(exact, depth + 1)  # "7 \approx 8" is not two chances
         alternatives = [_parse(members[-1], depth + 1), _parse(exact, depth + 1)]
         return ("alt", alternatives)
     if any(not m for m in members):

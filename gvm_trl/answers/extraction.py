@@ -80,6 +80,7 @@ _CHOICE_FORM_RE = re.compile(
 _STANDALONE_LETTER_RE = re.compile(r"(?<![A-Za-z0-9\\_^{*+/=-])\(?([A-E])\)?(?![A-Za-z0-9_^(*+/=-])")
 _PLAIN_GOLD_RE = re.compile(r"\s*-?[\d.,/ ]+\s*")
 _SENTENCE_BREAK_RE = re.compile(r"[.!?]\s+[A-Z]")
+_HEDGED_CHOICE_RE = re.compile(r"\s*(?:or|and|,|/)\s*\(?[A-E]\)?(?![A-Za-z0-9])")
 _WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|bf|rm)\s*\{([^{}]*)\}")
 
 
@@ -472,8 +473,11 @@ def choice_in_completion(completion: str) -> str | None:
         pass
     if last is not None:
         clause = re.split(r"[.!?](?=\s|$)|\n", text[last.end() : last.end() + 300], maxsplit=1)[0]
-        letter = _STANDALONE_LETTER_RE.search(_WRAPPER_RE.sub(r" \1 ", clause).replace("$", " "))
+        clause = _WRAPPER_RE.sub(r" \1 ", clause).replace("$", " ")
+        letter = _STANDALONE_LETTER_RE.search(clause)
         if letter:
+            if _HEDGED_CHOICE_RE.match(clause, letter.end()):
+                return None  # "the answer is A or B" picks nothing
             return letter.group(1)
     stripped = _WRAPPER_RE.sub(r" \1 ", text).replace("$", " ").strip()
     whole = _choice_only(stripped) if len(stripped) <= 200 else None
