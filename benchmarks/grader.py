@@ -1,56 +1,61 @@
-"""Grader agreement on the bundled evaluation sets, false-positive controls, and grading throughput.
+r"""The answer verifier: agreement, false acceptances, speed and hostile inputs, against a baseline.
 
-Agreement (each must be about 100%; every miss is listed with a reason):
+Agreement (every miss is listed with a reason):
 
-* ``reference``: each row's own reference graded against its gold answer. Math500 and AIME24 use
-  the ``solution`` write-up, Minerva Math its full-solution text; Olympiad Bench (whose solutions
-  rarely box the answer) and AMC23 (no solutions) use a synthetic completion
-  ``"... The answer is \\boxed{<gold>}"``.
+* ``reference``: each row's own reference graded against its gold answer. Math500 and AIME24 use the
+  ``solution`` write-up, Minerva Math its full-solution text; Olympiad Bench (whose solutions rarely box
+  the answer) and AMC23 (no solutions) use a synthetic completion ``"... The answer is \\boxed{<gold>}"``.
 * ``self_consistency``: that synthetic completion for every row of every set (must be 100%).
-* ``raw_gold``: the same completion against the gold exactly as the JSONL file stores it
-  (OlympiadBench's ``["$...$"]`` lists, AMC23's floats, Minerva's whole solutions).
+* ``raw_gold``: the same completion against the gold exactly as the JSONL file stores it.
+* ``families``: the answer-family table of ``tests/test_answer_families.py``, both orientations, per family.
+* ``restated``: each gold restated in an equivalent but different form (see ``restate``), as a completion.
 
-False-positive controls (acceptances are listed):
+False acceptances (each rate must stay at or below 0.5%; the accepted pairs are listed):
 
-* ``cross_rows``: row i+1's boxed gold graded against row i's gold, counting acceptances where the
-  two stored answers differ as strings (some are the same value written differently).
-* ``perturbed``: each gold containing a digit, with its first digit changed, must be rejected.
+* ``cross_gold``: every gold against the boxed gold of a different row whose answer differs
+  (rows i and i+1, and rows i and i+7, of each set).
+* ``perturbed``: every gold against perturbed copies of itself: its first digit changed, its last digit
+  changed, its sign flipped, and for answers without digits a letter changed.
 
-Olympiad Bench's own solution texts are also graded, for information only (``solution_text``).
+Speed (answers/s, one thread, from cold caches and a fresh warmed-up SymPy worker): the realistic mix
+(every restated gold plus a perturbed copy of every gold), its part that needs SymPy now, the part that
+needed SymPy before too (the old verifier rejects many restated answers without trying, which is fast
+but wrong), ``\\boxed{int}`` after a few hundred characters of reasoning, and boxed radicals. With
+``--baseline REV`` (default: the verifier before the answer-family work) the same pairs are graded by that
+revision's ``gvm_trl/rewards.py`` in the same run, alternating with the current one chunk by chunk so that
+both see the same machine load; its agreement on the family table and the restated golds is reported as
+"before".
 
-Throughput (answers/s, single thread) is measured on the common case (``\\boxed{<int>}`` after a
-few hundred characters of reasoning, 70% correct), on boxed fractions against ``a/b`` golds, on
-answers that need SymPy (radicals, all distinct so never cached), and over all reference pairs with
-a cold cache.
+Hostile inputs: the worst wall time of one call over power towers, deep nesting, megabyte texts, long
+relation chains, thousands of boxes and matrices (the timeout is 2 s).
 
-    python benchmarks/grader.py [--output benchmarks/results/grader.json] [--timeout 5]
+    python benchmarks/grader.py [--quick] [--output benchmarks/results/grader.json] [--baseline REV|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gvm_trl import rewards  # noqa: E402
+from gvm_trl.answers import extraction, symbolic  # noqa: E402
 from gvm_trl.rewards import extract_answer, grade_answer  # noqa: E402
 
 SETS = ("math500", "minerva_math", "olympiad_bench", "aime24", "amc23")
 SYNTHETIC_REFERENCE = {"olympiad_bench", "amc23"}
 RAW_DIRS = (REPO / "gvm_trl" / "data", Path("/work/shared/data/eval"))
-
-# Rows whose reference solution does not state the gold answer in a form any extractor could use.
-KNOWN_REASONS: dict[tuple[str, str], str] = {
-    ("aime24", "60"): "the AoPS write-up never boxes or restates 204 at the end; it closes with the "
-    "author's signature '-sepehr2010', so the last-number fall-back reads 2010",
-}
+DEFAULT_BASELINE = "65835f2"  # gvm_trl/rewards.py as a single file, before the answer-family work
+MAX_FALSE_ACCEPTANCE = 0.005
 
 
 def load_raw_golds(name: str) -> list:
@@ -71,14 +76,14 @@ def load_rows(name: str) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for row in rows:
         if name == "minerva_math":
-            row["solution"], row["answer"] = row["answer"], rewards.extract_boxed(row["answer"])
+            row["solution"], row["answer"] = row["answer"], extraction.extract_boxed(row["answer"])
         if isinstance(row.get("solution"), list):
             row["solution"] = "\n".join(row["solution"])
-        row["answer"] = rewards._gold_text(row["answer"])
+        row["answer"] = extraction.gold_text(row["answer"])
     return rows
 
 
-def row_id(name: str, index: int, row: dict) -> str:
+def row_id(index: int, row: dict) -> str:
     return str(row.get("unique_id") or row.get("id") or row.get("idx") or index)
 
 
@@ -86,89 +91,290 @@ def synthetic(gold: str) -> str:
     return f"Let me work through this carefully. ... The answer is \\boxed{{{gold}}}."
 
 
-def grade_rows(name: str, pairs: list[tuple[str, str, str]], timeout: float) -> dict:
-    """Grade (id, completion, gold) pairs; return the rate and the misses with reasons."""
+def load_family_table():
+    """CASES, ONE_WAY and FAMILIES of tests/test_answer_families.py, or None when pytest is not installed."""
+    spec = importlib.util.spec_from_file_location("answer_families", REPO / "tests" / "test_answer_families.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module.CASES, module.ONE_WAY, module.FAMILIES
+
+
+def load_baseline(revision: str):
+    """``gvm_trl/rewards.py`` at *revision* as a module (None when git or that file is unavailable)."""
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{revision}:gvm_trl/rewards.py"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if "_WORKER_BOOT" not in source:
+        return None  # not the self-contained single-file verifier
+    path = Path(tempfile.mkdtemp(prefix="grader_baseline_")) / "rewards_baseline.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("rewards_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Restated golds and perturbed copies
+# --------------------------------------------------------------------------------------------
+
+
+def _top_level_terms(s: str) -> list[str] | None:
+    """``a + b - c`` -> ["a", "+b", "-c"] when the signs are outside all brackets, else None."""
+    terms, depth, last = [], 0, 0
+    for i, ch in enumerate(s):
+        depth += ch in "({["
+        depth -= ch in ")}]"
+        if depth == 0 and ch in "+-" and i > 0 and s[i - 1] not in "^_{(eE\\":
+            terms.append(s[last:i].strip())
+            last = i
+    terms.append(s[last:].strip())
+    return terms if len(terms) > 1 and all(terms) else None
+
+
+def restate(gold: str, rng: random.Random) -> str:
+    """An equivalent answer in a different form, inside a short concluding sentence or a box."""
+    g = gold.strip().strip("$").strip()
+    if re.fullmatch(r"-?\d+", g):
+        form = rng.choice([f"x = {g}", f"{g}.0", f"{int(g):,}" if abs(int(g)) >= 1000 else f"+{g}", f"\\text{{{g}}}"])
+    elif m := re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", g):
+        sign, a, b = m.groups()
+        form = f"{sign}{a}/{b}" if rng.random() < 0.5 else f"{sign}\\dfrac{{{int(a) * 2}}}{{{int(b) * 2}}}"
+    elif m := re.fullmatch(r"(\d*)\\sqrt\{(\d+)\}", g):
+        k, n = m.groups()
+        form = f"{k or 1} \\cdot {n}^{{1/2}}"
+    elif not re.search(r"[=<>,]|\\(?:begin|pm|mp|in|cup|le|ge)", g) and (terms := _top_level_terms(g)):
+        first, rest = terms[0], terms[1:]
+        form = " ".join([rest[0].lstrip("+"), *rest[1:], first if first.startswith("-") else "+" + first])
+    elif g.startswith("(") and g.endswith(")") and "," in g:
+        form = "\\left" + g[0] + " " + g[1:-1].replace(",", " , ") + " \\right" + g[-1]
+    elif "," in g and not re.search(r"[(\[{]", g):
+        form = ", ".join(reversed([part.strip() for part in g.split(",")]))
+    else:
+        form = f"y = {g}" if re.search(r"[a-z]", g) and "=" not in g else f"{{{g}}}"
+    if rng.random() < 0.5:
+        return f"Putting the pieces together, the result is ${form}$."
+    return f"Putting the pieces together, the result is $\\boxed{{{form}}}$."
+
+
+def perturbations(gold: str) -> list[str]:
+    """Wrong copies of a gold: first digit, last digit, sign; a letter for answers without digits."""
+    out = []
+    digits = list(re.finditer(r"\d", gold))
+    for m in digits[:1] + digits[-1:] if digits else []:
+        d = int(m.group(0))
+        out.append(gold[: m.start()] + str(d + 1 if d < 9 else 8) + gold[m.end() :])
+    stripped = gold.strip()
+    number = re.fullmatch(r"-?[\d.]+", stripped)
+    is_zero = bool(number) and float(stripped) == 0
+    if digits and not is_zero and not re.search(r"[=<>,]|\\pm|\\le|\\ge", stripped):
+        out.append(stripped[1:] if stripped.startswith("-") else "-" + stripped)
+    if not digits:
+        letters = list(re.finditer(r"(?<![\\A-Za-z])[a-zA-Z](?![A-Za-z])", gold))
+        if letters:
+            m = letters[-1]
+            out.append(gold[: m.start()] + ("q" if m.group(0) != "q" else "r") + gold[m.end() :])
+    return list(dict.fromkeys(p for p in out if p != gold))
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+def grade_rows(grade, pairs: list[tuple[str, str, object]], timeout: float) -> dict:
+    """Grade (id, completion, gold) pairs; return the rate and the misses."""
     misses = []
     for rid, completion, gold in pairs:
-        if grade_answer(completion, gold, timeout=timeout):
+        if grade(completion, gold, timeout=timeout):
             continue
         extracted = extract_answer(completion)
-        reason = KNOWN_REASONS.get((name, rid))
-        if reason is None:
-            reason = "no final answer found" if extracted is None else "extracted answer judged not equivalent"
+        reason = "no final answer found" if extracted is None else "extracted answer judged not equivalent"
         misses.append({"id": rid, "gold": gold, "extracted": extracted, "reason": reason})
     n = len(pairs)
     return {"n": n, "agree": n - len(misses), "rate": (n - len(misses)) / n if n else 1.0, "misses": misses}
 
 
-def evaluate_set(name: str, timeout: float) -> dict:
-    rows = load_rows(name)
-    golds = [(row_id(name, i, r), str(r["answer"])) for i, r in enumerate(rows)]
+def evaluate_set(name: str, rows: list[dict], timeout: float) -> dict:
+    golds = [(row_id(i, r), str(r["answer"])) for i, r in enumerate(rows)]
     if name in SYNTHETIC_REFERENCE:
         reference = [(rid, synthetic(g), g) for rid, g in golds]
     else:
         reference = [(rid, r["solution"], g) for (rid, g), r in zip(golds, rows)]
     result = {
         "reference_kind": "synthetic \\boxed{gold}" if name in SYNTHETIC_REFERENCE else "row solution",
-        "reference": grade_rows(name, reference, timeout),
-        "self_consistency": grade_rows(name, [(rid, synthetic(g), g) for rid, g in golds], timeout),
+        "reference": grade_rows(grade_answer, reference, timeout),
+        "self_consistency": grade_rows(grade_answer, [(rid, synthetic(g), g) for rid, g in golds], timeout),
     }
     raw = load_raw_golds(name)
-    result["raw_gold"] = grade_rows(name, [(rid, synthetic(g), r) for (rid, g), r in zip(golds, raw)], timeout)
-    result["cross_rows"] = cross_rows(golds, timeout)
-    result["perturbed"] = perturbed(golds, timeout)
+    result["raw_gold"] = grade_rows(grade_answer, [(rid, synthetic(g), r) for (rid, g), r in zip(golds, raw)], timeout)
     if name in SYNTHETIC_REFERENCE and rows and rows[0].get("solution"):
-        informational = grade_rows(name, [(rid, r["solution"], g) for (rid, g), r in zip(golds, rows)], timeout)
+        informational = grade_rows(grade_answer, [(rid, r["solution"], g) for (rid, g), r in zip(golds, rows)], timeout)
         result["solution_text"] = {k: informational[k] for k in ("n", "agree", "rate")}
     return result
 
 
-def cross_rows(golds: list[tuple[str, str]], timeout: float) -> dict:
-    """Row i+1's boxed gold graded against row i's gold: acceptances of differing answers."""
-    accepted = []
-    for (rid, gold), (_, other) in zip(golds, golds[1:] + golds[:1]):
-        if other.strip() != gold.strip() and grade_answer(synthetic(other), gold, timeout=timeout):
-            accepted.append({"id": rid, "gold": gold, "accepted": other})
-    return {"n": len(golds), "accepted_different": len(accepted), "cases": accepted}
+def cross_gold(golds: list[tuple[str, str]], grade, timeout: float) -> dict:
+    """Each gold against the boxed gold of rows 1 and 7 further on, where the two answers differ."""
+    accepted, n = [], 0
+    for shift in (1, 7):
+        for (rid, gold), (_, other) in zip(golds, golds[shift:] + golds[:shift]):
+            if re.sub(r"\s", "", other) == re.sub(r"\s", "", gold):
+                continue
+            n += 1
+            if grade(synthetic(other), gold, timeout=timeout):
+                accepted.append({"id": rid, "gold": gold, "accepted": other})
+    return {"n": n, "accepted": len(accepted), "rate": len(accepted) / n if n else 0.0, "cases": accepted}
 
 
-def perturbed(golds: list[tuple[str, str]], timeout: float) -> dict:
-    """Each gold with its first digit changed must be rejected."""
+def perturbed(golds: list[tuple[str, str]], grade, timeout: float) -> dict:
     accepted, n = [], 0
     for rid, gold in golds:
-        digit = re.search(r"\d", gold)
-        if digit is None:
-            continue
-        d = int(digit.group(0))
-        wrong = gold[: digit.start()] + str(d + 1 if d < 9 else 8) + gold[digit.end() :]
-        n += 1
-        if grade_answer(synthetic(wrong), gold, timeout=timeout):
-            accepted.append({"id": rid, "gold": gold, "accepted": wrong})
-    return {"n": n, "accepted": len(accepted), "cases": accepted}
+        for wrong in perturbations(gold):
+            n += 1
+            if grade(synthetic(wrong), gold, timeout=timeout):
+                accepted.append({"id": rid, "gold": gold, "accepted": wrong})
+    return {"n": n, "accepted": len(accepted), "rate": len(accepted) / n if n else 0.0, "cases": accepted}
 
 
-def throughput(pairs: list[tuple[str, str]], timeout: float, repeat: int = 1) -> float:
-    """Answers graded per second over *pairs* (symbolic cache cleared first)."""
-    rewards._CACHE.clear()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        for completion, gold in pairs:
-            grade_answer(completion, gold, timeout=timeout)
-    return repeat * len(pairs) / (time.perf_counter() - start)
+def family_agreement(grade, timeout: float, table) -> dict:
+    cases, one_way, families = table
+    per: dict = {f: {"n": 0, "agree": 0} for f in families}
+    misses = []
+    for family, cid, pred, gold, expected in cases:
+        orientations = [(pred, gold)] + ([] if cid in one_way else [(gold, pred)])
+        for k, (p, g) in enumerate(orientations):
+            per[family]["n"] += 1
+            if grade(p, g, timeout=timeout) is expected:
+                per[family]["agree"] += 1
+            else:
+                misses.append(f"{family}-{cid}{' (swapped)' if k else ''}")
+    total = sum(v["n"] for v in per.values())
+    agree = sum(v["agree"] for v in per.values())
+    for v in per.values():
+        v["rate"] = v["agree"] / v["n"] if v["n"] else 1.0
+    return {"n": total, "agree": agree, "rate": agree / total, "per_family": per, "misses": misses}
 
 
-def throughput_cases(all_pairs: list[tuple[str, str]], n: int) -> dict[str, list[tuple[str, str]]]:
-    rng = random.Random(0)
+WARM_UP = [(f"\\boxed{{\\sqrt{{{2 * m * m}}}+x}}", f"x+{m}\\sqrt{{2}}") for m in range(5001, 5041)]
+
+
+def cold_current() -> None:
+    """Empty every cache of the current verifier; a fresh SymPy worker, warmed up on unrelated answers."""
+    from gvm_trl.answers import normalisation
+
+    symbolic.WORKER.close()
+    symbolic.CACHE.clear()
+    for cached in (extraction._extract_cached, normalisation.normalise, normalisation.key):
+        cached.cache_clear()
+    for completion, gold in WARM_UP:  # a started, warmed-up worker that has seen none of the pairs
+        grade_answer(completion, gold)
+    symbolic.CACHE.clear()
+
+
+def cold_baseline(module) -> None:
+    """The same for the baseline module."""
+    module._WORKER.close()
+    module._CACHE.clear()
+    for cached in (module._normalise, module._key):
+        cached.cache_clear()
+    for completion, gold in WARM_UP:
+        module.grade_answer(completion, gold)
+    module._CACHE.clear()
+
+
+def throughput_side_by_side(versions: list, pairs: list[tuple[str, object]], timeout: float, chunks: int = 20) -> list[float]:
+    """Answers/s of each (grade, cold) version over the same pairs, graded in alternating chunks.
+
+    The machine is shared, so its speed drifts within a run; alternating the versions chunk by chunk
+    (each version still sees every pair once, from cold caches) gives both the same conditions.
+    """
+    for _, cold in versions:
+        cold()
+    spent = [0.0] * len(versions)
+    size = max(1, -(-len(pairs) // chunks))
+    for k, start in enumerate(range(0, len(pairs), size)):
+        chunk = pairs[start : start + size]
+        order = list(range(len(versions)))
+        if k % 2:
+            order.reverse()
+        for i in order:
+            grade = versions[i][0]
+            began = time.perf_counter()
+            for completion, gold in chunk:
+                grade(completion, gold, timeout=timeout)
+            spent[i] += time.perf_counter() - began
+    return [len(pairs) / t if t else float("inf") for t in spent]
+
+
+def hostile_inputs() -> list[tuple[str, str, str]]:
+    deep = "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}"
+    return [
+        ("power_tower", r"\boxed{9^{9^{9^{9}}}}", r"9^{9^{9^{9}}}+1"),
+        ("huge_factorial", r"\boxed{(10^{7})!}", "3"),
+        ("symbolic_power", r"\boxed{(x+1)^{100000}}", "x"),
+        ("expansion", r"\boxed{(a+b+c+d+f+g+h+k)^{20}}", "(a+b+c+d+f+g+h+k)^{19}(a+b+c+d+f+g+h) + (a+b+c+d+f+g+h+k)^{19} k"),  # equal: no shortcut
+        ("deep_braces", deep, "1"),
+        ("deep_parens", r"\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}", "1"),
+        ("many_boxes", r"\boxed{1}, " * 20000, "1"),
+        ("relation_chain", r"\boxed{" + " < ".join(f"x_{i}" for i in range(120)) + "}", "x_1 < x_2"),
+        ("interval_union", r"\boxed{" + r" \cup ".join(f"({i},{i + 1}]" for i in range(60)) + "}", "(0, 300)"),
+        ("big_matrix", r"\boxed{\begin{pmatrix}" + r"\\".join("&".join("x" for _ in range(30)) for _ in range(30))
+         + r"\end{pmatrix}}", r"\begin{pmatrix} 1 \end{pmatrix}"),
+        ("matrix_product", "$" + (r"\begin{pmatrix}" + r"\\".join("&".join("x" for _ in range(8)) for _ in range(8))
+         + r"\end{pmatrix}") * 40 + "$", r"\begin{pmatrix} x \end{pmatrix}"),
+        ("megabyte_dollars", "$" * 1_000_000, "1"),
+        ("megabyte_sentence", "the value is 7 and " * 60_000 + "so it is 8.", "8"),
+        ("megabyte_braces", "{" * 1_000_000, "1"),
+        ("unbalanced_boxes", "\\boxed{" * 2000, "1"),
+        ("long_list", r"\boxed{" + ",".join(f"x+{i}" for i in range(150)) + "}", ",".join(f"{i}+x" for i in range(149, -1, -1))),
+    ]
+
+
+def worst_call(grade, timeout: float = 2.0) -> dict:
+    times = {}
+    for name, completion, gold in hostile_inputs():
+        start = time.monotonic()
+        grade(completion, gold, timeout=timeout)
+        times[name] = round(time.monotonic() - start, 3)
+    worst = max(times, key=times.get)
+    return {"timeout_s": timeout, "worst_s": times[worst], "worst_case": worst, "per_case_s": times}
+
+
+def speed_cases(golds: list[str], n: int, seed: int = 0) -> dict[str, list[tuple[str, object]]]:
+    rng = random.Random(seed)
+    mix = []
+    for gold in golds:
+        mix.append((restate(gold, rng), gold))
+        for wrong in perturbations(gold)[:1]:
+            mix.append((synthetic(wrong), gold))
+    rng.shuffle(mix)
     filler = "We compute step by step. " * 20
-    ints, fracs, radicals = [], [], []
+    ints, radicals = [], []
     for k in range(n):
-        a, b = rng.randint(-999, 99999), rng.randint(1, 999)
-        gold = str(a if rng.random() < 0.7 else a + 1)
-        ints.append((f"{filler}So the result is $\\boxed{{{a}}}$.", gold))
-        fracs.append((f"{filler}Hence $\\boxed{{\\frac{{{a}}}{{{b}}}}}$.", f"{a}/{b}"))
+        a = rng.randint(-999, 99999)
+        ints.append((f"{filler}So the result is $\\boxed{{{a}}}$.", str(a if rng.random() < 0.7 else a + 1)))
         if k < max(n // 10, 1):  # distinct, so the symbolic cache never hits
             radicals.append((f"{filler}Hence $\\boxed{{\\sqrt{{{2 * (k + 2) ** 2}}}}}$.", f"{k + 2}\\sqrt{{2}}"))
-    return {"common_int": ints, "fraction": fracs, "symbolic_radicals": radicals, "overall_reference_pairs": all_pairs}
+    return {"realistic_mix": mix, "common_int": ints, "symbolic_radicals": radicals}
+
+
+def needs_sympy(pairs: list[tuple[str, object]], grade, cache, timeout: float) -> list[tuple[str, object]]:
+    """The pairs whose grading sends at least one request to the SymPy worker (*cache*: its result cache)."""
+    out = []
+    for completion, gold in pairs:
+        cache.clear()
+        grade(completion, gold, timeout=timeout)
+        if cache:
+            out.append((completion, gold))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,28 +382,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "grader.json"))
     parser.add_argument("--timeout", type=float, default=5.0, help="grade_answer timeout per answer (s)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    parser.add_argument("--throughput-n", type=int, default=5000, help="synthetic answers per throughput case")
+    parser.add_argument("--throughput-n", type=int, default=5000, help="synthetic answers per speed case")
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with, or 'none'")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 40 rows per set, small speed cases")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.throughput_n = min(args.throughput_n, 300)
 
-    rewards._WORKER.start()
-    results: dict = {"sets": {}, "timeout_s": args.timeout}
-    all_pairs: list[tuple[str, str]] = []
+    symbolic.WORKER.start()
+    baseline = None if args.baseline == "none" else load_baseline(args.baseline)
+    if baseline is not None:
+        baseline._WORKER.start()
+    results: dict = {"sets": {}, "timeout_s": args.timeout, "baseline": None if baseline is None else args.baseline}
+    all_golds: list[str] = []
+    cross_total = {"now": [], "before": []}
+    perturbed_total = {"now": [], "before": []}
     for name in args.sets:
+        rows = load_rows(name)[: 40 if args.quick else None]
         started = time.perf_counter()
-        res = evaluate_set(name, args.timeout)
+        res = evaluate_set(name, rows, args.timeout)
+        golds = [(row_id(i, r), str(r["answer"])) for i, r in enumerate(rows)]
+        all_golds += [g for _, g in golds]
+        res["cross_gold"] = cross_gold(golds, grade_answer, args.timeout)
+        res["perturbed"] = perturbed(golds, grade_answer, args.timeout)
+        cross_total["now"].append(res["cross_gold"])
+        perturbed_total["now"].append(res["perturbed"])
+        if baseline is not None:
+            res["cross_gold_before"] = cross_gold(golds, baseline.grade_answer, args.timeout)
+            res["perturbed_before"] = perturbed(golds, baseline.grade_answer, args.timeout)
+            cross_total["before"].append(res["cross_gold_before"])
+            perturbed_total["before"].append(res["perturbed_before"])
         res["seconds"] = round(time.perf_counter() - started, 2)
         results["sets"][name] = res
-        ref, selfc = res["reference"], res["self_consistency"]
+        ref, selfc, raw = res["reference"], res["self_consistency"], res["raw_gold"]
         print(f"{name:15s} reference ({res['reference_kind']}): {ref['agree']}/{ref['n']} = {ref['rate']:.2%}   "
-              f"self-consistency: {selfc['agree']}/{selfc['n']} = {selfc['rate']:.2%}   ({res['seconds']} s)")
-        raw, cross = res["raw_gold"], res["cross_rows"]
-        print(f"{'':15s} raw-file gold: {raw['agree']}/{raw['n']} = {raw['rate']:.2%}   "
-              f"cross-row acceptances of a different answer: {cross['accepted_different']}/{cross['n']}")
-        pert = res["perturbed"]
-        print(f"{'':15s} one-digit perturbations of the gold accepted: {pert['accepted']}/{pert['n']}")
-        for label, cases in (("cross-row", cross["cases"]), ("perturbed", pert["cases"])):
-            for case in cases:
-                print(f"    {label} {case['id']}: gold={case['gold']!r} accepted {case['accepted']!r}")
+              f"self-consistency: {selfc['agree']}/{selfc['n']} = {selfc['rate']:.2%}   "
+              f"raw-file gold: {raw['agree']}/{raw['n']} = {raw['rate']:.2%}   ({res['seconds']} s)")
         if "solution_text" in res:
             info = res["solution_text"]
             print(f"{'':15s} (information) own solution texts: {info['agree']}/{info['n']} = {info['rate']:.2%}")
@@ -205,23 +425,87 @@ def main(argv: list[str] | None = None) -> int:
             for miss in res[kind]["misses"]:
                 print(f"    {kind} miss {miss['id']}: gold={miss['gold']!r} extracted={miss['extracted']!r}"
                       f" -- {miss['reason']}")
-        rows = load_rows(name)
-        if name in SYNTHETIC_REFERENCE:
-            all_pairs += [(synthetic(str(r["answer"])), str(r["answer"])) for r in rows]
-        else:
-            all_pairs += [(r["solution"], str(r["answer"])) for r in rows]
 
-    speeds = {}
-    for case, pairs in throughput_cases(all_pairs, args.throughput_n).items():
-        speeds[case] = round(throughput(pairs, args.timeout), 1)
-        print(f"throughput {case:24s} {speeds[case]:>10.1f} answers/s  ({len(pairs)} answers)")
+    summary: dict = {}
+    for label, parts in (("cross_gold", cross_total), ("perturbed", perturbed_total)):
+        for when, items in parts.items():
+            if not items:
+                continue
+            n = sum(x["n"] for x in items)
+            accepted = sum(x["accepted"] for x in items)
+            summary[f"{label}_{when}"] = {"n": n, "accepted": accepted, "rate": accepted / n if n else 0.0}
+    for label in ("cross_gold", "perturbed"):
+        now = summary[f"{label}_now"]
+        before = summary.get(f"{label}_before")
+        extra = f"   (before: {before['accepted']}/{before['n']} = {before['rate']:.2%})" if before else ""
+        print(f"false acceptances, {label:10s}: {now['accepted']}/{now['n']} = {now['rate']:.2%}{extra}")
+        for name, res in results["sets"].items():
+            for case in res[label]["cases"]:
+                print(f"    {name} {case['id']}: gold={case['gold']!r} accepted {case['accepted']!r}")
+    results["false_acceptance"] = summary
+
+    table = load_family_table()
+    if table is None:
+        print("family table: skipped (tests/test_answer_families.py needs pytest)")
+    else:
+        families = family_agreement(grade_answer, args.timeout, table)
+        results["families"] = families
+        line = f"family table: {families['agree']}/{families['n']} = {families['rate']:.2%}"
+        if baseline is not None:
+            before = family_agreement(baseline.grade_answer, args.timeout, table)
+            results["families_before"] = before
+            line += f"   (before: {before['agree']}/{before['n']} = {before['rate']:.2%})"
+        print(line)
+        for family, v in families["per_family"].items():
+            b = results.get("families_before", {}).get("per_family", {}).get(family)
+            print(f"    {family:12s} {v['agree']:3d}/{v['n']:3d} = {v['rate']:.2%}" + (f"   (before {b['rate']:.2%})" if b else ""))
+        for miss in families["misses"]:
+            print(f"    family miss: {miss}")
+
+    cases = speed_cases(all_golds, args.throughput_n)
+    restated = [(c, g) for c, g in cases["realistic_mix"] if "Putting the pieces together" in c]
+    agreement = sum(grade_answer(c, g, timeout=args.timeout) for c, g in restated) / len(restated)
+    results["restated"] = {"n": len(restated), "rate": agreement}
+    line = f"restated golds accepted: {agreement:.2%} of {len(restated)}"
+    if baseline is not None:
+        before = sum(baseline.grade_answer(c, g, timeout=args.timeout) for c, g in restated) / len(restated)
+        results["restated"]["rate_before"] = before
+        line += f"   (before: {before:.2%})"
+    print(line)
+    cases["realistic_mix_sympy"] = needs_sympy(cases["realistic_mix"], grade_answer, symbolic.CACHE, args.timeout)
+    if baseline is not None:
+        old_sympy = set(needs_sympy(cases["realistic_mix"], baseline.grade_answer, baseline._CACHE, args.timeout))
+        cases["realistic_mix_sympy_in_both"] = [p for p in cases["realistic_mix_sympy"] if p in old_sympy]
+
+    speeds: dict = {}
+    versions = [(grade_answer, cold_current)]
+    if baseline is not None:
+        versions.append((baseline.grade_answer, lambda: cold_baseline(baseline)))
+    for case, pairs in cases.items():
+        rates = throughput_side_by_side(versions, pairs, args.timeout)
+        speeds[case] = {"n": len(pairs), "now": round(rates[0], 1)}
+        line = f"throughput {case:27s} {rates[0]:>10.1f} answers/s"
+        if baseline is not None:
+            speeds[case]["before"] = round(rates[1], 1)
+            line += f"   (before: {rates[1]:>10.1f})"
+        print(line + f"   ({len(pairs)} answers)")
     results["throughput_answers_per_s"] = speeds
+
+    cold_current()
+    results["hostile"] = worst_call(grade_answer)
+    line = f"hostile inputs: worst call {results['hostile']['worst_s']} s ({results['hostile']['worst_case']}, timeout 2 s)"
+    if baseline is not None:
+        cold_baseline(baseline)
+        results["hostile_before"] = worst_call(baseline.grade_answer)
+        line += f"   (before: {results['hostile_before']['worst_s']} s, {results['hostile_before']['worst_case']})"
+    print(line)
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out}")
-    return 0
+    over = [k for k in ("cross_gold_now", "perturbed_now") if summary[k]["rate"] > MAX_FALSE_ACCEPTANCE]
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gvm_trl import rewards
+from gvm_trl.answers import comparison, symbolic
 from gvm_trl.rewards import extract_answer, extract_boxed, grade_answer, make_math_reward, math_reward
 
 pytestmark = pytest.mark.filterwarnings("ignore:typing.io is deprecated:DeprecationWarning")  # antlr4 4.7.2
@@ -293,7 +294,7 @@ EQUIVALENCE = [
     ("expr", "fraction_expr", r"\frac{11+9a}{20}", r"\frac{11}{20} + \frac{9a}{20}", True),
     ("expr", "different_variable", "2k", "2n", False),
     ("expr", "n_expression", r"\frac{n(n+1)}{2}", r"\frac{n^2+n}{2}", True),
-    ("expr", "trig_identity", r"\sin^2 x + \cos^2 x", "1", False),
+    ("expr", "trig_identity", r"\sin^2 x + \cos^2 x", "1", True),  # decided by sampling since the family table
     ("expr", "cot", r"\cot x", r"\cot x", True),
     ("expr", "case_sensitive_var", "3R^2", "3r^2", False),
     # multiple-choice letters
@@ -429,13 +430,17 @@ def test_megabyte_adversarial_text(text):
 
 
 def test_timeout_is_configurable_and_recovers():
-    """An expansion with ~10^6 terms overruns: the worker is killed at the deadline and restarted."""
+    """An expansion with ~10^6 terms overruns: the worker is killed at the deadline and restarted.
+
+    The two sides are equal (one power factored out), so no cheap numeric check can decide it first; the call
+    answers False only because it runs out of time.
+    """
     assert grade_answer(r"\boxed{1+\sqrt{2}}", r"\sqrt{2}+1")  # worker running
-    worker_pid = rewards._WORKER._proc.pid
+    worker_pid = symbolic.WORKER._proc.pid
     start = time.monotonic()
-    assert grade_answer(r"\boxed{(a+b+c+d+f+g+h+k)^{20}}", "(a+b+c+d+f+g+h+2k)^{20}", timeout=0.5) is False
+    assert grade_answer(r"\boxed{(a+b+c+d+f+g+h+k)^{20}}", "(a+b+c+d+f+g+h+k)^{19}(a+b+c+d+f+g+h) + (a+b+c+d+f+g+h+k)^{19} k", timeout=0.5) is False
     assert time.monotonic() - start < 0.5 + SLACK_S
-    assert rewards._WORKER._proc is None or rewards._WORKER._proc.pid != worker_pid  # it was killed
+    assert symbolic.WORKER._proc is None or symbolic.WORKER._proc.pid != worker_pid  # it was killed
     assert grade_answer(r"\boxed{\sqrt{12}}", r"2\sqrt{3}", timeout=5.0)  # and comes back
 
 
@@ -464,11 +469,11 @@ def test_thread_safety():
 
 
 def test_without_worker_falls_back_in_process_on_main_thread(monkeypatch):
-    monkeypatch.setattr(rewards, "_WORKER_BOOT", "import sys; sys.exit(3)")
-    monkeypatch.setattr(rewards, "_WORKER", rewards._SymbolicWorker())
-    monkeypatch.setattr(rewards, "_CACHE", rewards.OrderedDict())
+    monkeypatch.setattr(symbolic, "WORKER_BOOT", "import sys; sys.exit(3)")
+    monkeypatch.setattr(symbolic, "WORKER", symbolic.SymbolicWorker())
+    monkeypatch.setattr(symbolic, "CACHE", symbolic.OrderedDict())
     assert grade_answer(boxed(r"\sqrt{18}"), r"3\sqrt{2}")
-    assert rewards._WORKER.failed_to_start
+    assert symbolic.WORKER.failed_to_start
     assert not grade_answer(boxed(r"\sqrt{18}"), r"2\sqrt{3}")
     out = []  # off the main thread there is no safe time limit, so symbolic checks answer False
     thread = threading.Thread(target=lambda: out.append(grade_answer(boxed(r"\sqrt{50}"), r"5\sqrt{2}")))
@@ -479,8 +484,8 @@ def test_without_worker_falls_back_in_process_on_main_thread(monkeypatch):
 
 
 def test_in_process_fallback_on_main_thread():
-    assert rewards._symbolic_in_process(["leaf", r"\sqrt{8}", r"2\sqrt{2}"], 10.0) is True
-    assert rewards._symbolic_in_process(["leaf", r"\sqrt{8}", r"3\sqrt{2}"], 10.0) is False
+    assert symbolic.symbolic_in_process(["leaf", r"\sqrt{8}", r"2\sqrt{2}"], 10.0) is True
+    assert symbolic.symbolic_in_process(["leaf", r"\sqrt{8}", r"3\sqrt{2}"], 10.0) is False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +537,7 @@ def test_symbolic_path_never_calls_eval(monkeypatch, tmp_path):
     """Run the SymPy side in-process with eval/exec trapped: hostile leaves must not reach them."""
     calls = []
     real_eval, real_exec = builtins.eval, builtins.exec
-    rewards._symbolic_in_process(["leaf", r"\sqrt{8}", r"2\sqrt{2}"], 10.0)  # import everything first
+    symbolic.symbolic_in_process(["leaf", r"\sqrt{8}", r"2\sqrt{2}"], 10.0)  # import everything first
 
     def trap(real):
         def wrapper(source, *args, **kwargs):
@@ -549,10 +554,10 @@ def test_symbolic_path_never_calls_eval(monkeypatch, tmp_path):
     marker = tmp_path / "pwned"
     parsed = 0
     for payload in _payloads(marker) + [r"\sqrt{8}", "x^2+1", r"\frac{1}{2}"]:
-        ready = rewards._sympy_ready(payload)
+        ready = comparison._sympy_ready(payload)
         if ready is not None:
             parsed += 1
-            rewards._symbolic_in_process(["leaf", ready, "1"], 5.0)
+            symbolic.symbolic_in_process(["leaf", ready, "1"], 5.0)
     assert parsed >= 6  # the hostile payloads really went through latex2sympy2 and SymPy
     assert calls == []
     assert not marker.exists()

@@ -1,0 +1,465 @@
+r"""The SymPy side of grading: latex2sympy2 + SymPy in a persistent, killable worker subprocess.
+
+Requests are JSON lists (``["leaf", a, b]``, ``["eq", l1, r1, l2, r2]``) answered "1"/"0". The worker is
+started with ``python -c WORKER_BOOT <package dir>``, which loads this package (``gvm_trl.answers``) under a
+private name without importing ``gvm_trl`` itself, so the worker never imports the trainer. It runs with a
+4 GiB address-space limit, is killed when a request overruns its time and restarted on demand.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from fractions import Fraction
+
+from .numbers import Number, numbers_close, parse_number
+
+WORKER_START_TIMEOUT = 120.0  # a worker not up after this long is given up on (in-process fall-back)
+WORKER_START_WAIT = 30.0  # longest one call waits for a starting worker (not part of its timeout)
+WORKER_MEMORY_BYTES = 4 << 30
+WORKER_MAX_REQUESTS = 20000  # recycle the worker now and then to bound caches and leaks
+
+_MAX_DIGITS = 5000.0  # refuse closed forms whose numeric size bound exceeds this many digits
+
+
+def _digits_bound(node) -> float:
+    """Cheap upper bound on log10|value| of an (unevaluated) SymPy tree; inf for towers."""
+    import math
+
+    import sympy
+
+    if node.is_Rational:
+        return math.log10(max(abs(int(node.p)), int(node.q), 1)) + 1
+    if node.is_Float:
+        return math.log10(max(abs(float(node)), 10.0))
+    if isinstance(node, sympy.Pow):
+        base, exp = _digits_bound(node.base), _digits_bound(node.exp)
+        if node.base in (0, 1, -1):
+            return 1.0
+        if node.exp.is_Rational:  # 1/2, -1, 2/3: the exponent's size, not its digit bound
+            size = abs(int(node.exp.p)) / int(node.exp.q) if exp <= 50 else math.inf
+            return math.inf if size > 1e5 else (base + 1) * max(size, 1.0)
+        if exp <= 50 and node.exp.is_number and not node.exp.free_symbols:
+            try:  # a numeric exponent such as (\sqrt{13}-5)/6
+                size = abs(complex(node.exp))
+            except (TypeError, ValueError, OverflowError):
+                size = math.inf
+            return math.inf if size > 1e5 else (base + 1) * max(size, 1.0)
+        if exp > 5:  # exponent may exceed 1e5: power tower or huge power
+            return math.inf
+        return (base + 1) * 10**exp
+    if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.binomial)):
+        arg = max((_digits_bound(a) for a in node.args), default=1.0)
+        return math.inf if arg > 5 else 10**arg * (arg + 1)
+    if not node.args:
+        return 1.0
+    bounds = [_digits_bound(a) for a in node.args]
+    if isinstance(node, sympy.Mul):
+        return sum(bounds)
+    return max(bounds) + 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _latex_to_expr(s: str):
+    """latex2sympy2 + imaginary unit + size guard; None when unusable (cached: golds repeat)."""
+    import latex2sympy2
+    import sympy
+
+    # latex2sympy2 keeps module globals that a parse can corrupt (a differential such as "de" in
+    # "code" replaces its ``var`` dict by a Symbol, after which every parse fails): reset them.
+    latex2sympy2.var, latex2sympy2.variances = {}, {}
+    try:
+        expr = latex2sympy2.latex2sympy("(" + s + ")")  # the parentheses force the grammar to consume all of s
+    except TimeoutError:
+        raise
+    except Exception:  # noqa: BLE001 - the grammar rejected it (cached as unusable)
+        return None
+    if not isinstance(expr, sympy.Expr) or _digits_bound(expr) > _MAX_DIGITS:
+        return None
+    swaps = {sym: sympy.I for sym in expr.free_symbols if sym.name == "i"}
+    return expr.xreplace(swaps) if swaps else expr
+
+
+def _numeric_value(expr):
+    """(real, imag) 50-digit Floats of a closed form, or None when not a finite number."""
+    import sympy
+
+    val = sympy.N(expr, 50)
+    if not val.is_number or val.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+        return None
+    re_part, im_part = val.as_real_imag()
+    if not (re_part.is_Number and im_part.is_Number):
+        return None
+    return re_part, im_part
+
+
+def _closed_forms_equal(a, b) -> bool | None:
+    """Equality of two closed forms; None when they do not evaluate to finite numbers.
+
+    Exact when both reduce to rationals; otherwise ``a - b`` is evaluated with SymPy's adaptive
+    precision (which resolves cancellation) and must vanish to 1e-90 relative to the operands, so
+    ``10^{30}`` and ``10^{30}+1`` differ while ``\\sqrt{8}`` and ``2\\sqrt{2}`` agree. A decimal inside
+    an expression (``x^{0.5}``) carries only machine precision, so then 1e-9 relative is enough.
+    """
+    import sympy
+
+    a, b = a.doit(), b.doit()
+    if a.is_Rational and b.is_Rational:
+        return a == b
+    if a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan):
+        return False  # undefined (1/0, 0/0) never matches, not even itself
+    if a == b:
+        return True
+    values = [sympy.N(x, 15) for x in (a, b)]
+    diff = sympy.N(a - b, 15, maxn=200)
+    for v in (*values, diff):
+        if not v.is_number or v.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+            return None
+    scale = max(abs(values[0]), abs(values[1]))
+    tolerance = "1e-9" if a.atoms(sympy.Float) or b.atoms(sympy.Float) else "1e-90"
+    return bool(scale == 0 or abs(diff) <= scale * sympy.Float(tolerance, 20))
+
+
+_SAMPLE_VALUES = ((17, 7), (143, 11), (419, 13), (1009, 17), (73, 29), (2311, 23))
+
+
+def _sample_points(symbols, count: int):
+    """Deterministic rational points for free symbols: positive, spread from 2.4 to 100, distinct."""
+    import sympy
+
+    names = sorted(symbols, key=lambda x: x.name)
+    for k in range(count):
+        yield {
+            sym: sympy.Rational(*_SAMPLE_VALUES[(k + i) % len(_SAMPLE_VALUES)]) + sympy.Rational(i, 101)
+            for i, sym in enumerate(names)
+        }
+
+
+def _clearly_differ(a, b) -> bool:
+    """Whether *a* and *b* take clearly different finite values (1e-8 relative) at the first sample point.
+
+    Each side is evaluated to 15 correct digits on its own (no cancellation between them), so an
+    identity is never rejected here; anything undecided is left to the exact checks.
+    """
+    import sympy
+
+    point = next(_sample_points(a.free_symbols | b.free_symbols, 1))
+    try:
+        values = [sympy.N(x.subs(point), 15) for x in (a, b)]
+    except Exception:  # noqa: BLE001 - a value SymPy cannot produce decides nothing
+        return False
+    numbers = []
+    for v in values:
+        if not v.is_number or v.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+            return False
+        re_part, im_part = v.as_real_imag()
+        if not (re_part.is_Number and im_part.is_Number):
+            return False
+        numbers.append(complex(re_part, im_part))
+    scale = max(abs(numbers[0]), abs(numbers[1]))
+    return scale > 1e-6 and abs(numbers[0] - numbers[1]) > 1e-8 * scale
+
+
+def _exprs_equal(a, b) -> bool:
+    """Symbolic equality of two SymPy expressions (see module docstring)."""
+    import sympy
+    from sympy.core.function import AppliedUndef
+
+    if a == b:
+        return True
+    names_a, names_b = {s.name for s in a.free_symbols}, {s.name for s in b.free_symbols}
+    if not (names_a <= names_b or names_b <= names_a):
+        return False
+    diff = a - b
+    if not a.free_symbols and not b.free_symbols:
+        same = _closed_forms_equal(a, b)
+        return same if same is not None else sympy.simplify(diff) == 0
+    if not diff.has(sympy.floor, sympy.ceiling, sympy.frac, sympy.Mod) and _clearly_differ(a, b):
+        return False  # most wrong answers: one cheap evaluation instead of an expansion
+    if sympy.expand(diff) == 0:
+        return True
+    if diff.has(sympy.floor, sympy.ceiling, sympy.frac, sympy.Mod):
+        return sympy.simplify(diff) == 0  # step functions agree at most sample points by chance
+    agree = 0
+    for point in _sample_points(a.free_symbols | b.free_symbols, 6):
+        same = _closed_forms_equal(a.subs(point), b.subs(point))
+        if same is None:
+            continue  # a singular or non-numeric point
+        if not same:
+            return False
+        agree += 1
+        if agree >= 3:
+            return True
+    if diff.atoms(AppliedUndef):
+        return False  # unknown functions such as f(x), delta(t): only the expansion above can tell
+    return sympy.simplify(diff) == 0
+
+
+def _number_vs_expr(number: Number, expr) -> bool:
+    """A decimal literal against a closed form, under the numeric rule."""
+    val = _numeric_value(expr)
+    if val is None or val[1] != 0:
+        return False
+    return numbers_close(number, Number(Fraction(str(val[0])), Fraction(1, 10**40)))
+
+
+def _symbolic_leaf(pred: str, gold: str) -> bool:
+    """Leaf equivalence through latex2sympy2 + SymPy."""
+    pn, gn = parse_number(pred), parse_number(gold)
+    a, b = _latex_to_expr(pred), _latex_to_expr(gold)
+    if a is None or b is None:
+        return False
+    if pn is not None and gn is not None:
+        return numbers_close(pn, gn)
+    if pn is not None and pn.ulp is not None and not b.free_symbols:
+        return _number_vs_expr(pn, b)
+    if gn is not None and gn.ulp is not None and not a.free_symbols:
+        return _number_vs_expr(gn, a)
+    return _exprs_equal(a, b)
+
+
+def _symbolic_equation(l1: str, r1: str, l2: str, r2: str, sign: str = "any") -> bool:
+    """``l1 - r1`` is a non-zero constant multiple of ``l2 - r2`` (a positive one when *sign* is "positive")."""
+    import sympy
+
+    exprs = [_latex_to_expr(x) for x in (l1, r1, l2, r2)]
+    if any(e is None for e in exprs):
+        return False
+    d1, d2 = exprs[0] - exprs[1], exprs[2] - exprs[3]
+    if {s.name for s in d1.free_symbols} != {s.name for s in d2.free_symbols} or not d1.free_symbols:
+        return False
+    if sympy.expand(d1 - d2) == 0 or (sign == "any" and sympy.expand(d1 + d2) == 0):
+        return True
+    ratios = []
+    for point in _sample_points(d1.free_symbols | d2.free_symbols, 6):
+        v1, v2 = d1.subs(point).doit(), d2.subs(point).doit()
+        if not (v1.is_number and v2.is_number) or _closed_forms_equal(v2, sympy.S.Zero) is not False:
+            continue
+        ratios.append(v1 / v2)
+        if len(ratios) >= 3:
+            break
+    if len(ratios) < 3 or _closed_forms_equal(ratios[0], sympy.S.Zero) is not False:
+        return False
+    if sign == "positive" and not (ratios[0].is_extended_real and ratios[0] > 0):
+        return False
+    return all(_closed_forms_equal(r, ratios[0]) for r in ratios[1:])
+
+
+def run_request(request: list) -> bool:
+    """Dispatch one worker request: ["leaf", a, b] or ["eq", l1, r1, l2, r2, sign]."""
+    kind, *args = request
+    if kind == "leaf":
+        return _symbolic_leaf(*args)
+    if kind == "eq":
+        return _symbolic_equation(*args)
+    return False
+
+
+def worker_main() -> None:
+    """Worker loop: JSON request per line on stdin -> "1"/"0" per line on stdout."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
+    except (ImportError, ValueError, OSError):
+        pass
+    import latex2sympy2  # noqa: F401  (slow import, done before "ready")
+
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        try:
+            result = run_request(json.loads(line))
+        except BaseException:  # noqa: BLE001 - any failure means "not equivalent"
+            result = False
+        out.write("1\n" if result else "0\n")
+        out.flush()
+
+
+WORKER_BOOT = (
+    "import importlib, importlib.util, sys\n"
+    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
+    "spec = importlib.util.spec_from_file_location(\n"
+    "    '_gvm_answers', sys.argv[1] + '/__init__.py', submodule_search_locations=[sys.argv[1]])\n"
+    "package = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['_gvm_answers'] = package\n"
+    "spec.loader.exec_module(package)\n"
+    "importlib.import_module('_gvm_answers.symbolic').worker_main()\n"
+)
+
+
+class SymbolicWorker:
+    """A persistent SymPy subprocess, killed and restarted when a request overruns its time."""
+
+    def __init__(self) -> None:
+        self._reset()
+        self.failed_to_start = False
+
+    def _reset(self) -> None:
+        """Fresh state (also used in a forked child, which must never touch the parent's pipes)."""
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._lines: queue.Queue | None = None
+        self._ready = False
+        self._served = 0
+        self._spawned = 0.0
+
+    def start(self) -> None:
+        """Start the subprocess if it is not running, without waiting for it."""
+        if not self.failed_to_start and self._lock.acquire(blocking=False):
+            try:
+                self._ensure_started()
+            finally:
+                self._lock.release()
+
+    def _ensure_started(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._kill()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER_BOOT, os.path.dirname(os.path.abspath(__file__))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=env, text=True, bufsize=1,
+            )
+        except OSError:
+            self.failed_to_start = True
+            self._proc = None
+            return
+        self._ready = False
+        self._served = 0
+        self._spawned = time.monotonic()
+        self._lines = queue.Queue()
+        threading.Thread(target=self._pump, args=(self._proc, self._lines), daemon=True).start()
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
+        """Forward the worker's stdout lines to a queue (None at end of stream)."""
+        try:
+            for line in proc.stdout:
+                lines.put(line.strip())
+        except (OSError, ValueError):
+            pass
+        lines.put(None)
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self._proc = None
+
+    def _await_ready(self) -> float:
+        """Wait (a bounded time) for the worker's start-up; returns the seconds waited."""
+        if self._ready:
+            return 0.0
+        began = time.monotonic()
+        give_up = self._spawned + WORKER_START_TIMEOUT
+        try:
+            line = self._lines.get(timeout=max(min(WORKER_START_WAIT, give_up - began), 0.01))
+        except queue.Empty:
+            line = ""  # still importing: this call gives up, the next one waits again
+        self._ready = line == "ready"
+        if line is None or (not self._ready and time.monotonic() >= give_up):
+            self._kill()  # it died or never came up
+            self.failed_to_start = True
+        return time.monotonic() - began
+
+    def request(self, payload: list, timeout: float) -> tuple[bool | None, float]:
+        """(result or None on timeout / no worker, seconds spent starting the worker)."""
+        began = time.monotonic()
+        if timeout <= 0 or not self._lock.acquire(timeout=timeout):
+            return None, 0.0
+        try:
+            self._ensure_started()
+            if self._proc is None:
+                return None, 0.0
+            startup = self._await_ready()
+            if not self._ready:
+                return None, startup
+            remaining = timeout - (time.monotonic() - began - startup)
+            try:
+                self._proc.stdin.write(json.dumps(payload) + "\n")
+                self._proc.stdin.flush()
+                line = self._lines.get(timeout=max(remaining, 0.01))
+            except (OSError, ValueError, queue.Empty):
+                line = None
+            self._served += 1
+            if line not in ("0", "1") or self._served >= WORKER_MAX_REQUESTS:
+                self._kill()  # overran, died or is due for recycling
+                self._ensure_started()  # the replacement imports SymPy while the caller moves on
+            return (line == "1" if line in ("0", "1") else None), startup
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Stop the worker (waits at most a few seconds for a request in flight)."""
+        locked = self._lock.acquire(timeout=5)
+        try:
+            self._kill()
+        finally:
+            if locked:
+                self._lock.release()
+
+
+WORKER = SymbolicWorker()
+atexit.register(WORKER.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=WORKER._reset)
+
+CACHE: OrderedDict = OrderedDict()
+CACHE_LOCK = threading.Lock()
+CACHE_SIZE = 20000
+
+
+def symbolic_remote(payload: list, timeout: float) -> tuple[bool | None, float]:
+    """Cached symbolic check in the worker (in-process fall-back if the worker cannot start)."""
+    key = json.dumps(payload)
+    with CACHE_LOCK:
+        if key in CACHE:
+            CACHE.move_to_end(key)
+            return CACHE[key], 0.0
+    result, startup = (None, 0.0) if WORKER.failed_to_start else WORKER.request(payload, timeout)
+    if result is None and WORKER.failed_to_start:
+        result = symbolic_in_process(payload, timeout)
+    if result is not None:
+        with CACHE_LOCK:
+            CACHE[key] = result
+            while len(CACHE) > CACHE_SIZE:
+                CACHE.popitem(last=False)
+    return result, startup
+
+
+def symbolic_in_process(payload: list, timeout: float) -> bool | None:
+    """Last resort without a worker: main thread only, bounded by SIGALRM."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return None
+
+    def _alarm(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.01))
+        return run_request(payload)
+    except BaseException:  # noqa: BLE001
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
