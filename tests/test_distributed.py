@@ -43,10 +43,10 @@ def same_history(a: dict, b: dict) -> bool:
         ("grpo", ()),
         ("grpo", ("--gradient_accumulation_steps", "2", "--steps_per_generation", "4")),
         ("raft", ("--schedule", "probe-ahead")),
-        ("grpo", ("--schedule", "probe-ahead", "--history_decay", "0.5")),
+        ("grpo", ("--schedule", "probe-ahead", "--history_decay", "0.5", "--explore_samples", "1")),
         ("grpo", ("--schedule", "probe-ahead", "--gradient_accumulation_steps", "2", "--steps_per_generation", "4")),
     ],
-    ids=["raft", "grpo", "grpo-accumulation", "raft-probe-ahead", "grpo-probe-ahead-history",
+    ids=["raft", "grpo", "grpo-accumulation", "raft-probe-ahead", "grpo-probe-ahead-history-explore",
          "grpo-probe-ahead-accumulation"],
 )
 def test_two_processes_match_one(trainer, options, tmp_path):
@@ -56,8 +56,9 @@ def test_two_processes_match_one(trainer, options, tmp_path):
     assert single["num_processes"] == 1
     assert [r["num_processes"] for r in ranks] == [2, 2]
     # Every process computed the allocation the single process did, from globally gathered p and G; in the first
-    # generation batch one process's only prompt is always rejected (n_i = 0, no local training rows).
-    assert single["records"][0]["sizes"][0] == 0
+    # generation batch one process's only prompt is always rejected (n_i = 0, no local training rows, unless the
+    # exploration floor gives it samples).
+    assert single["records"][0]["sizes"][0] == (1 if "--explore_samples" in options else 0)
     for result in ranks:
         assert [r["sizes"] for r in result["records"]] == [r["sizes"] for r in single["records"]]
         assert [r["accept_rates"] for r in result["records"]] == [r["accept_rates"] for r in single["records"]]

@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--steps_per_generation", type=int, help="default: gradient_accumulation_steps")
     parser.add_argument("--schedule", choices=["probe-ahead", "sequential"], default="sequential")
     parser.add_argument("--history_decay", type=float, help="gvm_history_decay (default: no history)")
+    parser.add_argument("--explore_samples", type=int, default=0, help="gvm_explore_samples")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -85,6 +86,7 @@ def main():
         steps_per_generation=options.steps_per_generation,
         gvm_probe_ahead=options.schedule == "probe-ahead",
         gvm_history_decay=options.history_decay,
+        gvm_explore_samples=options.explore_samples,
     )
     trainer = trainer_cls(
         model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
