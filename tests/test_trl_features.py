@@ -21,6 +21,7 @@ from conftest import make_tiny_llama
 from test_trainer import config, prompt_dataset
 
 GROUP = 4
+GVM_OFF = {"gvm_allocation": "uniform", "gvm_weighting": "none", "gvm_num_probes": 2, "gvm_budget_per_prompt": 2}
 
 
 def text(completion) -> str:
@@ -140,6 +141,17 @@ def trained(trainer):
     return changed, losses
 
 
+def run(trainer_cls, config_cls, path, tokenizer, *, model=None, dataset=None, max_steps=2, peft_config=None,
+        **options):
+    """Build a trainer on a tiny model and train it: (trainer, (changed parameter names, losses))."""
+    args = config(config_cls, path, per_device_train_batch_size=8, num_generations=GROUP, max_steps=max_steps,
+                  **options)
+    trainer = trainer_cls(model=model() if model else make_tiny_llama(tokenizer), reward_funcs=length_reward,
+                          args=args, train_dataset=dataset() if dataset else prompt_dataset(),
+                          processing_class=tokenizer, peft_config=peft_config)
+    return trainer, trained(trainer)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, char_tokenizer):
     path = tmp_path_factory.mktemp("tiny")
@@ -185,20 +197,15 @@ def test_iterable_dataset_matches_trl_and_trains_with_gvm(tmp_path, char_tokeniz
     def stream():
         return IterableDataset.from_generator(lambda: iter(rows))
 
-    def run(trainer_cls, config_cls, path, **gvm):
-        args = config(config_cls, path, per_device_train_batch_size=8, num_generations=GROUP, max_steps=3, **gvm)
-        trainer = trainer_cls(model=make_tiny_llama(char_tokenizer), reward_funcs=length_reward, args=args,
-                              train_dataset=stream(), processing_class=char_tokenizer)
-        return trainer, trained(trainer)
-
-    _, (plain_changed, plain_losses) = run(GRPOTrainer, GRPOConfig, tmp_path / "trl")
-    _, (_, off_losses) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "off", gvm_allocation="uniform",
-                             gvm_weighting="none", gvm_num_probes=2, gvm_budget_per_prompt=2)
+    options = dict(dataset=stream, max_steps=3)
+    _, (_, plain_losses) = run(GRPOTrainer, GRPOConfig, tmp_path / "trl", char_tokenizer, **options)
+    _, (_, off_losses) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "off", char_tokenizer, **options, **GVM_OFF)
     assert off_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-7)
-    trainer, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", gvm_accept_threshold=0.5)
+    trainer, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", char_tokenizer, **options,
+                                gvm_accept_threshold=0.5)
     assert changed and not trainer._probe_ahead  # an iterable dataset runs the sequential schedule
     with pytest.raises(NotImplementedError, match="gvm_probe_ahead=True needs a map-style"):
-        run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "refused", gvm_probe_ahead=True)
+        run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "refused", char_tokenizer, **options, gvm_probe_ahead=True)
 
 
 def tiny_moe(tokenizer, seed=0):
@@ -213,17 +220,10 @@ def tiny_moe(tokenizer, seed=0):
 
 
 def test_moe_router_auxiliary_loss_matches_trl(tmp_path, char_tokenizer):
-    def run(trainer_cls, config_cls, path, **gvm):
-        args = config(config_cls, path, per_device_train_batch_size=8, num_generations=GROUP, max_steps=2, **gvm)
-        trainer = trainer_cls(model=tiny_moe(char_tokenizer), reward_funcs=length_reward, args=args,
-                              train_dataset=prompt_dataset(), processing_class=char_tokenizer)
-        assert trainer.aux_loss_enabled
-        result = trained(trainer)
-        return trainer, result
-
-    plain, (_, plain_losses) = run(GRPOTrainer, GRPOConfig, tmp_path / "trl")
-    off, (_, off_losses) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "off", gvm_allocation="uniform",
-                               gvm_weighting="none", gvm_num_probes=2, gvm_budget_per_prompt=2)
+    moe = lambda: tiny_moe(char_tokenizer)  # noqa: E731
+    plain, (_, plain_losses) = run(GRPOTrainer, GRPOConfig, tmp_path / "trl", char_tokenizer, model=moe)
+    off, (_, off_losses) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "off", char_tokenizer, model=moe, **GVM_OFF)
+    assert plain.aux_loss_enabled and off.aux_loss_enabled
     assert off_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-7)
     assert "aux_loss" in [key for entry in off.state.log_history for key in entry]
     for ours, theirs in zip(off.model.parameters(), plain.model.parameters()):
@@ -231,7 +231,8 @@ def test_moe_router_auxiliary_loss_matches_trl(tmp_path, char_tokenizer):
     # With GVM on, the fused experts and routers are measured by the exact generic rule, which the trainer says
     # at construction.
     with pytest.warns(UserWarning, match=r"gvm_grad_params='trainable': \d+ parameters .* generic rule"):
-        on, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", gvm_accept_threshold=0.5)
+        on, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", char_tokenizer, model=moe,
+                               gvm_accept_threshold=0.5)
     assert any("experts" in name for name in changed)
     assert set(on.grad_norm_plan.parameters("generic")) >= {"model.layers.0.mlp.experts.gate_up_proj"}
 
@@ -239,18 +240,15 @@ def test_moe_router_auxiliary_loss_matches_trl(tmp_path, char_tokenizer):
 def test_peft_adapters_train_as_in_trl(tmp_path, char_tokenizer):
     from peft import LoraConfig
 
-    def run(trainer_cls, config_cls, path, **gvm):
-        args = config(config_cls, path, per_device_train_batch_size=8, num_generations=GROUP, max_steps=2, **gvm)
-        trainer = trainer_cls(model=make_tiny_llama(char_tokenizer), reward_funcs=length_reward, args=args,
-                              train_dataset=prompt_dataset(), processing_class=char_tokenizer,
-                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
-        return trainer, trained(trainer)
+    def lora():
+        return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8)
 
-    plain, (_, plain_losses) = run(GRPOTrainer, GRPOConfig, tmp_path / "trl")
-    off, (_, off_losses) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "off", gvm_allocation="uniform",
-                               gvm_weighting="none", gvm_num_probes=2, gvm_budget_per_prompt=2)
+    _, (_, plain_losses) = run(GRPOTrainer, GRPOConfig, tmp_path / "trl", char_tokenizer, peft_config=lora())
+    _, (_, off_losses) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "off", char_tokenizer, peft_config=lora(),
+                             **GVM_OFF)
     assert off_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-7)
-    on, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", gvm_accept_threshold=0.5)
+    _, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", char_tokenizer, peft_config=lora(),
+                          gvm_accept_threshold=0.5)
     assert changed and all("lora_" in name for name in changed)
 
 
