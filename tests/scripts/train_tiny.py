@@ -46,7 +46,8 @@ def main():
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--resume", help="the checkpoint to resume from")
     parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
-    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (full_shard)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (full_shard; needs --cuda)")
+    parser.add_argument("--cuda", action="store_true", help="train on the GPU (default: the CPU, gloo)")
     parser.add_argument("--no_ds3_gather", action="store_true", help="ds3_gather_for_generation=False")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--steps_per_generation", type=int, help="default: gradient_accumulation_steps")
@@ -72,7 +73,7 @@ def main():
         report_to="none",
         bf16=False,
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=not options.cuda,
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
         seed=0,
