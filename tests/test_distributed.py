@@ -74,6 +74,18 @@ def test_two_processes_match_one(trainer, options, tmp_path):
         assert [r["probe_step"] for r in single["records"]] == [0, 0, 1]  # each drawn one step before it trains
 
 
+@pytest.mark.parametrize("options", [(), ("--gradient_accumulation_steps", "2", "--steps_per_generation", "4")],
+                         ids=["one-step-per-generation", "accumulation"])
+def test_two_processes_with_gvm_off_are_trl(options, tmp_path):
+    """Two processes of GVM-GRPO with GVM switched off and of trl.GRPOTrainer: the same losses and weights."""
+    plain = run(tmp_path / "trl", "trl", 2, "--sample", *options)
+    off = run(tmp_path / "off", "grpo", 2, "--sample", "--gvm_off", *options)
+    assert any(loss != 0 for loss in plain[0]["losses"])  # sampled completions, rewards that differ in a group
+    for ours, theirs in zip(off, plain):
+        assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-5, abs=1e-7)
+        assert ours["checksum"] == pytest.approx(theirs["checksum"], rel=1e-7)
+
+
 # Parameters below DeepSpeed's persistence threshold are never partitioned; 0 shards every one of the tiny model's.
 ZERO3_CONFIG = {
     "zero_optimization": {

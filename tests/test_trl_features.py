@@ -283,3 +283,25 @@ def test_refused_features_name_themselves(kwargs, match, tmp_path, char_tokenize
     with pytest.raises(NotImplementedError, match=match):
         GVMGRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=length_reward, args=args,
                        train_dataset=prompt_dataset(), processing_class=char_tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(GVMGRPOTrainer, GVMGRPOConfig), (GVMRAFTTrainer, GVMRAFTConfig)])
+def test_training_step_receives_trls_generation_batches(trainer_cls, config_cls, tmp_path, char_tokenizer):
+    """TRL's layout reaches `training_step` unchanged: each prompt `num_generations` times, each generation batch
+    `steps_per_generation * num_iterations` times (TRL's own test, on 17 prompts over 3 epochs)."""
+    from unittest.mock import patch
+
+    args = config(config_cls, tmp_path, per_device_train_batch_size=6, num_generations=4, steps_per_generation=4,
+                  gradient_accumulation_steps=3, num_iterations=2, shuffle_dataset=False, num_train_epochs=3,
+                  max_steps=-1, gvm_accept_threshold=0.5)
+    trainer = trainer_cls(model=make_tiny_llama(char_tokenizer), reward_funcs=length_reward, args=args,
+                          train_dataset=prompt_dataset(17), processing_class=char_tokenizer)
+    with patch.object(trainer_cls, "training_step", wraps=trainer.training_step) as step:
+        trainer.train()
+    assert step.call_count == 3 * 2 * 2 * 4  # epochs × iterations × generation batches × steps_per_generation
+    first = [row["prompt"][-1]["content"] for row in step.call_args_list[0].args[1]]
+    assert first == [f"Q{i}: {i}+1?" for i in range(6) for _ in range(4)]
+    for call in step.call_args_list[:8]:
+        assert [row["prompt"][-1]["content"] for row in call.args[1]] == first
+    second = [row["prompt"][-1]["content"] for row in step.call_args_list[8].args[1]]
+    assert second == [f"Q{i}: {i}+1?" for i in range(6, 12) for _ in range(4)]

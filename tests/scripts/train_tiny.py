@@ -16,14 +16,27 @@ from datasets import Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
 
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
 from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer  # noqa: E402
 
-TRAINERS = {"raft": (GVMRAFTTrainer, GVMRAFTConfig), "grpo": (GVMGRPOTrainer, GVMGRPOConfig)}
+TRAINERS = {
+    "raft": (GVMRAFTTrainer, GVMRAFTConfig),
+    "grpo": (GVMGRPOTrainer, GVMGRPOConfig),
+    "trl": (GRPOTrainer, GRPOConfig),  # plain trl.GRPOTrainer, for parity
+}
 
 
 def reward(prompts, completions, **kwargs):
     """Deterministic per prompt: prompts 0 mod 3 are rejected, the others accepted (greedy decoding)."""
     return [0.0 if int(p[-1]["content"].split(":")[0][1:]) % 3 == 0 else 1.0 for p in prompts]
+
+
+def sampled_reward(prompts, completions, **kwargs):
+    """For sampled completions: a reward that differs within each group (parity of the characters' codes, plus a
+    length term), so GRPO's advantages are not all zero."""
+    texts = [c[-1]["content"] for c in completions]
+    return [float(sum(map(ord, t)) % 2) + 0.1 * len(t) for t in texts]
 
 
 def weights_checksum(trainer) -> float:
@@ -54,6 +67,10 @@ def main():
     parser.add_argument("--schedule", choices=["probe-ahead", "sequential"], default="sequential")
     parser.add_argument("--history_decay", type=float, help="gvm_history_decay (default: no history)")
     parser.add_argument("--explore_samples", type=int, default=0, help="gvm_explore_samples")
+    parser.add_argument("--sample", action="store_true", help="sample completions (default: greedy) and score them "
+                        "with a reward that varies within each group")
+    parser.add_argument("--gvm_off", action="store_true",
+                        help="uniform allocation, no weights, N′ + B = num_generations: what trl.GRPOTrainer computes")
     options = parser.parse_args()
 
     tokenizer = make_char_tokenizer()
@@ -62,7 +79,7 @@ def main():
         [{"prompt": [{"role": "user", "content": f"Q{i}: {i}+1?"}], "answer": str(i + 1)} for i in range(48)]
     )
     trainer_cls, config_cls = TRAINERS[options.trainer]
-    args = config_cls(
+    settings = dict(
         output_dir=options.output_dir,
         per_device_train_batch_size=options.per_device_train_batch_size,
         num_generations=4,
@@ -78,39 +95,44 @@ def main():
         save_steps=options.save_steps or 500,
         seed=0,
         beta=0.0,
-        generation_kwargs={"do_sample": False},
+        generation_kwargs={"do_sample": options.sample},
         shuffle_dataset=False,
         deepspeed=options.deepspeed,
         fsdp="full_shard" if options.fsdp else None,
         ds3_gather_for_generation=not options.no_ds3_gather,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         steps_per_generation=options.steps_per_generation,
-        gvm_probe_ahead=options.schedule == "probe-ahead",
-        gvm_history_decay=options.history_decay,
-        gvm_explore_samples=options.explore_samples,
     )
+    if options.trainer != "trl":
+        settings.update(
+            gvm_probe_ahead=options.schedule == "probe-ahead",
+            gvm_history_decay=options.history_decay,
+            gvm_explore_samples=options.explore_samples,
+        )
+        if options.gvm_off:
+            settings.update(gvm_allocation="uniform", gvm_weighting="none", gvm_num_probes=2, gvm_budget_per_prompt=2,
+                            gvm_probe_ahead=None)
+    args = config_cls(**settings)
     trainer = trainer_cls(
-        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+        model=model, reward_funcs=sampled_reward if options.sample else reward, args=args, train_dataset=dataset,
+        processing_class=tokenizer,
     )
-    records = []
-    original = trainer._log_allocation
+    records, left_gathered = [], []
+    if options.trainer != "trl":
+        original, measure = trainer._log_allocation, trainer._probe_grad_norms
 
-    def keep_record(allocation, empty):
-        records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
-                        "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step})
-        original(allocation, empty)
+        def keep_record(allocation, empty):
+            records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
+                            "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step})
+            original(allocation, empty)
 
-    trainer._log_allocation = keep_record
+        def measure_and_count_gathered(*args, **kwargs):
+            norms = measure(*args, **kwargs)
+            left_gathered.append(count_gathered_shards(trainer.model))
+            return norms
 
-    left_gathered = []
-    measure = trainer._probe_grad_norms
-
-    def measure_and_count_gathered(*args, **kwargs):
-        norms = measure(*args, **kwargs)
-        left_gathered.append(count_gathered_shards(trainer.model))
-        return norms
-
-    trainer._probe_grad_norms = measure_and_count_gathered
+        trainer._log_allocation = keep_record
+        trainer._probe_grad_norms = measure_and_count_gathered
     trainer.train(resume_from_checkpoint=options.resume)
     checksum = weights_checksum(trainer)
     result = {
@@ -119,7 +141,7 @@ def main():
         "records": records,
         "checksum": checksum,
         "left_gathered": left_gathered,
-        "history": None if trainer.prompt_history is None else trainer.prompt_history.state_dict(),
+        "history": None if getattr(trainer, "prompt_history", None) is None else trainer.prompt_history.state_dict(),
     }
     rank = trainer.accelerator.process_index
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
