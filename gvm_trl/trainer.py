@@ -449,7 +449,10 @@ class _GVMTrainer(GRPOTrainer):
         batch = probes.batch
         if "old_per_token_logps" in batch:
             return
-        rows = self._trains(probes)[probes.local_rows(self.accelerator.process_index)].nonzero().flatten()
+        trains = self._trains(probes)[probes.local_rows(self.accelerator.process_index)]
+        if self._dist.is_zero3 or self.is_fsdp_enabled:
+            trains = torch.ones_like(trains)  # sharded forwards are collectives: every process scores all its rows
+        rows = trains.nonzero().flatten()
         logps = torch.full(batch["completion_ids"].shape, float("nan"), device=batch["completion_ids"].device)
         if len(rows):
             part = select_rows(batch, rows)

@@ -100,7 +100,7 @@ ZERO3_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("trainer, schedule", [("raft", "sequential"), ("grpo", "probe-ahead")])
+@pytest.mark.parametrize("trainer, schedule", [("raft", "sequential"), ("raft", "probe-ahead"), ("grpo", "probe-ahead")])
 def test_deepspeed_zero3_two_processes_match_one(trainer, schedule, tmp_path):
     """ZeRO-3 shards every parameter; the gradient-norm pass runs in lockstep on both processes (one of which has no
     accepted probe in the first generation batch) and leaves nothing gathered."""
