@@ -198,6 +198,10 @@ DECIDED_BEFORE_SYMPY = [
     ("log_is_base_ten", r"\log 100", r"\ln 100", False),
     ("complex_values", "7 - 5i", "6 - 5i", False),
     ("closed_forms", r"\frac{\sqrt{3}}{4}", r"\frac{\sqrt{2}}{4}", False),
+    ("floor", r"\lfloor\frac{3 n-1}{5}\rfloor", r"\lfloor\frac{2 n-1}{5}\rfloor", False),
+    ("ceiling", r"\lceil n / 3\rceil+1", r"\lceil n / 2\rceil+1", False),
+    ("equation_not_proportional", "6x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 4 = 0", False),
+    ("relation_not_proportional", "x + y < 3", "x + 2y < 3", False),
 ]
 
 
@@ -222,6 +226,8 @@ LEFT_TO_SYMPY = [
     ("unparenthesised_argument_then_division", r"\sin x / 2", r"\sin(x)/2"),
     ("derivative", r"\frac{d}{dx} x^{2} + 1", r"1 + \frac{d}{dx} x^{2}"),
     ("floor", r"\lfloor x \rfloor + 1", r"\lfloor x + 1 \rfloor"),
+    ("floor_at_an_integer", r"\lfloor 7x \rfloor", "16"),  # 7x is 17 at the sample point: no decision
+    ("floor_of_a_complex_value", r"\lfloor x + i \rfloor", r"\lfloor x \rfloor"),
 ]
 
 
@@ -239,6 +245,8 @@ READINGS = [  # the screen's value at the sample point must be latex2sympy2's
     r"\tan x + \sec^2 x - \csc x \cot x", r"\cosh x - \sinh x + \tanh x", r"(2+2 i)^{-1} e^{2 i t}",
     r"x^{-1} + 2^{1/2} + 1\times10^{3}", r"-x^4 + x^3 - x^2", r"a \times -b", r"\sin(x)^2 + \cos (x)^{2} y",
     r"\frac{a M^{2 / 3}}{G M^{2 / 3}+b}", r"k(5 k^{2}+k-1) / 2", r"3.2 \tau + 0.5x", r"\sqrt[n]{x}", "I + 2i",
+    r"\lfloor\log _{2} n\rfloor+1", r"m n-\lfloor m / 2\rfloor", r"\lceil \sqrt{n} \rceil",
+    r"\sin x e + \cos 2 \sqrt{3} + \tan e x", r"\ln x_{0} y \frac{y}{2} + \sin \sqrt{x} y",  # e and \sqrt end an argument
 ]
 
 
@@ -262,9 +270,17 @@ def test_screen_refuses_what_it_cannot_read():
     from gvm_trl.answers import screening
 
     for text in [r"\sin x / 2", "x^23", r"\frac{d}{dx} x", "a^{b}^{c}", "|x|", "x!", r"\sin x \cdot y", "2 3",
-                 r"\lfloor x \rfloor", r"\binom{n}{2}", r"\arctan x", r"\coth x", r"\sin^{-1} x", r"\{x\}", "x'",
-                 r"\infty", "x_{1} ^{2} _{3}", "(" * 300 + "1" + ")" * 300]:
+                 r"\lfloor x", r"\binom{n}{2}", r"\arctan x", r"\coth x", r"\sin^{-1} x", r"\{x\}", "x'",
+                 r"\infty", "x_{1} ^{2} _{3}", "I^2", "(" * 300 + "1" + ")" * 300]:
         assert screening.value_at_sample_point(text) is None, text
     assert screening.value_at_sample_point(r"\sqrt{-1}") is None  # on the branch cut
     assert screening.value_at_sample_point("2^{1009}") is None  # beyond floats
     assert not screening.clearly_different("x", r"\sqrt{-1}")
+
+
+def test_equations_left_to_sympy_when_proportional():
+    from gvm_trl.answers import screening
+
+    assert not screening.clearly_not_proportional("2x + 4y", "3", "y", "-x/2 + 3/4")
+    assert not screening.clearly_not_proportional("x", "x", "y", "1")  # a side that vanishes decides nothing
+    assert screening.clearly_not_proportional("x + y", "3", "x + 2y", "3")

@@ -40,7 +40,7 @@ from typing import Callable
 
 from .normalisation import key, normalise, outer_brackets, split_relations, split_top, tokens
 from .numbers import numbers_close, parse_number
-from .screening import clearly_different
+from .screening import clearly_different, clearly_not_proportional
 
 __all__ = ["Context", "answers_equal"]
 
@@ -696,6 +696,8 @@ def _proportional(l1: str, r1: str, l2: str, r2: str, sign: str, ctx: Context) -
         return False
     parts = [_sympy_ready(x) for x in (l1, r1, l2, r2)]
     if any(x is None for x in parts):
+        return False
+    if clearly_not_proportional(*parts):
         return False
     return ctx.run(["eq", *parts, sign])
 

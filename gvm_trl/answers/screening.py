@@ -4,7 +4,8 @@ latex2sympy2's grammar costs tens of milliseconds per expression, and most leave
 wrong answers. ``clearly_different`` reads a plain arithmetic subset of LaTeX with its own small parser
 (numbers, letters with subscripts, Greek letters, ``\pi``, ``e``, ``i``, brackets, ``+ - * / \cdot \times
 \div``, juxtaposition, powers, ``\frac``, ``\sqrt``, ``\exp``, ``\ln``, ``\log``, trigonometric and
-hyperbolic functions) and evaluates both sides at the first sample point that the SymPy worker would use.
+hyperbolic functions, floor and ceiling) and evaluates both sides at the first sample point that the SymPy
+worker would use (``clearly_not_proportional`` does the same for two equations at its first two points).
 Every value carries a bound on its rounding error (a disk around a complex number), so the two answers
 are declared different only when the disks are clearly apart. Anything outside the subset, or any value
 near a branch cut, a pole or an overflow, decides nothing and is left to SymPy.
@@ -26,7 +27,7 @@ import math
 import re
 from fractions import Fraction
 
-__all__ = ["clearly_different", "value_at_sample_point"]
+__all__ = ["clearly_different", "clearly_not_proportional", "value_at_sample_point"]
 
 _MAX_CHARS = 400
 _MAX_NODES = 600
@@ -47,6 +48,8 @@ _ACCENTS = {"dot", "ddot", "bar", "hat", "tilde", "vec", "overline"}
 _FUNCTIONS = {"sin", "cos", "tan", "cot", "sec", "csc", "sinh", "cosh", "tanh", "exp", "ln", "log"}
 _PRODUCT_OPS = {"*", "\\cdot", "\\times"}
 _DIVISION_OPS = {"/", "\\div"}
+_BRACKET_FUNCTIONS = {"\\lfloor": ("floor", "\\rfloor"), "\\lceil": ("ceil", "\\rceil")}
+_STOPS = {"+", "-", ")", "]", "}", "^", "_", "\\rfloor", "\\rceil"}
 _TOKEN_RE = re.compile(r"\\[A-Za-z]+|\d+(?:\.\d+)?|\S")
 _DOUBTFUL_RE = re.compile(r"\\frac\s*\{\s*d|\\\\|\\[{}]")
 
@@ -122,10 +125,10 @@ class _Parser:
 
     def starts_factor(self, allow_functions: bool) -> bool:
         token = self.peek()
-        if token is None or token in ("+", "-", ")", "]", "}", "^", "_") or token in _PRODUCT_OPS | _DIVISION_OPS:
+        if token is None or token in _STOPS or token in _PRODUCT_OPS | _DIVISION_OPS:
             return False
-        if token.startswith("\\") and token[1:] in _FUNCTIONS:
-            return allow_functions
+        if (token.startswith("\\") and token[1:] in _FUNCTIONS) or token in ("e", "\\sqrt"):
+            return allow_functions  # latex2sympy2 lets these start an argument without parentheses, not extend one
         return True
 
     def factor(self, allow_functions: bool) -> tuple:
@@ -205,8 +208,8 @@ class _Parser:
             return self.group_after("{", "}")
         if len(token) == 1 and token.isalpha():
             if token in "eiI":
-                if self.peek() == "_":
-                    raise _Refused
+                if self.peek() == "_" or (token == "I" and self.peek() == "^"):
+                    raise _Refused  # latex2sympy2 drops a power of I
                 return self.node("const", {"e": "e", "i": "i", "I": "i"}[token])
             return self.named(token)
         if not token.startswith("\\"):
@@ -223,6 +226,10 @@ class _Parser:
             if not re.fullmatch(r"[A-Za-z]|\\[A-Za-z]+", letter):
                 raise _Refused
             return self.named(token + "{" + letter + "}")
+        if token in _BRACKET_FUNCTIONS:
+            name, closing = _BRACKET_FUNCTIONS[token]
+            self.pos -= 1
+            return self.node(name, self.group(token, closing))
         if command == "frac":
             numerator = self.group("{", "}")
             return self.node("div", numerator, self.group("{", "}"))
@@ -283,7 +290,7 @@ def _variables(tree: tuple, out: set) -> set:
     kind = tree[0]
     if kind == "var":
         out.add(tree[1])
-    elif kind in ("sum",):
+    elif kind == "sum":
         for _, term in tree[1]:
             _variables(term, out)
     elif kind == "mul":
@@ -417,6 +424,27 @@ def _hyperbolic(name: str, a):
     return _mul(_add(up, (-down[0], down[1])), _inverse(_add(up, down)))
 
 
+def _step(kind: str, inner: tuple, point: dict):
+    """floor / ceiling of a real value whose disk holds no integer (else no decision)."""
+    if _mentions_imaginary_unit(inner):
+        raise _Refused  # floor(a + bi) is floor(a) + floor(b) i: a lost tiny b would matter
+    z, r = _evaluate(inner, point)
+    if z.imag != 0:
+        raise _Refused
+    rounding = math.floor if kind == "floor" else math.ceil
+    low, high = rounding(z.real - r), rounding(z.real + r)
+    if low != high or abs(low) > 2**52:
+        raise _Refused
+    return complex(low), 0.0
+
+
+def _mentions_imaginary_unit(tree: tuple) -> bool:
+    if tree == ("const", "i"):
+        return True
+    parts = [t for _, t in tree[1]] if tree[0] == "sum" else tree[1] if tree[0] == "mul" else tree[1:]
+    return any(isinstance(p, tuple) and _mentions_imaginary_unit(p) for p in parts)
+
+
 _LN10 = (complex(math.log(10)), 4 * _EPS * math.log(10))
 
 
@@ -459,6 +487,8 @@ def _evaluate(tree: tuple, point: dict):
         if degree is not None and 2 <= degree <= 64:
             return _root(_evaluate(tree[1], point), degree)
         return _exp(_mul(_log(_evaluate(tree[1], point)), _inverse(_evaluate(tree[2], point))))
+    if kind in ("floor", "ceil"):
+        return _step(kind, tree[1], point)
     if kind == "func":
         name, argument = tree[1], _evaluate(tree[2], point)
         if name == "exp":
@@ -474,24 +504,35 @@ def _evaluate(tree: tuple, point: dict):
     raise _Refused
 
 
-def _sample_point(names: set) -> dict:
-    """The worker's first sample point for these variables (sorted by name, as SymPy sorts symbols)."""
+def _sample_point(names: set, k: int = 0) -> dict:
+    """The worker's *k*-th sample point for these variables (sorted by name, as SymPy sorts symbols)."""
     point = {}
     for index, name in enumerate(sorted(names)):
-        value = Fraction(*_SAMPLE_VALUES[index % len(_SAMPLE_VALUES)]) + Fraction(index, 101)
+        value = Fraction(*_SAMPLE_VALUES[(k + index) % len(_SAMPLE_VALUES)]) + Fraction(index, 101)
         point[name] = _rounded(complex(float(value)), 0.0)
     return point
 
 
-def value_at_sample_point(text: str, names: set | None = None) -> tuple[complex, float] | None:
-    """(value, error bound) of *text* at the first sample point of *names* (default: its own variables)."""
+_UNDECIDED = (_Refused, KeyError, ZeroDivisionError, OverflowError, ValueError, RecursionError)
+
+
+def value_at_sample_point(text: str, names: set | None = None, k: int = 0) -> tuple[complex, float] | None:
+    """(value, error bound) of *text* at the *k*-th sample point of *names* (default: its own variables)."""
     tree = _tree(text)
     if tree is None:
         return None
     try:
-        return _evaluate(tree, _sample_point(_variables(tree, set()) if names is None else names))
-    except (_Refused, KeyError, ZeroDivisionError, OverflowError, ValueError, RecursionError):
+        return _evaluate(tree, _sample_point(_variables(tree, set()) if names is None else names, k))
+    except _UNDECIDED:
         return None
+
+
+def _apart(a, b) -> bool:
+    """Two bounded values that differ by more than their error bounds and 1e-6 relative."""
+    scale = max(abs(a[0]), abs(b[0]))
+    if scale <= _TINY_SCALE:
+        return False
+    return abs(a[0] - b[0]) - a[1] - b[1] > _RELATIVE_GAP * scale
 
 
 def clearly_different(pred: str, gold: str) -> bool:
@@ -501,9 +542,24 @@ def clearly_different(pred: str, gold: str) -> bool:
         return False
     names = _variables(trees[0], set()) | _variables(trees[1], set())
     a, b = value_at_sample_point(pred, names), value_at_sample_point(gold, names)
-    if a is None or b is None:
+    return a is not None and b is not None and _apart(a, b)
+
+
+def clearly_not_proportional(l1: str, r1: str, l2: str, r2: str) -> bool:
+    """True when ``(l1 - r1) / (l2 - r2)`` clearly takes two values at the worker's first two sample points."""
+    trees = [_tree(x) for x in (l1, r1, l2, r2)]
+    if None in trees:
         return False
-    scale = max(abs(a[0]), abs(b[0]))
-    if scale <= _TINY_SCALE:
-        return False
-    return abs(a[0] - b[0]) - a[1] - b[1] > _RELATIVE_GAP * scale
+    names = set().union(*(_variables(t, set()) for t in trees))
+    ratios = []
+    for k in (0, 1):
+        point = _sample_point(names, k)
+        try:
+            a, b, c, d = (_evaluate(t, point) for t in trees)
+            first, second = _add(a, (-b[0], b[1])), _add(c, (-d[0], d[1]))
+            if abs(second[0]) <= _TINY_SCALE:
+                return False  # the worker skips a point where the second side vanishes
+            ratios.append(_mul(first, _inverse(second)))
+        except _UNDECIDED:
+            return False
+    return _apart(*ratios)
