@@ -71,9 +71,8 @@ class _Parser:
         self.pos = 0
         self.nodes = 0
 
-    def peek(self, offset: int = 0) -> str | None:
-        index = self.pos + offset
-        return self.tokens[index] if index < len(self.tokens) else None
+    def peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
 
     def take(self, expected: str | None = None) -> str:
         token = self.peek()
