@@ -18,9 +18,10 @@ False acceptances (each rate must stay at or below 0.5%; the accepted pairs are 
   changed, its sign flipped, and for answers without digits a letter changed.
 
 Speed (answers/s, one thread, from cold caches and a fresh warmed-up SymPy worker): the realistic mix
-(every restated gold plus a perturbed copy of every gold), its part that needs SymPy now, the part that
-needed SymPy before too (the old verifier rejects many restated answers without trying, which is fast
-but wrong), ``\\boxed{int}`` after a few hundred characters of reasoning, and boxed radicals. With
+(every restated gold plus a perturbed copy of every gold), its restated and its wrong answers alone, its
+part that needs SymPy now, the part that needed SymPy before too (the old verifier rejects many restated
+answers without trying, which is fast but wrong), ``\\boxed{int}`` after a few hundred characters of
+reasoning, and boxed radicals. With
 ``--baseline REV`` (default: the verifier before the answer-family work) the same pairs are graded by that
 revision's ``gvm_trl/rewards.py`` in the same run, alternating with the current one chunk by chunk so that
 both see the same machine load; its agreement on the family table and the restated golds is reported as
@@ -472,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         results["restated"]["rate_before"] = before
         line += f"   (before: {before:.2%})"
     print(line)
+    cases["realistic_mix_restated"] = restated
+    cases["realistic_mix_wrong"] = [(c, g) for c, g in cases["realistic_mix"] if "Putting the pieces together" not in c]
     cases["realistic_mix_sympy"] = needs_sympy(cases["realistic_mix"], grade_answer, symbolic.CACHE, args.timeout)
     if baseline is not None:
         old_sympy = set(needs_sympy(cases["realistic_mix"], baseline.grade_answer, baseline._CACHE, args.timeout))

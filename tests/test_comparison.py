@@ -180,3 +180,107 @@ def test_inequality_needs_a_positive_multiple():
     assert symbolic.symbolic_in_process(["eq", "-3y", "6", "-2", "y", "positive"], 10.0) is True
     assert symbolic.symbolic_in_process(["eq", "-3y", "6", "y", "-2", "positive"], 10.0) is False
     assert symbolic.symbolic_in_process(["eq", "-3y", "6", "y", "-2", "any"], 10.0) is True
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths before SymPy: reordered sums, and the in-process numeric screen
+# --------------------------------------------------------------------------------------------
+
+DECIDED_BEFORE_SYMPY = [
+    ("terms_reordered", "3x - 6 + x^3", "x^3 + 3x - 6", True),
+    ("leading_minus_moved", "- q + p", "p - q", True),
+    ("terms_reordered_with_functions", r"1 - e^{-a t} + b \cos (t)", r"b \cos (t) + 1 - e^{-a t}", True),
+    ("signs_swapped", "a - b", "b - a", False),
+    ("exponent_changed", "n^{3} - n + 1", "n^{2} - n + 1", False),
+    ("coefficient_changed", r"\frac{2}{s+1} - \frac{1}{s}", r"\frac{1}{s+1} - \frac{1}{s}", False),
+    ("juxtaposition_under_division", "a/bc", r"\frac{a}{b} c", False),
+    ("function_argument_without_parentheses", r"\sin 2x", r"2 \sin x", False),
+    ("log_is_base_ten", r"\log 100", r"\ln 100", False),
+    ("complex_values", "7 - 5i", "6 - 5i", False),
+    ("closed_forms", r"\frac{\sqrt{3}}{4}", r"\frac{\sqrt{2}}{4}", False),
+    ("floor", r"\lfloor\frac{3 n-1}{5}\rfloor", r"\lfloor\frac{2 n-1}{5}\rfloor", False),
+    ("ceiling", r"\lceil n / 3\rceil+1", r"\lceil n / 2\rceil+1", False),
+    ("equation_not_proportional", "6x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 4 = 0", False),
+    ("relation_not_proportional", "x + y < 3", "x + 2y < 3", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", [c[1:] for c in DECIDED_BEFORE_SYMPY],
+                         ids=[c[0] for c in DECIDED_BEFORE_SYMPY])
+def test_decided_before_sympy(pred, gold, expected):
+    verdict, requests = equal_without_sympy(pred, gold)
+    assert verdict is expected
+    assert requests == []
+
+
+LEFT_TO_SYMPY = [
+    ("identity", r"\sin^2 b + \cos^2 b", "1"),
+    ("same_value_other_form", r"1 \cdot 2^{1/2}", r"\sqrt{2}"),
+    ("decimal_against_closed_form", "1.414", r"\sqrt{2}"),  # the rounding rule belongs to the worker
+    ("differ_below_float_precision", "10^{30}", "10^{30}+1"),
+    ("cancellation", "(10^{20}+1) - 10^{20}", "1"),  # floats lose the 1: the error bound says so
+    ("tiny_values", r"10^{-9} x", r"2 \cdot 10^{-9} x"),
+    ("branch_cut", r"\sqrt{x - 5}", r"\sqrt{5 - x}"),
+    ("merged_command_is_not_a_reordering", r"1 + \sinx", r"\sin x + 1"),
+    ("modulo_is_not_a_sum", r"a + b \mod c", r"b \mod c + a"),
+    ("unparenthesised_argument_then_division", r"\sin x / 2", r"\sin(x)/2"),
+    ("derivative", r"\frac{d}{dx} x^{2} + 1", r"1 + \frac{d}{dx} x^{2}"),
+    ("floor", r"\lfloor x \rfloor + 1", r"\lfloor x + 1 \rfloor"),
+    ("floor_at_an_integer", r"\lfloor 7x \rfloor", "16"),  # 7x is 17 at the sample point: no decision
+    ("floor_of_a_complex_value", r"\lfloor x + i \rfloor", r"\lfloor x \rfloor"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", [c[1:] for c in LEFT_TO_SYMPY], ids=[c[0] for c in LEFT_TO_SYMPY])
+def test_left_to_sympy(pred, gold):
+    _, requests = equal_without_sympy(pred, gold)
+    assert requests and requests[-1][0] == "leaf"
+
+
+READINGS = [  # the screen's value at the sample point must be latex2sympy2's
+    "a/bc", r"a \cdot b / c d", r"\sin 2x", r"\sin x \cos x", r"\ln 2 + i\pi / 3", r"\log 3", r"\log_{2} 8",
+    r"e^{t} / 3 + c e^{-2 t}", r"\frac{1}{2} x", r"\sqrt[3]{7} - \sqrt{x}y", r"\cos (t-\pi / 4)", r"\sin ^{2} \theta",
+    r"\sin^2 x y", r"\hbar \omega(v+1/2)", r"\dot{x}_{0} \sin (\omega t) / \omega + x_{0} \cos (\omega t)",
+    r"r_{0}^{2} \rho_{0} + \lambda_{ red }", r"[e^{x}-1] \cdot 2 \times 3 \div 4", r"\exp{a*t} - \exp(-a t)",
+    r"\tan x + \sec^2 x - \csc x \cot x", r"\cosh x - \sinh x + \tanh x", r"(2+2 i)^{-1} e^{2 i t}",
+    r"x^{-1} + 2^{1/2} + 1\times10^{3}", r"-x^4 + x^3 - x^2", r"a \times -b", r"\sin(x)^2 + \cos (x)^{2} y",
+    r"\frac{a M^{2 / 3}}{G M^{2 / 3}+b}", r"k(5 k^{2}+k-1) / 2", r"3.2 \tau + 0.5x", r"\sqrt[n]{x}", "I + 2i",
+    r"\lfloor\log _{2} n\rfloor+1", r"m n-\lfloor m / 2\rfloor", r"\lceil \sqrt{n} \rceil",
+    r"\sin x e + \cos 2 \sqrt{3} + \tan e x", r"\ln x_{0} y \frac{y}{2} + \sin \sqrt{x} y",  # e and \sqrt end an argument
+]
+
+
+def test_screen_reads_as_latex2sympy2_does():
+    import sympy
+
+    from gvm_trl.answers import screening
+
+    for text in READINGS:
+        expr = symbolic._latex_to_expr(text)
+        names = {s.name for s in expr.free_symbols}
+        bounded = screening.value_at_sample_point(text, names)
+        assert bounded is not None, text
+        point = next(symbolic._sample_points(expr.free_symbols, 1))
+        exact = complex(sympy.N(expr.subs(point), 30))
+        assert abs(bounded[0] - exact) <= bounded[1] + 1e-12 * max(1.0, abs(exact)), text
+        assert bounded[1] < 1e-9 * max(1.0, abs(exact)), text
+
+
+def test_screen_refuses_what_it_cannot_read():
+    from gvm_trl.answers import screening
+
+    for text in [r"\sin x / 2", "x^23", r"\frac{d}{dx} x", "a^{b}^{c}", "|x|", "x!", r"\sin x \cdot y", "2 3",
+                 r"\lfloor x", r"\binom{n}{2}", r"\arctan x", r"\coth x", r"\sin^{-1} x", r"\{x\}", "x'",
+                 r"\infty", "x_{1} ^{2} _{3}", "I^2", "(" * 300 + "1" + ")" * 300]:
+        assert screening.value_at_sample_point(text) is None, text
+    assert screening.value_at_sample_point(r"\sqrt{-1}") is None  # on the branch cut
+    assert screening.value_at_sample_point("2^{1009}") is None  # beyond floats
+    assert not screening.clearly_different("x", r"\sqrt{-1}")
+
+
+def test_equations_left_to_sympy_when_proportional():
+    from gvm_trl.answers import screening
+
+    assert not screening.clearly_not_proportional("2x + 4y", "3", "y", "-x/2 + 3/4")
+    assert not screening.clearly_not_proportional("x", "x", "y", "1")  # a side that vanishes decides nothing
+    assert screening.clearly_not_proportional("x + y", "3", "x + 2y", "3")

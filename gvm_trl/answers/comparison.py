@@ -40,6 +40,7 @@ from typing import Callable
 
 from .normalisation import key, normalise, outer_brackets, split_relations, split_top, tokens
 from .numbers import numbers_close, parse_number
+from .screening import clearly_different, clearly_not_proportional
 
 __all__ = ["Context", "answers_equal"]
 
@@ -513,7 +514,42 @@ def _leaf_equal(pred: str, gold: str, ctx: Context) -> bool:
     p_sym, g_sym = _sympy_ready(pred), _sympy_ready(gold)
     if p_sym is None or g_sym is None:
         return False
+    if _same_terms(p_sym, g_sym):
+        return True
+    if not _is_decimal(p_sym) and not _is_decimal(g_sym) and clearly_different(p_sym, g_sym):
+        return False  # the decimal rule (rounded or truncated) is the worker's to apply
     return ctx.run(["leaf", p_sym, g_sym])
+
+
+_NOT_A_SUM_RE = re.compile(r"\\(?:[bp]?mod|i*nt|oint|sum|prod|lim|partial)(?![A-Za-z])|\\frac\s*\{\s*d")
+_COMMAND_THEN_LETTER_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
+_DANGLING_RE = re.compile(r"(?:[-+*/^_(\[{]|\\(?:cdot|times|div))\s*$")
+
+
+def _sum_terms(s: str) -> list[tuple[bool, str]] | None:
+    """(negated, key) of each top-level term of a sum written out, or None when it is not one."""
+    if _NOT_A_SUM_RE.search(s):
+        return None  # operators whose reach a reordering could change
+    terms = []
+    for sign, term in _signed_terms(s):
+        negated, term = sign == "-", term.strip()
+        while term[:1] in ("+", "-"):
+            negated, term = negated != (term[0] == "-"), term[1:].lstrip()
+        if not term or term[0] in "*/^_)]}" or term.startswith(("\\cdot", "\\times", "\\div")) or _DANGLING_RE.search(term):
+            return None
+        terms.append((negated, key(_COMMAND_THEN_LETTER_RE.sub(r"\1{}", term))))  # \sin x is not \sinx
+    return terms if len(terms) > 1 else None
+
+
+def _same_terms(pred: str, gold: str) -> bool:
+    """The same terms added in another order (``1 + x^2`` and ``x^2 + 1``): equal without SymPy."""
+    p_terms = _sum_terms(pred)
+    return p_terms is not None and sorted(p_terms) == sorted(_sum_terms(gold) or [])
+
+
+def _is_decimal(s: str) -> bool:
+    number = parse_number(s)
+    return number is not None and number.ulp is not None
 
 
 def _time_seconds(s: str) -> int | None:
@@ -660,6 +696,8 @@ def _proportional(l1: str, r1: str, l2: str, r2: str, sign: str, ctx: Context) -
         return False
     parts = [_sympy_ready(x) for x in (l1, r1, l2, r2)]
     if any(x is None for x in parts):
+        return False
+    if clearly_not_proportional(*parts):
         return False
     return ctx.run(["eq", *parts, sign])
 
