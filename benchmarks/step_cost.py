@@ -81,7 +81,7 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-CONFIGS = ("grpo", "uniform", "gvm-sequential", "gvm-grpo", "gvm-raft")
+CONFIGS = ("grpo", "gvm-grpo", "uniform", "gvm-sequential", "gvm-raft")
 DEFAULT_CONFIGS = CONFIGS
 RANDOM_QWEN2 = "random-qwen2-0.5b"
 GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2", "probe_logps")
@@ -427,20 +427,24 @@ def overhead(config: dict, plain: dict) -> dict:
     }
 
 
-def format_table(summaries: dict[str, dict], results: dict[str, dict]) -> str:
-    """Seconds per phase (median step) for each configuration, with ratios to plain GRPO where they compare."""
-    names = [n for n in summaries if n != "grpo"]
-    rows = [["phase (s/step, median)", "grpo", *names, *(f"{n}/grpo" for n in names)]]
+def format_table(summaries: dict[str, dict], results: dict[str, dict], baselines: dict[str, str]) -> str:
+    """Seconds per phase (median step) for each configuration, with ratios to the plain-GRPO run measured beside it
+    where they compare."""
+    plain = [n for n in summaries if n.startswith("grpo")]
+    names = [n for n in summaries if n not in plain]
+    rows = [["phase (s/step, median)", *plain, *names, *(f"{n}/{baselines.get(n, 'grpo')}" for n in names)]]
     totals = {n: {**s, "generation_total": generation_total(s)} for n, s in summaries.items()}
     labels = {**PHASE_LABELS, "generation_total": "all generation"}
     order = ["generation", *GVM_PHASES, "bookkeeping", "generation_total", "update", "step"]
     order = [phase for phase in order if any(phase in totals[n] for n in totals)]
     for phase in order:
-        cells = [f"{totals[n][phase]:.2f}" if phase in totals[n] else "-" for n in ["grpo", *names]]
+        cells = [f"{totals[n][phase]:.2f}" if phase in totals[n] else "-" for n in [*plain, *names]]
         comparable = phase in ("generation_total", "update", "step")
-        ratios = [f"{totals[n][phase] / totals['grpo'][phase]:.2f}" if comparable else "" for n in names]
+        ratios = [
+            f"{totals[n][phase] / totals[baselines.get(n, 'grpo')][phase]:.2f}" if comparable else "" for n in names
+        ]
         rows.append([labels[phase], *cells, *ratios])
-    everyone = ["grpo", *names]
+    everyone = [*plain, *names]
     rows.append(["completions / step", *(str(results[n]["completions_per_step"][-2]) for n in everyone)])
     lengths = [results[n]["mean_completion_length"] for n in everyone]
     rows.append(["mean completion length", *("-" if x is None else f"{x:.1f}" for x in lengths)])
@@ -455,7 +459,7 @@ def format_table(summaries: dict[str, dict], results: dict[str, dict]) -> str:
     )
 
 
-def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
+def plot(summaries: dict[str, dict], path: Path, title: str, baselines: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -471,7 +475,7 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
             if value:
                 axes.bar(x, value, bottom=bottom, color=colors[phase], label=PHASE_LABELS[phase], width=0.6)
                 bottom += value
-        ratio = summary["step"] / summaries["grpo"]["step"]
+        ratio = summary["step"] / summaries[baselines.get(name, name if name.startswith("grpo") else "grpo")]["step"]
         axes.text(x, bottom, f"{summary['step']:.1f} s\n×{ratio:.2f}", ha="center", va="bottom", fontsize=9)
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
@@ -509,6 +513,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "whose probes are all rejected skips phase 2 and the update)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, help=f"default: {' '.join(DEFAULT_CONFIGS)}")
+    parser.add_argument("--max-workers", type=int, default=3,
+                        help="models in memory at once in lockstep (each configuration group runs beside its own "
+                        "plain-GRPO run); SmolLM2 with Adam holds ~6 GB per worker on CPU")
     parser.add_argument("--in-process", action="store_true",
                         help="run the configurations one after the other in this process (not in lockstep)")
     parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
@@ -544,12 +551,17 @@ def environment(args) -> dict:
     return info
 
 
-def build_report(results: dict, args, started: float) -> dict:
-    """Summaries, comparisons to plain GRPO and the raw per-step numbers of the configurations that finished."""
+def build_report(results: dict, args, started: float, baselines: dict[str, str] | None = None) -> dict:
+    """Summaries, comparisons to plain GRPO and the raw per-step numbers of the configurations that finished.
+
+    `baselines` names, per configuration, the plain-GRPO run it was measured beside (default: "grpo")."""
     done = {c: r for c, r in results.items() if "error" not in r}
     summaries = {c: summarize(r, args.warmup) for c, r in done.items()}
+    baselines = baselines or {}
     comparisons = {
-        c: overhead(s, summaries["grpo"]) for c, s in summaries.items() if c != "grpo" and "grpo" in summaries
+        c: overhead(s, summaries[baselines.get(c, "grpo")])
+        for c, s in summaries.items()
+        if not c.startswith("grpo") and baselines.get(c, "grpo") in summaries
     }
     m = args.batch_size // args.num_generations
     setup = (f"{'tiny random model' if args.tiny else args.model} on {args.device}, m = {m} prompts, G = "
@@ -562,6 +574,7 @@ def build_report(results: dict, args, started: float) -> dict:
                         "--in-process); cpu_train_rss_increase_mib: psutil peak RSS during train() above the RSS "
                         "before it; cuda_max_allocated_mib: torch.cuda.max_memory_allocated during training",
         "summary_seconds_per_step": summaries,
+        "baselines": {c: baselines.get(c, "grpo") for c in comparisons},
         "comparison_to_grpo": comparisons,
         "failed": {c: r["error"] for c, r in results.items() if "error" in r},
         "runs": done,
@@ -573,10 +586,10 @@ def print_report(report: dict) -> None:
     summaries, comparisons = report["summary_seconds_per_step"], report["comparison_to_grpo"]
     print(f"\n== step cost: {report['setup']} ==")
     if "grpo" in summaries:
-        print(format_table(summaries, report["runs"]))
+        print(format_table(summaries, report["runs"], report["baselines"]))
     for config, comparison in comparisons.items():
         parts = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in comparison["overhead_parts_fraction"].items())
-        print(f"{config}: step ×{comparison['ratio_step']:.3f} of plain GRPO "
+        print(f"{config}: step ×{comparison['ratio_step']:.3f} of plain GRPO ({report['baselines'][config]}) "
               f"(overhead {100 * comparison['overhead_fraction']:+.1f}%: {parts})")
     for config, reason in report["failed"].items():
         print(f"{config}: not measured ({reason})")
@@ -595,14 +608,27 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     print(f"[step_cost] {', '.join(args.configs)}: {args.steps} steps each, "
           f"{'one after the other' if args.in_process else 'in lockstep'} ...", flush=True)
+    baselines = {}
     if args.in_process:
         results = {config: run_config(config, args) for config in args.configs}
     else:
-        results = run_lockstep(args.configs, argv, args.steps)
-    report = build_report(results, args, started)
+        # At most --max-workers models in memory at once: the others run in later groups, each beside a plain-GRPO
+        # run of its own, which its ratios refer to (the first group's is "grpo", the next "grpo-2", ...).
+        others = [c for c in args.configs if c != "grpo"]
+        per_group = max(args.max_workers - 1, 1)
+        results = {}
+        for number, start in enumerate(range(0, len(others), per_group), start=1):
+            group = others[start : start + per_group]
+            baseline = "grpo" if number == 1 else f"grpo-{number}"
+            measured = run_lockstep(["grpo", *group], argv, args.steps)
+            results[baseline] = measured.pop("grpo")
+            results.update(measured)
+            baselines.update({config: baseline for config in group})
+    report = build_report(results, args, started, baselines)
     output.write_text(json.dumps(report, indent=2))
     print_report(report)
-    plot(report["summary_seconds_per_step"], output.with_suffix(".png"), f"Seconds per step: {report['setup']}")
+    plot(report["summary_seconds_per_step"], output.with_suffix(".png"), f"Seconds per step: {report['setup']}",
+         report["baselines"])
     print(f"wrote {output} and {output.with_suffix('.png')} ({report['wall_time_s']:.0f} s)")
     return report
 
