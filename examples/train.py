@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.accelerator.print(_format_summary(summary))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.end_training()  # finish trackers and leave the process group in order
     return summary
 
 

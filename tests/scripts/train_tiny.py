@@ -146,6 +146,7 @@ def main():
     rank = trainer.accelerator.process_index
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
         json.dump(result, handle)
+    trainer.accelerator.end_training()  # leave the process group in order, or a rank may abort at exit
 
 
 if __name__ == "__main__":
