@@ -331,6 +331,7 @@ def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
         "prompt_bands": task.prompt_bands(seed),
         "train_accept_rate": [log["gvm/accept_rate"] for log in logs if "gvm/accept_rate" in log],
         "variance_bound_ratio": [log["gvm/variance_bound_ratio"] for log in logs if "gvm/variance_bound_ratio" in log],
+        "prompts_zero_budget": [log["gvm/prompts_zero_budget"] for log in logs if "gvm/prompts_zero_budget" in log],
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -470,14 +471,17 @@ def _method_runs_of(runs: list[dict]) -> list[MethodRun]:
 
 
 def format_summary(summary: dict, runs: list[dict], task) -> str:
-    primary, direction = task.primary, task.metrics[task.primary]
+    primary = task.primary
     lines = [f"{'method':24s} {'completions':>11s} " + " ".join(f"{m + ' (final)':>26s}" for m in task.metrics)
-             + f" {'minutes':>8s}"]
-    for label, finals in summary["final"][primary].items():
+             + f" {'zero-budget prompts':>19s} {'eq5 vs uniform':>14s} {'minutes':>8s}"]
+    for label in summary["final"][primary]:
         mine = [r for r in runs if r["method"] == label]
         completions = statistics.fmean(r["curve"][-1]["completions"] for r in mine)
         cells = " ".join(f"{format_interval(*summary['final'][m][label], '.3f'):>26s}" for m in task.metrics)
-        lines.append(f"{label:24s} {completions:11.0f} {cells} "
+        zero = [x for r in mine for x in r.get("prompts_zero_budget", [])]
+        bound = [x for r in mine for x in r.get("variance_bound_ratio", [])]
+        lines.append(f"{label:24s} {completions:11.0f} {cells} {statistics.fmean(zero) if zero else 0:19.2f} "
+                     f"{statistics.fmean(bound) if bound else math.nan:14.2f} "
                      f"{statistics.fmean(r['wall_seconds'] for r in mine) / 60:8.1f}")
     for label, comparison in summary["comparisons"].items():
         for metric in task.metrics:
@@ -504,7 +508,6 @@ def format_summary(summary: dict, runs: list[dict], task) -> str:
                 cells.append(f"{share}, {'-' if m['final_rate'] is None else format(m['final_rate'], '.3f')}")
             start = "-" if band["start_rate"] is None else f"{band['start_rate']:.3f}"
             lines.append(f"{name} ({band['prompts']}, {start}): " + " | ".join(cells))
-    del direction
     return "\n".join(lines)
 
 
