@@ -183,14 +183,24 @@ class GVMOutcome:
 
 
 def simulate_gvm(population: Population, budget: int, setting: GVMSetting, replicates: int, rng,
-                 alpha: float = 1e-3, beta: float = 2.0) -> GVMOutcome:
-    """R replicates of a GVM step (after `history_visits` earlier visits when the setting keeps a history)."""
+                 alpha: float = 1e-3, beta: float = 2.0, earlier: list[Population] | None = None) -> GVMOutcome:
+    """R replicates of a GVM step (after `history_visits` earlier visits when the setting keeps a history).
+
+    `earlier`: the population at each earlier visit, oldest first (a policy that moved between visits); by default
+    the same population every time.
+    """
     m, probes = population.size, setting.probes
     keep_history = setting.decay is not None and setting.history_visits > 0
+    visits = setting.history_visits + 1 if keep_history else 1
+    if earlier is None:
+        earlier = [population] * (visits - 1)
+    if keep_history and len(earlier) != setting.history_visits:
+        raise ValueError(f"earlier has {len(earlier)} populations for {setting.history_visits} earlier visits")
     histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else None
     keys = list(range(m))
-    for visit in range(setting.history_visits + 1 if keep_history else 1):
-        probe_draws = draw(population, np.full((replicates, m), probes), rng)
+    for visit in range(visits):
+        current = population if visit == visits - 1 else earlier[visit]
+        probe_draws = draw(current, np.full((replicates, m), probes), rng)
         rates, norms = np.zeros((replicates, m)), np.zeros((replicates, m))
         sizes = np.zeros((replicates, m), dtype=np.int64)
         evidences = []
@@ -206,7 +216,7 @@ def simulate_gvm(population: Population, budget: int, setting: GVMSetting, repli
                 rate, norm = (np.array(x) for x in histories[r].estimates(evidence))
             rates[r], norms[r] = rate, norm
             sizes[r] = allocate_budget(rate, norm, budget, alpha=alpha, beta=beta, explore_samples=setting.explore)
-        phase2 = draw(population, sizes, rng)
+        phase2 = draw(current, sizes, rng)
         if histories is not None and visit < setting.history_visits:
             for r, history in enumerate(histories):
                 e = evidences[r]
@@ -276,7 +286,8 @@ def gaussian_population(num_prompts: int, dim: int, seed: int, outcomes: int = 6
 
 def softmax_prompt(rng, rate: float, outcomes: int, accepted: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(Φ [outcomes, dim], π [outcomes]): one prompt's policy π = softmax(b + Φθ) at θ = 0, whose first `accepted`
-    outcomes pass with total probability `rate` (the bias b is shifted on them to make it so)."""
+    outcomes pass with total probability `rate` (the bias b is shifted on them to make it so). The random draws do
+    not depend on `rate`, so one seed gives the same prompts at any rate."""
     features = rng.standard_normal((outcomes, dim)) / math.sqrt(dim) * rng.uniform(0.5, 2.0)
     logits = rng.standard_normal(outcomes)
     if 0 < rate < 1:
@@ -287,7 +298,8 @@ def softmax_prompt(rng, rate: float, outcomes: int, accepted: int, dim: int) -> 
 
 
 def gradlogp_population(num_prompts: int, seed: int, never_share: float = 0.125, low: float = 0.02,
-                        high: float = 0.98, outcomes: int = 16, accepted: int = 4, dim: int = 64) -> Population:
+                        high: float = 0.98, outcomes: int = 16, accepted: int = 4, dim: int = 64,
+                        logit_shift: float = 0.0) -> Population:
     """Each prompt is a softmax policy over `outcomes` completions, `accepted` of which pass, with logits b_i + Φ_i θ
     in a parameter space of `dim` dimensions shared by all prompts; g(y) = ∇_θ ln π(y) = Φ_iᵀ(e_y − π_i). The
     mean accepted gradient is then E_q g = Φ_iᵀ(q_i − π_i) = ∇_θ ln p_i, which shrinks as p_i → 1, as for a real
@@ -295,11 +307,15 @@ def gradlogp_population(num_prompts: int, seed: int, never_share: float = 0.125,
 
     A share `never_share` of prompts has no accepted completion (p_i = 0); the others have p_i log-uniform in
     [low, high]. Each prompt's features are scaled by a factor in [0.5, 2] (prompts differ in gradient size).
+    `logit_shift` moves every solvable prompt's ln(p/(1 − p)) by that much, the prompts otherwise unchanged: the same
+    population after the policy learned (> 0) or forgot (< 0).
     """
     rng = np.random.default_rng(seed)
     never = round(never_share * num_prompts)
     rates = np.concatenate([np.zeros(never), np.geomspace(low, high, num_prompts - never)])
     rng.shuffle(rates)
+    if logit_shift:
+        rates = np.where(rates > 0, 1 / (1 + np.exp(-(np.log(rates / (1 - rates)) + logit_shift))), 0.0)
     vectors, row_prompt, row_prob = [], [], []
     for i, rate in enumerate(rates):
         features, policy = softmax_prompt(rng, rate, outcomes, accepted, dim)

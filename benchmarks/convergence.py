@@ -114,7 +114,8 @@ class FactsTask:
 
     def facts_for(self, seed: int) -> list:
         data_seed = seed if self.args.data_seed is None else self.args.data_seed
-        return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share)
+        return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
+                                low=self.args.lowest_rate, high=self.args.highest_rate)
 
     def policy(self, seed):
         return facts.warm_started_policy(self.facts_for(seed), steps=self.args.warm_start_steps, seed=seed)
@@ -143,7 +144,7 @@ class FactsTask:
     def setup(self) -> str:
         never = round(self.args.never_share * self.args.train_prompts)
         return (f"facts task: {self.args.train_prompts} facts, {never} never solved, the others warm-started "
-                f"log-uniformly at 0.02-0.98, tiny Llama (hidden 64)")
+                f"log-uniformly at {self.args.lowest_rate:g}-{self.args.highest_rate:g}, tiny Llama (hidden 64)")
 
 
 class LettersTask:
@@ -568,6 +569,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--train-prompts", type=int)
     parser.add_argument("--never-share", type=float, default=0.125, help="facts: share of never-solved facts")
+    parser.add_argument("--lowest-rate", type=float, default=0.02, help="facts: lowest starting accept rate")
+    parser.add_argument("--highest-rate", type=float, default=0.98, help="facts: highest starting accept rate")
     parser.add_argument("--warm-start-steps", type=int, help="facts/letters: supervised steps before RL")
     parser.add_argument("--data-seed", type=int, help="seed of the training prompts (facts: default the run's seed; "
                         "letters, arithmetic: default 0)")

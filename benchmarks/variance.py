@@ -170,6 +170,32 @@ def never_share_sweep(args, rng) -> list[dict]:
     return rows
 
 
+def drift_sweep(args, rng) -> list[dict]:
+    """History under a policy that learns between visits: gradlogp prompts whose accept logit rises by δ per visit
+    (the last visit is the measured one), V = `--drift-visits` earlier visits kept with decay λ, against no history
+    and against uniform, at the option budget."""
+    rows = []
+    probes, visits = args.option_probes[0], args.drift_visits
+    for step in args.drift_steps:
+        populations = [sim.gradlogp_population(args.num_prompts, args.seed, never_share=args.never_share,
+                                               logit_shift=step * (visit - visits)) for visit in range(visits + 1)]
+        settings = [sim.GVMSetting(probes, w) for w in ("lemma1", "mean")] + [
+            sim.GVMSetting(probes, w, decay=decay, history_visits=visits) for w in ("lemma1", "mean")
+            for decay in args.drift_decays]
+        result = practical_comparison(populations[-1], probes, args.option_budget, [], args.replicates, rng)
+        uniform = result["methods"]["uniform"]["mse"]
+        ratios = {}
+        for setting in settings:
+            outcome = sim.simulate_gvm(populations[-1], int(args.option_budget * args.num_prompts), setting,
+                                       args.replicates, rng, ALPHA, BETA, earlier=populations[:-1])
+            ratios[setting.label] = sim.error_summary(populations[-1], outcome.coefficients)["mse"] / uniform
+        rows.append({"logit_step_per_visit": step, "ratio_to_uniform": ratios,
+                     "mean_rate_first_visit": float(populations[0].rates.mean()),
+                     "mean_rate_measured_visit": float(populations[-1].rates.mean())})
+        log(f"drift {step}: done")
+    return rows
+
+
 def machinery_checks(population, args, rng) -> dict:
     """Monte Carlo vs exact MSE and the exact MSE under Lemma 2's bound (uniform and oracle sizes, α → 0 too), and
     how far the allocation from N′ probes is from the oracle's as N′ grows."""
@@ -272,6 +298,13 @@ def print_report(results: dict) -> None:
             cells = "  ".join(f"{k}: {v:.3f}" for k, v in row["ratio_to_uniform"].items())
             print(f"  {row['never_share']:.3f}: {cells}  (oracle / uniform-true-p, exact: "
                   f"{row['oracle_exact_ratio_to_uniform_true_p']:.3f})")
+    if results.get("drift"):
+        print(f"\nhistory while the policy learns (accept logit +δ per visit, {results['config']['drift_visits']} "
+              "earlier visits): GVM / uniform at the measured visit")
+        for row in results["drift"]:
+            cells = "  ".join(f"{k[4:-1]}: {v:.3f}" for k, v in row["ratio_to_uniform"].items())
+            print(f"  δ = {row['logit_step_per_visit']:g} (mean p {row['mean_rate_first_visit']:.2f} → "
+                  f"{row['mean_rate_measured_visit']:.2f}): {cells}")
     if results.get("checks"):
         print(f"\nchecks: {results['checks']}")
 
@@ -282,22 +315,23 @@ def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
     axis = axes[0][0]
     table = results["budget_table"]
-    for name in table[0]["methods"]:
-        if name in ("uniform", "uniform-true-p"):
-            continue
-        for probes in sorted({row["probes"] for row in table}):
-            rows = [row for row in table if row["probes"] == probes and name in row["methods"]]
-            if not name.startswith("gvm") and probes != table[0]["probes"]:
-                continue
-            if name.startswith("gvm") and f"N'={probes}" not in name:
-                continue
-            axis.plot([row["budget_per_prompt"] for row in rows],
-                      [row["methods"][name]["ratio_to_uniform"] for row in rows],
-                      marker="o", linestyle="-" if name.startswith("gvm") else ":", label=name)
+    probes = sorted({row["probes"] for row in table})
+    reference_probes = probes[len(probes) // 2]
+    names = list(dict.fromkeys(name for row in table for name in row["methods"]))
+    for name in (n for n in names if n not in ("uniform", "uniform-true-p")):
+        is_gvm = name.startswith("gvm")
+        rows = [row for row in table if name in row["methods"] and (is_gvm or row["probes"] == reference_probes)]
+        label = name if is_gvm else f"{name} (true p, N′ + B = {reference_probes} + B)"
+        axis.plot([row["budget_per_prompt"] for row in rows],
+                  [row["methods"][name]["ratio_to_uniform"] for row in rows],
+                  marker="o", linestyle="-" if is_gvm else ":", label=label)
+    budgets = sorted({row["budget_per_prompt"] for row in table})
+    axis.set_xscale("log")
+    axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    axis.tick_params(axis="x", which="minor", labelbottom=False)
     axis.axhline(1.0, color="black", linewidth=0.8)
     axis.axhline(0.7, color="grey", linestyle="--", linewidth=0.8, label="goal 0.7")
-    axis.set(xscale="log", yscale="log",
-             xlabel="allocated completions per prompt B (plus N′ probes; uniform: N′ + B)",
+    axis.set(yscale="log", xlabel="allocated completions per prompt B (plus N′ probes; uniform: N′ + B)",
              ylabel="E‖ĝ − g*‖² / uniform's", title="equal total completions")
     axis.legend(fontsize=6)
     axis = axes[0][1]
@@ -366,6 +400,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--subsets", type=int, help="subsets per rare count (default 8; quick 2)")
     parser.add_argument("--never-share", type=float, default=0.125, help="gradlogp: share of never-solved prompts")
     parser.add_argument("--never-shares", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5])
+    parser.add_argument("--drift-steps", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
+                        help="gradlogp: rise of each prompt's accept logit per visit")
+    parser.add_argument("--drift-decays", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    parser.add_argument("--drift-visits", type=int, default=4, help="gradlogp: earlier visits in the drift sweep")
     parser.add_argument("--dim", type=int, default=256, help="gaussian: gradient dimension")
     parser.add_argument("--sweep-budget", type=float, default=16, help="gaussian: N′ + B of the probe sweep")
     parser.add_argument("--sweep-probes", type=int, nargs="+", help="gaussian: N′ of the probe sweep (2 4 8 12)")
@@ -395,6 +433,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rare_counts = [0, 1]
         args.subset_size = 4
         args.never_shares = [0.0, 0.5]
+        args.drift_steps, args.drift_decays, args.drift_visits = [0.0, 1.0], [0.5], 2
     suffix = "" if args.population == "real" else f"_{args.population}"
     args.output = args.output or RESULTS_DIR / f"variance{suffix}{'_quick' if quick else ''}.json"
     if args.pool is None:
@@ -434,6 +473,7 @@ def main(argv=None) -> dict:
     if args.population == "gradlogp":
         results["rare_share"] = rare_share_sweep(population, args, rng)
         results["never_share"] = never_share_sweep(args, rng)
+        results["drift"] = drift_sweep(args, rng)
     if args.population == "gaussian":
         results["checks"] = machinery_checks(population, args, rng)
     results["config"] = vars(args)
