@@ -441,9 +441,9 @@ def fact_bands(runs: list[dict]) -> dict:
 def analyse(runs: list[dict], task, args) -> dict:
     labels = list(dict.fromkeys(r["method"] for r in runs))
     by_label = {label: sorted((r for r in runs if r["method"] == label), key=lambda r: r["seed"]) for label in labels}
-    summary = {"curves": {}, "comparisons": {}, "final": {}}
-    seeds = sorted({r["seed"] for r in runs})
-    complete = [label for label in labels if [r["seed"] for r in by_label[label]] == seeds]
+    summary = {"curves": {}, "comparisons": {}, "final": {}, "seeds": {}}
+    for label in labels:
+        summary["seeds"][label] = [r["seed"] for r in by_label[label]]
     for metric in task.metrics:
         summary["curves"][metric] = {label: mean_curve([r["curve"] for r in by_label[label]], metric)
                                      for label in labels}
@@ -451,13 +451,17 @@ def analyse(runs: list[dict], task, args) -> dict:
                                                             lambda s: statistics.fmean(s["x"]), args.bootstrap)
                                     for label in labels}
     runs_by_label = {label: run for label, run in zip(labels, _method_runs_of(runs))}
-    for label in complete:
-        baseline = uniform_baseline(runs_by_label[label], [runs_by_label[x] for x in complete])
+    for label in labels:
+        baseline = uniform_baseline(runs_by_label[label], list(runs_by_label.values()))
         if baseline is None:
             continue
-        summary["comparisons"][label] = {"baseline": baseline.label, **{
-            metric: compare([r["curve"] for r in by_label[label]], [r["curve"] for r in by_label[baseline.label]],
-                            metric, direction, args.target_fraction, args.bootstrap)
+        shared = sorted(set(summary["seeds"][label]) & set(summary["seeds"][baseline.label]))  # paired seeds only
+        if not shared:
+            continue
+        mine = [r["curve"] for r in by_label[label] if r["seed"] in shared]
+        theirs = [r["curve"] for r in by_label[baseline.label] if r["seed"] in shared]
+        summary["comparisons"][label] = {"baseline": baseline.label, "seeds": shared, **{
+            metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap)
             for metric, direction in task.metrics.items()}}
     if all(r.get("prompt_bands") for r in runs):
         summary["bands"] = fact_bands(runs)
@@ -582,6 +586,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="target = start + this × the uniform method's final improvement")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds")
     parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --output (same settings) and add only the missing ones")
     args = parser.parse_args(argv)
     if args.tiny:
         args.task = "letters"
@@ -607,12 +613,38 @@ def setup_line(args, task) -> str:
             f"seeds {args.seeds}")
 
 
+SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction")
+
+
+def finished_runs(args, task, runs_to_do: list[MethodRun]) -> list[dict]:
+    """The runs already in `args.output` that this invocation would repeat: same settings (seeds, method list and
+    report options aside), same method label, base and fields. Refuses a file written with other settings."""
+    if not args.output.exists():
+        return []
+    previous = json.loads(args.output.read_text())
+    now = {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
+           if k not in SETTINGS_IGNORED_ON_RESUME}
+    then = {k: v for k, v in previous["arguments"].items() if k not in SETTINGS_IGNORED_ON_RESUME}
+    defaults = json.loads(json.dumps(vars(parse_args(["--task", args.task] + ["--quick"] * args.quick)), default=str))
+    for key in set(now) - set(then):  # a setting added since that file was written counts at its default
+        then[key] = defaults[key]
+    if now != then:
+        differing = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        raise SystemExit(f"--resume: {args.output} was written with other settings ({', '.join(differing)})")
+    wanted = {(r.label, r.base, json.dumps(r.fields, sort_keys=True)) for r in runs_to_do}
+    return [r for r in previous["runs"] if (r["method"], r["base"], json.dumps(r["fields"], sort_keys=True)) in wanted
+            and r["seed"] in args.seeds]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     limit_threads(args.device)
     task = TASKS[args.task](args)
     runs_to_do = method_runs(args.methods, args.variant)
     started, runs, start_cache = time.perf_counter(), [], {}
+    if args.resume:
+        runs = finished_runs(args, task, runs_to_do)
+        print(f"[convergence] resuming: {len(runs)} finished runs in {args.output}", flush=True)
     print(f"[convergence] {setup_line(args, task)}; runs: {', '.join(r.label for r in runs_to_do)}", flush=True)
 
     def report(final: bool) -> dict:
@@ -626,6 +658,8 @@ def main(argv=None) -> dict:
 
     for seed in args.seeds:  # seeds outermost: a cut-short run still has every method for the first seeds
         for run in runs_to_do:
+            if any(r["method"] == run.label and r["seed"] == seed for r in runs):
+                continue
             runs.append(run_one(run, seed, args, task, start_cache))
             last = runs[-1]["curve"][-1]
             print(f"[convergence] {run.label} seed {seed}: {task.primary} {last[task.primary]:.4f} after "

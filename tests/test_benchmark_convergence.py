@@ -157,3 +157,14 @@ def test_quick_letters_with_a_variant(benchmarks, tmp_path):
         ("raft", {}), ("gvm-raft-mean", {"gvm_weighting": "mean"})]
     assert report["methods"]["gvm-raft-mean"] == "gvm-raft (gvm_weighting='mean')"
     assert all(0 <= p["reward"] <= 1 for r in report["runs"] for p in r["curve"])
+
+
+def test_resume_keeps_finished_runs_and_refuses_other_settings(benchmarks, tmp_path):
+    convergence = benchmarks["convergence"]
+    output = tmp_path / "resume.json"
+    first = convergence.main(["--quick", "--methods", "raft", "--output", str(output)])
+    second = convergence.main(["--quick", "--methods", "raft", "grpo", "--resume", "--output", str(output)])
+    assert [r["method"] for r in second["runs"]] == ["raft", "grpo"]
+    assert second["runs"][0]["wall_seconds"] == first["runs"][0]["wall_seconds"]  # reused, not rerun
+    with pytest.raises(SystemExit, match="learning_rate"):
+        convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume", "--output", str(output)])
