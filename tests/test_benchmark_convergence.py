@@ -167,4 +167,5 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(benchmarks, tmp_p
     assert [r["method"] for r in second["runs"]] == ["raft", "grpo"]
     assert second["runs"][0]["wall_seconds"] == first["runs"][0]["wall_seconds"]  # reused, not rerun
     with pytest.raises(SystemExit, match="learning_rate"):
-        convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume", "--output", str(output)])
+        convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume",
+                          "--output", str(output)])
