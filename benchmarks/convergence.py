@@ -29,16 +29,19 @@ start across the completions both runs reach; each with a 95 % bootstrap interva
 accept rate, the share of completions each method spent there and the final P(z | x).
 
     python benchmarks/convergence.py --quick                          # smoke test, facts task, ~20 s
-    python benchmarks/convergence.py --seeds 0 1 2 3 4 5 6 7          # the facts table (results/convergence_facts.*)
-    python benchmarks/convergence.py --seeds 0 1 2 3 4 5 6 7 --methods raft grpo \\
-        --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean \\
-        --variant gvm-raft-unweighted=gvm-raft-unweighted: --variant gvm-grpo-unweighted=gvm-grpo-unweighted: \\
-        --output benchmarks/results/convergence_facts_weighting.json
-    python benchmarks/convergence.py --task letters --seeds 0 1 2 3 4 5 6 7     # results/convergence_tiny.*
-    python benchmarks/convergence.py --task arithmetic --device cuda --seeds 0 1 2 --max-steps 200 \\
+    python benchmarks/convergence.py --seeds $(seq 0 15) \
+        --methods gvm-raft raft gvm-grpo grpo gvm-raft-unweighted gvm-grpo-unweighted \
+        --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean
+                                                  # results/convergence_facts.*: 8 runs x 16 seeds, ~70 min on a core
+    python benchmarks/convergence.py --seeds $(seq 0 7) --lowest-rate 0.1 --methods gvm-raft raft gvm-grpo grpo \
+        --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean \
+        --output benchmarks/results/convergence_facts_from0.1.json          # no fact starts below p = 0.1
+    python benchmarks/convergence.py --task letters --seeds $(seq 0 7)   # results/convergence_tiny.*
+    python benchmarks/convergence.py --task arithmetic --device cuda --seeds 0 1 2 --max-steps 200 \
         --prompts-per-step 32 --num-probes 8 --budget-per-prompt 8 --max-completion-length 256 --heldout 256
 
-The JSON is rewritten after every finished run, so an interrupted run keeps its finished curves.
+The JSON is rewritten after every finished run, so an interrupted run keeps its finished curves; ``--resume`` adds the
+missing (method, seed) runs to it, refusing a file written with other settings.
 """
 
 from __future__ import annotations
