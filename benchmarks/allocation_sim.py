@@ -1,0 +1,332 @@
+"""Simulated rollouts from a known population: Lemma 1's gradient estimator under uniform and GVM allocations.
+
+A population is, per prompt i, an accept rate p_i and the accepted outcomes y with their probabilities
+q(y) = P(y | x_i, accepted) and gradients g(y) = ∇ ln P(y | x_i), given by their Gram matrix K. The EM gradient is
+g* = Σ_i E_q g (a never-solved prompt contributes 0). A draw of prompt i is accepted with probability p_i and is then
+outcome y with probability q(y). An estimator is a vector c over the outcomes (ĝ = Σ_k c_k g_k), so its error is
+‖ĝ − g*‖² = (c − c*)ᵀ K (c − c*) exactly, without the gradients themselves; R replicates are drawn at
+once.
+
+A GVM step as the trainers run it: N′ probes per prompt give the estimates (p̂_i, Ĝ_i) — Ĝ_i the mean norm of the
+accepted probes — optionally combined with earlier visits by `gvm_trl.estimates.PromptHistory`; then
+`allocate_budget(p̂, Ĝ, N, explore_samples=k)` splits the phase-2 budget, the probes are reused, and each prompt's
+accepted rows get the weight of `gvm_weighting`: ``lemma1`` = 1/((N′ + n_i) p̂_i) with the estimate the allocation
+used, ``mean`` = 1/|D_i| (the pooled estimate: probes and phase 2). A budget whose every weight is 0 is not spent
+(as the trainer skips phase 2). The practical uniform baseline draws N/m + N′ per prompt with 1/|D_i|: the same total.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from gvm_trl.allocation import allocate_budget, uniform_allocation
+from gvm_trl.estimates import PromptEvidence, PromptHistory
+
+
+@dataclass
+class Population:
+    """Per prompt its accept rate; per accepted outcome its prompt, its probability given acceptance, and K."""
+
+    rates: np.ndarray  # [m]
+    row_prompt: np.ndarray  # [K] int
+    row_prob: np.ndarray  # [K], sums to 1 over each prompt's rows
+    gram: np.ndarray  # [K, K]
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_pool(cls, pool) -> "Population":
+        """A `gradient_pool.GradientPool`: each accepted pool completion is one outcome, all equally likely."""
+        counts = [int(a.sum()) for a in pool.accepted]
+        row_prompt = np.repeat(np.arange(len(counts)), counts)
+        row_prob = np.concatenate([np.full(c, 1.0 / c) for c in counts if c] or [np.zeros(0)])
+        return cls(pool.rates, row_prompt, row_prob, pool.gram, dict(pool.info))
+
+    @property
+    def size(self) -> int:
+        return len(self.rates)
+
+    @property
+    def rows(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.row_prompt == i) for i in range(self.size)]
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(self.gram), 0.0, None))
+
+    def subset(self, prompts) -> "Population":
+        prompts = list(prompts)
+        keep = np.concatenate([np.flatnonzero(self.row_prompt == i) for i in prompts] or [np.zeros(0, int)])
+        renumber = {old: new for new, old in enumerate(prompts)}
+        return Population(self.rates[prompts], np.array([renumber[i] for i in self.row_prompt[keep]], dtype=int),
+                          self.row_prob[keep], self.gram[np.ix_(keep, keep)], self.info)
+
+    def target(self) -> np.ndarray:
+        """c*: g* = Σ_i E_q g = Σ_k q_k g_k."""
+        return self.row_prob.copy()
+
+    def moments(self) -> dict[str, np.ndarray]:
+        """Per prompt: E‖g‖ (Algorithm 2's G_i), sqrt(E‖g‖²) (Lemma 2's), ‖μ_i‖² and E‖g‖² (0 if never solved)."""
+        out = {"mean_norm": [], "rms_norm": [], "mu_sq": [], "second_moment": []}
+        squares, norms = np.diag(self.gram), self.norms
+        for rows in self.rows:
+            q = self.row_prob[rows]
+            second = float(q @ squares[rows]) if len(rows) else 0.0
+            values = (float(q @ norms[rows]) if len(rows) else 0.0, math.sqrt(second),
+                      float(q @ self.gram[np.ix_(rows, rows)] @ q) if len(rows) else 0.0, second)
+            for key, value in zip(out, values):
+                out[key].append(value)
+        return {key: np.array(value) for key, value in out.items()}
+
+    def exact_mse(self, sizes: np.ndarray) -> float:
+        """Lemma 1, true p_i, fixed sizes: Σ_{n_i>0} (E‖g‖²/p_i − ‖μ_i‖²)/n_i + ‖Σ_{n_i=0} μ_i‖²."""
+        stats = self.moments()
+        variance = sum((stats["second_moment"][i] / self.rates[i] - stats["mu_sq"][i]) / sizes[i]
+                       for i in range(self.size) if sizes[i] > 0 and self.rates[i] > 0)
+        missed = np.where(np.asarray(sizes)[self.row_prompt] == 0, self.row_prob, 0.0)
+        return float(variance + missed @ self.gram @ missed)
+
+    def squared_errors(self, coefficients: np.ndarray) -> np.ndarray:
+        """‖ĝ_r − g*‖² for each replicate row of `coefficients` [R, K]."""
+        errors = coefficients - self.target()
+        return np.einsum("rk,rk->r", errors @ self.gram, errors)
+
+
+@dataclass
+class Draws:
+    """R replicates of draws: how often each accepted outcome came up [R, K], accepted per prompt [R, m], and the
+    sum of the accepted draws' gradient norms per prompt [R, m]."""
+
+    counts: np.ndarray
+    accepted: np.ndarray
+    norm_sums: np.ndarray
+
+
+def draw(population: Population, sizes: np.ndarray, rng: np.random.Generator) -> Draws:
+    """`sizes[r, i]` draws of prompt i in replicate r."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    replicates = len(sizes)
+    counts = np.zeros((replicates, len(population.row_prompt)))
+    accepted = rng.binomial(sizes, population.rates[None, :]) if population.size else np.zeros_like(sizes)
+    norms = population.norms
+    norm_sums = np.zeros(sizes.shape)
+    for i, rows in enumerate(population.rows):
+        if len(rows) and accepted[:, i].any():
+            counts[:, rows] = rng.multinomial(accepted[:, i], population.row_prob[rows])
+            norm_sums[:, i] = counts[:, rows] @ norms[rows]
+    return Draws(counts, accepted.astype(float), norm_sums)
+
+
+def combine(*parts: Draws) -> Draws:
+    return Draws(sum(p.counts for p in parts), sum(p.accepted for p in parts), sum(p.norm_sums for p in parts))
+
+
+def weighted(population: Population, draws: Draws, factors: np.ndarray) -> np.ndarray:
+    """Estimator coefficients: each accepted draw of prompt i counts factors[r, i]."""
+    return draws.counts * factors[:, population.row_prompt]
+
+
+def inverse(values: np.ndarray) -> np.ndarray:
+    """1/x, 0 where x = 0."""
+    return np.divide(1.0, values, out=np.zeros(np.shape(values)), where=np.asarray(values) > 0)
+
+
+# -- fixed allocations -------------------------------------------------------------------------------------------------
+
+
+def uniform_sizes(population: Population, budget: int, replicates: int) -> np.ndarray:
+    return np.broadcast_to(np.array(uniform_allocation(population.size, budget)), (replicates, population.size))
+
+
+def fixed_estimators(population: Population, sizes: np.ndarray, rng) -> dict[str, np.ndarray]:
+    """Lemma 1 with the true p_i, and Algorithm 1's 1/|D_i| (for uniform sizes: Lemma 1 with p̂ from its draws)."""
+    draws = draw(population, sizes, rng)
+    return {"true-p": weighted(population, draws, inverse(sizes * population.rates)),
+            "mean": weighted(population, draws, inverse(draws.accepted))}
+
+
+# -- GVM as the trainers run it ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GVMSetting:
+    """One GVM configuration: probes N′, the weighting, the exploration floor, and the prompt history.
+
+    With `history_visits` = V > 0 and a `decay` λ, the prompts were visited V times before (probes and phase 2 from
+    the same population, each visit allocated as this one is) and their record is kept by `PromptHistory(λ)`.
+    """
+
+    probes: int
+    weighting: str = "lemma1"
+    explore: int = 0
+    decay: float | None = None
+    history_visits: int = 0
+
+    @property
+    def label(self) -> str:
+        parts = [f"N'={self.probes}", self.weighting]
+        if self.explore:
+            parts.append(f"explore={self.explore}")
+        if self.decay is not None and self.history_visits:
+            parts.append(f"history={self.history_visits}x,decay={self.decay:g}")
+        return "gvm[" + ",".join(parts) + "]"
+
+
+@dataclass
+class GVMOutcome:
+    coefficients: np.ndarray  # [R, K]
+    sizes: np.ndarray  # [R, m] phase-2 sizes of the measured visit
+    rates: np.ndarray  # [R, m] the accept-rate estimates its allocation used
+    unspent: int  # replicates whose phase-2 budget was not spent (every weight 0)
+
+
+def simulate_gvm(population: Population, budget: int, setting: GVMSetting, replicates: int, rng,
+                 alpha: float = 1e-3, beta: float = 2.0, earlier: list[Population] | None = None) -> GVMOutcome:
+    """R replicates of a GVM step (after `history_visits` earlier visits when the setting keeps a history).
+
+    `earlier`: the population at each earlier visit, oldest first (a policy that moved between visits); by default
+    the same population every time.
+    """
+    m, probes = population.size, setting.probes
+    keep_history = setting.decay is not None and setting.history_visits > 0
+    visits = setting.history_visits + 1 if keep_history else 1
+    if earlier is None:
+        earlier = [population] * (visits - 1)
+    if keep_history and len(earlier) != setting.history_visits:
+        raise ValueError(f"earlier has {len(earlier)} populations for {setting.history_visits} earlier visits")
+    histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else None
+    keys = list(range(m))
+    for visit in range(visits):
+        current = population if visit == visits - 1 else earlier[visit]
+        probe_draws = draw(current, np.full((replicates, m), probes), rng)
+        rates, norms = np.zeros((replicates, m)), np.zeros((replicates, m))
+        sizes = np.zeros((replicates, m), dtype=np.int64)
+        evidences = []
+        for r in range(replicates):
+            accepted = probe_draws.accepted[r]
+            if histories is None:
+                rate = accepted / probes
+                norm = inverse(accepted) * probe_draws.norm_sums[r]
+            else:
+                evidence = PromptEvidence(keys, [float(probes)] * m, accepted.tolist(),
+                                          probe_draws.norm_sums[r].tolist(), accepted.tolist())
+                evidences.append(evidence)
+                rate, norm = (np.array(x) for x in histories[r].estimates(evidence))
+            rates[r], norms[r] = rate, norm
+            sizes[r] = allocate_budget(rate, norm, budget, alpha=alpha, beta=beta, explore_samples=setting.explore)
+        phase2 = draw(current, sizes, rng)
+        if histories is not None and visit < setting.history_visits:
+            for r, history in enumerate(histories):
+                e = evidences[r]
+                history.record(PromptEvidence(keys, (probes + sizes[r]).astype(float).tolist(),
+                                              (probe_draws.accepted[r] + phase2.accepted[r]).tolist(),
+                                              e.norm_sums, e.norm_counts))
+    pooled = combine(probe_draws, phase2)
+    if setting.weighting == "lemma1":
+        factors = inverse((sizes + probes) * rates)
+    elif setting.weighting == "mean":
+        factors = inverse(pooled.accepted)
+    else:
+        raise ValueError(f"weighting must be lemma1 or mean, got {setting.weighting!r}")
+    unspent = int((sizes.sum(axis=1) == 0).sum())
+    return GVMOutcome(weighted(population, pooled, factors), sizes, rates, unspent)
+
+
+def oracle_sizes(population: Population, budget: int, alpha: float = 1e-3, beta: float = 2.0) -> np.ndarray:
+    """Theorem 3's allocation from the true p_i and G_i = sqrt(E‖g‖²)."""
+    return np.array(allocate_budget(population.rates, population.moments()["rms_norm"], budget, alpha=alpha, beta=beta))
+
+
+def optimal_sizes(population: Population, budget: int) -> np.ndarray:
+    """n_i ∝ sqrt(Var of one draw's Lemma 1 term): the exact minimiser of Lemma 1's variance (true p_i)."""
+    stats = population.moments()
+    safe = np.where(population.rates > 0, population.rates, 1.0)
+    spread = np.where(population.rates > 0, stats["second_moment"] / safe - stats["mu_sq"], 0.0)
+    weights = np.sqrt(np.clip(spread, 0.0, None))
+    return np.array(allocate_budget([1.0] * population.size, weights, budget, alpha=1e-12, beta=2.0))
+
+
+def with_setting(setting: GVMSetting, **changes) -> GVMSetting:
+    return replace(setting, **changes)
+
+
+def error_summary(population: Population, coefficients: np.ndarray) -> dict:
+    """MSE ± standard error of the replicates, and its split into variance and bias² (Var/R taken off the bias)."""
+    squared = population.squared_errors(coefficients)
+    replicates = len(squared)
+    centred = coefficients - coefficients.mean(axis=0)
+    variance = float(np.einsum("rk,rk->r", centred @ population.gram, centred).sum() / max(replicates - 1, 1))
+    bias = coefficients.mean(axis=0) - population.target()
+    return {
+        "mse": float(squared.mean()),
+        "mse_se": float(squared.std(ddof=1) / math.sqrt(replicates)) if replicates > 1 else 0.0,
+        "variance": variance,
+        "bias2": max(0.0, float(bias @ population.gram @ bias) - variance / replicates),
+    }
+
+
+# -- synthetic populations ---------------------------------------------------------------------------------------------
+
+
+def gaussian_population(num_prompts: int, dim: int, seed: int, outcomes: int = 64) -> Population:
+    """p_i geometric from 0.03 to 1; accepted gradients g = μ_i + σ_i ε (ε standard normal in `dim` dimensions),
+    `outcomes` equally likely draws per prompt: gradients whose mean does not depend on p_i."""
+    rng = np.random.default_rng(seed)
+    rates = np.geomspace(0.03, 1.0, num_prompts)
+    directions = rng.standard_normal((num_prompts, dim))
+    means = directions / np.linalg.norm(directions, axis=1, keepdims=True) * rng.uniform(0.5, 2.0, (num_prompts, 1))
+    sigmas = rng.uniform(0.5, 3.0, num_prompts) / math.sqrt(dim)
+    vectors = means[:, None, :] + sigmas[:, None, None] * rng.standard_normal((num_prompts, outcomes, dim))
+    vectors = vectors.reshape(-1, dim)
+    return Population(rates, np.repeat(np.arange(num_prompts), outcomes), np.full(len(vectors), 1.0 / outcomes),
+                      vectors @ vectors.T, {"family": "gaussian", "dim": dim, "outcomes_per_prompt": outcomes})
+
+
+def softmax_prompt(rng, rate: float, outcomes: int, accepted: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Φ [outcomes, dim], π [outcomes]): one prompt's policy π = softmax(b + Φθ) at θ = 0, whose first `accepted`
+    outcomes pass with total probability `rate` (the bias b is shifted on them to make it so). The random draws do
+    not depend on `rate`, so one seed gives the same prompts at any rate."""
+    features = rng.standard_normal((outcomes, dim)) / math.sqrt(dim) * rng.uniform(0.5, 2.0)
+    logits = rng.standard_normal(outcomes)
+    if 0 < rate < 1:
+        pass_mass, fail_mass = np.exp(logits[:accepted]).sum(), np.exp(logits[accepted:]).sum()
+        logits[:accepted] += math.log(rate / (1 - rate) * fail_mass / pass_mass)
+    policy = np.exp(logits - logits.max())
+    return features, policy / policy.sum()
+
+
+def gradlogp_population(num_prompts: int, seed: int, never_share: float = 0.125, low: float = 0.02,
+                        high: float = 0.98, outcomes: int = 16, accepted: int = 4, dim: int = 64,
+                        logit_shift: float = 0.0) -> Population:
+    """Each prompt is a softmax policy over `outcomes` completions, `accepted` of which pass, with logits b_i + Φ_i θ
+    in a parameter space of `dim` dimensions shared by all prompts; g(y) = ∇_θ ln π(y) = Φ_iᵀ(e_y − π_i). The
+    mean accepted gradient is then E_q g = Φ_iᵀ(q_i − π_i) = ∇_θ ln p_i, which shrinks as p_i → 1, as for a real
+    model.
+
+    A share `never_share` of prompts has no accepted completion (p_i = 0); the others have p_i log-uniform in
+    [low, high]. Each prompt's features are scaled by a factor in [0.5, 2] (prompts differ in gradient size).
+    `logit_shift` moves every solvable prompt's ln(p/(1 − p)) by that much, the prompts otherwise unchanged: the same
+    population after the policy learned (> 0) or forgot (< 0).
+    """
+    rng = np.random.default_rng(seed)
+    never = round(never_share * num_prompts)
+    rates = np.concatenate([np.zeros(never), np.geomspace(low, high, num_prompts - never)])
+    rng.shuffle(rates)
+    if logit_shift:
+        rates = np.where(rates > 0, 1 / (1 + np.exp(-(np.log(rates / (1 - rates)) + logit_shift))), 0.0)
+    vectors, row_prompt, row_prob = [], [], []
+    for i, rate in enumerate(rates):
+        features, policy = softmax_prompt(rng, rate, outcomes, accepted, dim)
+        if rate == 0:
+            continue
+        posterior = policy[:accepted] / policy[:accepted].sum()
+        for y in range(accepted):
+            vectors.append(features.T @ (np.eye(outcomes)[y] - policy))
+            row_prompt.append(i)
+            row_prob.append(posterior[y])
+    vectors = np.array(vectors).reshape(-1, dim)
+    return Population(rates, np.array(row_prompt, dtype=int), np.array(row_prob), vectors @ vectors.T,
+                      {"family": "gradlogp", "dim": dim, "outcomes_per_prompt": outcomes,
+                       "accepted_per_prompt": accepted, "never_share": never_share})

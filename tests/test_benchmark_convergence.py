@@ -1,0 +1,171 @@
+"""benchmarks/convergence.py and its facts task: the exact objective, the warm start, the analysis and --quick."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmarks():
+    """The benchmark scripts as modules (they import each other as siblings, as when run from their folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield {name: importlib.import_module(name) for name in ("common", "facts", "convergence")}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_exact_objective_matches_enumeration_and_sampling(benchmarks):
+    facts = benchmarks["facts"]
+    task_facts = facts.make_facts(6, seed=1)
+    model, tokenizer = facts.warm_started_policy(task_facts, steps=60)
+    exact = facts.accept_probabilities(model, tokenizer, task_facts)
+
+    # Brute force: every two-token completion as its own sequence, graded by the reward function on its text.
+    vocab = len(tokenizer)
+    pairs = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))
+    for fact, p in zip(task_facts[:3], exact):
+        prompt = facts.encode_prompts(tokenizer, [facts.question(fact)])[0]
+        sequences = torch.cat([prompt.expand(len(pairs), -1), pairs], dim=1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=sequences).logits.double(), dim=-1)
+        n = len(prompt)
+        first = logp[:, n - 1].gather(1, pairs[:, :1])[:, 0]
+        second = logp[:, n].gather(1, pairs[:, 1:])[:, 0]
+        ends = pairs[:, 0] == tokenizer.eos_token_id  # generation stops at EOS: the second token never comes
+        texts = tokenizer.batch_decode([[a] if e else [a, b] for (a, b), e in zip(pairs.tolist(), ends)],
+                                       skip_special_tokens=True)
+        rewards = torch.tensor(facts.fact_reward(texts, [fact.answer] * len(texts)), dtype=torch.float64)
+        enumerated = (torch.exp(first + torch.where(ends, 0.0, second)) * rewards).sum()
+        assert float(enumerated) == pytest.approx(float(p), rel=1e-9, abs=1e-12)
+
+    # Sampling as the trainer samples (temperature 1, no top-k/top-p) agrees within 4 standard errors.
+    best = int(torch.argmax(torch.where(exact < 0.9, exact, torch.zeros_like(exact))))
+    prompt = facts.encode_prompts(tokenizer, [facts.question(task_facts[best])])
+    torch.manual_seed(0)
+    out = model.generate(input_ids=prompt.expand(4000, -1), attention_mask=torch.ones(4000, prompt.shape[1]),
+                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)
+    sampled = sum(facts.fact_reward(texts, [task_facts[best].answer] * len(texts))) / len(texts)
+    p = float(exact[best])
+    assert abs(sampled - p) < 4 * math.sqrt(p * (1 - p) / len(texts)) + 1e-3
+
+
+def test_warm_start_gives_the_intended_spread(benchmarks):
+    facts, convergence = benchmarks["facts"], benchmarks["convergence"]
+    args = convergence.parse_args([])
+    task_facts = facts.make_facts(args.train_prompts, seed=0, never_share=args.never_share)
+    model, tokenizer = facts.warm_started_policy(task_facts, steps=args.warm_start_steps)
+    rates = facts.accept_probabilities(model, tokenizer, task_facts)
+    heldout = facts.accept_probabilities(model, tokenizer, task_facts, facts.HELDOUT_PHRASING)
+    targets = torch.tensor([f.start_rate for f in task_facts], dtype=torch.float64)
+    never = targets == 0
+    assert never.sum() == round(args.never_share * args.train_prompts)
+    assert rates[never].max() < 1e-4
+    solvable = rates[~never]
+    assert solvable.min() < 0.04 and solvable.max() > 0.9
+    # Each solvable fact starts within a factor 1.5 of the rate it was warm-started for, in both phrasings.
+    for measured in (rates, heldout):
+        assert (measured[~never] / targets[~never]).log().abs().max() < math.log(1.5)
+
+
+def test_variants_are_parsed_and_checked(benchmarks):
+    common = benchmarks["common"]
+    run = common.parse_variant("gvm-raft-mean=gvm-raft:gvm_weighting=mean,gvm_min_samples=2,gvm_max_samples=None")
+    assert (run.label, run.base) == ("gvm-raft-mean", "gvm-raft")
+    assert run.fields == {"gvm_weighting": "mean", "gvm_min_samples": 2, "gvm_max_samples": None}
+    assert run.is_gvm and run.trainer_cls.__name__ == "GVMRAFTTrainer"
+    config = run.config(output_dir="unused", num_generations=2, per_device_train_batch_size=4, report_to="none",
+                        use_cpu=True, beta=0.0)
+    assert (config.gvm_weighting, config.gvm_min_samples, config.gvm_allocation) == ("mean", 2, "gvm")
+    assert common.parse_variant("plain=raft:").fields == {}
+    with pytest.raises(ValueError, match="no field 'gvm_not_a_field'"):
+        common.parse_variant("x=gvm-raft:gvm_not_a_field=1")
+    with pytest.raises(ValueError, match="fixes gvm_allocation"):
+        common.parse_variant("x=raft:gvm_allocation=gvm")
+    with pytest.raises(ValueError, match="unknown method"):
+        common.parse_variant("x=ppo:gvm_alpha=0.1")
+    runs = common.method_runs(["gvm-grpo", "grpo", "raft"], ["grpo-mean=gvm-grpo:gvm_weighting=mean"])
+    baselines = {r.label: getattr(common.uniform_baseline(r, runs), "label", None) for r in runs}
+    assert baselines == {"gvm-grpo": "grpo", "grpo": None, "raft": None, "grpo-mean": "grpo"}
+
+
+def test_completions_to_reach_and_mean_improvement(benchmarks):
+    convergence = benchmarks["convergence"]
+    curve = {"completions": [0, 100, 200], "mean": [0.2, 0.4, 0.6]}
+    assert convergence.completions_to_reach(curve, 0.5, +1) == pytest.approx(150)
+    assert convergence.completions_to_reach(curve, 0.2, +1) == 0
+    assert convergence.completions_to_reach(curve, 0.7, +1) == math.inf
+    falling = {"completions": [0, 100, 200], "mean": [2.0, 1.0, 0.5]}
+    assert convergence.completions_to_reach(falling, 0.75, -1) == pytest.approx(150)
+    # Improvement 0, 1, 1.5 over 0..200: trapezoids (50 + 125) / 200; up to 100 only: 50 / 100.
+    assert convergence.mean_improvement(falling, -1, 200) == pytest.approx(0.875)
+    assert convergence.mean_improvement(falling, -1, 100) == pytest.approx(0.5)
+    assert convergence.mean_improvement(falling, -1, 150) == pytest.approx((50 + 0.5 * (1 + 1.25) * 50) / 150)
+
+
+def test_paired_bootstrap(benchmarks):
+    common = benchmarks["common"]
+    assert common.paired_bootstrap({"a": [3.0] * 5}, lambda s: sum(s["a"]) / 5) == (3.0, 3.0, 3.0)
+    estimate, low, high = common.paired_bootstrap({"a": [0.0, 1.0] * 10, "b": [1.0, 0.0] * 10},
+                                                  lambda s: sum(s["a"]) - sum(s["b"]), resamples=500)
+    assert estimate == 0.0 and -20 <= low < 0 < high <= 20
+    # Pairs resampled together: a − b is −1 or +1 for every seed, so the sum stays within ±20 and is even.
+    assert low % 2 == 0 and high % 2 == 0
+
+
+def test_quick_facts(benchmarks, tmp_path):
+    output = tmp_path / "convergence.json"
+    benchmarks["convergence"].main(["--quick", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["complete"] and output.with_suffix(".png").stat().st_size > 0
+    runs = report["runs"]
+    assert [r["method"] for r in runs] == ["gvm-raft", "raft", "gvm-grpo", "grpo"]
+    for run in runs:
+        assert [point["step"] for point in run["curve"]] == [0, 1, 2]
+        completions = [point["completions"] for point in run["curve"]]
+        # Every method spends at most m·(N′ + B) = 4·(2 + 2) completions a step; uniform spends exactly that.
+        assert completions[0] == 0 and all(0 < b - a <= 16 for a, b in zip(completions, completions[1:]))
+        if run["method"] in ("raft", "grpo"):
+            assert completions == [0, 16, 32]
+        assert all(math.isfinite(p["objective"]) and 0 <= p["heldout_accuracy"] <= 1 for p in run["curve"])
+        assert sum(run["completions_per_prompt"].values()) == pytest.approx(completions[-1])
+        assert len(run["prompt_bands"]) == 12
+    summary = report["summary"]
+    assert set(summary["comparisons"]) == {"gvm-raft", "gvm-grpo"}
+    assert summary["comparisons"]["gvm-raft"]["baseline"] == "raft"
+    assert set(summary["bands"]) == {"never", "rare (< 0.1)", "middle (0.1-0.5)", "easy (≥ 0.5)"}
+    shares = [band["methods"]["raft"]["completion_share"] for band in summary["bands"].values()]
+    assert sum(shares) == pytest.approx(1.0)
+
+
+def test_quick_letters_with_a_variant(benchmarks, tmp_path):
+    output = tmp_path / "letters.json"
+    report = benchmarks["convergence"].main(["--quick", "--task", "letters", "--methods", "raft", "--variant",
+                                             "gvm-raft-mean=gvm-raft:gvm_weighting=mean", "--output", str(output)])
+    assert [(r["method"], r["fields"]) for r in report["runs"]] == [
+        ("raft", {}), ("gvm-raft-mean", {"gvm_weighting": "mean"})]
+    assert report["methods"]["gvm-raft-mean"] == "gvm-raft (gvm_weighting='mean')"
+    assert all(0 <= p["reward"] <= 1 for r in report["runs"] for p in r["curve"])
+
+
+def test_resume_keeps_finished_runs_and_refuses_other_settings(benchmarks, tmp_path):
+    convergence = benchmarks["convergence"]
+    output = tmp_path / "resume.json"
+    first = convergence.main(["--quick", "--methods", "raft", "--output", str(output)])
+    second = convergence.main(["--quick", "--methods", "raft", "grpo", "--resume", "--output", str(output)])
+    assert [r["method"] for r in second["runs"]] == ["raft", "grpo"]
+    assert second["runs"][0]["wall_seconds"] == first["runs"][0]["wall_seconds"]  # reused, not rerun
+    with pytest.raises(SystemExit, match="learning_rate"):
+        convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume",
+                          "--output", str(output)])
