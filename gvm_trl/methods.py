@@ -44,10 +44,10 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("gvm-raft", GVMRAFTTrainer, GVMRAFTConfig, {"gvm_allocation": "gvm"},
-               "GVM-RAFT++: Theorem 3 allocation, Lemma 1 weights (gvm_weighting's default)"),
+               "GVM-RAFT++: Theorem 3 allocation, Lemma 1 weights from the pooled estimate (gvm_weighting='mean')"),
         Method("raft", GVMRAFTTrainer, GVMRAFTConfig, _VANILLA, "RAFT++: uniform, unweighted"),
         Method("gvm-grpo", GVMGRPOTrainer, GVMGRPOConfig, {"gvm_allocation": "gvm"},
-               "GVM-GRPO: Theorem 3 allocation, Lemma 1 weights"),
+               "GVM-GRPO: Theorem 3 allocation, Lemma 1 weights from the pooled estimate"),
         Method("grpo", GVMGRPOTrainer, GVMGRPOConfig, _VANILLA, "GRPO: uniform, unweighted (= trl.GRPOTrainer)"),
         Method("gvm-raft-unweighted", GVMRAFTTrainer, GVMRAFTConfig,
                {"gvm_allocation": "gvm", "gvm_weighting": "none"},

@@ -1034,7 +1034,7 @@ class GVMGRPOTrainer(_GVMTrainer):
     per prompt, measures accept rates p_i and per-sample gradient norms G_i, allocates N = `gvm_budget_per_prompt`·m
     completions by Theorem 3 (n_i ∝ G_i / sqrt(p_i + α/p_i^(β-1))), generates them, and trains on the group-normalised
     advantages of each prompt's own group (its allocated completions plus, with `gvm_reuse_probes`, its probes),
-    each row weighted per `gvm_weighting` (Lemma 1's 1/(n_i p_i) by default) through TRL's own loss (any
+    each row weighted per `gvm_weighting` (Lemma 1's 1/(n_i p_i), by default with the pooled p_i = |D_i|/n_i) through TRL's own loss (any
     `loss_type`). It never skips an update: when no probe is accepted the budget is split uniformly and the batch
     trains as GRPO does.
     """
