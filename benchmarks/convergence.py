@@ -469,9 +469,24 @@ def analyse(runs: list[dict], task, args) -> dict:
         summary["comparisons"][label] = {"baseline": baseline.label, "seeds": shared, **{
             metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap)
             for metric, direction in task.metrics.items()}}
+    for label, baseline in (pair.split("=", 1) for pair in getattr(args, "against", [])):
+        summary["comparisons"][f"{label} vs {baseline}"] = compare_runs(by_label, label, baseline, task, args)
     if all(r.get("prompt_bands") for r in runs):
         summary["bands"] = fact_bands(runs)
     return summary
+
+
+def compare_runs(by_label: dict, label: str, baseline: str, task, args) -> dict:
+    """`compare` of run `label` against run `baseline` (any two methods, e.g. two schedules), on their shared seeds."""
+    missing = [name for name in (label, baseline) if name not in by_label]
+    if missing:
+        raise SystemExit(f"--against {label}={baseline}: no runs of {', '.join(missing)}")
+    shared = sorted({r["seed"] for r in by_label[label]} & {r["seed"] for r in by_label[baseline]})
+    mine = [r["curve"] for r in by_label[label] if r["seed"] in shared]
+    theirs = [r["curve"] for r in by_label[baseline] if r["seed"] in shared]
+    return {"baseline": baseline, "seeds": shared, **{
+        metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap)
+        for metric, direction in task.metrics.items()}}
 
 
 def _method_runs_of(runs: list[dict]) -> list[MethodRun]:
@@ -495,6 +510,7 @@ def format_summary(summary: dict, runs: list[dict], task) -> str:
                      f"{statistics.fmean(bound) if bound else math.nan:14.2f} "
                      f"{statistics.fmean(r['wall_seconds'] for r in mine) / 60:8.1f}")
     for label, comparison in summary["comparisons"].items():
+        label = label.split(" vs ")[0]
         for metric in task.metrics:
             c = comparison[metric]
             if c.get("target") is None:
@@ -592,6 +608,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="target = start + this × the uniform method's final improvement")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds")
     parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
+    parser.add_argument("--against", action="append", default=[], metavar="LABEL=BASELINE",
+                        help="also compare run LABEL with run BASELINE, paired over seeds (e.g. two schedules)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --output (same settings) and add only the missing ones")
     args = parser.parse_args(argv)
@@ -619,7 +637,8 @@ def setup_line(args, task) -> str:
             f"seeds {args.seeds}")
 
 
-SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction")
+SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction",
+                              "against")
 
 
 def finished_runs(args, task, runs_to_do: list[MethodRun]) -> list[dict]:

@@ -165,8 +165,14 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(benchmarks, tmp_p
     convergence = benchmarks["convergence"]
     output = tmp_path / "resume.json"
     first = convergence.main(["--quick", "--methods", "raft", "--output", str(output)])
-    second = convergence.main(["--quick", "--methods", "raft", "grpo", "--resume", "--output", str(output)])
+    second = convergence.main(["--quick", "--methods", "raft", "grpo", "--resume", "--against", "grpo=raft",
+                               "--output", str(output)])
     assert [r["method"] for r in second["runs"]] == ["raft", "grpo"]
+    paired = second["summary"]["comparisons"]["grpo vs raft"]  # any two runs, paired over their shared seeds
+    assert paired["baseline"] == "raft" and paired["seeds"] == [0] and "objective" in paired
+    with pytest.raises(SystemExit, match="no runs of gvm-grpo"):
+        convergence.main(["--quick", "--methods", "raft", "--resume", "--against", "gvm-grpo=raft",
+                          "--output", str(output)])
     assert second["runs"][0]["wall_seconds"] == first["runs"][0]["wall_seconds"]  # reused, not rerun
     with pytest.raises(SystemExit, match="learning_rate"):
         convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume",
