@@ -28,10 +28,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RANDOM_QWEN2 = "random-qwen2-0.5b"
 
 
-def limit_threads(device: str) -> None:
-    """One thread on a shared CPU unless GVM_BENCH_THREADS says otherwise; GPU runs are left alone."""
+def limit_threads(device: str, threads: int = 1) -> None:
+    """`threads` threads on a shared CPU unless GVM_BENCH_THREADS says otherwise; GPU runs are left alone."""
     if device == "cpu":
-        torch.set_num_threads(int(os.environ.get("GVM_BENCH_THREADS", "1")))
+        torch.set_num_threads(int(os.environ.get("GVM_BENCH_THREADS", str(threads))))
 
 
 # -- methods and variants ---------------------------------------------------------------------------------------------

@@ -56,34 +56,34 @@ of completions per step appended when it is not the preset's).
 
 from __future__ import annotations
 
+from common import (  # noqa: I001  (common sets the environment before torch is imported)
+    RESULTS_DIR,
+    limit_threads,
+    load_policy,
+    reward_function,
+    trainer_arguments,
+)
+
+import argparse
+import json
 import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from transformers.trainer_callback import PrinterCallback  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 CONFIGS = ("grpo", "gvm-grpo", "uniform", "gvm-sequential", "gvm-raft")
 DEFAULT_CONFIGS = CONFIGS
-RANDOM_QWEN2 = "random-qwen2-0.5b"
 GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2", "probe_logps")
 PHASE_LABELS = {
     "generation": "generation (one round)",
@@ -101,72 +101,6 @@ DEVICE_PRESETS = {
     "cuda": dict(batch_size=64, num_generations=8, num_probes=4, max_completion_length=256, steps=7, warmup=1),
     "quick": dict(batch_size=8, num_generations=4, num_probes=2, max_completion_length=8, steps=3, warmup=1),
 }
-
-
-# -- shared with benchmarks/convergence.py ----------------------------------------------------------------------------
-
-
-def limit_threads(device: str) -> None:
-    """Two threads on a shared CPU (the benchmark machines); leave GPU runs alone."""
-    if device == "cpu":
-        torch.set_num_threads(int(os.environ.get("GVM_BENCH_THREADS", "2")))
-
-
-def load_policy(model: str, tiny: bool, device: str, seed: int = 0):
-    """(model, tokenizer): the tiny random Llama of the tests, a random Qwen2-0.5B-shaped model, or a real model
-    (fp32 on CPU, bf16 on CUDA)."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if tiny or model == RANDOM_QWEN2:
-        from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
-
-        tokenizer = make_char_tokenizer()
-        if tiny:
-            return make_tiny_llama(tokenizer, seed=seed), tokenizer
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        torch.manual_seed(seed)
-        config = Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        )
-        return Qwen2ForCausalLM(config).to(dtype), tokenizer
-    from gvm_trl.models import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(model, dtype=dtype)
-
-
-def reward_function(name: str):
-    """`math` (the package's verifier on the gold `answer`) or the `parity` stand-in."""
-    if name == "parity":
-        from gvm_trl.testing import parity_reward
-
-        return parity_reward
-    from gvm_trl.rewards import math_reward
-
-    return math_reward
-
-
-def trainer_arguments(device: str, output_dir: str, seed: int, **overrides) -> dict:
-    """Settings common to every trainer in the benchmarks (fp32 on CPU, bf16 on CUDA, no saving or reporting)."""
-    options = dict(
-        output_dir=output_dir,
-        bf16=device == "cuda",
-        gradient_checkpointing=False,
-        use_cpu=device == "cpu",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        temperature=1.0,
-        beta=0.0,
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    options.update(overrides)
-    return options
 
 
 def device_sync(device: str) -> None:
@@ -323,7 +257,7 @@ def logged(trainer, key: str) -> list[float]:
 
 def run_config(config: str, args, gate=None, report=None) -> dict:
     """Train `config` for `args.steps` steps; per-step phase seconds, completions and memory."""
-    limit_threads(args.device)
+    limit_threads(args.device, threads=2)
     timer = StepTimer(args.device, gate, report)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(config, args, output_dir, timer)
@@ -602,7 +536,7 @@ def main(argv=None) -> dict:
         result = run_config(args.worker, args, gate=sys.stdin, report=sys.stdout)
         print(json.dumps({"result": result}), flush=True)
         return {}
-    limit_threads(args.device)
+    limit_threads(args.device, threads=2)
     output = args.output or RESULTS_DIR / f"step_cost_{args.tag}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
