@@ -9,6 +9,7 @@ from trl import GRPOConfig
 
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform")
+DEFAULT_HISTORY_DECAY = 0.7  # benchmarks/convergence.py: 0.60x the completions to the target objective of no history
 
 
 @dataclass
@@ -70,7 +71,10 @@ class GVMArguments:
         gvm_history_decay (`float`, *optional*):
             Keep a per-prompt history of accept rates and gradient norms across visits and combine it with the
             probes (:class:`~gvm_trl.estimates.PromptHistory`); each visit multiplies the past counts by this
-            factor in (0, 1]. `None`: estimates from the current probes alone.
+            factor in (0, 1]. `0`: estimates from the current probes alone (the paper's). `None`: 0.7 where it was
+            measured to help — GVM allocation with `gvm_weighting` `"mean"` or `"none"` on a map-style dataset —
+            and no history otherwise (uniform allocation has nothing to estimate, an iterable dataset has no
+            prompt index, and `"lemma1"` weights with a history measured unstable).
         gvm_explore_samples (`int`, *optional*, defaults to `0`):
             Samples given first to each prompt whose estimated accept rate is 0 (an exploration floor, so that a
             rare-success prompt whose probes all failed can be found).
@@ -121,7 +125,8 @@ class GVMArguments:
         metadata={"help": "Draw the next batch's probes with this batch's allocated completions (None: when possible)."},
     )
     gvm_history_decay: float | None = field(
-        default=None, metadata={"help": "Per-visit decay of each prompt's p/G history (None: no history)."}
+        default=None,
+        metadata={"help": "Per-visit decay of each prompt's p/G history; 0: none; None: 0.7 where it applies."},
     )
     gvm_explore_samples: int = field(
         default=0, metadata={"help": "Samples for each prompt with estimated accept rate 0 (exploration floor)."}
@@ -147,6 +152,15 @@ class GVMArguments:
     def gvm_budget(self) -> int:
         """N: the completions allocated over a generation batch's prompts (after its probes)."""
         return self.gvm_budget_per_prompt * self.num_prompts_per_generation
+
+    @property
+    def gvm_history_decay_in_use(self) -> float:
+        """The history decay this config trains with on a map-style dataset (0: no history)."""
+        if self.gvm_history_decay is not None:
+            return self.gvm_history_decay
+        if self.gvm_allocation == "uniform" or self.gvm_weighting == "lemma1":
+            return 0.0
+        return DEFAULT_HISTORY_DECAY
 
     @property
     def gvm_uniform_group_size(self) -> int:
@@ -200,8 +214,15 @@ class GVMArguments:
                 f"gvm_min_samples={self.gvm_min_samples} exceeds gvm_budget_per_prompt={self.gvm_budget_per_prompt}: "
                 "the floors alone would need more than the phase-2 budget; lower gvm_min_samples."
             )
-        if self.gvm_history_decay is not None and not 0 < self.gvm_history_decay <= 1:
-            fail(f"gvm_history_decay must lie in (0, 1] or be None (got {self.gvm_history_decay}).")
+        if self.gvm_history_decay is not None and not 0 <= self.gvm_history_decay <= 1:
+            fail(f"gvm_history_decay must lie in [0, 1] (0: no history) or be None (got {self.gvm_history_decay}).")
+        if self.gvm_weighting == "lemma1" and self.gvm_history_decay:
+            warnings.warn(
+                "gvm_weighting='lemma1' with gvm_history_decay: Lemma 1's 1/(n_i p_i) with a history's p_i measured "
+                "unstable (benchmarks/variance.py: 1.8-67x uniform's gradient error); gvm_weighting='mean' uses the "
+                "history safely.",
+                stacklevel=3,
+            )
         if self.gvm_explore_samples < 0:
             fail(f"gvm_explore_samples must be ≥ 0 (got {self.gvm_explore_samples}).")
         if self.gvm_max_empty_batches is not None and self.gvm_max_empty_batches < 1:
@@ -209,7 +230,7 @@ class GVMArguments:
         if self.gvm_allocation == "uniform":
             estimate_options = {
                 "gvm_probe_ahead=True": self.gvm_probe_ahead is True,
-                "gvm_history_decay": self.gvm_history_decay is not None,
+                "gvm_history_decay": bool(self.gvm_history_decay),
                 "gvm_explore_samples": self.gvm_explore_samples > 0,
             }
             for name, is_set in estimate_options.items():

@@ -122,7 +122,8 @@ class _GVMTrainer(GRPOTrainer):
                 self.accelerator.unwrap_model(self.model), args.gvm_grad_params, setting="gvm_grad_params"
             )
         self.num_prompts_per_generation = args.num_prompts_per_generation
-        self.prompt_history = PromptHistory(args.gvm_history_decay) if args.gvm_history_decay else None
+        decay = 0.0 if isinstance(train_dataset, IterableDataset) else args.gvm_history_decay_in_use
+        self.prompt_history = PromptHistory(decay) if decay else None
         self.rollout_totals: dict[str, float] = defaultdict(float)  # completions and seconds, summed over the run
         self._pending: _ProbedBatch | None = None
         self._empty_batches = 0
@@ -161,10 +162,10 @@ class _GVMTrainer(GRPOTrainer):
         """Tag each training prompt with its dataset index (its position in the stream, for an iterable dataset),
         which the allocation log and the per-prompt history record."""
         if isinstance(dataset, IterableDataset):
-            if args.gvm_history_decay is not None:
+            if args.gvm_history_decay:
                 raise NotImplementedError(
                     "gvm_history_decay keys each prompt's history by its dataset index, which an iterable dataset "
-                    "does not have; use a map-style dataset (datasets.Dataset) or drop gvm_history_decay."
+                    "does not have; use a map-style dataset (datasets.Dataset) or leave gvm_history_decay unset."
                 )
             return dataset.map(lambda row, index: {PROMPT_INDEX_COLUMN: index}, with_indices=True)
         if isinstance(dataset, Dataset) and PROMPT_INDEX_COLUMN not in dataset.column_names:
@@ -971,8 +972,8 @@ class _GVMTrainer(GRPOTrainer):
         if self.prompt_history is not None:
             if state["prompt_history"] is None:
                 raise ValueError(
-                    f"{checkpoint} was trained without gvm_history_decay, so it has no prompt history to resume; "
-                    "resume with gvm_history_decay=None, or start a new run."
+                    f"{checkpoint} was trained without a prompt history (gvm_history_decay), so there is none to "
+                    "resume; resume with gvm_history_decay=0, or start a new run."
                 )
             self.prompt_history.load_state_dict(state["prompt_history"])
 
@@ -983,6 +984,7 @@ class _GVMTrainer(GRPOTrainer):
             return
         path = os.path.join(self.args.output_dir, "README.md")
         fields = {name: getattr(self.args, name) for name in vars(self.args) if name.startswith("gvm_")}
+        fields["gvm_history_decay"] = self.prompt_history.decay if self.prompt_history is not None else 0.0
         settings = "\n".join(f"| `{name}` | `{value}` |" for name, value in fields.items())
         section = (
             f"\n## GVM settings\n\nTrained with `{type(self).__name__}` from "

@@ -14,7 +14,7 @@ from gvm_trl.rollout import GenerationBatchSampler
 from gvm_trl.trainer import STATE_FILE
 
 from conftest import make_tiny_llama
-from test_trainer import TRAINERS, graded_reward, last_logs, make_trainer, prompt_dataset, read_allocations
+from test_trainer import TRAINERS, config, graded_reward, last_logs, make_trainer, prompt_dataset, read_allocations
 
 
 def prompts_per_step(trainer) -> list[list[int]]:
@@ -173,6 +173,31 @@ def test_sampler_matches_trls_and_looks_ahead_across_epochs():
 
 
 # -- estimates that survive few probes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, decay",
+    [
+        ({}, 0.7),  # the measured default: GVM allocation, `mean` weights
+        ({"gvm_weighting": "none"}, 0.7),
+        ({"gvm_weighting": "lemma1"}, 0.0),  # measured unstable with a history
+        ({"gvm_allocation": "uniform", "gvm_weighting": "none"}, 0.0),  # nothing to estimate
+        ({"gvm_history_decay": 0.0}, 0.0),
+        ({"gvm_history_decay": 0.9}, 0.9),
+        ({"gvm_allocation": "uniform", "gvm_history_decay": 0.0}, 0.0),  # an explicit "none" is no contradiction
+    ],
+)
+def test_history_decay_in_use(fields, decay, tmp_path):
+    assert config(GVMGRPOConfig, tmp_path, **fields).gvm_history_decay_in_use == decay
+
+
+def test_default_trainer_keeps_a_history_and_lemma1_with_one_warns(tmp_path, char_tokenizer):
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, dataset=prompt_dataset(8))
+    assert trainer.prompt_history is not None and trainer.prompt_history.decay == 0.7
+    trainer.create_model_card(model_name="tiny")
+    assert "| `gvm_history_decay` | `0.7` |" in (tmp_path / "out" / "README.md").read_text()  # the decay in use
+    with pytest.warns(UserWarning, match="lemma1.*unstable"):
+        config(GVMGRPOConfig, tmp_path, gvm_weighting="lemma1", gvm_history_decay=0.5)
 
 
 def test_history_feeds_the_allocation_and_is_checkpointed(tmp_path, char_tokenizer):

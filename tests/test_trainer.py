@@ -437,7 +437,7 @@ def test_dapo_loss_is_the_lemma1_weighted_token_mean(tmp_path, char_tokenizer):
         ({"gvm_max_samples": 0}, "gvm_max_samples"),
         ({"gvm_filter_threshold": 0.0}, "gvm_filter_threshold"),
         ({"gvm_budget_per_prompt": 0, "gvm_reuse_probes": False}, "gvm_budget_per_prompt"),
-        ({"gvm_history_decay": 0.0}, "gvm_history_decay"),
+        ({"gvm_history_decay": -0.1}, "gvm_history_decay"),
         ({"gvm_history_decay": 1.5}, "gvm_history_decay"),
         ({"gvm_explore_samples": -1}, "gvm_explore_samples"),
         ({"gvm_max_empty_batches": 0}, "gvm_max_empty_batches"),

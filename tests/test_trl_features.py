@@ -204,6 +204,10 @@ def test_iterable_dataset_matches_trl_and_trains_with_gvm(tmp_path, char_tokeniz
     trainer, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", char_tokenizer, **options,
                                 gvm_accept_threshold=0.5)
     assert changed and not trainer._probe_ahead  # an iterable dataset runs the sequential schedule
+    assert trainer.prompt_history is None  # ... and keeps no history (it has no prompt index to key one by)
+    with pytest.raises(NotImplementedError, match="gvm_history_decay keys each prompt"):
+        run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "refused-history", char_tokenizer, **options,
+            gvm_history_decay=0.7)
     with pytest.raises(NotImplementedError, match="gvm_probe_ahead=True needs a map-style"):
         run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "refused", char_tokenizer, **options, gvm_probe_ahead=True)
 

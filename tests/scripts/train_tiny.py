@@ -65,7 +65,7 @@ def main():
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--steps_per_generation", type=int, help="default: gradient_accumulation_steps")
     parser.add_argument("--schedule", choices=["probe-ahead", "sequential"], default="sequential")
-    parser.add_argument("--history_decay", type=float, help="gvm_history_decay (default: no history)")
+    parser.add_argument("--history_decay", type=float, help="gvm_history_decay (default: the config's automatic choice)")
     parser.add_argument("--explore_samples", type=int, default=0, help="gvm_explore_samples")
     parser.add_argument("--sample", action="store_true", help="sample completions (default: greedy) and score them "
                         "with a reward that varies within each group")
