@@ -29,10 +29,20 @@ start across the completions both runs reach; each with a 95 % bootstrap interva
 accept rate, the share of completions each method spent there and the final P(z | x).
 
     python benchmarks/convergence.py --quick                          # smoke test, facts task, ~20 s
-    python benchmarks/convergence.py --seeds $(seq 0 15) \
-        --methods gvm-raft raft gvm-grpo grpo gvm-raft-unweighted gvm-grpo-unweighted \
-        --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean
-                                                  # results/convergence_facts.*: 8 runs x 16 seeds, ~70 min on a core
+    python benchmarks/convergence.py --seeds $(seq 0 7) --methods gvm-raft raft gvm-grpo grpo \
+        --variant gvm-raft-no-history=gvm-raft:gvm_history_decay=0.0 \
+        --variant gvm-grpo-no-history=gvm-grpo:gvm_history_decay=0.0 \
+        --variant gvm-raft-no-history-sequential=gvm-raft:gvm_history_decay=0.0,gvm_probe_ahead=False \
+        --variant gvm-grpo-no-history-sequential=gvm-grpo:gvm_history_decay=0.0,gvm_probe_ahead=False \
+        --variant gvm-grpo-lemma1=gvm-grpo:gvm_weighting=lemma1 \
+        --variant gvm-grpo-history-0.9=gvm-grpo:gvm_history_decay=0.9 \
+        --variant gvm-grpo-history-0.5=gvm-grpo:gvm_history_decay=0.5 \
+        --against gvm-raft-no-history=gvm-raft-no-history-sequential \
+        --against gvm-grpo-no-history=gvm-grpo-no-history-sequential \
+        --against gvm-grpo-no-history=gvm-grpo-lemma1 \
+        --against gvm-raft=gvm-raft-no-history --against gvm-grpo=gvm-grpo-no-history
+                 # results/convergence_facts.*: 11 runs x 8 seeds, ~30 min on two cores (two processes of four
+                 # seeds each, merged with --resume)
     python benchmarks/convergence.py --seeds $(seq 0 7) --lowest-rate 0.1 --methods gvm-raft raft gvm-grpo grpo \
         --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean \
         --output benchmarks/results/convergence_facts_from0.1.json          # no fact starts below p = 0.1
