@@ -9,7 +9,7 @@ from trl import GRPOConfig
 
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform")
-DEFAULT_HISTORY_DECAY = 0.7  # benchmarks/convergence.py: 0.60x the completions to the target objective of no history
+DEFAULT_HISTORY_DECAY = 0.7  # benchmarks/convergence.py: 0.60x uniform's completions to the target objective
 
 
 @dataclass
@@ -58,8 +58,8 @@ class GVMArguments:
             Per-prompt loss weight: `"mean"` (1/|D_i|, Algorithm 1: Lemma 1's 1/(n_i p_i) with the pooled estimate
             p_i = |D_i|/n_i over probes and allocated rows), `"lemma1"` (1/(n_i p_i) with the estimate the allocation
             used) or `"none"` (no per-prompt weight, as in the official code and vanilla RAFT++/GRPO). `"mean"` is
-            the default because it measured better: 0.75x uniform's completions to the target objective where
-            `"lemma1"` did not reach it (`benchmarks/convergence.py`), and `"lemma1"` with a history is unstable.
+            the default because it measured better: 0.58x `"lemma1"`'s completions to the target objective
+            (`benchmarks/convergence.py`), and `"lemma1"` with a history is unstable (`benchmarks/variance.py`).
         gvm_allocation (`str`, *optional*, defaults to `"gvm"`):
             `"gvm"` (Theorem 3) or `"uniform"` (no probe round: one round of the same number of completions split
             evenly, so with `gvm_weighting="none"` it is vanilla GRPO / RAFT++).
