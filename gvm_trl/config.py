@@ -219,7 +219,7 @@ class GVMArguments:
         if self.gvm_weighting == "lemma1" and self.gvm_history_decay:
             warnings.warn(
                 "gvm_weighting='lemma1' with gvm_history_decay: Lemma 1's 1/(n_i p_i) with a history's p_i measured "
-                "unstable (benchmarks/variance.py: 1.8-67x uniform's gradient error); gvm_weighting='mean' uses the "
+                "unstable (benchmarks/variance.py: up to 67x uniform's gradient error); gvm_weighting='mean' uses the "
                 "history safely.",
                 stacklevel=3,
             )
