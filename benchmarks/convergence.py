@@ -471,27 +471,28 @@ def analyse(runs: list[dict], task, args) -> dict:
         baseline = uniform_baseline(runs_by_label[label], list(runs_by_label.values()))
         if baseline is None:
             continue
-        shared = sorted(set(summary["seeds"][label]) & set(summary["seeds"][baseline.label]))  # paired seeds only
-        if not shared:
-            continue
-        mine = [r["curve"] for r in by_label[label] if r["seed"] in shared]
-        theirs = [r["curve"] for r in by_label[baseline.label] if r["seed"] in shared]
-        summary["comparisons"][label] = {"baseline": baseline.label, "seeds": shared, **{
-            metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap)
-            for metric, direction in task.metrics.items()}}
+        comparison = compare_runs(by_label, label, baseline.label, task, args)
+        if comparison is not None:
+            summary["comparisons"][label] = comparison
     for label, baseline in (pair.split("=", 1) for pair in getattr(args, "against", [])):
-        summary["comparisons"][f"{label} vs {baseline}"] = compare_runs(by_label, label, baseline, task, args)
+        missing = [name for name in (label, baseline) if name not in by_label]
+        if missing:
+            raise SystemExit(f"--against {label}={baseline}: no runs of {', '.join(missing)}")
+        comparison = compare_runs(by_label, label, baseline, task, args)
+        if comparison is None:
+            raise SystemExit(f"--against {label}={baseline}: the two share no seed")
+        summary["comparisons"][f"{label} vs {baseline}"] = comparison
     if all(r.get("prompt_bands") for r in runs):
         summary["bands"] = fact_bands(runs)
     return summary
 
 
-def compare_runs(by_label: dict, label: str, baseline: str, task, args) -> dict:
-    """`compare` of run `label` against run `baseline` (any two methods, e.g. two schedules), on their shared seeds."""
-    missing = [name for name in (label, baseline) if name not in by_label]
-    if missing:
-        raise SystemExit(f"--against {label}={baseline}: no runs of {', '.join(missing)}")
+def compare_runs(by_label: dict, label: str, baseline: str, task, args) -> dict | None:
+    """`compare` of run `label` against run `baseline` (its uniform method, or any other, e.g. another schedule) on
+    their shared seeds only (runs of one seed are paired); None when they share none."""
     shared = sorted({r["seed"] for r in by_label[label]} & {r["seed"] for r in by_label[baseline]})
+    if not shared:
+        return None
     mine = [r["curve"] for r in by_label[label] if r["seed"] in shared]
     theirs = [r["curve"] for r in by_label[baseline] if r["seed"] in shared]
     return {"baseline": baseline, "seeds": shared, **{

@@ -50,7 +50,7 @@ from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_ge
 from trl.trainer.utils import nanmax, nanmin, nanstd, repeat_iterable_dataset
 
 from .advantages import grpo_advantages
-from .allocation import allocate_budget, lemma1_weights, uniform_allocation, variance_bound
+from .allocation import allocate_budget, lemma1_weights, mean_weights, uniform_allocation, variance_bound
 from .batching import num_rows, select_rows, split_rows, trim_padding_columns
 from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig
 from .estimates import PromptEvidence, PromptHistory
@@ -689,7 +689,8 @@ class _GVMTrainer(GRPOTrainer):
             return torch.ones(len(drawn), dtype=torch.float64)
         floor = torch.ones_like(accepted)
         if mode == "mean":
-            return 1.0 / torch.maximum(accepted, floor)
+            weights = torch.tensor(mean_weights(accepted.tolist()), dtype=torch.float64)
+            return torch.where(accepted > 0, weights, floor)
         rates = torch.tensor(allocation.accept_rates, dtype=torch.float64)
         pooled = torch.maximum(accepted, floor) / drawn.clamp(min=1)
         rates = torch.where(rates > 0, rates, pooled)
@@ -1036,9 +1037,9 @@ class GVMGRPOTrainer(_GVMTrainer):
     per prompt, measures accept rates p_i and per-sample gradient norms G_i, allocates N = `gvm_budget_per_prompt`·m
     completions by Theorem 3 (n_i ∝ G_i / sqrt(p_i + α/p_i^(β-1))), generates them, and trains on the group-normalised
     advantages of each prompt's own group (its allocated completions plus, with `gvm_reuse_probes`, its probes),
-    each row weighted per `gvm_weighting` (Lemma 1's 1/(n_i p_i), by default with the pooled p_i = |D_i|/n_i) through TRL's own loss (any
-    `loss_type`). It never skips an update: when no probe is accepted the budget is split uniformly and the batch
-    trains as GRPO does.
+    each row weighted per `gvm_weighting` (Lemma 1's 1/(n_i p_i), by default with the pooled p_i = |D_i|/n_i)
+    through TRL's own loss (any `loss_type`). It never skips an update: when no probe is accepted the budget is split
+    uniformly and the batch trains as GRPO does.
     """
 
     config_class = GVMGRPOConfig
