@@ -155,7 +155,7 @@ def test_killed_two_process_run_resumes_without_lost_or_repeated_prompts(schedul
     killed = tmp_path / "killed"
     killed.mkdir()
     process = subprocess.Popen(
-        [*launcher, *common, "--output_dir", str(killed), "--save_steps", "1"],
+        [*launcher, *common, "--output_dir", str(killed), "--save_steps", "1", "--pause_after_checkpoint", "2"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.monotonic() + 600

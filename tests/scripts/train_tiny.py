@@ -9,9 +9,11 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
@@ -50,6 +52,18 @@ def count_gathered_shards(model) -> int:
     return sum(getattr(p, "ds_status", None) is not None and p.ds_status.name != "NOT_AVAILABLE" for p in model.parameters())
 
 
+class PauseAfterCheckpoint(TrainerCallback):
+    """Every process waits after the checkpoint of `step` is written, so a kill lands between steps, not after the
+    run (a tiny run's steps take well under a second)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            time.sleep(120)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="raft")
@@ -58,6 +72,8 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--resume", help="the checkpoint to resume from")
+    parser.add_argument("--pause_after_checkpoint", type=int,
+                        help="wait 120 s after saving this step's checkpoint (a window for a test to kill the run)")
     parser.add_argument("--deepspeed", help="a DeepSpeed config file (e.g. ZeRO-3)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (full_shard; needs --cuda)")
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (default: the CPU, gloo)")
@@ -117,6 +133,8 @@ def main():
         model=model, reward_funcs=sampled_reward if options.sample else reward, args=args, train_dataset=dataset,
         processing_class=tokenizer,
     )
+    if options.pause_after_checkpoint is not None:
+        trainer.add_callback(PauseAfterCheckpoint(options.pause_after_checkpoint))
     records, left_gathered = [], []
     if options.trainer != "trl":
         original, measure = trainer._log_allocation, trainer._probe_grad_norms
