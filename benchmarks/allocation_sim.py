@@ -7,12 +7,12 @@ outcome y with probability q(y). An estimator is a vector c over the outcomes (�
 ‖ĝ − g*‖² = (c − c*)ᵀ K (c − c*) exactly, without the gradients themselves; R replicates are drawn at
 once.
 
-A GVM step as the trainers run it: N′ probes per prompt give the estimates (p̂_i, Ĝ_i) — Ĝ_i the mean norm of the
-accepted probes — optionally combined with earlier visits by `gvm_trl.estimates.PromptHistory`; then
-`allocate_budget(p̂, Ĝ, N, explore_samples=k)` splits the phase-2 budget, the probes are reused, and each prompt's
-accepted rows get the weight of `gvm_weighting`: ``lemma1`` = 1/((N′ + n_i) p̂_i) with the estimate the allocation
-used, ``mean`` = 1/|D_i| (the pooled estimate: probes and phase 2). A budget whose every weight is 0 is not spent
-(as the trainer skips phase 2). The practical uniform baseline draws N/m + N′ per prompt with 1/|D_i|: the same total.
+A GVM step as the trainers run it, through the trainers' own planner and weights: N′ probes per prompt give the
+estimates (p̂_i, Ĝ_i) — Ĝ_i the mean norm of the accepted probes — optionally combined with earlier visits by
+`gvm_trl.estimates.PromptHistory`; `gvm_trl.planner.plan_allocation` splits the phase-2 budget by Theorem 3 (the
+uniform split when no probe was accepted), the probes are reused, and each prompt's accepted rows get the weight of
+`gvm_weighting` from `gvm_trl.weighting.prompt_weights`: ``lemma1`` = 1/((N′ + n_i) p̂_i) with the estimate the
+allocation used (the pooled rate where it is 0), ``mean`` = 1/|D_i| (the pooled estimate: probes and phase 2). The practical uniform baseline draws N/m + N′ per prompt with 1/|D_i|: the same total.
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+import torch
+
 from gvm_trl.allocation import allocate_budget, uniform_allocation
 from gvm_trl.estimates import PromptEvidence, PromptHistory
+from gvm_trl.planner import AllocationRule, plan_allocation, visit_evidence
+from gvm_trl.weighting import prompt_weights
 
 
 @dataclass
@@ -179,12 +183,14 @@ class GVMOutcome:
     coefficients: np.ndarray  # [R, K]
     sizes: np.ndarray  # [R, m] phase-2 sizes of the measured visit
     rates: np.ndarray  # [R, m] the accept-rate estimates its allocation used
-    unspent: int  # replicates whose phase-2 budget was not spent (every weight 0)
+    fallbacks: int  # replicates whose plan fell back to the uniform split (no prompt had an accepted probe)
 
 
 def simulate_gvm(population: Population, budget: int, setting: GVMSetting, replicates: int, rng,
                  alpha: float = 1e-3, beta: float = 2.0, earlier: list[Population] | None = None) -> GVMOutcome:
-    """R replicates of a GVM step (after `history_visits` earlier visits when the setting keeps a history).
+    """R replicates of a GVM step (after `history_visits` earlier visits when the setting keeps a history), planned
+    and weighted by the trainers' own code: `gvm_trl.planner.plan_allocation` (with its uniform fallback) and
+    `gvm_trl.weighting.prompt_weights` (with its pooled-rate fallback for prompts whose planned rate is 0).
 
     `earlier`: the population at each earlier visit, oldest first (a policy that moved between visits); by default
     the same population every time.
@@ -196,42 +202,32 @@ def simulate_gvm(population: Population, budget: int, setting: GVMSetting, repli
         earlier = [population] * (visits - 1)
     if keep_history and len(earlier) != setting.history_visits:
         raise ValueError(f"earlier has {len(earlier)} populations for {setting.history_visits} earlier visits")
-    histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else None
+    if setting.weighting not in ("lemma1", "mean"):
+        raise ValueError(f"weighting must be lemma1 or mean, got {setting.weighting!r}")
+    histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else [None] * replicates
+    rule = AllocationRule(budget=budget, num_probes=probes, alpha=alpha, beta=beta, explore_samples=setting.explore)
     keys = list(range(m))
     for visit in range(visits):
         current = population if visit == visits - 1 else earlier[visit]
         probe_draws = draw(current, np.full((replicates, m), probes), rng)
-        rates, norms = np.zeros((replicates, m)), np.zeros((replicates, m))
-        sizes = np.zeros((replicates, m), dtype=np.int64)
-        evidences = []
+        plans = []
         for r in range(replicates):
-            accepted = probe_draws.accepted[r]
-            if histories is None:
-                rate = accepted / probes
-                norm = inverse(accepted) * probe_draws.norm_sums[r]
-            else:
-                evidence = PromptEvidence(keys, [float(probes)] * m, accepted.tolist(),
-                                          probe_draws.norm_sums[r].tolist(), accepted.tolist())
-                evidences.append(evidence)
-                rate, norm = (np.array(x) for x in histories[r].estimates(evidence))
-            rates[r], norms[r] = rate, norm
-            sizes[r] = allocate_budget(rate, norm, budget, alpha=alpha, beta=beta, explore_samples=setting.explore)
+            accepted = probe_draws.accepted[r].tolist()
+            evidence = PromptEvidence(keys, [float(probes)] * m, accepted, probe_draws.norm_sums[r].tolist(), accepted)
+            plans.append(plan_allocation(evidence, rule, histories[r]))
+        sizes = np.array([plan.sizes for plan in plans], dtype=np.int64)
         phase2 = draw(current, sizes, rng)
-        if histories is not None and visit < setting.history_visits:
-            for r, history in enumerate(histories):
-                e = evidences[r]
-                history.record(PromptEvidence(keys, (probes + sizes[r]).astype(float).tolist(),
-                                              (probe_draws.accepted[r] + phase2.accepted[r]).tolist(),
-                                              e.norm_sums, e.norm_counts))
+        if keep_history and visit < setting.history_visits:
+            for plan, history, accepted in zip(plans, histories, phase2.accepted):
+                history.record(visit_evidence(plan, accepted.tolist()))
     pooled = combine(probe_draws, phase2)
-    if setting.weighting == "lemma1":
-        factors = inverse((sizes + probes) * rates)
-    elif setting.weighting == "mean":
-        factors = inverse(pooled.accepted)
-    else:
-        raise ValueError(f"weighting must be lemma1 or mean, got {setting.weighting!r}")
-    unspent = int((sizes.sum(axis=1) == 0).sum())
-    return GVMOutcome(weighted(population, pooled, factors), sizes, rates, unspent)
+    factors = np.stack([
+        prompt_weights(setting.weighting, plan.accept_rates, torch.tensor(size + probes, dtype=torch.float64),
+                       torch.tensor(accepted, dtype=torch.float64)).numpy()
+        for plan, size, accepted in zip(plans, sizes, pooled.accepted)
+    ])
+    rates = np.array([plan.accept_rates for plan in plans])
+    return GVMOutcome(weighted(population, pooled, factors), sizes, rates, sum(plan.fallback for plan in plans))
 
 
 def oracle_sizes(population: Population, budget: int, alpha: float = 1e-3, beta: float = 2.0) -> np.ndarray:

@@ -311,12 +311,11 @@ def build_trainer(run: MethodRun, seed: int, args, task, output_dir: str, record
 def completions_per_prompt(output_dir: str, total: int) -> dict[int, float] | None:
     """Completions spent on each dataset index, from the trainer's allocation log: its allocated samples, plus an
     equal share per visit of whatever else the run generated (the probes), so that the parts add up to `total`."""
-    from gvm_trl.trainer import ALLOCATIONS_FILE
+    from gvm_trl.metrics import ALLOCATIONS_FILE, read_allocation_log
 
-    path = Path(output_dir) / ALLOCATIONS_FILE
-    if not path.exists():
+    if not (Path(output_dir) / ALLOCATIONS_FILE).exists():
         return None
-    visits = [prompt for line in path.read_text().splitlines() for prompt in json.loads(line)["prompts"]]
+    visits = [prompt for line in read_allocation_log(output_dir) for prompt in line["prompts"]]
     if not visits:
         return None
     unlogged = (total - sum(v["num_samples"] for v in visits)) / len(visits)

@@ -96,8 +96,9 @@ def main(argv=None) -> dict:
             differences, cosines = [], []
             for batch_index in range(args.batches):
                 start = args.steps * 4 + batch_index * 4
-                prompts = [trainer.train_dataset[i] for i in range(start, start + 4)]
-                batch = trainer._generate_training_batch(prompts)
+                keys = list(range(start, start + 4))
+                prompts = [trainer.train_dataset[i] for i in keys]
+                batch = trainer._assemble(trainer.schedule.rollouts(prompts, keys, prompts))
                 if batch.get("gvm_skip"):
                     continue
                 ours = gradient(model, trainer._compute_loss(model, batch))

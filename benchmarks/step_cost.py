@@ -82,9 +82,17 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from gvm_trl.metrics import STAGES as GVM_PHASES
+
 CONFIGS = ("grpo", "gvm-grpo", "uniform", "gvm-sequential", "gvm-raft")
+# Each GVM configuration is a method of `gvm_trl.methods.METHODS`, with the settings that pick its schedule.
+CONFIG_METHODS = {
+    "gvm-grpo": ("gvm-grpo", {"gvm_probe_ahead": True}),
+    "uniform": ("grpo", {}),
+    "gvm-sequential": ("gvm-grpo", {"gvm_probe_ahead": False}),
+    "gvm-raft": ("gvm-raft", {"gvm_probe_ahead": True}),
+}
 DEFAULT_CONFIGS = CONFIGS
-GVM_PHASES = ("probe", "grad_norms", "allocate", "phase2", "probe_logps")
 PHASE_LABELS = {
     "generation": "generation (one round)",
     "probe": "probe round",
@@ -147,7 +155,6 @@ class StepTimer(TrainerCallback):
         self.gate, self.report = gate, report
         self.trainer = None  # set after the trainer exists
         self.rollout_seconds = 0.0  # accumulated by the timed trainers' rollout method
-        self.probe_logps_seconds = 0.0
 
     def _totals(self) -> dict:
         return dict(getattr(self.trainer, "rollout_totals", {}))
@@ -161,12 +168,11 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         device_sync(self.device)
         now, totals = time.perf_counter(), self._totals()
-        step = {"step": now - self._start, "rollout": self.rollout_seconds, "time_probe_logps": self.probe_logps_seconds}
-        for key in (*(f"time_{p}" for p in GVM_PHASES if p != "probe_logps"), "probe_completions",
-                    "budget_completions"):
+        step = {"step": now - self._start, "rollout": self.rollout_seconds}
+        for key in (*(f"time_{p}" for p in GVM_PHASES), "probe_completions", "budget_completions"):
             step[key] = totals.get(key, 0.0) - self._seen.get(key, 0.0)
         self.steps.append(step)
-        self.rollout_seconds = self.probe_logps_seconds = 0.0
+        self.rollout_seconds = 0.0
         if self.report is not None:
             self.report.write(json.dumps({"step": len(self.steps)}) + "\n")
             self.report.flush()
@@ -174,23 +180,17 @@ class StepTimer(TrainerCallback):
 
 def timed_trainer_class(base: type, method: str):
     """A subclass of `base` whose `method` (the whole rollout of one generation batch) adds its wall time to the step
-    timer, and whose riding probes' log-probability pass (GVM, probing ahead) is timed on its own."""
+    timer; the GVM stages inside it are timed by the package's own stage timer (`trainer.rollout_totals`)."""
 
-    def timed(name: str, attribute: str):
-        def wrapped(self, *args, **kwargs):
-            device_sync(self.args.device.type)
-            start = time.perf_counter()
-            result = getattr(base, name)(self, *args, **kwargs)
-            device_sync(self.args.device.type)
-            setattr(self.step_timer, attribute, getattr(self.step_timer, attribute) + time.perf_counter() - start)
-            return result
+    def timed(self, *args, **kwargs):
+        device_sync(self.args.device.type)
+        start = time.perf_counter()
+        result = getattr(base, method)(self, *args, **kwargs)
+        device_sync(self.args.device.type)
+        self.step_timer.rollout_seconds += time.perf_counter() - start
+        return result
 
-        return wrapped
-
-    members = {method: timed(method, "rollout_seconds")}
-    if hasattr(base, "_attach_sampling_logps"):
-        members["_attach_sampling_logps"] = timed("_attach_sampling_logps", "probe_logps_seconds")
-    return type(f"Timed{base.__name__}", (base,), members)
+    return type(f"Timed{base.__name__}", (base,), {method: timed})
 
 
 def phase_breakdown(step: dict, config: str) -> dict:
@@ -214,8 +214,8 @@ def phase_breakdown(step: dict, config: str) -> dict:
 def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
     from trl import GRPOConfig, GRPOTrainer
 
-    from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
     from gvm_trl.data import make_arithmetic_dataset
+    from gvm_trl.methods import METHODS
 
     model, tokenizer = load_policy(args.model, args.tiny, args.device, seed=args.seed)
     options = trainer_arguments(
@@ -227,20 +227,18 @@ def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
         learning_rate=args.learning_rate,
     )
     if config == "grpo":
-        trainer_cls, args_cls, method = GRPOTrainer, GRPOConfig, "_generate_and_score_completions"
+        trainer_cls, config_args, method = GRPOTrainer, GRPOConfig(**options), "_generate_and_score_completions"
     else:
-        trainer_cls, args_cls = (GVMRAFTTrainer, GVMRAFTConfig) if config == "gvm-raft" else (GVMGRPOTrainer, GVMGRPOConfig)
+        name, settings = CONFIG_METHODS[config]
+        options.update(settings, gvm_num_probes=args.num_probes,
+                       gvm_budget_per_prompt=args.num_generations - args.num_probes)
+        trainer_cls, config_args = METHODS[name].trainer_cls, METHODS[name].config(**options)
         method = "_generate_training_batch"
-        options.update(gvm_num_probes=args.num_probes, gvm_budget_per_prompt=args.num_generations - args.num_probes)
-        if config == "uniform":
-            options.update(gvm_allocation="uniform", gvm_weighting="none")
-        else:
-            options.update(gvm_probe_ahead=config != "gvm-sequential")
     prompts = args.batch_size // args.num_generations * (args.steps + 1)
     trainer = timed_trainer_class(trainer_cls, method)(
         model=model,
         reward_funcs=reward_function(args.reward),
-        args=args_cls(**options),
+        args=config_args,
         train_dataset=make_arithmetic_dataset(prompts, seed=args.seed),
         processing_class=tokenizer,
         callbacks=[timer],

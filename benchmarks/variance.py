@@ -85,7 +85,7 @@ def practical_comparison(population, probes: int, budget_per_prompt: float, sett
     starved = {}
     for setting in settings:
         outcome = sim.simulate_gvm(population, phase2, setting, replicates, rng, ALPHA, BETA)
-        methods[setting.label] = {**sim.error_summary(population, outcome.coefficients), "unspent": outcome.unspent}
+        methods[setting.label] = {**sim.error_summary(population, outcome.coefficients), "uniform_fallbacks": outcome.fallbacks}
         solvable = population.rates > 0
         starved[setting.label] = float(((outcome.sizes == 0) & solvable).sum(1).mean())  # solvable prompts with n_i = 0
     baseline, unbiased = methods["uniform"]["mse"], methods["uniform-true-p"]["exact_mse"]

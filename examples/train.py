@@ -33,7 +33,7 @@ from gvm_trl.evaluation import dataset_accuracy, evaluate_model, format_table, r
 from gvm_trl.methods import METHODS
 from gvm_trl.models import DEMO_MODEL, load_model_and_tokenizer
 from gvm_trl.rewards import make_math_reward
-from gvm_trl.trainer import ALLOCATIONS_FILE
+from gvm_trl.metrics import ALLOCATIONS_FILE, read_allocation_log
 
 # The embedded CPU demo: sized from measurements on 2 cores (see the README).
 DEMO_DEFAULTS = dict(
@@ -145,8 +145,7 @@ def plot_allocation(allocations_path: str, output_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(allocations_path, encoding="utf-8") as handle:
-        prompts = [p for line in handle for p in json.loads(line)["prompts"]]
+    prompts = [p for line in read_allocation_log(allocations_path) for p in line["prompts"]]
     figure, axes = plt.subplots(figsize=(6, 4))
     norms = [p["grad_norm"] if p["grad_norm"] is not None else 0.0 for p in prompts]
     points = axes.scatter(

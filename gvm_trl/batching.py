@@ -8,7 +8,7 @@ concatenate, select and split without dropping anything.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -88,3 +88,52 @@ def split_rows(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
     """
     bounds = torch.tensor_split(torch.arange(num_rows(batch)), num_chunks)
     return [select_rows(batch, chunk) for chunk in bounds]
+
+
+def as_filler(rows: dict[str, Any]) -> dict[str, Any]:
+    """Rows that take part in forward and backward but contribute nothing: no loss tokens, zero advantage."""
+    for key in ("completion_mask", "advantages", "gvm_weight"):
+        rows[key] = torch.zeros_like(rows[key])
+    return rows
+
+
+def build_micro_batches(
+    batch: dict[str, Any],
+    steps: int,
+    pad_values: dict[str, float],
+    sequence_level: bool,
+    max_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda sizes: sizes,
+) -> list[dict[str, Any]]:
+    """Shuffle and split the local rows over `steps` micro-steps as TRL does (a permutation from the global RNG, then
+    consecutive chunks: mirrors trl 1.16.0's `shuffle_sequence_dict` and `split_tensor_dict`, registered in
+    `gvm_trl.trl_compat`), except that nothing is dropped: chunk sizes may differ by one row, and each micro-step is
+    filled up with filler rows to the same row count on every process (`max_over_processes` takes the per-step row
+    counts to their maximum over processes: TRL's loss gathers per-row metrics, which needs equal counts, and every
+    process then also runs every backward).
+
+    Filler rows carry no loss tokens and no advantage, so token-level losses (dapo, bnpo, cispo, vespo) do not see
+    them; sequence-level ones (grpo, sapo, luspo, dr_grpo) average over rows, so a padded micro-batch's real rows get
+    their advantages scaled by padded/real rows, which keeps their policy term TRL's per-micro-batch mean (their KL
+    term, inside TRL's loss, is diluted by the same factor).
+    """
+    permutation = torch.randperm(num_rows(batch))
+    chunks = split_rows(select_rows(batch, permutation), steps)
+    sizes = max_over_processes(torch.tensor([num_rows(chunk) for chunk in chunks]))
+    return [_pad_rows(chunk, batch, max(int(size), 1), pad_values, sequence_level) for chunk, size in zip(chunks, sizes)]
+
+
+def _pad_rows(
+    chunk: dict[str, Any], batch: dict[str, Any], size: int, pad_values: dict[str, float], sequence_level: bool
+) -> dict[str, Any]:
+    """`chunk` filled up to `size` rows with filler rows copied from `batch` (see `build_micro_batches`)."""
+    real = num_rows(chunk)
+    if real == size:
+        return chunk
+    fillers = as_filler(select_rows(batch, [0] * (size - real)))
+    if real == 0:
+        return fillers
+    if sequence_level:
+        chunk = dict(chunk, advantages=chunk["advantages"] * (size / real))
+    padded = concat_rows([chunk, fillers], pad_values)
+    padded.update({key: value for key, value in chunk.items() if torch.is_tensor(value) and value.dim() == 0})
+    return padded

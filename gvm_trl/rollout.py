@@ -4,29 +4,27 @@
   them, so that the probe-ahead schedule can find the next generation batch's prompts.
 - :class:`Rollout` holds the rows of one generation call: TRL's local batch plus per-row facts gathered over every
   process (prompt slot, rewards, completion length), so a generation batch can be assembled from several calls.
-- :class:`BatchAllocation` is the typed record of one generation batch's allocation that the JSONL log, the
-  metrics, the plot and the history all read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Sampler
 
 from .batching import concat_rows, select_rows
 
-__all__ = ["BatchAllocation", "GenerationBatchSampler", "Rollout"]
+__all__ = ["GenerationBatchSampler", "Rollout", "concat_rollout_batches"]
 
 
 class GenerationBatchSampler(Sampler[int]):
     """TRL's ``RepeatSampler`` order, remembered, so the trainer can look one generation batch ahead.
 
     Yields exactly what ``trl.trainer.utils.RepeatSampler`` yields with the same arguments (trl 1.16.0, utils.py lines
-    930-951: a seeded permutation per epoch, cut into generation batches of ``batch_size`` distinct prompts, the
+    930-951, registered in `gvm_trl.trl_compat`: a seeded permutation per epoch, cut into generation batches of ``batch_size`` distinct prompts, the
     incomplete last one dropped, each index repeated ``mini_repeat_count`` times and each batch ``repeat_count``
     times), so a GVM trainer reads the same prompts, in the same order and layout, as `trl.GRPOTrainer`. It also
     keeps each epoch's generation batches: :meth:`following` gives the batch after a given one — across the epoch
@@ -56,6 +54,7 @@ class GenerationBatchSampler(Sampler[int]):
             self.generator.manual_seed(self.seed)
         self._drawn = 0  # permutations drawn so far
         self._epoch: list[list[int]] = []
+        self._cursor = 0
         self._next_epoch: list[list[int]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -78,10 +77,48 @@ class GenerationBatchSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         self._epoch, self._next_epoch = (self._next_epoch or self._draw_epoch()), None
+        self._cursor = 0
         for batch in self._epoch:
             for _ in range(self.repeat_count):
                 for index in batch:
                     yield from [index] * self.mini_repeat_count
+
+    def locate(self, rows: list[Any], row_at: Callable[[int], Any]) -> list[int] | None:
+        """The dataset indices of this epoch's generation batch whose rows (``row_at(index)``) equal `rows`, looked
+        for from the last one found onwards (None: no batch of this epoch matches).
+
+        This is how the trainer knows each prompt's dataset index without adding a column to the rows that TRL,
+        reward functions and callbacks see.
+        """
+        count = len(self._epoch)
+        for offset in range(count):
+            position = (self._cursor + offset) % count
+            batch = self._epoch[position]
+            if len(batch) == len(rows) and all(row_at(index) == row for index, row in zip(batch, rows)):
+                self._cursor = position
+                return batch
+        return None
+
+    def indices_of(self, rows: list[Any], row_at: Callable[[int], Any]) -> list[int]:
+        """:meth:`locate`, or an error naming the fix."""
+        indices = self.locate(rows, row_at)
+        if indices is None:
+            raise RuntimeError(
+                "The GVM trainer could not find this generation batch's prompts in its sampler's order, so it cannot "
+                "tell their dataset indices; train with the trainer's own dataloader (do not override "
+                "get_train_dataloader or _get_train_sampler)."
+            )
+        return indices
+
+    def upcoming(
+        self, batch: list[int], rank: int, num_processes: int, row_at: Callable[[int], Any]
+    ) -> tuple[list[Any], list[int]]:
+        """Process `rank`'s rows of the generation batch after `batch`, and all its indices (none: two empty lists)."""
+        following = self.following(batch)
+        if following is None:
+            return [], []
+        share = len(following) // num_processes
+        return [row_at(i) for i in following[rank * share : (rank + 1) * share]], following
 
     def following(self, batch: list[int]) -> list[int] | None:
         """The dataset indices of the generation batch after `batch` (None if `batch` is not one of this epoch's)."""
@@ -172,52 +209,3 @@ def concat_rollout_batches(batches: list[dict[str, Any]], pad_values: dict[str, 
             batch[key] = template.new_full(shape, float("nan"))
         completed.append(batch)
     return concat_rows(completed, pad_values)
-
-
-@dataclass
-class BatchAllocation:
-    """One generation batch's allocation and what came of it: the one record the log, the metrics, the plot and the
-    per-prompt history read.
-
-    ``accept_rates``/``grad_norms`` are the estimates the allocation used (probes, combined with the history when it
-    is kept); ``probe_step`` is the optimizer step whose weights drew the probes (None: no probe round, as under
-    uniform allocation, where ``num_probes`` is 0 and the estimates come from the batch's own rows).
-    """
-
-    prompt_keys: list[int]
-    budget: int
-    sizes: list[int]
-    accept_rates: list[float]
-    grad_norms: list[float] | None
-    num_probes: int
-    probe_step: int | None
-    probes_accepted: list[int] = field(default_factory=list)
-    probe_norm_sums: list[float] = field(default_factory=list)
-    probe_norm_counts: list[int] = field(default_factory=list)
-    fallback: bool = False
-    allocated_accepted: list[int] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.sizes)
-
-    def log_line(self, step: int) -> dict[str, Any]:
-        """The JSONL line of this generation batch."""
-        return {
-            "step": step,
-            "probe_step": self.probe_step,
-            "budget": self.budget,
-            "uniform_fallback": self.fallback,
-            "prompts": [
-                {
-                    "index": self.prompt_keys[i],
-                    "accept_rate": self.accept_rates[i],
-                    "grad_norm": None if self.grad_norms is None else self.grad_norms[i],
-                    "num_samples": self.sizes[i],
-                    "num_accepted": self.allocated_accepted[i] if self.allocated_accepted else 0,
-                    "probes_accepted": self.probes_accepted[i] if self.probes_accepted else None,
-                }
-                for i in range(self.num_prompts)
-            ],
-        }

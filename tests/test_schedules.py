@@ -11,7 +11,7 @@ import torch
 
 from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
 from gvm_trl.rollout import GenerationBatchSampler
-from gvm_trl.trainer import STATE_FILE
+from gvm_trl.state import STATE_FILE
 
 from conftest import make_tiny_llama
 from test_trainer import TRAINERS, config, graded_reward, last_logs, make_trainer, prompt_dataset, read_allocations
@@ -71,7 +71,7 @@ def test_one_generation_round_per_batch(tmp_path, char_tokenizer):
         assert calls == rows, schedule
         assert len(norm_passes) == {"sequential": 3, "probe-ahead": 3, "uniform": 0}[schedule]
         assert trainer.rollout_totals["probe_completions"] == (0 if schedule == "uniform" else 3 * 8)
-        assert trainer._pending is None  # nothing left probed at the end
+        assert getattr(trainer.schedule, "pending", None) is None  # nothing left probed at the end
 
 
 def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_path, char_tokenizer):
@@ -82,7 +82,8 @@ def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_pat
 
     original = trainer._assemble
 
-    def check_then_assemble(allocation, probes, allocated):
+    def check_then_assemble(rollouts):
+        probes = rollouts.probes
         if probes is not None and probes.step == 0 and trainer.state.global_step == 1:
             batch = probes.batch
             ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -99,7 +100,7 @@ def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_pat
             assert torch.allclose(batch["old_per_token_logps"][loss_mask], then[loss_mask], atol=1e-5)
             assert not torch.allclose(batch["old_per_token_logps"][loss_mask], now[loss_mask], atol=1e-4)
             checked.append(True)
-        return original(allocation, probes, allocated)
+        return original(rollouts)
 
     trainer._assemble = check_then_assemble
     trainer.train()

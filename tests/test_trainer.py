@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from datasets import Dataset
 from trl import GRPOConfig
 
 from gvm_trl import GVMGRPOConfig, GVMGRPOTrainer, GVMRAFTConfig, GVMRAFTTrainer
 from gvm_trl.allocation import allocate_budget, lemma1_weights
-from gvm_trl.trainer import ALLOCATIONS_FILE
-
-from conftest import make_tiny_llama
+from gvm_trl.metrics import read_allocation_log
+from gvm_trl.state import STATE_FILE
 
 NUM_PROMPTS = 8
 
@@ -83,8 +83,7 @@ def make_trainer(trainer_cls, config_cls, tmp_path, tokenizer, model=None, rewar
 
 
 def read_allocations(trainer):
-    with open(f"{trainer.args.output_dir}/{ALLOCATIONS_FILE}") as handle:
-        return [json.loads(line) for line in handle]
+    return read_allocation_log(trainer.args.output_dir)
 
 
 def last_logs(trainer):
@@ -235,17 +234,71 @@ def test_save_and_resume_mid_run(tmp_path, char_tokenizer):
     full_run = read_allocations(first)
     assert [r["step"] for r in full_run] == [0, 1, 2, 3]
 
-    (tmp_path / "out" / ALLOCATIONS_FILE).unlink()
     (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").unlink()  # as if the run died while saving it
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / STATE_FILE).read_text())
     resumed = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
     resumed.train(resume_from_checkpoint=True)  # the last complete checkpoint: checkpoint-2
     assert resumed.state.global_step == 4
     after_resume = read_allocations(resumed)
-    assert [r["step"] for r in after_resume] == [2, 3]
+    assert [r["step"] for r in after_resume] == [0, 1, 2, 3]  # each step once: the redone steps replace theirs
+    assert after_resume[:2] == full_run[:2]
     # The same prompts, in the same order, as the uninterrupted run's last two generation batches.
     assert [[p["index"] for p in r["prompts"]] for r in after_resume] == [
-        [p["index"] for p in r["prompts"]] for r in full_run[2:]
+        [p["index"] for p in r["prompts"]] for r in full_run
     ]
+    # The run's totals and reward range continue from the checkpoint's rather than restart at zero.
+    totals = resumed.rollout_totals
+    assert totals["budget_completions"] == first.rollout_totals["budget_completions"] == 4 * first.args.gvm_budget
+    assert saved["rollout_totals"]["budget_completions"] == 2 * first.args.gvm_budget
+    for key, value in saved["rollout_totals"].items():
+        assert totals[key] > value
+    low, high = resumed.gvm_state.reward_range
+    assert low <= saved["reward_range"][0] <= saved["reward_range"][1] <= high
+
+
+def test_state_from_a_checkpoint_without_totals_still_loads(tmp_path):
+    from gvm_trl.estimates import PromptHistory
+    from gvm_trl.state import GVMState
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({  # written before the totals and reward range were saved
+        "empty_batches": 2, "consecutive_empty": 1, "prompt_history": {"decay": 0.7, "prompts": {"3": [4, 1, 2, 1]}},
+    }))
+    state = GVMState(prompt_history=PromptHistory(0.7))
+    totals = state.rollout_totals
+    assert state.load(str(tmp_path))
+    assert (state.empty_batches, state.consecutive_empty, dict(state.rollout_totals)) == (2, 1, {})
+    assert state.rollout_totals is totals  # the stage timer keeps adding to the same dict
+    assert state.reward_range == [math.inf, -math.inf]
+    assert state.prompt_history.state_dict()["prompts"] == {"3": [4.0, 1.0, 2.0, 1.0]}
+
+
+def test_users_see_no_extra_keys(tmp_path, char_tokenizer):
+    """The trainer finds each prompt's dataset index from its sampler: no column of its own reaches the rows that
+    `training_step`, `_prepare_inputs` and reward functions receive."""
+    seen_by_reward, seen_by_step = set(), set()
+
+    def reward(prompts, completions, **kwargs):
+        seen_by_reward.update(kwargs)
+        return graded_reward(prompts, completions)
+
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, reward=reward)
+    step = trainer.training_step
+
+    def recording_step(model, inputs, *args, **kwargs):
+        seen_by_step.update(key for row in inputs for key in row)
+        return step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = recording_step
+    trainer.train()
+    assert seen_by_step == {"prompt", "answer"}
+    assert not any(key.startswith("gvm") for key in seen_by_reward) and "answer" in seen_by_reward
+    # ... and the allocation log still names each prompt by its dataset index: the graded reward never accepts
+    # prompts 0 mod 4 and always accepts prompts 1 mod 4, which the probes of the logged index show.
+    records = read_allocations(trainer)
+    assert len(records) == 2
+    for p in (p for record in records for p in record["prompts"]):
+        if p["index"] % 4 in (0, 1):
+            assert p["probes_accepted"] == (4 if p["index"] % 4 == 1 else 0)
 
 
 def test_resume_true_without_a_complete_checkpoint_names_the_fix(tmp_path, char_tokenizer):
@@ -267,9 +320,10 @@ def test_model_card_names_gvm(tmp_path, char_tokenizer):
 
 def generation_batch(trainer, start=0):
     """One generation batch of the sequential schedule, built by hand from dataset rows."""
-    rows = [trainer.train_dataset[i] for i in range(start, start + trainer.num_prompts_per_generation)]
+    keys = list(range(start, start + trainer.num_prompts_per_generation))
+    rows = [trainer.train_dataset[i] for i in keys]
     trainer.model.train()
-    return trainer._sequential_batch(rows)
+    return trainer._assemble(trainer.schedule.rollouts(rows, keys, rows))
 
 
 def decoded_index(trainer, prompt_ids) -> int:
@@ -497,16 +551,15 @@ def test_vllm_missing_gives_a_clear_error(tmp_path, char_tokenizer):
         make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, use_vllm=True)
 
 
-def test_variance_bound_ratio_counts_reused_probes_and_stays_finite(tmp_path, char_tokenizer):
-    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, num_generations=2)
+def test_variance_bound_ratio_counts_reused_probes_and_stays_finite():
+    from gvm_trl.allocation import variance_bound
+    from gvm_trl.metrics import variance_bound_ratio
+
     p, g = [0.5, 0.5, 1.0, 0.0], [40.0, 2.0, 30.0, 0.0]
     sizes = allocate_budget(p, g, 8)
     assert sizes == [5, 0, 3, 0]
-    from gvm_trl.allocation import variance_bound
-
     expected = variance_bound(p, g, [7, 2, 5, 2], alpha=1e-3, beta=2.0) / variance_bound(
         p, g, [4, 4, 4, 4], alpha=1e-3, beta=2.0
     )
-    assert trainer._variance_bound_ratio(p, g, sizes) == pytest.approx(expected)
-    trainer.args.gvm_reuse_probes = False
-    assert not math.isfinite(trainer._variance_bound_ratio(p, g, sizes))  # n_i = 0 with p, G > 0: not logged
+    assert variance_bound_ratio(p, g, sizes, 2, 1e-3, 2.0) == pytest.approx(expected)  # 2 reused probes each
+    assert not math.isfinite(variance_bound_ratio(p, g, sizes, 0, 1e-3, 2.0))  # n_i = 0 with p, G > 0: not logged

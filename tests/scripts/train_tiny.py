@@ -139,10 +139,11 @@ def main():
     if options.trainer != "trl":
         original, measure = trainer._log_allocation, trainer._probe_grad_norms
 
-        def keep_record(allocation, empty):
+        def keep_record(rollouts, empty):
+            allocation = rollouts.allocation
             records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
                             "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step})
-            original(allocation, empty)
+            original(rollouts, empty)
 
         def measure_and_count_gathered(*args, **kwargs):
             norms = measure(*args, **kwargs)

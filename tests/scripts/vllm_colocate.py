@@ -103,9 +103,10 @@ def attach_recorders(trainer, requests: list | None = None) -> dict:
         })
         return rollout
 
-    def record_allocation(allocation, empty):
+    def record_allocation(rollouts, empty):
+        allocation = rollouts.allocation
         records["allocations"].append({"sizes": allocation.sizes, "probe_step": allocation.probe_step})
-        log_allocation(allocation, empty)
+        log_allocation(rollouts, empty)
 
     def record_ratio(model, inputs):
         ratio = inputs.get("importance_sampling_ratio")

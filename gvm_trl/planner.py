@@ -1,0 +1,159 @@
+"""Estimate, then allocate: one generation batch's plan from what its probes showed (Algorithm 2, lines 4-5).
+
+:func:`plan_allocation` turns per-prompt probe evidence (accepted probes, gradient-norm sums) into the estimates p_i
+and G_i (the probes alone, or combined with the prompt's history, :class:`~gvm_trl.estimates.PromptHistory`) and the
+budget n_i of Theorem 3 (:func:`~gvm_trl.allocation.allocate_budget`), falling back to the uniform split when no
+prompt carries an allocation weight. It is pure and deterministic, so every process plans the same batch, and it is
+the one planner: the trainers and `benchmarks/allocation_sim.py` both call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .allocation import allocate_budget, uniform_allocation
+from .estimates import PromptEvidence, PromptHistory
+
+__all__ = ["AllocationRule", "BatchAllocation", "plan_allocation", "uniform_record", "visit_evidence"]
+
+
+@dataclass(frozen=True)
+class AllocationRule:
+    """The settings of Theorem 3's allocation for one generation batch (the config's `gvm_*` fields)."""
+
+    budget: int
+    num_probes: int
+    alpha: float = 1e-3
+    beta: float = 2.0
+    min_samples: int = 0
+    max_samples: int | None = None
+    filter_threshold: float | None = None
+    filter_insufficient: float = 0.0
+    explore_samples: int = 0
+
+    @classmethod
+    def from_config(cls, args: Any) -> AllocationRule:
+        return cls(
+            budget=args.gvm_budget,
+            num_probes=args.gvm_num_probes,
+            alpha=args.gvm_alpha,
+            beta=args.gvm_beta,
+            min_samples=args.gvm_min_samples,
+            max_samples=args.gvm_max_samples,
+            filter_threshold=args.gvm_filter_threshold,
+            filter_insufficient=args.gvm_filter_insufficient,
+            explore_samples=args.gvm_explore_samples,
+        )
+
+
+@dataclass(frozen=True)
+class BatchAllocation:
+    """One generation batch's plan: the record the log, the metrics and the per-prompt history read.
+
+    ``accept_rates``/``grad_norms`` are the estimates the allocation used (probes, combined with the history when it
+    is kept); ``probe_step`` is the optimizer step whose weights drew the probes (None: no probe round, as under
+    uniform allocation, where ``num_probes`` is 0 and the estimates come from the batch's own rows).
+    """
+
+    prompt_keys: list[int]
+    budget: int
+    sizes: list[int]
+    accept_rates: list[float]
+    grad_norms: list[float] | None
+    num_probes: int
+    probe_step: int | None
+    probes_accepted: list[int] = field(default_factory=list)
+    probe_norm_sums: list[float] = field(default_factory=list)
+    probe_norm_counts: list[int] = field(default_factory=list)
+    fallback: bool = False
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.sizes)
+
+    def log_line(self, step: int, allocated_accepted: list[int]) -> dict[str, Any]:
+        """The JSONL line of this generation batch, with the accepted count of each prompt's allocated rows."""
+        return {
+            "step": step,
+            "probe_step": self.probe_step,
+            "budget": self.budget,
+            "uniform_fallback": self.fallback,
+            "prompts": [
+                {
+                    "index": self.prompt_keys[i],
+                    "accept_rate": self.accept_rates[i],
+                    "grad_norm": None if self.grad_norms is None else self.grad_norms[i],
+                    "num_samples": self.sizes[i],
+                    "num_accepted": allocated_accepted[i],
+                    "probes_accepted": self.probes_accepted[i] if self.probes_accepted else None,
+                }
+                for i in range(self.num_prompts)
+            ],
+        }
+
+
+def plan_allocation(
+    evidence: PromptEvidence, rule: AllocationRule, history: PromptHistory | None = None, probe_step: int | None = None
+) -> BatchAllocation:
+    """p_i and G_i from `evidence` (and `history`), then n_i by Theorem 3; the uniform split when no prompt has both
+    an accepted probe and a gradient norm (``fallback``). `history` is read, not changed."""
+    if history is not None:
+        rates, grad_norms = history.estimates(evidence)
+    else:
+        rates = [a / t for a, t in zip(evidence.accepted, evidence.trials)]
+        grad_norms = [s / c if c else 0.0 for s, c in zip(evidence.norm_sums, evidence.norm_counts)]
+    fallback = not any(p > 0 and g > 0 for p, g in zip(rates, grad_norms))
+    if fallback:
+        sizes = uniform_allocation(len(rates), rule.budget)
+    else:
+        sizes = allocate_budget(
+            rates,
+            grad_norms,
+            rule.budget,
+            alpha=rule.alpha,
+            beta=rule.beta,
+            min_samples=rule.min_samples,
+            max_samples=rule.max_samples,
+            filter_threshold=rule.filter_threshold,
+            filter_insufficient=rule.filter_insufficient,
+            explore_samples=rule.explore_samples,
+        )
+    return BatchAllocation(
+        prompt_keys=list(evidence.keys),
+        budget=rule.budget,
+        sizes=sizes,
+        accept_rates=rates,
+        grad_norms=grad_norms,
+        num_probes=rule.num_probes,
+        probe_step=probe_step,
+        probes_accepted=[int(a) for a in evidence.accepted],
+        probe_norm_sums=list(evidence.norm_sums),
+        probe_norm_counts=[int(c) for c in evidence.norm_counts],
+        fallback=fallback,
+    )
+
+
+def uniform_record(keys: list[int], group_size: int, accepted: list[float]) -> BatchAllocation:
+    """The record of a uniform round (no probes): `group_size` completions per prompt, rates from their acceptance."""
+    return BatchAllocation(
+        prompt_keys=list(keys),
+        budget=group_size * len(keys),
+        sizes=[group_size] * len(keys),
+        accept_rates=[a / group_size for a in accepted],
+        grad_norms=None,
+        num_probes=0,
+        probe_step=None,
+    )
+
+
+def visit_evidence(allocation: BatchAllocation, allocated_accepted: list[int]) -> PromptEvidence:
+    """What a visit adds to the per-prompt history: its probes and its allocated rows, accepted counts and the probes'
+    gradient norms."""
+    return PromptEvidence(
+        keys=allocation.prompt_keys,
+        trials=[float(allocation.num_probes + n) for n in allocation.sizes],
+        accepted=[float(a + b) for a, b in zip(allocation.probes_accepted, allocated_accepted)],
+        norm_sums=allocation.probe_norm_sums,
+        norm_counts=[float(c) for c in allocation.probe_norm_counts],
+    )

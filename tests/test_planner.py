@@ -1,0 +1,131 @@
+"""The pure steps of a generation batch, without a trainer: plan, deal, weight, report, locate prompts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gvm_trl.allocation import allocate_budget, uniform_allocation
+from gvm_trl.estimates import PromptEvidence, PromptHistory
+from gvm_trl.metrics import AllocationLog, allocation_metrics, read_allocation_log
+from gvm_trl.planner import AllocationRule, plan_allocation, uniform_record, visit_evidence
+from gvm_trl.rollout import GenerationBatchSampler
+from gvm_trl.schedules import deal
+from gvm_trl.weighting import per_prompt_sums, prompt_weights, weight_scale
+
+
+def evidence(accepted, norm_sums, probes=4, keys=None):
+    keys = keys if keys is not None else list(range(len(accepted)))
+    return PromptEvidence(keys, [float(probes)] * len(accepted), [float(a) for a in accepted],
+                          [float(s) for s in norm_sums], [float(a) for a in accepted])
+
+
+def test_plan_is_theorem_3_on_the_probe_estimates():
+    rule = AllocationRule(budget=16, num_probes=4)
+    plan = plan_allocation(evidence([1, 2, 4, 0], [3.0, 2.0, 4.0, 0.0]), rule, probe_step=7)
+    rates, norms = [0.25, 0.5, 1.0, 0.0], [3.0, 1.0, 1.0, 0.0]
+    assert plan.accept_rates == rates and plan.grad_norms == norms
+    assert plan.sizes == allocate_budget(rates, norms, 16)
+    assert (plan.probe_step, plan.fallback, plan.probes_accepted) == (7, False, [1, 2, 4, 0])
+
+
+def test_plan_falls_back_to_the_uniform_split_when_no_probe_was_accepted():
+    plan = plan_allocation(evidence([0, 0, 0], [0.0, 0.0, 0.0]), AllocationRule(budget=8, num_probes=4))
+    assert plan.fallback and plan.sizes == uniform_allocation(3, 8) == [3, 3, 2]
+
+
+def test_plan_reads_the_history_without_changing_it():
+    history = PromptHistory(0.5)
+    history.record(evidence([4, 0], [8.0, 0.0], probes=4, keys=[10, 11]))
+    before = history.state_dict()
+    plan = plan_allocation(evidence([0, 2], [0.0, 2.0], keys=[10, 11]), AllocationRule(budget=8, num_probes=4), history)
+    assert history.state_dict() == before
+    # p̃ = (λ·A + a) / (λ·T + t): (0.5·4 + 0) / (0.5·4 + 4) and (0 + 2) / (2 + 4); G̃ likewise.
+    assert plan.accept_rates == pytest.approx([2 / 6, 2 / 6])
+    assert plan.grad_norms == pytest.approx([(0.5 * 8.0) / 2.0, 2.0 / 2.0])
+
+
+def test_visit_evidence_counts_probes_and_allocated_rows():
+    plan = plan_allocation(evidence([1, 3], [1.0, 6.0]), AllocationRule(budget=6, num_probes=4))
+    visit = visit_evidence(plan, allocated_accepted=[2, 1])
+    assert visit.trials == [4.0 + plan.sizes[0], 4.0 + plan.sizes[1]]
+    assert visit.accepted == [3.0, 4.0] and visit.norm_counts == [1.0, 3.0] and visit.norm_sums == [1.0, 6.0]
+
+
+def test_uniform_record():
+    record = uniform_record([5, 6], 4, [1.0, 4.0])
+    assert (record.sizes, record.accept_rates, record.num_probes, record.budget) == ([4, 4], [0.25, 1.0], 0, 8)
+    assert record.log_line(3, [1, 4])["prompts"][1] == {
+        "index": 6, "accept_rate": 1.0, "grad_norm": None, "num_samples": 4, "num_accepted": 4, "probes_accepted": None
+    }
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_deal_gives_every_row_once_and_equal_counts(processes):
+    sizes = [3, 0, 5, 1]
+    dealt = deal(sizes, processes)
+    assert len({len(share) for share in dealt}) == 1
+    slots = [slot for share in dealt for slot in share if slot >= 0]
+    assert sorted(slots) == sorted(i for i, n in enumerate(sizes) for _ in range(n))
+    assert sum(slot < 0 for share in dealt for slot in share) == len(dealt[0]) * processes - sum(sizes)
+
+
+def test_prompt_weights_against_their_formulas():
+    drawn = torch.tensor([8.0, 8.0, 4.0], dtype=torch.float64)
+    accepted = torch.tensor([2.0, 0.0, 4.0], dtype=torch.float64)
+    assert prompt_weights("none", [0.5, 0.0, 1.0], drawn, accepted).tolist() == [1.0, 1.0, 1.0]
+    assert prompt_weights("mean", [0.5, 0.0, 1.0], drawn, accepted).tolist() == [0.5, 1.0, 0.25]
+    # lemma1: 1/(n p̂) with the planned p̂; where it is 0 the pooled max(|D|, 1)/n stands in.
+    lemma1 = prompt_weights("lemma1", [0.5, 0.0, 1.0], drawn, accepted).tolist()
+    assert lemma1 == pytest.approx([1 / (8 * 0.5), 1 / (8 * (1 / 8)), 1 / (4 * 1.0)])
+
+
+def test_weight_scale_keeps_the_loss_scale():
+    weights = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    tokens = torch.tensor([4.0, 1.0, 3.0], dtype=torch.float64)
+    scale = weight_scale(weights, tokens, sequence_level=False)
+    assert float((scale * weights * tokens).sum()) == pytest.approx(float(tokens.sum()))
+    scale = weight_scale(weights, tokens, sequence_level=True)  # per row
+    assert float((scale * weights).sum()) == pytest.approx(3.0)
+
+
+def test_per_prompt_sums_skip_padding_rows():
+    sums = per_prompt_sums(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, -1, 1, 0]), 3)
+    assert sums.tolist() == [4.0, 4.0, 0.0]
+
+
+def test_allocation_metrics():
+    plan = plan_allocation(evidence([1, 2, 0, 0], [2.0, 2.0, 0.0, 0.0]), AllocationRule(budget=8, num_probes=4))
+    metrics = allocation_metrics(plan, {"probe": 1.5}, reused_probes=4, alpha=1e-3, beta=2.0)
+    assert metrics["gvm/accept_rate"] == pytest.approx((0.25 + 0.5) / 4)
+    assert metrics["gvm/budget_completions"] == 8.0 and metrics["gvm/probe_completions"] == 16.0
+    assert metrics["gvm/prompts_zero_budget"] == float(plan.sizes.count(0))
+    assert metrics["gvm/time_probe"] == 1.5 and math.isfinite(metrics["gvm/variance_bound_ratio"])
+
+
+def test_allocation_log_drops_the_steps_a_resumed_run_redoes(tmp_path):
+    log = AllocationLog(str(tmp_path))
+    for step in range(5):
+        log.append({"step": step, "prompts": []})
+    log.truncate_from(3)
+    assert [line["step"] for line in read_allocation_log(str(tmp_path))] == [0, 1, 2]
+    log.append({"step": 3, "prompts": []})
+    assert [line["step"] for line in read_allocation_log(log.path)] == [0, 1, 2, 3]
+    AllocationLog(str(tmp_path / "none")).truncate_from(0)  # no log yet: nothing to drop
+
+
+def test_sampler_locates_a_batch_by_its_rows():
+    rows = [{"prompt": f"p{i}"} for i in range(12)]
+    sampler = GenerationBatchSampler(rows, mini_repeat_count=2, batch_size=3, repeat_count=1, seed=0)
+    order = list(sampler)[::2]
+    batches = [order[i : i + 3] for i in range(0, 12, 3)]
+    row_at = rows.__getitem__
+    for batch in batches:
+        assert sampler.locate([rows[i] for i in batch], row_at) == batch
+    assert sampler.locate([rows[batches[0][0]], rows[batches[1][0]], rows[batches[2][0]]], row_at) is None
+    with pytest.raises(RuntimeError, match="dataset indices"):
+        sampler.indices_of([{"prompt": "unknown"}] * 3, row_at)
+    rows_ahead, keys_ahead = sampler.upcoming(batches[0], rank=1, num_processes=3, row_at=row_at)
+    assert keys_ahead == batches[1] and rows_ahead == [rows[batches[1][1]]]
