@@ -15,11 +15,10 @@ Tasks (``--task``):
   0.02 to 0.98, two-token completions (a rationale, then the answer). The metric is the EM objective of Theorem 4,
   L(θ) = −(1/m) Σ_i ln P(z_i | x_i, θ) over the training prompts, computed exactly by enumerating completions, and
   the held-out accuracy (also exact) on the same facts asked in a phrasing RL never sees.
-- ``facts-many``: the few-revisit regime of issue 17, 1,024 facts with two-character keys (``--train-prompts``) at
-  the same starting levels; 16 prompts a step visit each prompt once per 64 steps, so the default 128 steps visit
-  each twice (``--max-steps 64``/``192``: once/three times). Key characters are shared, so facts' parameters overlap.
-- ``facts-drift``: ``facts-many`` with families (facts whose keys share the first character share answer and right
-  rationale): learning one fact moves its family, so p_i drifts between a prompt's visits.
+- ``facts-many``: the few-revisit regime of issue 17, 1,024 facts (``--train-prompts``) with two-character keys:
+  the first character fixes answer and rationale, the last the starting level (same levels as ``facts``), so facts
+  share parameters and p_i drifts between a prompt's visits. 16 prompts a step visit each prompt once per 64 steps:
+  the default 128 steps visit each twice (``--max-steps 64``/``192``: once/three times).
 - ``letters`` (`letters.py`, also ``--tiny``): copy a letter of the prompt; held-out reward by sampling. Learning
   there is one shared jump whose timing varies by seed.
 - ``arithmetic``: SmolLM2-135M-Instruct (LoRA on CPU) on arithmetic prompts, held-out accuracy by sampling; a CPU
@@ -260,21 +259,21 @@ class ArithmeticTask:
 class FactsManyTask(FactsTask):
     """The few-revisit regime (issue 17): 1,024 facts with two-character keys, so that a run of a few hundred steps
     visits each prompt only a few times (each epoch visits every prompt once: prompts-per-step × steps / facts
-    visits), as real RL-for-math runs visit MATH's 7.5k prompts. Key characters are shared between facts, so their
-    parameters overlap; the objective L and the accuracies stay exact."""
+    visits), as real RL-for-math runs visit MATH's 7.5k prompts. The facts are factorised (`facts.make_facts` with
+    ``families``): the key's first character fixes the answer and right rationale, its last the starting level, so
+    what RL teaches one fact moves every fact sharing a character with it and p_i drifts between a prompt's visits.
+    The objective L and the accuracies stay exact (over all 1,024 facts)."""
 
     name = "facts-many"
-    families = False
     last_logits_only = True
     warm_start_batch = 128
-    preset = {**FactsTask.preset, "train_prompts": 1024, "max_steps": 128, "eval_every": 16, "warm_start_steps": 3000}
+    preset = {**FactsTask.preset, "train_prompts": 1024, "max_steps": 128, "eval_every": 16, "warm_start_steps": 1500}
     quick = {**FactsTask.quick, "train_prompts": 64, "warm_start_steps": 20}
 
     def facts_for(self, seed: int) -> list:
         data_seed = seed if self.args.data_seed is None else self.args.data_seed
         return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
-                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2,
-                                families=self.families)
+                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2, families=True)
 
     def policy(self, seed):
         return facts.warm_started_policy(self.facts_for(seed), steps=self.args.warm_start_steps, seed=seed,
@@ -282,21 +281,14 @@ class FactsManyTask(FactsTask):
 
     def setup(self) -> str:
         visits = self.args.prompts_per_step * self.args.max_steps / self.args.train_prompts
-        sharing = "families of facts (same first key character) share answer and rationale" if self.families else (
-            "facts share key characters")
-        return super().setup().replace("facts task", f"{self.name} task") + (
-            f"; two-character keys, {sharing}; {visits:.2g} visits per prompt")
+        never = round(self.args.never_share * len(facts.KEYS))
+        return (f"facts-many task: {self.args.train_prompts} facts with two-character keys, the first fixing answer "
+                f"and rationale, the last the starting level ({never} of {len(facts.KEYS)} characters never solved, "
+                f"the others log-uniform at {self.args.lowest_rate:g}-{self.args.highest_rate:g}), tiny Llama "
+                f"(hidden 64); {visits:.2g} visits per prompt")
 
 
-class FactsDriftTask(FactsManyTask):
-    """`facts-many` where the facts whose keys start with one character form a family with one answer and one right
-    rationale: learning one fact moves its family, so p_i drifts between a prompt's visits (issue 17)."""
-
-    name = "facts-drift"
-    families = True
-
-
-TASKS = {task.name: task for task in (FactsTask, FactsManyTask, FactsDriftTask, LettersTask, ArithmeticTask)}
+TASKS = {task.name: task for task in (FactsTask, FactsManyTask, LettersTask, ArithmeticTask)}
 
 
 # -- one run ----------------------------------------------------------------------------------------------------------

@@ -56,9 +56,13 @@ def make_facts(count: int, seed: int, never_share: float = 0.125, low: float = 0
     share `never_share` of them is never solved.
 
     `key_length` 1 (the default) gives each fact its own key token. With longer keys (the few-revisit task: ≥ 1,000
-    facts) facts share key tokens, so their parameters overlap. `families` (key_length ≥ 2 only) goes further: every
-    fact whose key starts with the same character has the same answer and right rationale, so what RL teaches one
-    fact of a family moves the others, and a fact's p_i drifts between its visits; only the starting rates differ.
+    facts) facts share key tokens, so their parameters overlap, and each fact's answer, rationale and level are drawn
+    independently, as for one-character keys (the hidden-64 or -128 tiny Llama does not fit 1,024 such facts to their
+    levels in CPU-minutes: after 1,500 warm-start steps of 128 prompts the measured and intended levels correlated at
+    0.08). `families` (key_length ≥ 2 only) factorises the facts instead: the key's
+    first character fixes the answer and the right rationale, its last character the starting level (the levels, the
+    never-solved share included, are dealt to the characters). A fact is then learnable from its two characters'
+    embeddings, and what RL teaches one fact moves every fact sharing a character with it: p_i drifts between visits.
     """
     if key_length < 1:
         raise ValueError(f"key_length must be >= 1, got {key_length}")
@@ -73,15 +77,21 @@ def make_facts(count: int, seed: int, never_share: float = 0.125, low: float = 0
     else:
         keys = ["".join(KEYS[(index // len(KEYS) ** j) % len(KEYS)] for j in reversed(range(key_length)))
                 for index in rng.sample(range(capacity), count)]
-    never = round(never_share * count)
-    solvable = count - never
-    rates = [0.0] * never + [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / max(solvable - 1, 1))
-                             for i in range(solvable)]
+    rates = _levels(len(KEYS) if families else count, never_share, low, high)
     rng.shuffle(rates)
     if not families:
         return [Fact(key, rng.choice(DIGITS), rng.choice(RATIONALES), rate) for key, rate in zip(keys, rates)]
     family = {first: (rng.choice(DIGITS), rng.choice(RATIONALES)) for first in KEYS}
-    return [Fact(key, *family[key[0]], rate) for key, rate in zip(keys, rates)]
+    level = dict(zip(KEYS, rates))
+    return [Fact(key, *family[key[0]], level[key[-1]]) for key in keys]
+
+
+def _levels(count: int, never_share: float, low: float, high: float) -> list[float]:
+    """A share `never_share` of zeros, the others log-uniform from `low` to `high` (sorted)."""
+    never = round(never_share * count)
+    solvable = count - never
+    return [0.0] * never + [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / max(solvable - 1, 1))
+                            for i in range(solvable)]
 
 
 def question(fact: Fact, phrasing: str = TRAIN_PHRASING) -> str:

@@ -87,11 +87,13 @@ def test_many_facts_have_distinct_multi_character_keys_and_families(benchmarks):
     solvable = sorted(f.start_rate for f in many if f.start_rate > 0)
     assert solvable[0] == pytest.approx(0.02) and solvable[-1] == pytest.approx(0.98)
     drift = facts.make_facts(1024, seed=0, key_length=2, families=True)
-    assert [(f.key, f.start_rate) for f in drift] == [(f.key, f.start_rate) for f in many]
-    family = {}
-    for f in drift:
+    assert [f.key for f in drift] == [f.key for f in many]
+    family, level = {}, {}
+    for f in drift:  # first character: answer and rationale; last character: starting level
         assert family.setdefault(f.key[0], (f.answer, f.rationale)) == (f.answer, f.rationale)
-    assert len(set(family.values())) > 10  # families differ from each other
+        assert level.setdefault(f.key[1], f.start_rate) == f.start_rate
+    assert len(set(family.values())) > 10 and len(set(level.values())) == 43  # 6 never-solved characters share 0
+    assert sorted(level.values())[6] == pytest.approx(0.02) and max(level.values()) == pytest.approx(0.98)
     assert len({(f.answer, f.rationale) for f in many if f.key[0] == many[0].key[0]}) > 1  # without families: not
     with pytest.raises(ValueError, match="families needs key_length >= 2"):
         facts.make_facts(8, seed=0, families=True)
@@ -182,12 +184,11 @@ def test_quick_facts(benchmarks, tmp_path):
     assert sum(shares) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("task", ["facts-many", "facts-drift"])
-def test_quick_few_revisit_tasks(benchmarks, tmp_path, task):
-    output = tmp_path / f"{task}.json"
-    report = benchmarks["convergence"].main(["--quick", "--task", task, "--methods", "grpo", "gvm-grpo", "--output",
-                                             str(output)])
-    assert report["complete"] and f"{task} task: 64 facts" in report["setup"]
+def test_quick_few_revisit_task(benchmarks, tmp_path):
+    output = tmp_path / "facts-many.json"
+    report = benchmarks["convergence"].main(["--quick", "--task", "facts-many", "--methods", "grpo", "gvm-grpo",
+                                             "--output", str(output)])
+    assert report["complete"] and "facts-many task: 64 facts with two-character keys" in report["setup"]
     assert "0.12 visits per prompt" in report["setup"]  # 4 prompts a step × 2 steps / 64 facts
     for run in report["runs"]:
         assert [point["step"] for point in run["curve"]] == [0, 1, 2]
