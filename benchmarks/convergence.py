@@ -15,6 +15,10 @@ Tasks (``--task``):
   0.02 to 0.98, two-token completions (a rationale, then the answer). The metric is the EM objective of Theorem 4,
   L(θ) = −(1/m) Σ_i ln P(z_i | x_i, θ) over the training prompts, computed exactly by enumerating completions, and
   the held-out accuracy (also exact) on the same facts asked in a phrasing RL never sees.
+- ``facts-many``: the few-revisit regime of issue 17, 1,024 facts (``--train-prompts``) with two-character keys:
+  the first character fixes answer and rationale, the last the starting level (same levels as ``facts``), so facts
+  share parameters and p_i drifts between a prompt's visits. 16 prompts a step visit each prompt once per 64 steps:
+  the default 128 steps visit each twice (``--max-steps 64``/``192``: once/three times).
 - ``letters`` (`letters.py`, also ``--tiny``): copy a letter of the prompt; held-out reward by sampling. Learning
   there is one shared jump whose timing varies by seed.
 - ``arithmetic``: SmolLM2-135M-Instruct (LoRA on CPU) on arithmetic prompts, held-out accuracy by sampling; a CPU
@@ -113,6 +117,7 @@ class FactsTask:
     """
 
     name = "facts"
+    last_logits_only = False  # the evaluation's full forward, as when results/convergence_facts.* were measured
     metrics = {"objective": -1, "heldout_accuracy": +1, "train_accuracy": +1}  # +1: higher is better
     primary = "objective"
     labels = {"objective": "EM objective L(θ), solvable facts (exact)",
@@ -144,8 +149,9 @@ class FactsTask:
         solvable = torch.tensor([f.start_rate > 0 for f in task_facts])
 
         def evaluate(model) -> dict:
-            train = facts.accept_probabilities(model, tokenizer, task_facts)
-            heldout = facts.accept_probabilities(model, tokenizer, task_facts, facts.HELDOUT_PHRASING)
+            fast = {"last_logits_only": True} if self.last_logits_only else {}
+            train = facts.accept_probabilities(model, tokenizer, task_facts, **fast)
+            heldout = facts.accept_probabilities(model, tokenizer, task_facts, facts.HELDOUT_PHRASING, **fast)
             return {"objective": facts.em_objective(train[solvable]), "train_accuracy": float(train.mean()),
                     "heldout_accuracy": float(heldout.mean()), "rates": [round(float(p), 6) for p in train]}
 
@@ -250,7 +256,39 @@ class ArithmeticTask:
         return f"arithmetic task, {self.args.model} ({'LoRA' if self.args.lora else 'full fine-tune'})"
 
 
-TASKS = {task.name: task for task in (FactsTask, LettersTask, ArithmeticTask)}
+class FactsManyTask(FactsTask):
+    """The few-revisit regime (issue 17): 1,024 facts with two-character keys, so that a run of a few hundred steps
+    visits each prompt only a few times (each epoch visits every prompt once: prompts-per-step × steps / facts
+    visits), as real RL-for-math runs visit MATH's 7.5k prompts. The facts are factorised (`facts.make_facts` with
+    ``families``): the key's first character fixes the answer and right rationale, its last the starting level, so
+    what RL teaches one fact moves every fact sharing a character with it and p_i drifts between a prompt's visits.
+    The objective L and the accuracies stay exact (over all 1,024 facts)."""
+
+    name = "facts-many"
+    last_logits_only = True
+    warm_start_batch = 128
+    preset = {**FactsTask.preset, "train_prompts": 1024, "max_steps": 128, "eval_every": 16, "warm_start_steps": 1500}
+    quick = {**FactsTask.quick, "train_prompts": 64, "warm_start_steps": 20}
+
+    def facts_for(self, seed: int) -> list:
+        data_seed = seed if self.args.data_seed is None else self.args.data_seed
+        return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
+                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2, families=True)
+
+    def policy(self, seed):
+        return facts.warm_started_policy(self.facts_for(seed), steps=self.args.warm_start_steps, seed=seed,
+                                         batch_size=self.warm_start_batch)
+
+    def setup(self) -> str:
+        visits = self.args.prompts_per_step * self.args.max_steps / self.args.train_prompts
+        never = round(self.args.never_share * len(facts.KEYS))
+        return (f"facts-many task: {self.args.train_prompts} facts with two-character keys, the first fixing answer "
+                f"and rationale, the last the starting level ({never} of {len(facts.KEYS)} characters never solved, "
+                f"the others log-uniform at {self.args.lowest_rate:g}-{self.args.highest_rate:g}), tiny Llama "
+                f"(hidden 64); {visits:.2g} visits per prompt")
+
+
+TASKS = {task.name: task for task in (FactsTask, FactsManyTask, LettersTask, ArithmeticTask)}
 
 
 # -- one run ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ Variance Minimization in Rejection Sampling and RL" (arXiv:2505.02391):
   per-prompt floor/cap (water-filling, which is the exact minimiser of eq. (5) under those bounds),
   the official code's ``filter_threshold`` / ``filter_insufficient`` filters, largest-remainder rounding.
 - :func:`uniform_allocation` — the uniform split of the same budget (the baseline).
+- :func:`dynamic_sampling_allocation` — DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476) as a budget
+  policy: prompts whose estimate says all-correct or all-wrong get nothing, the rest share the budget equally.
+- :func:`knapsack_allocation` — Knapsack RL's rule (Li et al. 2025, arXiv:2509.25849): maximise
+  Σ_i P(non-zero GRPO gradient | n_i, p_i) · p_i(1 − p_i)^k over integer n_i in [low, high] (greedy, exact here).
 - :func:`variance_bound` — the objective of eq. (5): Σ_i 1/(1 + α/p_i^β) · G_i² / (p_i n_i).
 - :func:`lemma1_weights` — the per-prompt factors 1/(n_i p_i) of the unbiased estimator of Lemma 1, eq. (4).
 - :func:`mean_weights` — Algorithm 1's practical factors 1/|D_i| (observed accepted count).
@@ -19,6 +23,7 @@ lists, tuples, numpy arrays, torch tensors (CPU or GPU).
 
 from __future__ import annotations
 
+import heapq
 import math
 import numbers
 import operator
@@ -27,6 +32,9 @@ from typing import Any, Iterable
 __all__ = [
     "allocate_budget",
     "allocation_weights",
+    "dynamic_sampling_allocation",
+    "knapsack_allocation",
+    "knapsack_value",
     "lemma1_weights",
     "mean_weights",
     "uniform_allocation",
@@ -343,6 +351,150 @@ def allocate_budget(
         return [int(high) if w > 0.0 else 0 for w in weights]
     targets = _water_fill(weights, budget_, low, high)
     return _round_largest_remainder(targets, budget_, high)
+
+
+def _check_bounds(min_samples: Any, max_samples: Any) -> tuple[int, float]:
+    low = _as_count(min_samples, "min_samples")
+    if max_samples is None:
+        return low, math.inf
+    high = _as_count(max_samples, "max_samples")
+    if high < 1 or high < low:
+        raise ValueError(f"max_samples must be >= 1 and >= min_samples ({low}), got {high}")
+    return low, high
+
+
+def dynamic_sampling_allocation(
+    accept_rates: RealSequence,
+    budget: int,
+    *,
+    epsilon: float = 0.0,
+    min_samples: int = 0,
+    max_samples: int | None = None,
+) -> list[int]:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476, §3.2) as a per-prompt budget, Σ n_i = budget.
+
+    A prompt is *informative* iff ε < p_i < 1 − ε: one whose estimate says all-wrong (p_i ≤ ε) or all-correct
+    (p_i ≥ 1 − ε) gets 0 samples (its GRPO group would have zero advantage everywhere). The budget is split equally
+    over the informative prompts: budget // k each, and the budget % k units left one each to the lowest indices
+    (largest remainder with equal remainders), so every process computes the same split.
+
+    ``epsilon`` (default 0, in [0, 0.5)): with a probe estimate p̂ = a/N′ any ε < 1/N′ is the same as 0 and drops
+    exactly the groups DAPO drops (every probe rejected, or every probe accepted). With a history estimate (the
+    decayed posterior mean of :class:`gvm_trl.estimates.PromptHistory`), p̃ is exactly 0 or 1 only when no visit
+    ever saw the other outcome; ε > 0 also drops prompts the history says are almost surely solved or unsolved.
+
+    ``min_samples`` floors and ``max_samples`` caps apply to informative prompts (the others always get 0).
+
+    Infeasible cases, as in :func:`allocate_budget`:
+
+    - no informative prompt (or no prompts): returns all zeros; the caller decides what to do (skip the update, or
+      fall back to :func:`uniform_allocation`). ``sum(result) < budget`` is the signal.
+    - min_samples · k > budget (k informative prompts): raises ValueError naming min_samples.
+    - max_samples · k < budget: every informative prompt gets max_samples; the result sums to less than the budget.
+    """
+    rates = _as_rates(accept_rates, "accept_rates")
+    budget_ = _as_count(budget, "budget")
+    threshold = _as_real(epsilon, "epsilon")
+    if not 0.0 <= threshold < 0.5:
+        raise ValueError(f"epsilon must lie in [0, 0.5) (0 drops only p = 0 and p = 1), got {threshold}")
+    low, high = _check_bounds(min_samples, max_samples)
+    informative = [i for i, p in enumerate(rates) if threshold < p < 1.0 - threshold]
+    sizes = [0] * len(rates)
+    if not informative:
+        return sizes
+    count = len(informative)
+    if low * count > budget_:
+        raise ValueError(
+            f"min_samples={low} for {count} informative prompts needs {low * count} samples, more than "
+            f"budget={budget_}"
+        )
+    shares = [int(high)] * count if high * count <= budget_ else uniform_allocation(count, budget_)
+    for i, share in zip(informative, shares):
+        sizes[i] = share
+    return sizes
+
+
+def _check_info_power(info_power: Any) -> float:
+    power = _as_real(info_power, "info_power")
+    if not (math.isfinite(power) and power >= 0.0):
+        raise ValueError(f"info_power must be finite and >= 0, got {power}")
+    return power
+
+
+def knapsack_value(num_samples: int, accept_rate: float, *, info_power: float = 2.0) -> float:
+    """Knapsack RL's value of giving a prompt n samples (Li et al. 2025, arXiv:2509.25849, §3):
+
+        V(n, p) = P(non-zero gradient | n, p) · InfoGain(p) = (1 − p^n − (1 − p)^n) · p (1 − p)^k,
+
+    where 1 − p^n − (1 − p)^n is the chance that a GRPO group of n samples holds both an accepted and a rejected one
+    (otherwise every advantage is 0), and InfoGain(p) = p(1 − p)^k approximates the gain in success probability one
+    update brings; the paper's approximation is k = 2 (``info_power``). V(0, p) = 0; V(n, p) = 0 for p ∈ {0, 1}.
+    """
+    n = _as_count(num_samples, "num_samples")
+    p = _as_rates([accept_rate], "accept_rate")[0]
+    power = _check_info_power(info_power)
+    if n == 0:
+        return 0.0
+    return (1.0 - p**n - (1.0 - p) ** n) * p * (1.0 - p) ** power
+
+
+def knapsack_allocation(
+    accept_rates: RealSequence,
+    budget: int,
+    *,
+    min_samples: int = 1,
+    max_samples: int | None = None,
+    info_power: float = 2.0,
+) -> list[int]:
+    """Knapsack RL's budgets (Li et al. 2025, arXiv:2509.25849): the integer n_i in [min_samples, max_samples] with
+    Σ n_i = budget that maximise Σ_i :func:`knapsack_value` (n_i, p_i).
+
+    Every prompt starts at ``min_samples``; each remaining unit goes to the prompt whose value grows most by one more
+    sample, Δ_i(n) = V(n + 1, p_i) − V(n, p_i) = p_i(1 − p_i)^k · (p_i^n (1 − p_i) + p_i (1 − p_i)^n), ties to the
+    lowest index. For n ≥ 1 both terms of Δ_i(n) shrink as n grows, so each V(·, p_i) is concave there and this
+    greedy is an exact maximiser of the separable objective under the bounds (the paper solves the same knapsack by
+    dynamic programming). That is why ``min_samples`` must be ≥ 1: V(0) = V(1) = 0 (one sample never has a non-zero
+    GRPO gradient), so the value is not concave from 0. The paper bounds budgets to [2, 128].
+
+    Prompts with p_i ∈ {0, 1} have value 0: they get ``min_samples`` and nothing more. When no prompt can take a
+    unit with positive gain (every p_i ∈ {0, 1}, or the others are at ``max_samples``), the rest of the budget is
+    left unspent: the result sums to less than ``budget`` and the caller decides (e.g. :func:`uniform_allocation`).
+    min_samples · #prompts > budget raises ValueError naming min_samples.
+    """
+    rates = _as_rates(accept_rates, "accept_rates")
+    budget_ = _as_count(budget, "budget")
+    low, high = _check_bounds(min_samples, max_samples)
+    if low < 1:
+        raise ValueError(
+            "min_samples must be >= 1 for knapsack_allocation: the value of one sample is 0 (a group of one has no "
+            f"GRPO gradient), so the value is concave only from 1 sample on (Knapsack RL uses 2); got {low}"
+        )
+    power = _check_info_power(info_power)
+    if not rates:
+        return []
+    if low * len(rates) > budget_:
+        raise ValueError(
+            f"min_samples={low} for {len(rates)} prompts needs {low * len(rates)} samples, more than budget={budget_}"
+        )
+    scale = [p * (1.0 - p) ** power for p in rates]
+
+    def gain(i: int, n: int) -> float:
+        p = rates[i]
+        return scale[i] * (p**n * (1.0 - p) + p * (1.0 - p) ** n)
+
+    sizes = [low] * len(rates)
+    heap = [(-gain(i, low), i) for i in range(len(rates)) if scale[i] > 0.0 and low < high]
+    heapq.heapify(heap)
+    for _ in range(budget_ - low * len(rates)):
+        while heap and heap[0][0] >= 0.0:  # a gain that underflowed to 0 adds nothing
+            heapq.heappop(heap)
+        if not heap:
+            break
+        _, i = heapq.heappop(heap)
+        sizes[i] += 1
+        if sizes[i] < high:
+            heapq.heappush(heap, (-gain(i, sizes[i]), i))
+    return sizes
 
 
 def uniform_allocation(num_prompts: int, budget: int) -> list[int]:

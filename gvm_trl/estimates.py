@@ -15,13 +15,21 @@ next visit also learns from them.
 
 Every input is a global (gathered) quantity and the arithmetic is plain Python in a fixed order, so every process
 holds the same history; it is saved with each checkpoint (:meth:`state_dict`).
+
+:func:`optimistic_rates` is a lever against the starvation bias (issue 17): a prompt with no accepted probe gets p̃ = 0
+and Theorem 3 gives it nothing, although its posterior still puts mass on p > 0. It replaces those zeros by a quantile
+of, or a Thompson draw from, that posterior.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import random
 from dataclasses import dataclass
+from typing import Iterable
 
-__all__ = ["PromptEvidence", "PromptHistory"]
+__all__ = ["PromptEvidence", "PromptHistory", "optimistic_rates"]
 
 
 @dataclass
@@ -87,3 +95,70 @@ class PromptHistory:
                 f"{self.decay}: resume with the same setting."
             )
         self._records = {int(key): [float(v) for v in values] for key, values in state["prompts"].items()}
+
+
+def _counts(values: Iterable[float], name: str) -> list[float]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    try:
+        items = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a 1-D sequence of counts, got {type(values).__name__}") from None
+    for index, x in enumerate(items):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (math.isfinite(x) and x >= 0):
+            raise ValueError(f"{name}[{index}] must be a finite count >= 0, got {x!r}")
+    return [float(x) for x in items]
+
+
+def optimistic_rates(
+    accepted: Iterable[float],
+    trials: Iterable[float],
+    *,
+    rule: str = "quantile",
+    quantile: float = 0.5,
+    prior_failures: float = 1.0,
+    seed: int | None = None,
+) -> list[float]:
+    """Accept rates with a posterior-uncertainty floor where nothing was accepted.
+
+    Where a_i > 0 the rate is the plain estimate a_i / t_i. Where a_i = 0 (possibly decayed history counts, so a_i and
+    t_i may be fractional), p_i's posterior under a Beta(1, b₀) prior (``prior_failures`` = b₀; b₀ = 1 is uniform)
+    after t_i failures is Beta(1, b₀ + t_i), whose CDF is F(x) = 1 − (1 − x)^(b₀ + t_i). The rate becomes
+
+    - ``rule="quantile"``: its ``quantile`` q, F⁻¹(q) = 1 − (1 − q)^(1/(b₀ + t_i)) (q = 0.5: the posterior median, e.g.
+      0.129 after 4 failed probes; a larger q is an upper confidence bound, as UCB uses);
+    - ``rule="thompson"``: a draw F⁻¹(u_i) with u_i uniform on [0, 1) from ``random.Random(seed)``, one u per prompt in
+      index order whatever the counts (MoPPS, arXiv 2507.04632, samples its Beta posteriors the same way). Pass the
+      same seed on every process (e.g. derived from the global step) so that every process draws the same rates.
+
+    Theorem 3 also needs G_i for such a prompt (its measured G_i is 0): the caller supplies one (the history's, the
+    batch mean, or 1 for "Theorem 3 with G_i ≡ 1").
+    """
+    accepted_ = _counts(accepted, "accepted")
+    trials_ = _counts(trials, "trials")
+    if len(accepted_) != len(trials_):
+        raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
+    for index, (a, t) in enumerate(zip(accepted_, trials_)):
+        if a > t:
+            raise ValueError(f"accepted[{index}] = {a} exceeds trials[{index}] = {t}")
+    if rule not in ("quantile", "thompson"):
+        raise ValueError(f"rule must be 'quantile' or 'thompson', got {rule!r}")
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile!r}")
+    if (isinstance(prior_failures, bool) or not isinstance(prior_failures, numbers.Real)
+            or not (math.isfinite(prior_failures) and prior_failures > 0.0)):
+        raise ValueError(f"prior_failures must be finite and > 0, got {prior_failures!r}")
+    if rule == "thompson":
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"rule='thompson' needs an integer seed, the same on every process; got {seed!r}")
+        generator = random.Random(int(seed))
+        levels = [generator.random() for _ in accepted_]
+    else:
+        levels = [float(quantile)] * len(accepted_)
+    rates = []
+    for a, t, level in zip(accepted_, trials_, levels):
+        if a > 0.0:
+            rates.append(a / t)
+        else:
+            rates.append(1.0 - (1.0 - level) ** (1.0 / (prior_failures + t)))
+    return rates

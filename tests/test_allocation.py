@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -14,6 +15,9 @@ from gvm_trl.allocation import (
     _water_fill,
     allocate_budget,
     allocation_weights,
+    dynamic_sampling_allocation,
+    knapsack_allocation,
+    knapsack_value,
     lemma1_weights,
     mean_weights,
     uniform_allocation,
@@ -524,3 +528,171 @@ def test_exploration_floor_properties(problem, budget, explore):
         assert sum(floors) == min(budget, explore * len(unsolved))
     if len(unsolved) < len(rates_):
         assert sum(sizes) == budget  # every positive-weight prompt can take the rest
+
+
+# -- DAPO's dynamic sampling as a budget policy ----------------------------------------------------------------------
+
+
+def test_dynamic_sampling_by_hand():
+    # informative: 0.5, 0.25, 0.75 (indices 1, 3, 4); 10 = 3 · 3 + 1, the extra unit to the lowest index
+    assert dynamic_sampling_allocation([0.0, 0.5, 1.0, 0.25, 0.75], 10) == [0, 4, 0, 3, 3]
+    assert dynamic_sampling_allocation([0.5, 0.5], 0) == [0, 0]
+    assert dynamic_sampling_allocation([0.3], 7) == [7]
+    assert dynamic_sampling_allocation([0.1, 0.9], 8) == [4, 4]
+
+
+def test_dynamic_sampling_with_no_informative_prompt_returns_zeros():
+    assert dynamic_sampling_allocation([0.0, 1.0, 0.0], 12) == [0, 0, 0]
+    assert dynamic_sampling_allocation([0.0, 1.0], 12, min_samples=2, max_samples=4) == [0, 0]
+    assert dynamic_sampling_allocation([], 12) == []
+
+
+def test_dynamic_sampling_epsilon_drops_near_certain_history_estimates():
+    rates = [0.01, 0.5, 0.995, 0.05]
+    assert dynamic_sampling_allocation(rates, 8) == [2, 2, 2, 2]
+    assert dynamic_sampling_allocation(rates, 8, epsilon=0.02) == [0, 4, 0, 4]
+    assert dynamic_sampling_allocation(rates, 8, epsilon=0.05) == [0, 8, 0, 0]  # the boundary counts as certain
+    # with N' = 4 probes, p̂ ∈ {0, 1/4, ..., 1}: any ε < 1/4 drops the same prompts as ε = 0
+    probes = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert dynamic_sampling_allocation(probes, 9, epsilon=0.2) == dynamic_sampling_allocation(probes, 9)
+
+
+def test_dynamic_sampling_floors_and_caps():
+    assert dynamic_sampling_allocation([0.5, 0.0, 0.5], 12, max_samples=4) == [4, 0, 4]
+    assert dynamic_sampling_allocation([0.5, 0.0, 0.5], 7, max_samples=4) == [4, 0, 3]
+    assert dynamic_sampling_allocation([0.5, 0.0, 0.5], 4, min_samples=2) == [2, 0, 2]
+    with pytest.raises(ValueError, match="min_samples=2 for 2 informative prompts"):
+        dynamic_sampling_allocation([0.5, 0.0, 0.5], 3, min_samples=2)
+
+
+@FAST
+@given(st.lists(st.sampled_from([0.0, 1.0, 0.125, 0.5, 0.875]) | rates, max_size=16), st.integers(0, 200),
+       st.sampled_from([0.0, 0.01, 0.2]), st.integers(0, 3), st.none() | st.integers(3, 40))
+def test_dynamic_sampling_matches_an_independent_split(p, budget, epsilon, low, high):
+    informative = np.array([epsilon < x < 1 - epsilon for x in p], dtype=bool)
+    k = int(informative.sum())
+    if k and low * k > budget:
+        with pytest.raises(ValueError, match="min_samples"):
+            dynamic_sampling_allocation(p, budget, epsilon=epsilon, min_samples=low, max_samples=high)
+        return
+    sizes = dynamic_sampling_allocation(np.array(p), budget, epsilon=epsilon, min_samples=low, max_samples=high)
+    expected = np.zeros(len(p), dtype=int)
+    if k:
+        share = budget / k if high is None else min(budget / k, high)
+        rank = np.cumsum(informative) - 1  # position among the informative prompts
+        extra = budget - k * math.floor(share) if share < (high or math.inf) else 0
+        expected[informative] = math.floor(share) + (rank[informative] < extra)
+    assert sizes == expected.tolist()
+    assert all(type(n) is int for n in sizes)
+    if k:
+        assert sum(sizes) == (budget if high is None or high * k >= budget else high * k)
+        assert all(low <= n <= (high or budget) for n, keep in zip(sizes, informative) if keep)
+
+
+# -- Knapsack RL ------------------------------------------------------------------------------------------------------
+
+
+def test_knapsack_value_by_hand():
+    # p = 0.5, n = 3: P(mixed group) = 1 − 1/8 − 1/8 = 3/4; InfoGain = 0.5 · 0.25 = 1/8
+    assert knapsack_value(3, 0.5) == pytest.approx(3 / 32, rel=1e-15)
+    assert knapsack_value(3, 0.5, info_power=3.0) == pytest.approx(3 / 64, rel=1e-15)
+    assert knapsack_value(1, 0.3) == 0.0 and knapsack_value(0, 0.3) == 0.0
+    assert knapsack_value(8, 0.0) == 0.0 and knapsack_value(8, 1.0) == 0.0
+
+
+def test_knapsack_by_hand():
+    # p = (0.5, 0.1), floors 2, 2 more units. Marginal gains c·(p^n (1−p) + p (1−p)^n), c = p (1−p)²:
+    #   prompt 0: c = 0.125, n = 2: 0.125 · 0.25 = 0.03125; n = 3: 0.125 · 0.125 = 0.015625
+    #   prompt 1: c = 0.081, n = 2: 0.081 · (0.009 + 0.081) = 0.00729
+    # so both units go to prompt 0
+    assert knapsack_allocation([0.5, 0.1], 6, min_samples=2) == [4, 2]
+    # prompts with p ∈ {0, 1} keep their floor; a tie (equal p) goes to the lower index first
+    assert knapsack_allocation([0.0, 0.5, 0.5, 1.0], 7) == [1, 3, 2, 1]
+
+
+def test_knapsack_spends_on_mixed_groups_not_on_equal_shares():
+    # p = 0.1 needs many samples for a group with both outcomes and has a large InfoGain: it gets the most; p = 0.9
+    # also needs many for a rejected sample, so it gets more than p = 0.5, whose small groups are already mixed
+    sizes = knapsack_allocation([0.9, 0.5, 0.1, 0.02], 64, min_samples=2, max_samples=40)
+    assert sum(sizes) == 64 and max(sizes) == sizes[2] and sizes[0] > sizes[1] and sizes[3] > 2
+
+
+def test_knapsack_leaves_unspendable_budget_to_the_caller():
+    assert knapsack_allocation([0.0, 1.0], 10) == [1, 1]
+    assert knapsack_allocation([0.5, 0.0], 10, max_samples=4) == [4, 1]
+    assert knapsack_allocation([], 10) == []
+
+
+def test_knapsack_refuses_infeasible_and_unsupported_floors():
+    with pytest.raises(ValueError, match="min_samples=2 for 3 prompts needs 6 samples"):
+        knapsack_allocation([0.5, 0.5, 0.5], 5, min_samples=2)
+    with pytest.raises(ValueError, match="min_samples must be >= 1 for knapsack_allocation"):
+        knapsack_allocation([0.5, 0.5], 8, min_samples=0)
+    with pytest.raises(ValueError, match="min_samples"):
+        knapsack_allocation([0.5], 0)
+
+
+def brute_force_knapsack(p, budget, low, high, power):
+    """The best total value over every integer vector in [low, high]^m with Σ n ≤ budget (V is non-decreasing in n,
+    so Σ n = budget is as good where it is reachable), value written as in the paper."""
+    p = np.asarray(p, dtype=float)
+    best = -1.0
+    for n in itertools.product(range(low, high + 1), repeat=len(p)):
+        if sum(n) <= budget:
+            n_ = np.asarray(n, dtype=float)
+            best = max(best, float(np.sum((1 - p**n_ - (1 - p) ** n_) * p * (1 - p) ** power)))
+    return best
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0, 0.5, 0.02]) | rates, min_size=1, max_size=4), st.integers(0, 14),
+       st.integers(1, 3), st.integers(0, 6), st.sampled_from([0.0, 2.0, 3.0]))
+def test_knapsack_matches_brute_force(p, budget, low, cap_extra, power):
+    high = low + cap_extra
+    if low * len(p) > budget:
+        with pytest.raises(ValueError, match="min_samples"):
+            knapsack_allocation(p, budget, min_samples=low, max_samples=high, info_power=power)
+        return
+    sizes = knapsack_allocation(p, budget, min_samples=low, max_samples=high, info_power=power)
+    assert all(low <= n <= high for n in sizes) and sum(sizes) <= budget
+    total = math.fsum(knapsack_value(n, x, info_power=power) for n, x in zip(sizes, p))
+    assert total == pytest.approx(brute_force_knapsack(p, budget, low, high, power), rel=1e-9, abs=1e-15)
+    valuable = [i for i, x in enumerate(p) if x * (1 - x) ** power > 0]  # 0 < p < 1, InfoGain not underflowed
+    if sum(sizes) < budget:  # only when no prompt with value can take another unit
+        assert all(sizes[i] == high for i in valuable)
+    assert all(sizes[i] == low for i in range(len(p)) if i not in valuable)
+
+
+@FAST
+@given(st.lists(rates, min_size=1, max_size=24), st.integers(24, 600))
+def test_knapsack_is_deterministic_and_type_blind(p, budget):
+    sizes = knapsack_allocation(p, budget, min_samples=1, max_samples=64)
+    assert sizes == knapsack_allocation(tuple(p), float(budget), min_samples=1, max_samples=64)
+    assert sizes == knapsack_allocation(torch.tensor(p, dtype=torch.float64), np.int64(budget), min_samples=1,
+                                        max_samples=64)
+    assert all(type(n) is int for n in sizes)
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: dynamic_sampling_allocation([0.5, 1.5], 8), "accept_rates"),
+        (lambda: dynamic_sampling_allocation([0.5, math.nan], 8), "accept_rates"),
+        (lambda: dynamic_sampling_allocation([0.5], -1), "budget"),
+        (lambda: dynamic_sampling_allocation([0.5], 8, epsilon=0.5), "epsilon"),
+        (lambda: dynamic_sampling_allocation([0.5], 8, epsilon=-0.1), "epsilon"),
+        (lambda: dynamic_sampling_allocation([0.5], 8, epsilon=True), "epsilon"),
+        (lambda: dynamic_sampling_allocation([0.5], 8, min_samples=-1), "min_samples"),
+        (lambda: dynamic_sampling_allocation([0.5], 8, min_samples=3, max_samples=2), "max_samples"),
+        (lambda: knapsack_allocation([0.5, -0.5], 8), "accept_rates"),
+        (lambda: knapsack_allocation([0.5], 8.5), "budget"),
+        (lambda: knapsack_allocation([0.5], 8, max_samples=0), "max_samples"),
+        (lambda: knapsack_allocation([0.5], 8, info_power=-1.0), "info_power"),
+        (lambda: knapsack_allocation([0.5], 8, info_power=math.inf), "info_power"),
+        (lambda: knapsack_value(-1, 0.5), "num_samples"),
+        (lambda: knapsack_value(2, 1.5), "accept_rate"),
+    ],
+)
+def test_budget_policies_reject_bad_input(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()

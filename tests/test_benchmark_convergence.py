@@ -79,6 +79,39 @@ def test_warm_start_gives_the_intended_spread(benchmarks):
         assert (measured[~never] / targets[~never]).log().abs().max() < math.log(1.5)
 
 
+def test_many_facts_have_distinct_multi_character_keys_and_families(benchmarks):
+    facts = benchmarks["facts"]
+    many = facts.make_facts(1024, seed=0, key_length=2)
+    assert len({f.key for f in many}) == 1024 and all(len(f.key) == 2 for f in many)
+    assert sum(f.start_rate == 0 for f in many) == 128
+    solvable = sorted(f.start_rate for f in many if f.start_rate > 0)
+    assert solvable[0] == pytest.approx(0.02) and solvable[-1] == pytest.approx(0.98)
+    drift = facts.make_facts(1024, seed=0, key_length=2, families=True)
+    assert [f.key for f in drift] == [f.key for f in many]
+    family, level = {}, {}
+    for f in drift:  # first character: answer and rationale; last character: starting level
+        assert family.setdefault(f.key[0], (f.answer, f.rationale)) == (f.answer, f.rationale)
+        assert level.setdefault(f.key[1], f.start_rate) == f.start_rate
+    assert len(set(family.values())) > 10 and len(set(level.values())) == 43  # 6 never-solved characters share 0
+    assert sorted(level.values())[6] == pytest.approx(0.02) and max(level.values()) == pytest.approx(0.98)
+    assert len({(f.answer, f.rationale) for f in many if f.key[0] == many[0].key[0]}) > 1  # without families: not
+    with pytest.raises(ValueError, match="families needs key_length >= 2"):
+        facts.make_facts(8, seed=0, families=True)
+    with pytest.raises(ValueError, match="2304 keys of 2 characters"):
+        facts.make_facts(3000, seed=0, key_length=2)
+
+
+def test_fast_paths_agree_with_the_full_forward(benchmarks):
+    facts = benchmarks["facts"]
+    task_facts = facts.make_facts(24, seed=2, key_length=2, families=True)
+    model, tokenizer = facts.warm_started_policy(task_facts, steps=30, batch_size=16)
+    full = facts.accept_probabilities(model, tokenizer, task_facts)
+    fast = facts.accept_probabilities(model, tokenizer, task_facts, last_logits_only=True)
+    assert torch.allclose(full, fast, rtol=1e-5, atol=1e-9)
+    assert facts.warm_started_policy(task_facts, steps=30, batch_size=16)[0].state_dict()["lm_head.weight"].equal(
+        model.state_dict()["lm_head.weight"])  # seeded: the same warm start twice
+
+
 def test_variants_are_parsed_and_checked(benchmarks):
     common = benchmarks["common"]
     run = common.parse_variant("gvm-raft-mean=gvm-raft:gvm_weighting=mean,gvm_min_samples=2,gvm_max_samples=None")
@@ -149,6 +182,19 @@ def test_quick_facts(benchmarks, tmp_path):
     assert set(summary["bands"]) == {"never", "rare (< 0.1)", "middle (0.1-0.5)", "easy (≥ 0.5)"}
     shares = [band["methods"]["raft"]["completion_share"] for band in summary["bands"].values()]
     assert sum(shares) == pytest.approx(1.0)
+
+
+def test_quick_few_revisit_task(benchmarks, tmp_path):
+    output = tmp_path / "facts-many.json"
+    report = benchmarks["convergence"].main(["--quick", "--task", "facts-many", "--methods", "grpo", "gvm-grpo",
+                                             "--output", str(output)])
+    assert report["complete"] and "facts-many task: 64 facts with two-character keys" in report["setup"]
+    assert "0.12 visits per prompt" in report["setup"]  # 4 prompts a step × 2 steps / 64 facts
+    for run in report["runs"]:
+        assert [point["step"] for point in run["curve"]] == [0, 1, 2]
+        assert len(run["prompt_bands"]) == 64 and len(run["curve"][0]["rates"]) == 64
+        assert all(math.isfinite(p["objective"]) for p in run["curve"])
+    assert set(report["summary"]["comparisons"]) == {"gvm-grpo"}
 
 
 def test_quick_letters_with_a_variant(benchmarks, tmp_path):
