@@ -57,7 +57,12 @@ class MethodRun:
 
     @property
     def is_gvm(self) -> bool:
-        return self.settings.get("gvm_allocation", "gvm") == "gvm"
+        """Whether the run probes and plans (Theorem 3 or a history-only peer), rather than splitting uniformly."""
+        return self.settings.get("gvm_allocation", "gvm") != "uniform"
+
+    @property
+    def weighting(self) -> str:
+        return self.settings.get("gvm_weighting", "mean")
 
     @property
     def trainer_cls(self) -> type:
@@ -126,13 +131,14 @@ def method_runs(names: Sequence[str], variants: Sequence[str] = ()) -> list[Meth
 
 
 def uniform_baseline(run: MethodRun, runs: Sequence[MethodRun]) -> MethodRun | None:
-    """The vanilla method (uniform, unweighted) of the same trainer among `runs`, for a GVM run; else None."""
+    """For a probing run, the fair baseline among `runs`: the plain uniform method of the same trainer with the same
+    weighting (so that only the allocation differs); failing that, the unweighted one (vanilla GRPO / RAFT++).
+    None for a uniform run, or when `runs` holds no uniform method of its trainer."""
     if not run.is_gvm:
         return None
-    for other in runs:
-        if not other.is_gvm and not other.fields and other.trainer_cls is run.trainer_cls:
-            return other
-    return None
+    candidates = [o for o in runs if not o.is_gvm and not o.fields and o.trainer_cls is run.trainer_cls]
+    same_weighting = [o for o in candidates if o.weighting == run.weighting]
+    return (same_weighting or [o for o in candidates if o.weighting == "none"] or [None])[0]
 
 
 # -- policies and trainer settings ------------------------------------------------------------------------------------

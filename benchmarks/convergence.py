@@ -24,7 +24,9 @@ Tasks (``--task``):
 - ``arithmetic``: SmolLM2-135M-Instruct (LoRA on CPU) on arithmetic prompts, held-out accuracy by sampling; a CPU
   step costs about a minute, so on CPU this only shows the mechanics.
 
-Report, per GVM run against the uniform, unweighted method of its trainer (raft or grpo): the target is the start
+Report, per probing run (GVM, or a history-only peer: dynamic sampling, Knapsack RL) against its fair baseline — the
+uniform method of its trainer with the same weighting (`raft-mean`/`grpo-mean` for the default 1/|D_i|), else the
+unweighted one (`raft`/`grpo`), named in the report: the target is the start
 plus ``--target-fraction`` (0.75) of the improvement the uniform method's seed-mean curve makes by its last
 evaluation; the completions each seed-mean curve needs to first reach it (linear interpolation between evaluations),
 and their ratio GVM / uniform (< 1: GVM needs fewer); the area under the curve as the mean improvement over the
@@ -95,7 +97,7 @@ import facts
 import letters
 
 HELDOUT_SEED = 10_000
-DEFAULT_METHODS = ["gvm-raft", "raft", "gvm-grpo", "grpo"]
+DEFAULT_METHODS = ["gvm-raft", "raft-mean", "raft", "gvm-grpo", "grpo-mean", "grpo"]
 FACT_BANDS = {"never": (0.0, 0.0), "rare (< 0.1)": (1e-9, 0.1), "middle (0.1-0.5)": (0.1, 0.5),
               "easy (≥ 0.5)": (0.5, 1.0)}
 

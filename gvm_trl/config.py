@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 WEIGHTINGS = ("lemma1", "mean", "none")
-ALLOCATIONS = ("gvm", "uniform")
+ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack")
+PROBED_ALLOCATIONS = ("gvm", "dynamic", "knapsack")  # the policies that probe first and plan from the estimates
 DEFAULT_HISTORY_DECAY = 0.7  # benchmarks/convergence.py: 0.60x uniform's completions to the target objective
 
 
@@ -61,8 +62,20 @@ class GVMArguments:
             the default because it measured better: 0.58x `"lemma1"`'s completions to the target objective
             (`benchmarks/convergence.py`), and `"lemma1"` with a history is unstable (`benchmarks/variance.py`).
         gvm_allocation (`str`, *optional*, defaults to `"gvm"`):
-            `"gvm"` (Theorem 3) or `"uniform"` (no probe round: one round of the same number of completions split
-            evenly, so with `gvm_weighting="none"` it is vanilla GRPO / RAFT++).
+            How a generation batch's budget is split over its prompts:
+            - `"gvm"`: Theorem 3 from the probes' p_i and G_i (the gradient-norm pass runs on the accepted probes);
+            - `"uniform"`: no probe round: one round of the same number of completions split evenly (with
+              `gvm_weighting="none"` it is vanilla GRPO / RAFT++; with `"mean"`, the fair baseline for GVM's
+              weighted runs);
+            - `"dynamic"`: DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476) as a budget: prompts whose
+              estimate is all-correct or all-wrong (p_i ≤ `gvm_dynamic_epsilon` or ≥ 1 − it) get no allocated
+              completions, the others share the budget equally;
+            - `"knapsack"`: Knapsack RL's budgets (Li et al. 2025, arXiv:2509.25849): the split that maximises
+              Σ_i P(a group of n_i holds an accepted and a rejected completion) · p_i(1 − p_i)², reused probes
+              counted in each group.
+            `"dynamic"` and `"knapsack"` probe and keep the history exactly as `"gvm"` does, but need no gradient
+            norms. When no prompt can be allocated to (no accepted probe; for `"dynamic"`/`"knapsack"` also every
+            estimate 0 or 1) the budget is split uniformly (`gvm/uniform_fallback`).
         gvm_probe_ahead (`bool`, *optional*):
             Draw the next generation batch's probes in the same generation call as this batch's allocated
             completions (one generation round per batch, estimates one update old, corrected by the importance
@@ -78,6 +91,10 @@ class GVMArguments:
         gvm_explore_samples (`int`, *optional*, defaults to `0`):
             Samples given first to each prompt whose estimated accept rate is 0 (an exploration floor, so that a
             rare-success prompt whose probes all failed can be found).
+        gvm_dynamic_epsilon (`float`, *optional*, defaults to `0.0`):
+            With `gvm_allocation="dynamic"`, the margin of "all-correct or all-wrong": p_i ≤ ε or p_i ≥ 1 − ε. 0
+            drops exactly DAPO's zero-variance groups when p_i comes from the probes; with a history, ε > 0 also
+            drops prompts it says are almost surely solved or unsolved.
         gvm_max_empty_batches (`int`, *optional*, defaults to `10`):
             `GVMRAFTTrainer` stops with an error after this many consecutive generation batches in which no
             completion was accepted (nothing to train on); `None` never stops.
@@ -130,6 +147,10 @@ class GVMArguments:
     )
     gvm_explore_samples: int = field(
         default=0, metadata={"help": "Samples for each prompt with estimated accept rate 0 (exploration floor)."}
+    )
+    gvm_dynamic_epsilon: float = field(
+        default=0.0,
+        metadata={"help": "gvm_allocation='dynamic': prompts with p_i ≤ ε or ≥ 1 − ε get no allocated completions."},
     )
     gvm_max_empty_batches: int | None = field(
         default=10, metadata={"help": "RAFT++: error after this many consecutive batches with nothing accepted."}
@@ -227,17 +248,30 @@ class GVMArguments:
             fail(f"gvm_explore_samples must be ≥ 0 (got {self.gvm_explore_samples}).")
         if self.gvm_max_empty_batches is not None and self.gvm_max_empty_batches < 1:
             fail(f"gvm_max_empty_batches must be ≥ 1 or None (got {self.gvm_max_empty_batches}).")
+        if not 0.0 <= self.gvm_dynamic_epsilon < 0.5:
+            fail(f"gvm_dynamic_epsilon must lie in [0, 0.5) (got {self.gvm_dynamic_epsilon}).")
+        policy_options = {
+            "gvm_dynamic_epsilon": ("dynamic", self.gvm_dynamic_epsilon > 0),
+            "gvm_explore_samples": ("gvm", self.gvm_explore_samples > 0),
+            "gvm_filter_threshold": ("gvm", self.gvm_filter_threshold is not None),
+            "gvm_filter_insufficient": ("gvm", self.gvm_filter_insufficient > 0),
+        }
+        for name, (policy, is_set) in policy_options.items():
+            if is_set and self.gvm_allocation != policy:
+                fail(
+                    f"{name} applies to gvm_allocation='{policy}' only (got gvm_allocation='{self.gvm_allocation}'); "
+                    "drop the option or choose that allocation."
+                )
         if self.gvm_allocation == "uniform":
             estimate_options = {
                 "gvm_probe_ahead=True": self.gvm_probe_ahead is True,
                 "gvm_history_decay": bool(self.gvm_history_decay),
-                "gvm_explore_samples": self.gvm_explore_samples > 0,
             }
             for name, is_set in estimate_options.items():
                 if is_set:
                     fail(
-                        f"{name} needs gvm_allocation='gvm': uniform allocation has no probes and nothing to estimate; "
-                        "drop the option or allocate with GVM."
+                        f"{name} needs probes, which gvm_allocation='uniform' has none of: drop the option or choose "
+                        f"one of {PROBED_ALLOCATIONS}."
                     )
 
 

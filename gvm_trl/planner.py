@@ -2,8 +2,9 @@
 
 :func:`plan_allocation` turns per-prompt probe evidence (accepted probes, gradient-norm sums) into the estimates p_i
 and G_i (the probes alone, or combined with the prompt's history, :class:`~gvm_trl.estimates.PromptHistory`) and the
-budget n_i of Theorem 3 (:func:`~gvm_trl.allocation.allocate_budget`), falling back to the uniform split when no
-prompt carries an allocation weight. It is pure and deterministic, so every process plans the same batch, and it is
+budget n_i of Theorem 3 (:func:`~gvm_trl.allocation.allocate_budget`) — or of the peers that use the same probes and
+history without Theorem 3: DAPO's dynamic sampling and Knapsack RL — falling back to the uniform split when no
+prompt can be allocated to. It is pure and deterministic, so every process plans the same batch, and it is
 the one planner: the trainers and `benchmarks/allocation_sim.py` both call it.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .allocation import allocate_budget, uniform_allocation
+from .allocation import allocate_budget, dynamic_sampling_allocation, knapsack_allocation, uniform_allocation
 from .estimates import PromptEvidence, PromptHistory
 
 __all__ = ["AllocationRule", "BatchAllocation", "plan_allocation", "uniform_record", "visit_evidence"]
@@ -20,10 +21,17 @@ __all__ = ["AllocationRule", "BatchAllocation", "plan_allocation", "uniform_reco
 
 @dataclass(frozen=True)
 class AllocationRule:
-    """The settings of Theorem 3's allocation for one generation batch (the config's `gvm_*` fields)."""
+    """How one generation batch's budget is split (the config's `gvm_*` fields).
+
+    ``policy``: ``"gvm"`` (Theorem 3), ``"dynamic"`` (DAPO's dynamic sampling) or ``"knapsack"`` (Knapsack RL);
+    ``reused_probes``: probes per prompt that also train (Knapsack RL values each prompt's whole group).
+    """
 
     budget: int
     num_probes: int
+    policy: str = "gvm"
+    reused_probes: int = 0
+    dynamic_epsilon: float = 0.0
     alpha: float = 1e-3
     beta: float = 2.0
     min_samples: int = 0
@@ -37,6 +45,9 @@ class AllocationRule:
         return cls(
             budget=args.gvm_budget,
             num_probes=args.gvm_num_probes,
+            policy=args.gvm_allocation,
+            reused_probes=args.gvm_num_probes if args.gvm_reuse_probes else 0,
+            dynamic_epsilon=args.gvm_dynamic_epsilon,
             alpha=args.gvm_alpha,
             beta=args.gvm_beta,
             min_samples=args.gvm_min_samples,
@@ -45,6 +56,11 @@ class AllocationRule:
             filter_insufficient=args.gvm_filter_insufficient,
             explore_samples=args.gvm_explore_samples,
         )
+
+    @property
+    def needs_grad_norms(self) -> bool:
+        """Only Theorem 3 reads G_i: the other policies skip the gradient-norm pass."""
+        return self.policy == "gvm"
 
 
 @dataclass(frozen=True)
@@ -96,18 +112,39 @@ class BatchAllocation:
 def plan_allocation(
     evidence: PromptEvidence, rule: AllocationRule, history: PromptHistory | None = None, probe_step: int | None = None
 ) -> BatchAllocation:
-    """p_i and G_i from `evidence` (and `history`), then n_i by Theorem 3; the uniform split when no prompt has both
-    an accepted probe and a gradient norm (``fallback``). `history` is read, not changed."""
+    """p_i and G_i from `evidence` (and `history`), then n_i by the rule's policy; the uniform split when no prompt
+    can be allocated to (``fallback``: for Theorem 3 no prompt with both an accepted probe and a gradient norm, for
+    the others no prompt with 0 < p_i < 1 left). `history` is read, not changed."""
     if history is not None:
         rates, grad_norms = history.estimates(evidence)
     else:
         rates = [a / t for a, t in zip(evidence.accepted, evidence.trials)]
         grad_norms = [s / c if c else 0.0 for s, c in zip(evidence.norm_sums, evidence.norm_counts)]
-    fallback = not any(p > 0 and g > 0 for p, g in zip(rates, grad_norms))
+    sizes = _policy_sizes(rule, rates, grad_norms)
+    fallback = sizes is None
     if fallback:
         sizes = uniform_allocation(len(rates), rule.budget)
-    else:
-        sizes = allocate_budget(
+    return BatchAllocation(
+        prompt_keys=list(evidence.keys),
+        budget=rule.budget,
+        sizes=sizes,
+        accept_rates=rates,
+        grad_norms=grad_norms if rule.needs_grad_norms else None,
+        num_probes=rule.num_probes,
+        probe_step=probe_step,
+        probes_accepted=[int(a) for a in evidence.accepted],
+        probe_norm_sums=list(evidence.norm_sums),
+        probe_norm_counts=[int(c) for c in evidence.norm_counts],
+        fallback=fallback,
+    )
+
+
+def _policy_sizes(rule: AllocationRule, rates: list[float], grad_norms: list[float]) -> list[int] | None:
+    """n_i under the rule's policy, or None when no prompt can be allocated to."""
+    if rule.policy == "gvm":
+        if not any(p > 0 and g > 0 for p, g in zip(rates, grad_norms)):
+            return None
+        return allocate_budget(
             rates,
             grad_norms,
             rule.budget,
@@ -119,19 +156,23 @@ def plan_allocation(
             filter_insufficient=rule.filter_insufficient,
             explore_samples=rule.explore_samples,
         )
-    return BatchAllocation(
-        prompt_keys=list(evidence.keys),
-        budget=rule.budget,
-        sizes=sizes,
-        accept_rates=rates,
-        grad_norms=grad_norms,
-        num_probes=rule.num_probes,
-        probe_step=probe_step,
-        probes_accepted=[int(a) for a in evidence.accepted],
-        probe_norm_sums=list(evidence.norm_sums),
-        probe_norm_counts=[int(c) for c in evidence.norm_counts],
-        fallback=fallback,
-    )
+    margin = rule.dynamic_epsilon if rule.policy == "dynamic" else 0.0
+    if not any(margin < p < 1.0 - margin for p in rates):
+        return None
+    if rule.policy == "dynamic":
+        return dynamic_sampling_allocation(
+            rates, rule.budget, epsilon=margin, min_samples=rule.min_samples, max_samples=rule.max_samples
+        )
+    if rule.policy == "knapsack":  # over whole groups: the reused probes count towards each n
+        reused = rule.reused_probes
+        groups = knapsack_allocation(
+            rates,
+            rule.budget + reused * len(rates),
+            min_samples=max(reused + rule.min_samples, 1),
+            max_samples=None if rule.max_samples is None else reused + rule.max_samples,
+        )
+        return [max(group - reused, 0) for group in groups]
+    raise ValueError(f"Unknown allocation policy {rule.policy!r}; choose gvm, dynamic or knapsack.")
 
 
 def uniform_record(keys: list[int], group_size: int, accepted: list[float]) -> BatchAllocation:

@@ -100,8 +100,10 @@ class RolloutSchedule:
     def _plan(self, keys: list[int], probes: Rollout, timings: dict[str, float]) -> BatchRollouts:
         """p_i and G_i from the probes (gradient-norm pass over the accepted ones), then n_i (Theorem 3)."""
         accepted = self.trainer._accepted(probes)
-        with self.trainer.stage_timer.stage("grad_norms", timings):
-            norms = self.trainer._probe_grad_norms(probes, accepted)
+        norms = torch.zeros(len(accepted))
+        if self.rule.needs_grad_norms:
+            with self.trainer.stage_timer.stage("grad_norms", timings):
+                norms = self.trainer._probe_grad_norms(probes, accepted)
         with self.trainer.stage_timer.stage("allocate", timings):
             measured = accepted & (norms > 0)
             per_prompt = partial(per_prompt_sums, slots=probes.prompts, num_prompts=self.num_prompts)
@@ -113,7 +115,7 @@ class RolloutSchedule:
                 norm_counts=per_prompt(measured).tolist(),
             )
             allocation = plan_allocation(evidence, self.rule, self.trainer.gvm_state.prompt_history, probes.step)
-        if allocation.fallback:
+        if allocation.fallback and not any(evidence.accepted):
             self.trainer._warn_no_accepted_probe()
         return BatchRollouts(allocation, probes, None, timings)
 

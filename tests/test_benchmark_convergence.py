@@ -128,9 +128,12 @@ def test_variants_are_parsed_and_checked(benchmarks):
         common.parse_variant("x=raft:gvm_allocation=gvm")
     with pytest.raises(ValueError, match="unknown method"):
         common.parse_variant("x=ppo:gvm_alpha=0.1")
-    runs = common.method_runs(["gvm-grpo", "grpo", "raft"], ["grpo-mean=gvm-grpo:gvm_weighting=mean"])
+    # The fair baseline shares the run's weighting; without one, the unweighted method stands in.
+    runs = common.method_runs(["gvm-grpo", "grpo", "grpo-mean", "raft", "gvm-raft", "dynamic-grpo"],
+                              ["gvm-grpo-none=gvm-grpo:gvm_weighting=none"])
     baselines = {r.label: getattr(common.uniform_baseline(r, runs), "label", None) for r in runs}
-    assert baselines == {"gvm-grpo": "grpo", "grpo": None, "raft": None, "grpo-mean": "grpo"}
+    assert baselines == {"gvm-grpo": "grpo-mean", "grpo": None, "grpo-mean": None, "raft": None, "gvm-raft": "raft",
+                         "dynamic-grpo": "grpo-mean", "gvm-grpo-none": "grpo"}
 
 
 def test_completions_to_reach_and_mean_improvement(benchmarks):

@@ -129,3 +129,22 @@ def test_sampler_locates_a_batch_by_its_rows():
         sampler.indices_of([{"prompt": "unknown"}] * 3, row_at)
     rows_ahead, keys_ahead = sampler.upcoming(batches[0], rank=1, num_processes=3, row_at=row_at)
     assert keys_ahead == batches[1] and rows_ahead == [rows[batches[1][1]]]
+
+
+def test_history_only_peers_plan_without_gradient_norms():
+    from gvm_trl.allocation import dynamic_sampling_allocation, knapsack_allocation
+
+    probes = evidence([0, 1, 2, 4], [0.0, 0.0, 0.0, 0.0])  # no norms measured: these policies need none
+    dynamic = plan_allocation(probes, AllocationRule(budget=8, num_probes=4, policy="dynamic"))
+    assert dynamic.sizes == dynamic_sampling_allocation([0, 0.25, 0.5, 1.0], 8) == [0, 4, 4, 0]
+    assert dynamic.grad_norms is None and not dynamic.fallback
+    knapsack = plan_allocation(probes, AllocationRule(budget=8, num_probes=4, policy="knapsack", reused_probes=4))
+    groups = knapsack_allocation([0, 0.25, 0.5, 1.0], 8 + 16, min_samples=4)
+    assert knapsack.sizes == [g - 4 for g in groups] and sum(knapsack.sizes) == 8
+    assert knapsack.sizes[0] == knapsack.sizes[3] == 0
+    solved = plan_allocation(evidence([4, 0], [0.0, 0.0]), AllocationRule(budget=6, num_probes=4, policy="dynamic"))
+    assert solved.fallback and solved.sizes == [3, 3]  # nothing informative: the uniform split
+    margin = AllocationRule(budget=6, num_probes=4, policy="dynamic", dynamic_epsilon=0.3)
+    assert plan_allocation(evidence([1, 2], [0.0, 0.0]), margin).sizes == [0, 6]  # p = 0.25 ≤ ε
+    with pytest.raises(ValueError, match="Unknown allocation policy"):
+        plan_allocation(probes, AllocationRule(budget=8, num_probes=4, policy="bandit"))

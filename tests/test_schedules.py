@@ -201,13 +201,14 @@ def test_default_trainer_keeps_a_history_and_lemma1_with_one_warns(tmp_path, cha
         config(GVMGRPOConfig, tmp_path, gvm_weighting="lemma1", gvm_history_decay=0.5)
 
 
-def test_history_feeds_the_allocation_and_is_checkpointed(tmp_path, char_tokenizer):
+@pytest.mark.parametrize("allocation", ["gvm", "dynamic", "knapsack"])
+def test_history_feeds_the_allocation_and_is_checkpointed(allocation, tmp_path, char_tokenizer):
     """Two epochs over 8 prompts: the second visit's accept rates combine both visits' counts, as PromptHistory
-    computes them; the checkpoint holds the history, and a resumed run restores it."""
+    computes them; the checkpoint holds the history, and a resumed run restores it (every probing policy)."""
     model_dir = tmp_path / "model"
     make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
     options = dict(dataset=prompt_dataset(8), max_steps=8, gvm_history_decay=0.5, gvm_probe_ahead=False,
-                   save_strategy="steps", save_steps=4)
+                   save_strategy="steps", save_steps=4, gvm_allocation=allocation)
     trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
     trainer.train()
     records = read_allocations(trainer)
@@ -299,3 +300,49 @@ def test_rows_without_old_log_probs_are_filled_as_wide_as_their_completions():
     assert merged["completion_ids"].shape == merged["old_per_token_logps"].shape == (5, 7)
     assert torch.isnan(merged["old_per_token_logps"][2:]).all()
     assert not torch.isnan(merged["old_per_token_logps"][:2]).any()
+
+
+@pytest.mark.parametrize("allocation", ["dynamic", "knapsack"])
+def test_history_only_peers_allocate_from_the_probes_without_a_gradient_pass(allocation, tmp_path, char_tokenizer):
+    """Prompts 0 mod 4 are never accepted (p = 0) and 1 mod 4 always (p = 1): both policies give them nothing, the
+    others what the policy's own function gives them from the logged estimates; no gradient-norm pass runs."""
+    from gvm_trl.allocation import dynamic_sampling_allocation, knapsack_allocation
+
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, max_steps=3,
+                           gvm_allocation=allocation, gvm_history_decay=0.0, gvm_probe_ahead=False)
+    passes = []
+    trainer._probe_grad_norms = lambda *a, **k: passes.append(1)
+    trainer.train()
+    assert passes == [] and "gvm/grad_norm" not in last_logs(trainer)
+    budget, probes = trainer.args.gvm_budget, trainer.args.gvm_num_probes
+    for record in read_allocations(trainer):
+        rates = [p["accept_rate"] for p in record["prompts"]]
+        sizes = [p["num_samples"] for p in record["prompts"]]
+        assert all(p["grad_norm"] is None for p in record["prompts"])
+        if not any(0 < rate < 1 for rate in rates):
+            assert record["uniform_fallback"] and sizes == [budget // len(sizes)] * len(sizes)
+            continue
+        if allocation == "dynamic":
+            assert sizes == dynamic_sampling_allocation(rates, budget)
+        else:  # each prompt's whole group (its reused probes too) is valued
+            assert sizes == [n - probes for n in knapsack_allocation(rates, budget + probes * len(rates),
+                                                                       min_samples=probes)]
+        for p in record["prompts"]:
+            if p["index"] % 4 in (0, 1):
+                assert p["num_samples"] == 0
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({"gvm_allocation": "gvm", "gvm_dynamic_epsilon": 0.1}, "gvm_dynamic_epsilon"),
+        ({"gvm_allocation": "dynamic", "gvm_explore_samples": 1}, "gvm_explore_samples"),
+        ({"gvm_allocation": "knapsack", "gvm_filter_threshold": 0.9}, "gvm_filter_threshold"),
+        ({"gvm_allocation": "uniform", "gvm_filter_insufficient": 1.0}, "gvm_filter_insufficient"),
+        ({"gvm_allocation": "dynamic", "gvm_dynamic_epsilon": 0.5}, "gvm_dynamic_epsilon"),
+        ({"gvm_allocation": "uniform", "gvm_history_decay": 0.5}, "gvm_history_decay"),
+    ],
+)
+def test_policy_options_are_refused_where_they_cannot_apply(options, name, tmp_path):
+    with pytest.raises(ValueError, match=name):
+        config(GVMGRPOConfig, tmp_path, **options)

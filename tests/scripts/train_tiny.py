@@ -83,6 +83,7 @@ def main():
     parser.add_argument("--schedule", choices=["probe-ahead", "sequential"], default="sequential")
     parser.add_argument("--history_decay", type=float, help="gvm_history_decay (default: the config's automatic choice)")
     parser.add_argument("--explore_samples", type=int, default=0, help="gvm_explore_samples")
+    parser.add_argument("--allocation", choices=["gvm", "dynamic", "knapsack"], default="gvm", help="gvm_allocation")
     parser.add_argument("--sample", action="store_true", help="sample completions (default: greedy) and score them "
                         "with a reward that varies within each group")
     parser.add_argument("--gvm_off", action="store_true",
@@ -124,6 +125,7 @@ def main():
             gvm_probe_ahead=options.schedule == "probe-ahead",
             gvm_history_decay=options.history_decay,
             gvm_explore_samples=options.explore_samples,
+            gvm_allocation=options.allocation,
         )
         if options.gvm_off:
             settings.update(gvm_allocation="uniform", gvm_weighting="none", gvm_num_probes=2, gvm_budget_per_prompt=2,
@@ -142,7 +144,8 @@ def main():
         def keep_record(rollouts, empty):
             allocation = rollouts.allocation
             records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
-                            "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step})
+                            "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step,
+                            "fallback": allocation.fallback})
             original(rollouts, empty)
 
         def measure_and_count_gathered(*args, **kwargs):
