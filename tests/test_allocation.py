@@ -646,7 +646,9 @@ def brute_force_knapsack(p, budget, low, high, power):
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.sampled_from([0.0, 1.0, 0.5, 0.02]) | rates, min_size=1, max_size=4), st.integers(0, 14),
+# (below p ≈ 1e-150 a gain underflows to 0 and the unit is left unspent, as the docstring says)
+@given(st.lists(st.sampled_from([0.0, 1.0, 0.5, 0.02]) | rates.filter(lambda x: x == 0 or x > 1e-100), min_size=1,
+                max_size=4), st.integers(0, 14),
        st.integers(1, 3), st.integers(0, 6), st.sampled_from([0.0, 2.0, 3.0]))
 def test_knapsack_matches_brute_force(p, budget, low, cap_extra, power):
     high = low + cap_extra
