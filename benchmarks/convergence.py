@@ -18,7 +18,11 @@ Tasks (``--task``):
 - ``facts-many``: the few-revisit regime of issue 17, 1,024 facts (``--train-prompts``) with two-character keys:
   the first character fixes answer and rationale, the last the starting level (same levels as ``facts``), so facts
   share parameters and p_i drifts between a prompt's visits. 16 prompts a step visit each prompt once per 64 steps:
-  the default 128 steps visit each twice (``--max-steps 64``/``192``: once/three times).
+  the default 128 steps visit each twice (``--max-steps 64``/``192``: once/three times). Measured on this CPU (seed
+  0): warm start 140 CPU s per seed (shared by the runs of one process), GVM-GRPO 0.14 CPU s a step, one evaluation
+  (both phrasings, 1,024 facts) 18 CPU s, so evaluations dominate an arm: ``--eval-every`` sets the cost. The
+  sharing is strong: in 32 GVM-GRPO steps (seed 0) the 448 solvable prompts not yet visited rose from their start by
+  a median factor 2.6 in p, the 437 visited ones by 2.9.
 - ``letters`` (`letters.py`, also ``--tiny``): copy a letter of the prompt; held-out reward by sampling. Learning
   there is one shared jump whose timing varies by seed.
 - ``arithmetic``: SmolLM2-135M-Instruct (LoRA on CPU) on arithmetic prompts, held-out accuracy by sampling; a CPU

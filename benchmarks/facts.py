@@ -19,6 +19,11 @@ network: learning some facts moves the others, and a fact whose samples are rare
 meanwhile (at learning rate 1e-3, several rare facts fell from p ≈ 0.03 to ~1e-4 within 30 steps under every method,
 one seed; the default 1e-4 keeps L falling).
 
+The few-revisit regime of issue 17 (`convergence.py --task facts-many`) needs ≥ 1,000 prompts, more than there are
+one-token keys: `make_facts(..., key_length=2, families=True)` gives up to 48² facts with two-character keys, the
+first character fixing answer and right rationale, the last the starting level, so facts share parameters and a
+prompt's accept rate drifts between its visits. Its warm start fits minibatches (`warm_started_policy(batch_size=)`).
+
 Held-out prompts ask the same facts in another phrasing (``"!K"``), warm-started to the same levels; RL only ever
 sees the ``?`` phrasing, so held-out accuracy (also exact: the mean of P(z | x) at temperature 1) measures how far
 what was learned transfers.

@@ -476,7 +476,7 @@ def knapsack_allocation(
         raise ValueError(
             f"min_samples={low} for {len(rates)} prompts needs {low * len(rates)} samples, more than budget={budget_}"
         )
-    scale = [p * (1.0 - p) ** power for p in rates]
+    scale = [p * (1.0 - p) ** power if 0.0 < p < 1.0 else 0.0 for p in rates]  # V(·, 0) = V(·, 1) = 0, any k
 
     def gain(i: int, n: int) -> float:
         p = rates[i]
