@@ -24,6 +24,14 @@ allocation before the call.
     python benchmarks/grad_norms.py                        # CPU: hidden 256, 4 layers, vocab 49152 (SmolLM2-like)
     python benchmarks/grad_norms.py --device cuda          # Qwen2-0.5B-shaped, bf16, batch 64
     python benchmarks/grad_norms.py --generic [--quick]    # cost of the generic rule vs the fast rules
+    python benchmarks/grad_norms.py --count [--quick]      # ops, host syncs, FLOPs per call; predicted H200 time
+
+``--count`` counts what one call issues (``gvm_trl.grad_norms.counting``: ATen ops that launch a kernel, host
+syncs, FLOPs, bytes) for the pass (c) and one plain forward+backward (d) of the same batch, on Qwen2-0.5B's
+structure and widths (hidden 896, 24 layers, 14/2 heads, MLP 4864, tied) with a 2,048-token vocabulary so that it
+runs on a CPU; the counts do not depend on the machine or its load. It then predicts the H200 time of both at the
+issue-18 GPU setting (batch 64 in micro-batches of 16, vocab 151,936, bf16) as ops × host cost per op + FLOPs /
+peak + bytes / bandwidth, the cost per op fitted on the measured 2.54 s (pass) and 0.448 s (plain) (``predict_h200``).
 """
 
 from __future__ import annotations
@@ -331,6 +339,103 @@ def generic_cost(args) -> dict:
     return {"threads": args.threads, "torch": torch.__version__, "repeats": args.repeats, "results": results}
 
 
+# Measured on the H200 (issue 18; batch 64 in micro-batches of 16, prompt 32 + completion 128, bf16, vocab 151,936),
+# and what --count found for the code measured then (commit 533bfbd) per micro-batch: kernel-launching ops, and the
+# device time of its FLOPs and bytes at the H200's peak rates (scaled to the GPU setting by predict_h200).
+H200_MEASURED = {"pass_s": 2.54, "plain_s": 0.448, "micro_batches": 4}
+H200_CALIBRATION = {"pass_ops": 9184, "plain_ops": 2855, "pass_device_s": 0.0828, "plain_device_s": 0.0809}
+H200_PEAK_FLOPS = 989e12  # dense bf16
+H200_BANDWIDTH = 4.8e12  # HBM3e, bytes/s
+COUNT_PRESETS = {
+    "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=2048,
+                       batch=4, prompt=32, completions=[128], dtype="float32"),
+    "quick": dict(arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048,
+                  batch=4, prompt=16, completions=[32], dtype="float32"),
+}
+GPU_VOCAB, GPU_BATCH, GPU_MICRO_BATCH = 151936, 64, 16
+
+
+def count_calls(cfg: dict, completion: int, micro_batch_size: int | None) -> dict:
+    """Counts of one pass call (c, params="all") and one plain forward+backward (d) on the same batch."""
+    from gvm_trl.grad_norms.counting import count
+
+    model = build_model(cfg, True, "cpu")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = make_batch(cfg, completion, cfg["batch"], "cpu")
+    warm = make_batch(cfg, 8, 2, "cpu", seed=1)
+    per_sample_grad_norms(model, **warm, params="all")  # planning-time work happens once, as in a trainer
+    return {
+        "c_pass": count(lambda: per_sample_grad_norms(model, **batch, params="all",
+                                                      micro_batch_size=micro_batch_size)).as_dict(),
+        "d_plain": count(lambda: plain_step(model, batch)).as_dict(),
+    }
+
+
+def head_slope(cfg: dict, completion: int) -> dict:
+    """FLOPs and bytes per extra vocabulary entry (a one-layer model at two vocabularies: the head is linear in V)."""
+    counts = {}
+    for vocab in (2048, 4096):
+        counts[vocab] = count_calls(dict(cfg, layers=1, vocab=vocab), completion, None)
+    return {case: {unit: (counts[4096][case][unit] - counts[2048][case][unit]) / 2048 for unit in ("gflop", "gbytes")}
+            for case in ("c_pass", "d_plain")}
+
+
+def predict_h200(counted: dict, slope: dict, cfg: dict) -> dict:
+    """Seconds on the H200 at the issue's GPU setting (batch 64 in micro-batches of 16, vocab 151,936, bf16):
+    ops × host cost per op + FLOPs / peak + bytes / bandwidth.
+
+    Device work is scaled from the counted batch to batch 64 and vocabulary 151,936, bytes halved for bf16, at the
+    peak rates (a floor). The host cost per op is fitted on the measured times of the code of issue 18 (its ops
+    and device time in ``H200_CALIBRATION``): the plain step gives the cost of a bare launch (≈ 32 µs), the pass of
+    then ≈ 67 µs per op, its hooks and Python bookkeeping included. The prediction for the counted code is the
+    range between the two: ``optimistic`` if its per-op overhead is now that of the plain step, ``conservative``
+    if it is still that of the old pass."""
+    scale = GPU_BATCH / cfg["batch"]
+    device = {}
+    for case in ("c_pass", "d_plain"):
+        gflop = (counted[case]["gflop"] + slope[case]["gflop"] * (GPU_VOCAB - cfg["vocab"])) * scale
+        gbytes = (counted[case]["gbytes"] + slope[case]["gbytes"] * (GPU_VOCAB - cfg["vocab"])) * scale / 2
+        device[case] = gflop * 1e9 / H200_PEAK_FLOPS + gbytes * 1e9 / H200_BANDWIDTH
+    micro = H200_MEASURED["micro_batches"]
+    cal = H200_CALIBRATION
+    per_op = {
+        "optimistic": (H200_MEASURED["plain_s"] - cal["plain_device_s"]) / (micro * cal["plain_ops"]),
+        "conservative": (H200_MEASURED["pass_s"] - cal["pass_device_s"]) / (micro * cal["pass_ops"]),
+    }
+    plain = micro * counted["d_plain"]["ops"] * per_op["optimistic"] + device["d_plain"]
+    prediction = {"host_us_per_op": {k: round(v * 1e6, 1) for k, v in per_op.items()},
+                  "device_s_at_peak": {k: round(v, 4) for k, v in device.items()}, "plain_s": round(plain, 3)}
+    for name, cost in per_op.items():
+        for micro_batches in (micro, 1):
+            seconds = micro_batches * counted["c_pass"]["ops"] * cost + device["c_pass"]
+            label = f"{name}_{micro_batches}_micro_batch" + ("es" if micro_batches > 1 else "")
+            prediction[f"pass_s_{label}"] = round(seconds, 3)
+            prediction[f"c/d_{label}"] = round(seconds / plain, 3)
+    return prediction
+
+
+def count_mode(args) -> dict:
+    cfg = dict(COUNT_PRESETS["quick" if args.quick else "qwen2-0.5b"])
+    cfg["batch"] = args.batch or cfg["batch"]
+    completions = args.completions or cfg["completions"]
+    results = []
+    for completion in completions:
+        counted = count_calls(cfg, completion, args.micro_batch_size)
+        slope = head_slope(cfg, completion)
+        prediction = predict_h200(counted, slope, cfg)
+        ratio = counted["c_pass"]["ops"] / counted["d_plain"]["ops"]
+        print(f"T={cfg['prompt']}+{completion}: pass {counted['c_pass']['ops']:,} ops, "
+              f"{counted['c_pass']['host_syncs']} syncs, {counted['c_pass']['gflop']:.1f} GFLOP; plain fwd+bwd "
+              f"{counted['d_plain']['ops']:,} ops, {counted['d_plain']['host_syncs']} syncs, "
+              f"{counted['d_plain']['gflop']:.1f} GFLOP; ops ratio {ratio:.2f}", flush=True)
+        print(f"  predicted H200 (batch 64, vocab 151,936, bf16): {json.dumps(prediction)}", flush=True)
+        results.append({"completion_max": completion, "counts": counted, "ops_ratio_c/d": round(ratio, 3),
+                        "head_slope_per_vocab_entry": slope, "h200_prediction": prediction})
+    return {"config": cfg, "torch": torch.__version__, "micro_batch_size": args.micro_batch_size,
+            "h200_measured": H200_MEASURED, "h200_calibration": H200_CALIBRATION, "results": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -342,8 +447,16 @@ def main() -> None:
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--generic", action="store_true", help="time the generic rule against the fast rules")
+    parser.add_argument("--count", action="store_true", help="count ops, host syncs and FLOPs per call (CPU)")
     parser.add_argument("--output", help="default: benchmarks/results/grad_norms.json (or grad_norms_generic.json)")
     args = parser.parse_args()
+    if args.count:
+        torch.set_num_threads(args.threads)
+        out = Path(args.output or "benchmarks/results/grad_norms_count.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(count_mode(args), indent=2))
+        print(f"wrote {out}")
+        return
     if args.generic:
         torch.set_num_threads(args.threads)
         out = Path(args.output or "benchmarks/results/grad_norms_generic.json")
