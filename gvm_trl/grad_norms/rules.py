@@ -231,7 +231,8 @@ class ChannelwiseRule(Rule):
     variants such as Gemma's (1 + w) are exact without per-class formulas. Checked once per module by a second
     forward-mode pass with a random tangent r (channel-wise iff ∂y/∂p · r = u ⊙ r): at planning on a probe input
     where the module takes one tensor of width |p|, else on its first measured call; the verdict is kept, so later
-    calls run one forward-mode pass per module, after the backward, and no check."""
+    calls run no check. Modules whose u does not depend on their parameters (:func:`sensitivity_group`) get u after
+    the backward, one forward-mode pass per group of them; the others one pass each, in the forward hook."""
 
     name = "channelwise"
     checked = True
@@ -253,6 +254,12 @@ class ChannelwiseRule(Rule):
                     captured[target.path] = u
             if not verdicts[target.path]:
                 return None
+        for target in targets:
+            if target.path not in captured and sensitivity_group(call.module, target.path) is None:
+                # Alone in no group (or sharded, e.g. FSDP2, whose weights are only whole during the forward): its
+                # own forward-mode pass, now.
+                captured[target.path] = _tangent(call.module, target.path, call.args, call.kwargs,
+                                                 torch.ones_like(call.module._parameters[target.path]))
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
         _CHANNELWISE_PATHS[call.module] = tuple(t.path for t in targets)
         return {"args": args, "kwargs": call.kwargs, "sensitivity": captured}
