@@ -225,8 +225,7 @@ class Recorder:
         targets = self.batch.targets
         if logits.shape[:2] != targets.shape:
             raise RuntimeError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
-        logits = logits.flatten(0, 1).to(_compute_dtype(logits))
-        return -nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+        return _CountedLogProbs.apply(logits.flatten(0, 1), targets.flatten())
 
     # -- hooks --------------------------------------------------------------------------------------------------
 
@@ -468,6 +467,55 @@ def _checkpointed_layers(model: nn.Module, measured: list[nn.Module]) -> list[nn
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     inside = {id(sub) for layer in layers for sub in layer.modules()}
     return layers if any(id(m) in inside for m in measured) else []
+
+
+# Largest fp32 temporary of the head step, in elements: low-precision logits are up-cast in row chunks this large.
+_HEAD_CHUNK_ELEMENTS = 1 << 28
+
+
+class _CountedLogProbs(torch.autograd.Function):
+    """Σ_i log softmax(logits_i)[target_i] over rows with a target (-100: none), and its gradient
+    onehot(target_i) − softmax(logits_i), in the logits' dtype.
+
+    Instead of ``cross_entropy`` on logits cast to fp32, which for bf16 logits keeps a full fp32 copy of the
+    [B·L, V] logits and its fp32 gradient: rows are up-cast in chunks of ``_HEAD_CHUNK_ELEMENTS`` (all at once for
+    fp32 logits), and only the per-row log-normaliser is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        counted = targets >= 0
+        index = targets.clamp(min=0)[:, None]
+        normalisers, total = [], torch.zeros((), dtype=_compute_dtype(logits), device=logits.device)
+        for rows in _head_chunks(logits):
+            chunk = logits[rows].to(total.dtype)
+            normaliser = chunk.logsumexp(-1)
+            picked = chunk.gather(1, index[rows])[:, 0]
+            total = total + torch.where(counted[rows], picked - normaliser, 0).sum()
+            normalisers.append(normaliser)
+        ctx.save_for_backward(logits, index, counted, torch.cat(normalisers) if len(normalisers) > 1 else
+                              normalisers[0])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, None]:
+        logits, index, counted, normaliser = ctx.saved_tensors
+        chunks = _head_chunks(logits)
+        grad = torch.empty_like(logits) if len(chunks) > 1 else None
+        for rows in chunks:
+            probabilities = (logits[rows].to(normaliser.dtype) - normaliser[rows, None]).exp_().neg_()
+            probabilities.scatter_add_(1, index[rows], torch.ones_like(index[rows], dtype=normaliser.dtype))
+            chunk = torch.where(counted[rows, None], probabilities, 0).mul_(grad_total)
+            if grad is None:
+                return chunk.to(logits.dtype), None
+            grad[rows] = chunk
+        return grad, None
+
+
+def _head_chunks(logits: Tensor) -> list[slice]:
+    if logits.dtype in (torch.float32, torch.float64) or logits.numel() <= _HEAD_CHUNK_ELEMENTS:
+        return [slice(None)]
+    step = max(1, _HEAD_CHUNK_ELEMENTS // logits.shape[-1])
+    return [slice(i, i + step) for i in range(0, logits.shape[0], step)]
 
 
 def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prepared: bool) -> Tensor:
