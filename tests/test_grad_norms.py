@@ -564,3 +564,21 @@ def test_prepared_mask_only_where_it_gives_the_same_logits():
     batch = make_batch("left", lengths=(9, 14, 6), prompts=(3, 5, 2))
     assert max_rel_err(per_sample_grad_norms(windowed, *batch, params="all"),
                        reference_norms(windowed, *batch, everything)) < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_log_probs_match_cross_entropy(dtype, monkeypatch):
+    """The chunked head step gives cross-entropy's value and gradient (in the logits' dtype), ignored rows too."""
+    import gvm_trl.grad_norms.recorder as recorder
+
+    monkeypatch.setattr(recorder, "_HEAD_CHUNK_ELEMENTS", 5 * 37)  # bf16: 10 chunks of 5 rows
+    logits = torch.randn(50, 37, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 37, (50,), generator=torch.Generator().manual_seed(1))
+    targets[::3] = -100
+    got = recorder._CountedLogProbs.apply(logits, targets)
+    (grad,) = torch.autograd.grad(got, logits)
+    want = -nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, logits)
+    assert grad.dtype == dtype and grad[::3].abs().max() == 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)

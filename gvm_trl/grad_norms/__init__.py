@@ -24,8 +24,9 @@ what the module computes, so subclasses are covered — and otherwise by the gen
   pairs) and square, O(T·d).
 * ``channelwise``: 1-D parameters of leaf modules (norm weights and biases, whatever the class is called) where
   output channel i depends on p_i only: G = Σ_t u_t ⊙ g_t with u = ∂y/∂p by forward-mode AD of the module, so
-  RMSNorm, LayerNorm and variants such as Gemma's (1 + w) are exact without per-class formulas. Checked on each
-  call with a second forward-mode pass along a random tangent.
+  RMSNorm, LayerNorm and variants such as Gemma's (1 + w) are exact without per-class formulas. Checked once per
+  module (at planning, on a probe input) with a second forward-mode pass along a random tangent; norms whose u does
+  not depend on their weights share one forward-mode pass over their stacked inputs.
 * ``generic`` (:func:`.rules.generic_records`): everything else — fused MoE expert weights and routers, Mamba's
   ``A_log``/``D``/``dt_bias``, ``nn.Conv1d``, subclasses that override ``forward``, and calls where a checked rule's
   assumption fails. The forward hook keeps the module's inputs, the gradient hook its output gradients; then for
@@ -50,6 +51,14 @@ gradient Σ_k G_k and ‖Σ_k G_k‖² = Σ_k ‖G_k‖² + 2 Σ_{k<l} ⟨G_k, G
 the cross terms computed from the same factors, e.g. for a tied head (a_s, g_s at loss positions s) and embedding
 (ids id_t, gradients e_t): ⟨G_head, G_emb⟩ = Σ_{t,s} g_s[id_t] (a_s·e_t). Dropping it is wrong (measured: 2e-3
 relative error at random init, more on trained models).
+
+**Cost on a GPU** (issue 18): every ATen op is a kernel launch paid on the host, and every read of a device value a
+host sync. The hooks therefore only keep references; after the backward, the single-use matrices are reduced in a
+few stacked kernels across layers (:func:`.products.batched_self_squares`: layers reading one input share its Gram,
+layers of equal shapes are stacked), 1-D parameters likewise; every check and rule choice is made once per module
+(at planning); the pass reads the device once per call (input checks and micro-batch spans together), and hands a
+transformers model using SDPA a prepared causal mask where that gives the same logits (transformers' own mask
+preparation reads the mask twice). Counted on Qwen2-0.5B's structure: ``benchmarks/grad_norms.py --count``.
 
 Autograd never reaches further down than needed: all parameters are frozen during the call and gradients start
 from detached, grad-requiring copies of the outputs of the lowest measured modules, so ``params="lm_head"`` costs a
@@ -126,7 +135,8 @@ def per_sample_grad_norms(
             input embedding matrix, the official GVM code's choice), ``"lm_head"`` (the output embedding matrix; with
             tied embeddings both names mean the shared matrix, with both its contributions), otherwise a regular
             expression searched in parameter names (any alias of a tied parameter) or a predicate ``(name, param)``.
-        micro_batch_size: rows per forward/backward (``None``: all at once).
+        micro_batch_size: rows per forward/backward (``None``: all at once on a CPU; on a GPU as many as an
+            estimate of the pass's memory fits in the free memory, so one micro-batch where the batch fits).
         method: ``"auto"`` chooses ghost or materialised norms per layer and length
             (:func:`.products._choose_method`); ``"ghost"``/``"materialize"`` force one (for embeddings:
             token-equality Gram / segment sums).
