@@ -9,8 +9,8 @@ Timed per completion length, on one batch of completions from a random model (no
   (c2) ``per_sample_grad_norms(params="lm_head")`` on an untied copy of the model;
   (d) one plain batched forward+backward of the token-mean loss (the cost of a training micro-step);
 
-and reports a/c, b/c, c/d, c2/d (c2 against d of the untied model), the same ratios in matmul FLOPs (counted by
-``torch.utils.flop_counter``: independent of machine load, which on a shared CPU distorts timings), peak memory
+and reports a/c, b/c, c/d, c2/d (c2 against d of the untied model), the same ratios in matmul and attention FLOPs
+(``gvm_trl.grad_norms.counting``: independent of machine load, which on a shared CPU distorts timings), peak memory
 and the max relative error of (c) against (b). Cases are timed round-robin, ``--repeats`` times, best kept.
 
 ``--generic`` instead times the exact generic rule (a per-sample re-run of each module and a VJP) against the fast
@@ -52,7 +52,6 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -197,9 +196,11 @@ def timed(fn: Callable[[], object], device: str) -> tuple[float, float, object]:
 
 
 def gflops(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+    """Matmul and attention GFLOPs of one call (``gvm_trl.grad_norms.counting``: torch's formulas, except attention,
+    counted there because torch's SDPA counter asserts on grouped-query shapes)."""
+    from gvm_trl.grad_norms.counting import count
+
+    return count(fn).flops / 1e9
 
 
 def ratios(values: dict[str, float]) -> dict[str, float]:
@@ -218,13 +219,13 @@ def run_length(cfg: dict, tied_model, untied_model, completion: int, args) -> di
     all_params = list(tied_model.parameters())
     for p in all_params:
         p.requires_grad_(True)
-    mb = args.micro_batch_size
+    mb, pass_mb = args.micro_batch_size, args.pass_micro_batch_size
     cases = {
         "a_official_loop_embed": lambda: loop_norms(tied_model, batch, [embed]),
         "b_loop_all": lambda: loop_norms(tied_model, batch, all_params),
-        "c_hooks_all": lambda: per_sample_grad_norms(tied_model, **batch, params="all", micro_batch_size=mb),
+        "c_hooks_all": lambda: per_sample_grad_norms(tied_model, **batch, params="all", micro_batch_size=pass_mb),
         "c2_hooks_lm_head_untied": lambda: per_sample_grad_norms(
-            untied_model, **batch, params="lm_head", micro_batch_size=mb
+            untied_model, **batch, params="lm_head", micro_batch_size=pass_mb
         ),
         "d_plain_fwd_bwd": lambda: plain_step(tied_model, batch, mb),
         "d_plain_fwd_bwd_untied": lambda: plain_step(untied_model, batch, mb),
@@ -442,7 +443,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke test under a minute")
     parser.add_argument("--batch", type=int, help="rows per batch (preset: 16 CPU, 64 CUDA)")
     parser.add_argument("--completions", type=int, nargs="+", help="max completion lengths (preset: 128 384)")
-    parser.add_argument("--micro-batch-size", type=int, help="rows per forward/backward in (c), (c2), (d) (preset)")
+    parser.add_argument("--micro-batch-size", type=int, help="rows per forward/backward in (c), (c2), (d) (default: "
+                        "the pass chooses from free memory, (d) uses the preset's: 16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds over all cases (the best is reported)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -472,6 +474,8 @@ def main() -> None:
     cfg["batch"] = args.batch or cfg["batch"]
     cfg["completions"] = args.completions or cfg["completions"]
     preset_micro_batch_size = cfg.pop("micro_batch_size", None)
+    # The pass picks its micro-batch from free memory unless told; the plain step keeps the preset's (issue 18's).
+    args.pass_micro_batch_size = args.micro_batch_size
     args.micro_batch_size = args.micro_batch_size or preset_micro_batch_size
     tied, untied = build_model(cfg, True, args.device), build_model(cfg, False, args.device)
     print(f"model {cfg}, device {args.device}, threads {args.threads}", flush=True)
@@ -481,6 +485,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "threads": args.threads,
         "micro_batch_size": args.micro_batch_size,
+        "pass_micro_batch_size": args.pass_micro_batch_size or "chosen from free memory",
         "memory": "CUDA max_memory_allocated above the pre-call allocation" if args.device == "cuda"
         else "peak process RSS above the pre-call RSS, psutil sampled every 2 ms",
         "torch": torch.__version__,
