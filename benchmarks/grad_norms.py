@@ -25,6 +25,13 @@ allocation before the call.
     python benchmarks/grad_norms.py --device cuda          # Qwen2-0.5B-shaped, bf16, batch 64
     python benchmarks/grad_norms.py --generic [--quick]    # cost of the generic rule vs the fast rules
     python benchmarks/grad_norms.py --count [--quick]      # ops, host syncs, FLOPs per call; predicted H200 time
+    python benchmarks/grad_norms.py --gram-precision       # error of bf16/TF32 Gram factors against float64
+    python benchmarks/grad_norms.py --against DIR          # CPU c/d of an older grad_norms package vs this one
+
+``--against DIR`` times, interleaved in one process on the CPU preset, the pass of an older copy of the package
+(``DIR/old_grad_norms``, e.g. ``mkdir -p DIR && git archive 533bfbd gvm_trl/grad_norms | tar -x -C DIR &&
+mv DIR/gvm_trl/grad_norms DIR/old_grad_norms``), this one and the plain forward+backward, so both c/d ratios see the
+same machine load.
 
 ``--count`` counts what one call issues (``gvm_trl.grad_norms.counting``: ATen ops that launch a kernel, host
 syncs, FLOPs, bytes) for the pass (c) and one plain forward+backward (d) of the same batch, on Qwen2-0.5B's
@@ -437,6 +444,85 @@ def count_mode(args) -> dict:
             "h200_measured": H200_MEASURED, "h200_calibration": H200_CALIBRATION, "results": results}
 
 
+def gram_precision(args) -> dict:
+    """Max relative error of the norms against a float64 per-sample loop with the batched Gram products' factors
+    rounded to TF32 or bf16 (products of rounded factors are exact in fp32, the sums accumulate in fp32: what a GPU
+    Gram in that precision with fp32 accumulation computes, up to summation order)."""
+    import copy
+
+    import gvm_trl.grad_norms.products as products
+
+    cfg = dict(arch="qwen2", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=8192, batch=8,
+               prompt=32, completions=[128], dtype="float32")
+    model = build_model(cfg, True, "cpu")
+    batch = make_batch(cfg, 128, cfg["batch"], "cpu")
+    reference = copy.deepcopy(model).double()
+    want = loop_norms(reference, batch, list(reference.parameters())).double()
+    exact = products._gram
+
+    def rounded(kind: str):
+        def gram(x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            if kind == "bf16":
+                x = x.to(torch.bfloat16).float()
+            else:  # TF32: round to nearest on 10 mantissa bits
+                x = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+            return x @ x.mT
+        return gram
+
+    errors = {}
+    try:
+        for kind in ("fp32", "tf32", "bf16"):
+            products._gram = exact if kind == "fp32" else rounded(kind)
+            got = per_sample_grad_norms(model, **batch, params="all").double()
+            errors[kind] = ((got - want).abs() / want).max().item()
+            print(f"  Gram factors {kind}: max rel err vs float64 loop {errors[kind]:.2e}", flush=True)
+    finally:
+        products._gram = exact
+    return {"config": cfg, "max_rel_error_vs_float64": errors,
+            "note": "only the stacked Grams of single-use matrices are rounded; the head/embedding terms stay fp32"}
+
+
+def against(args) -> dict:
+    """CPU c/d of an older copy of the package (``DIR/old_grad_norms``) and of this one, interleaved."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, args.against)
+    old = importlib.import_module("old_grad_norms")
+    torch.set_num_threads(args.threads)
+    cfg = dict(PRESETS["cpu"])
+    cfg["completions"] = args.completions or cfg["completions"]
+    model = build_model(cfg, True, "cpu")
+    results = []
+    for completion in cfg["completions"]:
+        batch = make_batch(cfg, completion, cfg["batch"], "cpu")
+        cases = {
+            "c_before": lambda: old.per_sample_grad_norms(model, **batch, params="all"),
+            "c_after": lambda: per_sample_grad_norms(model, **batch, params="all"),
+            "d_plain": lambda: plain_step(model, batch),
+        }
+        warm = make_batch(cfg, 8, 2, "cpu", seed=1)
+        old.per_sample_grad_norms(model, **warm, params="all")
+        per_sample_grad_norms(model, **warm, params="all")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        seconds, outputs = defaultdict(list), {}
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                outputs[name] = fn()
+                seconds[name].append(time.perf_counter() - start)
+        best = {name: min(times) for name, times in seconds.items()}
+        before, after = outputs["c_before"].double(), outputs["c_after"].double()
+        row = {"completion_max": completion, "seconds_best": best, "seconds_all": dict(seconds),
+               "c/d_before": best["c_before"] / best["d_plain"], "c/d_after": best["c_after"] / best["d_plain"],
+               "max_rel_diff_after_vs_before": ((after - before).abs() / before).max().item()}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return {"config": cfg, "threads": args.threads, "repeats": args.repeats, "results": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -450,8 +536,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--generic", action="store_true", help="time the generic rule against the fast rules")
     parser.add_argument("--count", action="store_true", help="count ops, host syncs and FLOPs per call (CPU)")
+    parser.add_argument("--gram-precision", action="store_true", help="norm error with bf16/TF32 Gram factors")
+    parser.add_argument("--against", metavar="DIR", help="CPU c/d of DIR/old_grad_norms vs this package")
     parser.add_argument("--output", help="default: benchmarks/results/grad_norms.json (or grad_norms_generic.json)")
     args = parser.parse_args()
+    for flag, run, default in (("gram_precision", gram_precision, "grad_norms_gram_precision.json"),
+                               ("against", against, "grad_norms_cpu_before_after.json")):
+        if getattr(args, flag):
+            torch.set_num_threads(args.threads)
+            out = Path(args.output or f"benchmarks/results/{default}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(run(args), indent=2))
+            print(f"wrote {out}")
+            return
     if args.count:
         torch.set_num_threads(args.threads)
         out = Path(args.output or "benchmarks/results/grad_norms_count.json")
