@@ -368,11 +368,12 @@ def _stacked(tensors: list[Tensor], invalid: Tensor | None) -> Tensor:
     return x if invalid is None else x.masked_fill_(invalid[None, ..., None], 0)
 
 
-def _ghost_side(rec: _Outer) -> tuple[int | None, Tensor, Tensor]:
-    """(key, shared side, own side) of a weight's factors: the side read from a shared input (its key), the other."""
+def _ghost_side(rec: _Outer) -> tuple[Tensor, Tensor]:
+    """(shared side, own side) of a weight's factors: the side read from a possibly shared input (the same tensor
+    object for every layer reading it, :class:`_SharedInputs`), and the output gradient."""
     if rec.left_key is not None:
-        return rec.left_key, rec.left, rec.right
-    return rec.right_key, rec.right, rec.left
+        return rec.left, rec.right
+    return rec.right, rec.left
 
 
 def batchable(rec: _Record, method: Method) -> bool:
@@ -381,6 +382,8 @@ def batchable(rec: _Record, method: Method) -> bool:
         return True
     if not isinstance(rec, _Outer) or rec.ids or rec.left.ndim != 3:
         return False
+    if rec.left.shape[0] * rec.length * (rec.m + rec.n) > _BATCHED_ELEMENTS:
+        return False  # e.g. an untied head's [B, L, V] gradient: reduced by rows, never cast to fp32 whole
     chosen = _choose_method(rec.length, rec.length, rec.m, rec.n) if method == "auto" else method
     return chosen == "ghost"
 
@@ -395,19 +398,15 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
     ``_BATCHED_ELEMENTS``.
     """
     total = torch.zeros(batch, dtype=torch.float64, device=device)
-    shared: dict[int, tuple[Tensor, Tensor | None, list[Tensor]]] = {}
+    shared: dict[int, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's identity
     summed: dict[tuple, list[_Summed]] = {}
     for rec in records:
         if isinstance(rec, _Summed):
             signature = (tuple((f.shape, f.dtype) for f in rec.factors), id(rec.valid))
             summed.setdefault(signature, []).append(rec)
             continue
-        key, side, own = _ghost_side(rec)
-        key = key if key is not None else id(rec)
-        if key in shared and shared[key][0] is side:
-            shared[key][2].append(own)
-        else:
-            shared[key if key not in shared else id(rec)] = (side, rec.valid, [own])
+        side, own = _ghost_side(rec)
+        shared.setdefault(id(side), (side, rec.valid, []))[2].append(own)
     groups: dict[tuple, list[tuple[Tensor, Tensor | None, list[Tensor]]]] = {}
     for side, valid, owns in shared.values():
         signature = (side.shape, side.dtype, tuple((o.shape, o.dtype) for o in owns), id(valid))
