@@ -28,7 +28,8 @@ allocation before the call.
     python benchmarks/grad_norms.py --gram-precision       # error of bf16/TF32 Gram factors against float64
     python benchmarks/grad_norms.py --against DIR          # CPU c/d of an older grad_norms package vs this one
 
-``--against DIR`` times, interleaved in one process on the CPU preset, the pass of an older copy of the package
+``--against DIR`` times (wall clock, and the process's CPU time, which other processes' load disturbs less: one
+thread), interleaved in one process on the CPU preset, the pass of an older copy of the package
 (``DIR/old_grad_norms``, e.g. ``mkdir -p DIR && git archive 533bfbd gvm_trl/grad_norms | tar -x -C DIR &&
 mv DIR/gvm_trl/grad_norms DIR/old_grad_norms``), this one and the plain forward+backward, so both c/d ratios see the
 same machine load.
@@ -507,16 +508,21 @@ def against(args) -> dict:
         per_sample_grad_norms(model, **warm, params="all")
         for p in model.parameters():
             p.requires_grad_(True)
-        seconds, outputs = defaultdict(list), {}
+        seconds, cpu_seconds, outputs = defaultdict(list), defaultdict(list), {}
         for _ in range(args.repeats):
             for name, fn in cases.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 outputs[name] = fn()
                 seconds[name].append(time.perf_counter() - start)
+                cpu_seconds[name].append(time.process_time() - start_cpu)
         best = {name: min(times) for name, times in seconds.items()}
+        best_cpu = {name: min(times) for name, times in cpu_seconds.items()}
         before, after = outputs["c_before"].double(), outputs["c_after"].double()
         row = {"completion_max": completion, "seconds_best": best, "seconds_all": dict(seconds),
+               "cpu_seconds_best": best_cpu, "cpu_seconds_all": dict(cpu_seconds),
                "c/d_before": best["c_before"] / best["d_plain"], "c/d_after": best["c_after"] / best["d_plain"],
+               "cpu_time_c/d_before": best_cpu["c_before"] / best_cpu["d_plain"],
+               "cpu_time_c/d_after": best_cpu["c_after"] / best_cpu["d_plain"],
                "max_rel_diff_after_vs_before": ((after - before).abs() / before).max().item()}
         print(json.dumps(row), flush=True)
         results.append(row)

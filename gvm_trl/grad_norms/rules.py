@@ -287,6 +287,8 @@ def probe_channelwise(module: nn.Module, attr: str) -> None:
     param = module._parameters[attr]
     if attr in verdicts or type(param) not in (nn.Parameter, Tensor) or param.device.type == "meta":
         return
+    if param.numel() == 0 or hasattr(param, "ds_shape"):
+        return  # partitioned by DeepSpeed ZeRO-3: whole only inside the forward, where the call checks it
     generator = torch.Generator(device=param.device).manual_seed(1)
     probe = torch.randn((2, 3, param.shape[0]), generator=generator, device=param.device).to(param.dtype)
     with torch.inference_mode(False):
