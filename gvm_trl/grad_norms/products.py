@@ -368,6 +368,17 @@ def _stacked(tensors: list[Tensor], invalid: Tensor | None) -> Tensor:
     return x if invalid is None else x.masked_fill_(invalid[None, ..., None], 0)
 
 
+def _masked_gram(stacked: Tensor, unpaired: Tensor | None) -> Tensor:
+    """Grams [L·B, T, T] of stacked factors [L, B, T, n], zero where a position is padding."""
+    return _mask_pairs(_gram(stacked.flatten(0, 1)), unpaired, stacked.shape[0])
+
+
+def _mask_pairs(gram: Tensor, unpaired: Tensor | None, layers: int) -> Tensor:
+    if unpaired is None:
+        return gram
+    return gram.unflatten(0, (layers, -1)).masked_fill_(unpaired, 0).flatten(0, 1)
+
+
 def _ghost_side(rec: _Outer) -> tuple[Tensor, Tensor]:
     """(shared side, own side) of a weight's factors: the side read from a possibly shared input (the same tensor
     object for every layer reading it, :class:`_SharedInputs`), and the output gradient."""
@@ -415,16 +426,19 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
         side, valid, owns = members[0]
         length = side.shape[1]
         per_layer = batch * (length * (side.shape[-1] + sum(o.shape[-1] for o in owns)) + 2 * length * length)
-        invalid = None if valid is None else ~valid
+        # Entry (t, s) of a Gram reads rows t and s only: masking the [T, T] Grams (where padding may have left NaN)
+        # instead of the wider factors touches less memory.
+        unpaired = None if valid is None else ~(valid[:, :, None] & valid[:, None, :])
         step = max(1, _BATCHED_ELEMENTS // max(per_layer, 1))
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
             layers = len(chunk)
-            gram_side = _gram(_stacked([m[0] for m in chunk], invalid).flatten(0, 1))
+            gram_side = _masked_gram(_stacked([m[0] for m in chunk], None), unpaired)
             gram_own = None
             for k in range(len(owns)):
-                gram = _gram(_stacked([m[2][k] for m in chunk], invalid).flatten(0, 1))
+                gram = _gram(_stacked([m[2][k] for m in chunk], None).flatten(0, 1))
                 gram_own = gram if gram_own is None else gram_own.add_(gram)
+            gram_own = _mask_pairs(gram_own, unpaired, layers)
             products = (gram_side * gram_own).sum(-1).sum(-1, dtype=torch.float64)
             total += products.reshape(layers, batch).sum(0)
     for members in summed.values():
