@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layout import Batch, Layout, broadcast_mask
-from .products import _compute_dtype, _Dense, _masked, _Outer, _Record, _SharedInputs, _Squares, _Summed
+from .products import _compute_dtype, _Dense, _Outer, _Record, _SharedInputs, _Squares, _Summed
 
 try:  # transformers is a dependency of the package, but keep this module importable on its own.
     from transformers.pytorch_utils import Conv1D
