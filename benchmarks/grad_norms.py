@@ -9,8 +9,8 @@ Timed per completion length, on one batch of completions from a random model (no
   (c2) ``per_sample_grad_norms(params="lm_head")`` on an untied copy of the model;
   (d) one plain batched forward+backward of the token-mean loss (the cost of a training micro-step);
 
-and reports a/c, b/c, c/d, c2/d (c2 against d of the untied model), the same ratios in matmul FLOPs (counted by
-``torch.utils.flop_counter``: independent of machine load, which on a shared CPU distorts timings), peak memory
+and reports a/c, b/c, c/d, c2/d (c2 against d of the untied model), the same ratios in matmul and attention FLOPs
+(``gvm_trl.grad_norms.counting``: independent of machine load, which on a shared CPU distorts timings), peak memory
 and the max relative error of (c) against (b). Cases are timed round-robin, ``--repeats`` times, best kept.
 
 ``--generic`` instead times the exact generic rule (a per-sample re-run of each module and a VJP) against the fast
@@ -24,6 +24,22 @@ allocation before the call.
     python benchmarks/grad_norms.py                        # CPU: hidden 256, 4 layers, vocab 49152 (SmolLM2-like)
     python benchmarks/grad_norms.py --device cuda          # Qwen2-0.5B-shaped, bf16, batch 64
     python benchmarks/grad_norms.py --generic [--quick]    # cost of the generic rule vs the fast rules
+    python benchmarks/grad_norms.py --count [--quick]      # ops, host syncs, FLOPs per call; predicted H200 time
+    python benchmarks/grad_norms.py --gram-precision       # error of bf16/TF32 Gram factors against float64
+    python benchmarks/grad_norms.py --against DIR          # CPU c/d of an older grad_norms package vs this one
+
+``--against DIR`` times (wall clock, and the process's CPU time, which other processes' load disturbs less: one
+thread), interleaved in one process on the CPU preset, the pass of an older copy of the package
+(``DIR/old_grad_norms``, e.g. ``mkdir -p DIR && git archive 533bfbd gvm_trl/grad_norms | tar -x -C DIR &&
+mv DIR/gvm_trl/grad_norms DIR/old_grad_norms``), this one and the plain forward+backward, so both c/d ratios see the
+same machine load.
+
+``--count`` counts what one call issues (``gvm_trl.grad_norms.counting``: ATen ops that launch a kernel, host
+syncs, FLOPs, bytes) for the pass (c) and one plain forward+backward (d) of the same batch, on Qwen2-0.5B's
+structure and widths (hidden 896, 24 layers, 14/2 heads, MLP 4864, tied) with a 2,048-token vocabulary so that it
+runs on a CPU; the counts do not depend on the machine or its load. It then predicts the H200 time of both at the
+issue-18 GPU setting (batch 64 in micro-batches of 16, vocab 151,936, bf16) as ops × host cost per op + FLOPs /
+peak + bytes / bandwidth, the cost per op fitted on the measured 2.54 s (pass) and 0.448 s (plain) (``predict_h200``).
 """
 
 from __future__ import annotations
@@ -44,7 +60,6 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -189,9 +204,11 @@ def timed(fn: Callable[[], object], device: str) -> tuple[float, float, object]:
 
 
 def gflops(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+    """Matmul and attention GFLOPs of one call (``gvm_trl.grad_norms.counting``: torch's formulas, except attention,
+    counted there because torch's SDPA counter asserts on grouped-query shapes)."""
+    from gvm_trl.grad_norms.counting import count
+
+    return count(fn).flops / 1e9
 
 
 def ratios(values: dict[str, float]) -> dict[str, float]:
@@ -210,13 +227,13 @@ def run_length(cfg: dict, tied_model, untied_model, completion: int, args) -> di
     all_params = list(tied_model.parameters())
     for p in all_params:
         p.requires_grad_(True)
-    mb = args.micro_batch_size
+    mb, pass_mb = args.micro_batch_size, args.pass_micro_batch_size
     cases = {
         "a_official_loop_embed": lambda: loop_norms(tied_model, batch, [embed]),
         "b_loop_all": lambda: loop_norms(tied_model, batch, all_params),
-        "c_hooks_all": lambda: per_sample_grad_norms(tied_model, **batch, params="all", micro_batch_size=mb),
+        "c_hooks_all": lambda: per_sample_grad_norms(tied_model, **batch, params="all", micro_batch_size=pass_mb),
         "c2_hooks_lm_head_untied": lambda: per_sample_grad_norms(
-            untied_model, **batch, params="lm_head", micro_batch_size=mb
+            untied_model, **batch, params="lm_head", micro_batch_size=pass_mb
         ),
         "d_plain_fwd_bwd": lambda: plain_step(tied_model, batch, mb),
         "d_plain_fwd_bwd_untied": lambda: plain_step(untied_model, batch, mb),
@@ -331,19 +348,220 @@ def generic_cost(args) -> dict:
     return {"threads": args.threads, "torch": torch.__version__, "repeats": args.repeats, "results": results}
 
 
+# Measured on the H200 (issue 18; batch 64 in micro-batches of 16, prompt 32 + completion 128, bf16, vocab 151,936),
+# and what --count found for the code measured then (commit 533bfbd) per micro-batch: kernel-launching ops, and the
+# device time of its FLOPs and bytes at the H200's peak rates (scaled to the GPU setting by predict_h200).
+H200_MEASURED = {"pass_s": 2.54, "plain_s": 0.448, "micro_batches": 4}
+H200_CALIBRATION = {"pass_ops": 9184, "plain_ops": 2855, "pass_device_s": 0.0828, "plain_device_s": 0.0809}
+H200_PEAK_FLOPS = 989e12  # dense bf16
+H200_BANDWIDTH = 4.8e12  # HBM3e, bytes/s
+COUNT_PRESETS = {
+    "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=2048,
+                       batch=4, prompt=32, completions=[128], dtype="float32"),
+    "quick": dict(arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048,
+                  batch=4, prompt=16, completions=[32], dtype="float32"),
+}
+GPU_VOCAB, GPU_BATCH, GPU_MICRO_BATCH = 151936, 64, 16
+
+
+def count_calls(cfg: dict, completion: int, micro_batch_size: int | None) -> dict:
+    """Counts of one pass call (c, params="all") and one plain forward+backward (d) on the same batch."""
+    from gvm_trl.grad_norms.counting import count
+
+    model = build_model(cfg, True, "cpu")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = make_batch(cfg, completion, cfg["batch"], "cpu")
+    warm = make_batch(cfg, 8, 2, "cpu", seed=1)
+    per_sample_grad_norms(model, **warm, params="all")  # planning-time work happens once, as in a trainer
+    return {
+        "c_pass": count(lambda: per_sample_grad_norms(model, **batch, params="all",
+                                                      micro_batch_size=micro_batch_size)).as_dict(),
+        "d_plain": count(lambda: plain_step(model, batch)).as_dict(),
+    }
+
+
+def head_slope(cfg: dict, completion: int) -> dict:
+    """FLOPs and bytes per extra vocabulary entry (a one-layer model at two vocabularies: the head is linear in V)."""
+    counts = {}
+    for vocab in (2048, 4096):
+        counts[vocab] = count_calls(dict(cfg, layers=1, vocab=vocab), completion, None)
+    return {case: {unit: (counts[4096][case][unit] - counts[2048][case][unit]) / 2048 for unit in ("gflop", "gbytes")}
+            for case in ("c_pass", "d_plain")}
+
+
+def predict_h200(counted: dict, slope: dict, cfg: dict) -> dict:
+    """Seconds on the H200 at the issue's GPU setting (batch 64 in micro-batches of 16, vocab 151,936, bf16):
+    ops × host cost per op + FLOPs / peak + bytes / bandwidth.
+
+    Device work is scaled from the counted batch to batch 64 and vocabulary 151,936, bytes halved for bf16, at the
+    peak rates (a floor). The host cost per op is fitted on the measured times of the code of issue 18 (its ops
+    and device time in ``H200_CALIBRATION``): the plain step gives the cost of a bare launch (≈ 32 µs), the pass of
+    then ≈ 67 µs per op, its hooks and Python bookkeeping included. The prediction for the counted code is the
+    range between the two: ``optimistic`` if its per-op overhead is now that of the plain step, ``conservative``
+    if it is still that of the old pass."""
+    scale = GPU_BATCH / cfg["batch"]
+    device = {}
+    for case in ("c_pass", "d_plain"):
+        gflop = (counted[case]["gflop"] + slope[case]["gflop"] * (GPU_VOCAB - cfg["vocab"])) * scale
+        gbytes = (counted[case]["gbytes"] + slope[case]["gbytes"] * (GPU_VOCAB - cfg["vocab"])) * scale / 2
+        device[case] = gflop * 1e9 / H200_PEAK_FLOPS + gbytes * 1e9 / H200_BANDWIDTH
+    micro = H200_MEASURED["micro_batches"]
+    cal = H200_CALIBRATION
+    per_op = {
+        "optimistic": (H200_MEASURED["plain_s"] - cal["plain_device_s"]) / (micro * cal["plain_ops"]),
+        "conservative": (H200_MEASURED["pass_s"] - cal["pass_device_s"]) / (micro * cal["pass_ops"]),
+    }
+    plain = micro * counted["d_plain"]["ops"] * per_op["optimistic"] + device["d_plain"]
+    prediction = {"host_us_per_op": {k: round(v * 1e6, 1) for k, v in per_op.items()},
+                  "device_s_at_peak": {k: round(v, 4) for k, v in device.items()}, "plain_s": round(plain, 3)}
+    for name, cost in per_op.items():
+        for micro_batches in (micro, 1):
+            seconds = micro_batches * counted["c_pass"]["ops"] * cost + device["c_pass"]
+            label = f"{name}_{micro_batches}_micro_batch" + ("es" if micro_batches > 1 else "")
+            prediction[f"pass_s_{label}"] = round(seconds, 3)
+            prediction[f"c/d_{label}"] = round(seconds / plain, 3)
+    return prediction
+
+
+def count_mode(args) -> dict:
+    cfg = dict(COUNT_PRESETS["quick" if args.quick else "qwen2-0.5b"])
+    cfg["batch"] = args.batch or cfg["batch"]
+    completions = args.completions or cfg["completions"]
+    results = []
+    for completion in completions:
+        counted = count_calls(cfg, completion, args.micro_batch_size)
+        slope = head_slope(cfg, completion)
+        prediction = predict_h200(counted, slope, cfg)
+        ratio = counted["c_pass"]["ops"] / counted["d_plain"]["ops"]
+        print(f"T={cfg['prompt']}+{completion}: pass {counted['c_pass']['ops']:,} ops, "
+              f"{counted['c_pass']['host_syncs']} syncs, {counted['c_pass']['gflop']:.1f} GFLOP; plain fwd+bwd "
+              f"{counted['d_plain']['ops']:,} ops, {counted['d_plain']['host_syncs']} syncs, "
+              f"{counted['d_plain']['gflop']:.1f} GFLOP; ops ratio {ratio:.2f}", flush=True)
+        print(f"  predicted H200 (batch 64, vocab 151,936, bf16): {json.dumps(prediction)}", flush=True)
+        results.append({"completion_max": completion, "counts": counted, "ops_ratio_c/d": round(ratio, 3),
+                        "head_slope_per_vocab_entry": slope, "h200_prediction": prediction})
+    return {"config": cfg, "torch": torch.__version__, "micro_batch_size": args.micro_batch_size,
+            "h200_measured": H200_MEASURED, "h200_calibration": H200_CALIBRATION, "results": results}
+
+
+def gram_precision(args) -> dict:
+    """Max relative error of the norms against a float64 per-sample loop with the batched Gram products' factors
+    rounded to TF32 or bf16 (products of rounded factors are exact in fp32, the sums accumulate in fp32: what a GPU
+    Gram in that precision with fp32 accumulation computes, up to summation order)."""
+    import copy
+
+    import gvm_trl.grad_norms.products as products
+
+    cfg = dict(arch="qwen2", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=8192, batch=8,
+               prompt=32, completions=[128], dtype="float32")
+    model = build_model(cfg, True, "cpu")
+    batch = make_batch(cfg, 128, cfg["batch"], "cpu")
+    reference = copy.deepcopy(model).double()
+    want = loop_norms(reference, batch, list(reference.parameters())).double()
+    exact = products._gram
+
+    def rounded(kind: str):
+        def gram(x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            if kind == "bf16":
+                x = x.to(torch.bfloat16).float()
+            else:  # TF32: round to nearest on 10 mantissa bits
+                x = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+            return x @ x.mT
+        return gram
+
+    errors = {}
+    try:
+        for kind in ("fp32", "tf32", "bf16"):
+            products._gram = exact if kind == "fp32" else rounded(kind)
+            got = per_sample_grad_norms(model, **batch, params="all").double()
+            errors[kind] = ((got - want).abs() / want).max().item()
+            print(f"  Gram factors {kind}: max rel err vs float64 loop {errors[kind]:.2e}", flush=True)
+    finally:
+        products._gram = exact
+    return {"config": cfg, "max_rel_error_vs_float64": errors,
+            "note": "only the stacked Grams of single-use matrices are rounded; the head/embedding terms stay fp32"}
+
+
+def against(args) -> dict:
+    """CPU c/d of an older copy of the package (``DIR/old_grad_norms``) and of this one, interleaved."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, args.against)
+    old = importlib.import_module("old_grad_norms")
+    torch.set_num_threads(args.threads)
+    cfg = dict(PRESETS["cpu"])
+    cfg["completions"] = args.completions or cfg["completions"]
+    model = build_model(cfg, True, "cpu")
+    results = []
+    for completion in cfg["completions"]:
+        batch = make_batch(cfg, completion, cfg["batch"], "cpu")
+        cases = {
+            "c_before": lambda: old.per_sample_grad_norms(model, **batch, params="all"),
+            "c_after": lambda: per_sample_grad_norms(model, **batch, params="all"),
+            "d_plain": lambda: plain_step(model, batch),
+        }
+        warm = make_batch(cfg, 8, 2, "cpu", seed=1)
+        old.per_sample_grad_norms(model, **warm, params="all")
+        per_sample_grad_norms(model, **warm, params="all")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        seconds, cpu_seconds, outputs = defaultdict(list), defaultdict(list), {}
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                outputs[name] = fn()
+                seconds[name].append(time.perf_counter() - start)
+                cpu_seconds[name].append(time.process_time() - start_cpu)
+        best = {name: min(times) for name, times in seconds.items()}
+        best_cpu = {name: min(times) for name, times in cpu_seconds.items()}
+        before, after = outputs["c_before"].double(), outputs["c_after"].double()
+        row = {"completion_max": completion, "seconds_best": best, "seconds_all": dict(seconds),
+               "cpu_seconds_best": best_cpu, "cpu_seconds_all": dict(cpu_seconds),
+               "c/d_before": best["c_before"] / best["d_plain"], "c/d_after": best["c_after"] / best["d_plain"],
+               "cpu_time_c/d_before": best_cpu["c_before"] / best_cpu["d_plain"],
+               "cpu_time_c/d_after": best_cpu["c_after"] / best_cpu["d_plain"],
+               "max_rel_diff_after_vs_before": ((after - before).abs() / before).max().item()}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return {"config": cfg, "threads": args.threads, "repeats": args.repeats, "results": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke test under a minute")
     parser.add_argument("--batch", type=int, help="rows per batch (preset: 16 CPU, 64 CUDA)")
     parser.add_argument("--completions", type=int, nargs="+", help="max completion lengths (preset: 128 384)")
-    parser.add_argument("--micro-batch-size", type=int, help="rows per forward/backward in (c), (c2), (d) (preset)")
+    parser.add_argument("--micro-batch-size", type=int, help="rows per forward/backward in (c), (c2), (d) (default: "
+                        "the pass chooses from free memory, (d) uses the preset's: 16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds over all cases (the best is reported)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--generic", action="store_true", help="time the generic rule against the fast rules")
+    parser.add_argument("--count", action="store_true", help="count ops, host syncs and FLOPs per call (CPU)")
+    parser.add_argument("--gram-precision", action="store_true", help="norm error with bf16/TF32 Gram factors")
+    parser.add_argument("--against", metavar="DIR", help="CPU c/d of DIR/old_grad_norms vs this package")
     parser.add_argument("--output", help="default: benchmarks/results/grad_norms.json (or grad_norms_generic.json)")
     args = parser.parse_args()
+    for flag, run, default in (("gram_precision", gram_precision, "grad_norms_gram_precision.json"),
+                               ("against", against, "grad_norms_cpu_before_after.json")):
+        if getattr(args, flag):
+            torch.set_num_threads(args.threads)
+            out = Path(args.output or f"benchmarks/results/{default}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(run(args), indent=2))
+            print(f"wrote {out}")
+            return
+    if args.count:
+        torch.set_num_threads(args.threads)
+        out = Path(args.output or "benchmarks/results/grad_norms_count.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(count_mode(args), indent=2))
+        print(f"wrote {out}")
+        return
     if args.generic:
         torch.set_num_threads(args.threads)
         out = Path(args.output or "benchmarks/results/grad_norms_generic.json")
@@ -359,6 +577,8 @@ def main() -> None:
     cfg["batch"] = args.batch or cfg["batch"]
     cfg["completions"] = args.completions or cfg["completions"]
     preset_micro_batch_size = cfg.pop("micro_batch_size", None)
+    # The pass picks its micro-batch from free memory unless told; the plain step keeps the preset's (issue 18's).
+    args.pass_micro_batch_size = args.micro_batch_size
     args.micro_batch_size = args.micro_batch_size or preset_micro_batch_size
     tied, untied = build_model(cfg, True, args.device), build_model(cfg, False, args.device)
     print(f"model {cfg}, device {args.device}, threads {args.threads}", flush=True)
@@ -368,6 +588,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "threads": args.threads,
         "micro_batch_size": args.micro_batch_size,
+        "pass_micro_batch_size": args.pass_micro_batch_size or "chosen from free memory",
         "memory": "CUDA max_memory_allocated above the pre-call allocation" if args.device == "cuda"
         else "peak process RSS above the pre-call RSS, psutil sampled every 2 ms",
         "torch": torch.__version__,

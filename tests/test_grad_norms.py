@@ -480,3 +480,120 @@ def test_head_only_backward_stops_at_the_head():
     counted = int((batch[2][:, 1:] != 0).sum(1).max())
     assert head_inputs == [torch.Size([3, counted, 32])]  # only the positions whose next token counts
     assert max_rel_err(got, reference_norms(model, *batch, lambda n: "lm_head" in n)) < TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host syncs and planning-time work (issue 18)
+
+
+def test_counter_sees_host_syncs():
+    from gvm_trl.grad_norms.counting import count
+
+    x = torch.tensor([0.5, -1.0, 2.0])
+    assert count(lambda: x * 2).syncs == 0
+    assert count(lambda: x.sum().item()).sync_ops == {"_local_scalar_dense": 1}
+    assert count(lambda: bool(x.any())).syncs == 1
+    assert count(lambda: x.nonzero()).sync_ops == {"nonzero": 1}
+    assert count(lambda: x[x > 0]).sync_ops == {"index": 1}
+    assert count(lambda: torch.unique(x)).syncs == 1
+    assert count(lambda: x.tolist()).sync_ops == {"tolist": 1}
+
+
+@pytest.mark.parametrize("padding", ["left", "both"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_pass_reads_the_device_once(arch, padding):
+    """One host sync per call (the input checks and micro-batch spans, read together before the forward), none in
+    the forward, the backward or the reduction: transformers' own mask checks are skipped by a prepared mask."""
+    from gvm_trl.grad_norms.counting import count
+
+    model = tiny_model(arch, tied=True)
+    batch = make_batch(padding)
+    per_sample_grad_norms(model, *batch, params="all")  # once-per-model checks happen here
+    counts = count(lambda: per_sample_grad_norms(model, *batch, params="all"))
+    assert counts.sync_ops == {"tolist": 1}
+    micro = count(lambda: per_sample_grad_norms(model, *batch, params="all", micro_batch_size=1))
+    assert micro.sync_ops == {"tolist": 1}
+
+
+def test_channelwise_checks_and_sensitivities_not_rerun_per_call(monkeypatch):
+    """The channel-wise check runs once per module (at planning), and a call runs one forward-mode pass for all
+    the RMSNorms of a model (their u does not depend on their weights), not one check and pass per norm."""
+    import gvm_trl.grad_norms.rules as rules
+
+    model = tiny_model("llama", tied=False)
+    batch = make_batch("left")
+    checks, passes = [], []
+    original_check, original_tangent = rules.channel_sensitivity, rules._tangent
+    monkeypatch.setattr(rules, "channel_sensitivity", lambda *a: checks.append(a[0]) or original_check(*a))
+    monkeypatch.setattr(rules, "_tangent", lambda *a: passes.append(a[0]) or original_tangent(*a))
+    from gvm_trl.grad_norms import plan_per_sample_grad_norms
+
+    plan_per_sample_grad_norms(model, "all")
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5 and set(checks) == set(norms)
+    checks.clear()
+    passes.clear()
+    want = per_sample_grad_norms(model, *batch, params="all")
+    assert checks == [] and len(passes) == 1
+    assert max_rel_err(want, reference_norms(model, *batch, everything)) < TOLERANCE
+
+
+def test_sensitivity_sharing_needs_equal_modules():
+    """Norms with a different eps compute a different u: they are not stacked with the others."""
+    from gvm_trl.grad_norms.rules import probe_channelwise, sensitivity_group
+
+    model = tiny_model("llama", tied=False)
+    layers = model.model.layers
+    layers[1].input_layernorm.variance_epsilon = 0.5
+    for norm in (layers[0].input_layernorm, layers[1].input_layernorm, layers[1].post_attention_layernorm):
+        probe_channelwise(norm, "weight")
+    groups = [sensitivity_group(n, "weight") for n in (layers[0].input_layernorm, layers[1].input_layernorm,
+                                                       layers[1].post_attention_layernorm)]
+    assert None not in groups and groups[0] is groups[2] and groups[1] is not groups[0]
+    batch = make_batch("right")
+    assert max_rel_err(per_sample_grad_norms(model, *batch, params="all"),
+                       reference_norms(model, *batch, everything)) < TOLERANCE
+
+
+def test_prepared_mask_only_where_it_gives_the_same_logits():
+    from gvm_trl.grad_norms.recorder import takes_prepared_mask
+
+    assert takes_prepared_mask(tiny_model("llama"))
+    windowed = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert not takes_prepared_mask(windowed)
+    batch = make_batch("left", lengths=(9, 14, 6), prompts=(3, 5, 2))
+    assert max_rel_err(per_sample_grad_norms(windowed, *batch, params="all"),
+                       reference_norms(windowed, *batch, everything)) < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_log_probs_match_cross_entropy(dtype, monkeypatch):
+    """The chunked head step gives cross-entropy's value and gradient (in the logits' dtype), ignored rows too."""
+    import gvm_trl.grad_norms.recorder as recorder
+
+    monkeypatch.setattr(recorder, "_HEAD_CHUNK_ELEMENTS", 5 * 37)  # bf16: 10 chunks of 5 rows
+    logits = torch.randn(50, 37, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 37, (50,), generator=torch.Generator().manual_seed(1))
+    targets[::3] = -100
+    got = recorder._CountedLogProbs.apply(logits, targets)
+    (grad,) = torch.autograd.grad(got, logits)
+    want = -nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, logits)
+    assert grad.dtype == dtype and grad[::3].abs().max() == 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_micro_batch_from_free_gpu_memory(monkeypatch):
+    """Without micro_batch_size: every row on a CPU; on a GPU as many rows as the estimate fits in free memory."""
+    from gvm_trl.grad_norms import _rows_that_fit
+    from gvm_trl.grad_norms.planning import resolve
+
+    targets = resolve(tiny_model("qwen2", tied=True), "all", "params").targets
+    shape = torch.Size([64, 160])
+    assert _rows_that_fit(targets, shape, torch.device("cpu")) == 64
+    rows = {}
+    for free in (1 << 20, 1 << 26, 1 << 40):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
+        rows[free] = _rows_that_fit(targets, shape, torch.device("cuda"))
+    assert rows[1 << 20] == 1 and 1 < rows[1 << 26] < 64 and rows[1 << 40] == 64

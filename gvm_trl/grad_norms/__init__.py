@@ -24,8 +24,9 @@ what the module computes, so subclasses are covered — and otherwise by the gen
   pairs) and square, O(T·d).
 * ``channelwise``: 1-D parameters of leaf modules (norm weights and biases, whatever the class is called) where
   output channel i depends on p_i only: G = Σ_t u_t ⊙ g_t with u = ∂y/∂p by forward-mode AD of the module, so
-  RMSNorm, LayerNorm and variants such as Gemma's (1 + w) are exact without per-class formulas. Checked on each
-  call with a second forward-mode pass along a random tangent.
+  RMSNorm, LayerNorm and variants such as Gemma's (1 + w) are exact without per-class formulas. Checked once per
+  module (at planning, on a probe input) with a second forward-mode pass along a random tangent; norms whose u does
+  not depend on their weights share one forward-mode pass over their stacked inputs.
 * ``generic`` (:func:`.rules.generic_records`): everything else — fused MoE expert weights and routers, Mamba's
   ``A_log``/``D``/``dt_bias``, ``nn.Conv1d``, subclasses that override ``forward``, and calls where a checked rule's
   assumption fails. The forward hook keeps the module's inputs, the gradient hook its output gradients; then for
@@ -50,6 +51,14 @@ gradient Σ_k G_k and ‖Σ_k G_k‖² = Σ_k ‖G_k‖² + 2 Σ_{k<l} ⟨G_k, G
 the cross terms computed from the same factors, e.g. for a tied head (a_s, g_s at loss positions s) and embedding
 (ids id_t, gradients e_t): ⟨G_head, G_emb⟩ = Σ_{t,s} g_s[id_t] (a_s·e_t). Dropping it is wrong (measured: 2e-3
 relative error at random init, more on trained models).
+
+**Cost on a GPU** (issue 18): every ATen op is a kernel launch paid on the host, and every read of a device value a
+host sync. The hooks therefore only keep references; after the backward, the single-use matrices are reduced in a
+few stacked kernels across layers (:func:`.products.batched_self_squares`: layers reading one input share its Gram,
+layers of equal shapes are stacked), 1-D parameters likewise; every check and rule choice is made once per module
+(at planning); the pass reads the device once per call (input checks and micro-batch spans together), and hands a
+transformers model using SDPA a prepared causal mask where that gives the same logits (transformers' own mask
+preparation reads the mask twice). Counted on Qwen2-0.5B's structure: ``benchmarks/grad_norms.py --count``.
 
 Autograd never reaches further down than needed: all parameters are frozen during the call and gradients start
 from detached, grad-requiring copies of the outputs of the lowest measured modules, so ``params="lm_head"`` costs a
@@ -126,7 +135,8 @@ def per_sample_grad_norms(
             input embedding matrix, the official GVM code's choice), ``"lm_head"`` (the output embedding matrix; with
             tied embeddings both names mean the shared matrix, with both its contributions), otherwise a regular
             expression searched in parameter names (any alias of a tied parameter) or a predicate ``(name, param)``.
-        micro_batch_size: rows per forward/backward (``None``: all at once).
+        micro_batch_size: rows per forward/backward (``None``: all at once on a CPU; on a GPU as many as an
+            estimate of the pass's memory fits in the free memory, so one micro-batch where the batch fits).
         method: ``"auto"`` chooses ghost or materialised norms per layer and length
             (:func:`.products._choose_method`); ``"ghost"``/``"materialize"`` force one (for embeddings:
             token-equality Gram / segment sums).
@@ -151,21 +161,70 @@ def per_sample_grad_norms(
     with torch.inference_mode(False), torch.enable_grad():
         input_ids, attention_mask, loss_mask = _check_inputs(input_ids, attention_mask, loss_mask, device)
         batch = input_ids.shape[0]
-        step = micro_batch_size or max(batch, 1)
+        step = micro_batch_size or _rows_that_fit(resolved.targets, input_ids.shape, device)
         # Micro-batches of similar lengths carry less padding.
         order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
+        spans = _micro_batch_spans(attention_mask[order], loss_mask[order], step)  # the pass's one host sync
         squares = torch.zeros(batch, dtype=torch.float64, device=device)
         with measurement_mode(model, recorder.checkpointed_layers), recorder.attached():
-            for start in range(0, batch, step):
+            for start, (first, stop, head_length) in zip(range(0, batch, step), spans):
                 rows = order[start : start + step]
-                squares[rows] = recorder.measure(input_ids[rows], attention_mask[rows], loss_mask[rows])
+                squares[rows] = recorder.measure(
+                    input_ids[rows], attention_mask[rows], loss_mask[rows], slice(first, stop), head_length
+                )
     return squares.clamp(min=0).sqrt().to(device=out_device, dtype=torch.float32)
+
+
+# Share of the free accelerator memory a micro-batch may take when the caller sets no micro_batch_size.
+_MEMORY_SHARE = 0.6
+
+
+def _rows_that_fit(targets: dict[nn.Module, list], shape: torch.Size, device: torch.device) -> int:
+    """Rows per micro-batch when the caller sets none: all of them on a CPU; on a GPU as many as an estimate of the
+    pass's memory per row fits in ``_MEMORY_SHARE`` of the free memory (one micro-batch where the batch fits).
+
+    Per token, the estimate counts the inputs and output gradients kept for each measured matrix twice (kept
+    references and what autograd saves), the head's logits and their fp32 gradient, and a Gram row per use."""
+    batch, width = shape
+    if device.type != "cuda" or batch <= 1:
+        return max(batch, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    element = next((p.element_size() for m in targets for p in m.parameters(recurse=False)), 2)
+    matrices = [t.shape for ts in targets.values() for t in ts if len(t.shape) == 2]
+    widest = max((max(s) for s in matrices), default=0)
+    per_token = sum(2 * element * (m + n) + 8 * width for m, n in matrices) + widest * (8 + 2 * element)
+    return max(1, min(batch, int(_MEMORY_SHARE * free // max(per_token * width, 1))))
+
+
+def _micro_batch_spans(attention_mask: Tensor, loss_mask: Tensor, step: int) -> list[tuple[int, int, int]]:
+    """(first real column, last + 1, most counted tokens in a row) of each micro-batch of ``step`` rows, and the
+    input checks, read from the device in one transfer: the only host sync of the pass.
+
+    Raises:
+        ValueError: ``loss_mask`` counts position 0 or padding.
+    """
+    batch, width = attention_mask.shape
+    groups = -(-batch // step)
+    pad = groups * step - batch
+    real = torch.nn.functional.pad(attention_mask, (0, 0, 0, pad)).reshape(groups, step, width).any(1)
+    counted = torch.nn.functional.pad(loss_mask[:, 1:].sum(1), (0, pad)).reshape(groups, step).amax(1)
+    positions = torch.arange(width, device=attention_mask.device)
+    first = torch.where(real, positions, width).amin(1)
+    stop = torch.where(real, positions + 1, 0).amax(1)
+    checks = torch.stack([loss_mask[:, :1].any(), (loss_mask & ~attention_mask).any()]).long()
+    values = torch.cat([torch.stack([first, stop, counted], 1).flatten(), checks]).tolist()
+    if values[-2]:
+        raise ValueError("loss_mask[:, 0] must be 0: the first token has no log-probability")
+    if values[-1]:
+        raise ValueError("loss_mask marks padding tokens (attention_mask == 0)")
+    return [tuple(values[3 * g : 3 * g + 3]) for g in range(groups)]
 
 
 def _check_inputs(
     input_ids: Tensor, attention_mask: Tensor | None, loss_mask: Tensor, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated copies on ``device`` (copies: inputs made under inference mode cannot enter autograd)."""
+    """Copies on ``device`` of shape-checked inputs (copies: inputs made under inference mode cannot enter
+    autograd); their values are checked by :func:`_micro_batch_spans`."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -175,10 +234,6 @@ def _check_inputs(
             raise ValueError(f"{name} must have the shape {tuple(input_ids.shape)} of input_ids, got {tuple(mask.shape)}")
     input_ids = input_ids.to(device).clone()
     attention_mask, loss_mask = attention_mask.to(device) != 0, loss_mask.to(device) != 0
-    if loss_mask[:, :1].any():
-        raise ValueError("loss_mask[:, 0] must be 0: the first token has no log-probability")
-    if (loss_mask & ~attention_mask).any():
-        raise ValueError("loss_mask marks padding tokens (attention_mask == 0)")
     return input_ids, attention_mask, loss_mask
 
 

@@ -33,9 +33,9 @@ class Batch:
     targets: Tensor
 
     @classmethod
-    def build(cls, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Batch:
+    def build(cls, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, length: int) -> Batch:
+        """``length``: the most counted tokens in a row (known to the caller, so no host sync here)."""
         counted = loss_mask[:, 1:]
-        length = int(counted.sum(1).max())
         order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)[:, :length]
         head_valid = torch.arange(length, device=input_ids.device) < counted.sum(1, keepdim=True)
         targets = torch.where(head_valid, input_ids.gather(1, order + 1), -100)

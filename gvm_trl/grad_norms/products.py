@@ -82,7 +82,24 @@ class _Squares:
     value: Tensor
 
 
-_Record = _Outer | _Dense | _Squares
+@dataclass
+class _Summed:
+    """Per-sample gradient Σ_t Π_k factors[k][b, t] of a 1-D parameter, factors [B, T, n] each: a bias (one factor,
+    the output gradient) or a channel-wise parameter (its sensitivity u and the output gradient). Kept unreduced
+    so that the layers of a model reduce together in a few batched kernels (:func:`batched_self_squares`)."""
+
+    factors: tuple[Tensor, ...]
+    valid: Tensor | None
+
+    def dense(self) -> _Dense:
+        dtype = _compute_dtype(self.factors[-1])
+        product = _masked(self.factors[0], self.valid, dtype)
+        for factor in self.factors[1:]:
+            product = product * _masked(factor, self.valid, dtype)
+        return _Dense(product.sum(1))
+
+
+_Record = _Outer | _Dense | _Squares | _Summed
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -193,6 +210,8 @@ def _self_square(rec: _Record, method: Method, cache: _SharedInputs) -> Tensor:
     """‖G_b‖² for every row b, float64."""
     if isinstance(rec, _Squares):
         return rec.value
+    if isinstance(rec, _Summed):
+        rec = rec.dense()
     if isinstance(rec, _Dense):
         return _sum_rows(rec.value.to(torch.float64).square())
     if rec.ids:
@@ -223,20 +242,29 @@ def _ids_ghost_square(rec: _Outer) -> Tensor:
 
 
 def _ids_segment_square(rec: _Outer) -> Tensor:
-    """Sum g_t over equal (row, id) pairs, square, and add up per row: O(T·d)."""
+    """Sum g_t over equal (row, id) pairs, square, and add up per row: O(T·d).
+
+    Equal pairs are found by sorting, not ``torch.unique``, whose output size depends on the data (a host sync):
+    segment k of the sorted keys goes to slot k of a buffer with room for every position, the unused slots stay 0.
+    """
     batch, length, n = rec.right.shape
     g = _masked(rec.right, rec.valid, _compute_dtype(rec.right)).reshape(-1, n)
-    rows = torch.arange(batch, device=g.device).repeat_interleave(length)
-    keys, inverse = torch.unique(rows * rec.m + rec.left.reshape(-1), return_inverse=True)
-    sums = torch.zeros(len(keys), n, dtype=g.dtype, device=g.device).index_add_(0, inverse, g)
+    rows = torch.arange(batch, device=g.device)[:, None].expand(batch, length).reshape(-1)
+    keys, order = torch.sort(rows * rec.m + rec.left.reshape(-1))
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    segment = starts.cumsum(0) - 1
+    sums = torch.zeros_like(g).index_add_(0, segment, g[order])
     squares = sums.to(torch.float64).square().sum(1)
-    return torch.zeros(batch, dtype=torch.float64, device=g.device).index_add_(0, keys // rec.m, squares)
+    segment_rows = torch.zeros_like(keys).scatter_(0, segment, keys // rec.m)
+    return torch.zeros(batch, dtype=torch.float64, device=g.device).index_add_(0, segment_rows, squares)
 
 
 def _cross(a: _Record, b: _Record, method: Method) -> Tensor:
     """⟨G_a, G_b⟩ per row (two uses of one parameter), float64."""
     if isinstance(a, _Squares) or isinstance(b, _Squares):
         raise AssertionError("squared norms are kept only for parameters with a single use")
+    a, b = (rec.dense() if isinstance(rec, _Summed) else rec for rec in (a, b))
     if isinstance(a, _Dense) and isinstance(b, _Dense):
         return _sum_rows(a.value.to(torch.float64) * b.value.to(torch.float64))
     if isinstance(a, _Dense) or isinstance(b, _Dense):
@@ -307,3 +335,123 @@ def _dense_outer_dot(dense: Tensor, rec: _Outer) -> Tensor:
         rows = dense.to(dtype).gather(1, rec.left[..., None].expand(-1, -1, rec.n))
         return _sum_rows(rows * right)
     return _sum_rows(_masked(rec.left, rec.valid, dtype) * (right @ dense.to(dtype).mT))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Many layers at once
+
+# Largest stacked intermediate of :func:`batched_self_squares` (factors and Grams of a group of layers), in elements.
+_BATCHED_ELEMENTS = 1 << 27
+# Gram products of bf16/fp16 factors on a GPU: multiplied in that precision with fp32 accumulation and output
+# (cuBLAS ``out_dtype``), instead of casting the factors to fp32 first. Error against float64: README.
+LOW_PRECISION_GRAMS = True
+
+
+def _gram(x: Tensor) -> Tensor:
+    """x·xᵀ over the last two dims, float32 (float64 for float64 x); low-precision factors on a GPU multiply in
+    their own precision with fp32 accumulation where torch offers it (``LOW_PRECISION_GRAMS``)."""
+    if LOW_PRECISION_GRAMS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(x, x.mT, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # torch without bmm(out_dtype=...)
+            pass
+    x = x.to(_compute_dtype(x))
+    return x @ x.mT
+
+
+def _stacked(tensors: list[Tensor], invalid: Tensor | None) -> Tensor:
+    """[L, B, T, n] with positions outside ``valid`` zeroed (``where``/``masked_fill``: padding may hold NaN)."""
+    if len(tensors) == 1:
+        x = tensors[0][None]
+        return x if invalid is None else torch.where(invalid[None, ..., None], 0, x)
+    x = torch.stack(tensors)
+    return x if invalid is None else x.masked_fill_(invalid[None, ..., None], 0)
+
+
+def _masked_gram(stacked: Tensor, unpaired: Tensor | None) -> Tensor:
+    """Grams [L·B, T, T] of stacked factors [L, B, T, n], zero where a position is padding."""
+    return _mask_pairs(_gram(stacked.flatten(0, 1)), unpaired, stacked.shape[0])
+
+
+def _mask_pairs(gram: Tensor, unpaired: Tensor | None, layers: int) -> Tensor:
+    if unpaired is None:
+        return gram
+    return gram.unflatten(0, (layers, -1)).masked_fill_(unpaired, 0).flatten(0, 1)
+
+
+def _ghost_side(rec: _Outer) -> tuple[Tensor, Tensor]:
+    """(shared side, own side) of a weight's factors: the side read from a possibly shared input (the same tensor
+    object for every layer reading it, :class:`_SharedInputs`), and the output gradient."""
+    if rec.left_key is not None:
+        return rec.left, rec.right
+    return rec.right, rec.left
+
+
+def batchable(rec: _Record, method: Method) -> bool:
+    """Whether :func:`batched_self_squares` reduces this single-use record (else :func:`_self_square` does)."""
+    if isinstance(rec, _Summed):
+        return True
+    if not isinstance(rec, _Outer) or rec.ids or rec.left.ndim != 3:
+        return False
+    if rec.left.shape[0] * rec.length * (rec.m + rec.n) > _BATCHED_ELEMENTS:
+        return False  # e.g. an untied head's [B, L, V] gradient: reduced by rows, never cast to fp32 whole
+    chosen = _choose_method(rec.length, rec.length, rec.m, rec.n) if method == "auto" else method
+    return chosen == "ghost"
+
+
+def batched_self_squares(records: list[_Record], batch: int, device: torch.device) -> Tensor:
+    """Σ over ``records`` (single-use, :func:`batchable`) of ‖G_b‖², float64 [B], in a few batched kernels.
+
+    Weights reading one input (q/k/v, gate/up) share its Gram: Σ_k ‖Σ_t g^k_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)
+    (Σ_k g^k_t·g^k_s), their output gradients' Grams summed. Layers of equal shapes are stacked, so each group of
+    them costs one Gram product per factor, one product and one sum; 1-D parameters (biases, norm weights) are
+    stacked likewise and reduced as Σ_t Π_k factors. Groups are split where the stacked tensors would exceed
+    ``_BATCHED_ELEMENTS``.
+    """
+    total = torch.zeros(batch, dtype=torch.float64, device=device)
+    shared: dict[int, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's identity
+    summed: dict[tuple, list[_Summed]] = {}
+    for rec in records:
+        if isinstance(rec, _Summed):
+            signature = (tuple((f.shape, f.dtype) for f in rec.factors), id(rec.valid))
+            summed.setdefault(signature, []).append(rec)
+            continue
+        side, own = _ghost_side(rec)
+        shared.setdefault(id(side), (side, rec.valid, []))[2].append(own)
+    groups: dict[tuple, list[tuple[Tensor, Tensor | None, list[Tensor]]]] = {}
+    for side, valid, owns in shared.values():
+        signature = (side.shape, side.dtype, tuple((o.shape, o.dtype) for o in owns), id(valid))
+        groups.setdefault(signature, []).append((side, valid, owns))
+    for members in groups.values():
+        side, valid, owns = members[0]
+        length = side.shape[1]
+        per_layer = batch * (length * (side.shape[-1] + sum(o.shape[-1] for o in owns)) + 2 * length * length)
+        # Entry (t, s) of a Gram reads rows t and s only: masking the [T, T] Grams (where padding may have left NaN)
+        # instead of the wider factors touches less memory.
+        unpaired = None if valid is None else ~(valid[:, :, None] & valid[:, None, :])
+        step = max(1, _BATCHED_ELEMENTS // max(per_layer, 1))
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            layers = len(chunk)
+            gram_side = _masked_gram(_stacked([m[0] for m in chunk], None), unpaired)
+            gram_own = None
+            for k in range(len(owns)):
+                gram = _gram(_stacked([m[2][k] for m in chunk], None).flatten(0, 1))
+                gram_own = gram if gram_own is None else gram_own.add_(gram)
+            gram_own = _mask_pairs(gram_own, unpaired, layers)
+            products = (gram_side * gram_own).sum(-1).sum(-1, dtype=torch.float64)
+            total += products.reshape(layers, batch).sum(0)
+    for members in summed.values():
+        valid = members[0].valid
+        invalid = None if valid is None else ~valid
+        per_layer = batch * sum(f[0].numel() if f.ndim > 1 else 1 for f in members[0].factors) * 2
+        step = max(1, _BATCHED_ELEMENTS // max(per_layer, 1))
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            dtype = _compute_dtype(chunk[0].factors[-1])
+            product = None
+            for k in range(len(chunk[0].factors)):
+                factor = _stacked([m.factors[k] for m in chunk], invalid).to(dtype)
+                product = factor if product is None else product * factor
+            total += _sum_rows(product.sum(2).square().transpose(0, 1))
+    return total

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +18,18 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layout import Batch
 from .planning import embeddings
-from .products import Method, _compute_dtype, _cross, _Outer, _Record, _self_square, _SharedInputs
-from .rules import GENERIC, Call, Rule, Target, generic_records
+from .products import (
+    Method,
+    _compute_dtype,
+    _cross,
+    _Outer,
+    _Record,
+    _self_square,
+    _SharedInputs,
+    batchable,
+    batched_self_squares,
+)
+from .rules import CHANNELWISE, GENERIC, Call, Rule, Target, generic_records, shared_sensitivities
 
 try:  # transformers is a dependency of the package, but keep this module importable on its own.
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -117,6 +128,7 @@ class Recorder:
         """Per micro-batch state."""
         self.batch, self.squares, self.head_gathered = batch, squares, False
         self.records: dict[int, list[_Record]] = defaultdict(list)
+        self.pending: list[tuple[_HookedCall, Tensor]] = []
         self.received: dict[int, int] = defaultdict(int)
         self.calls: dict[nn.Module, int] = defaultdict(int)
         self.registered: dict[nn.Module, int] = defaultdict(int)
@@ -154,16 +166,17 @@ class Recorder:
         finally:
             self.replaying = previous
 
-    def measure(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
-        """Squared norms of one micro-batch (float64 [b])."""
+    def measure(
+        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, columns: slice, head_length: int
+    ) -> Tensor:
+        """Squared norms of one micro-batch (float64 [b]); ``columns`` hold its real tokens, ``head_length`` is its
+        most counted tokens in a row (both read by the caller in its one host sync)."""
         batch = input_ids.shape[0]
         squares = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
-        if not loss_mask.any():
+        if head_length == 0:
             return squares
-        columns = attention_mask.any(0).nonzero()
-        columns = slice(int(columns[0]), int(columns[-1]) + 1)
         input_ids, attention_mask, loss_mask = (x[:, columns] for x in (input_ids, attention_mask, loss_mask))
-        self._start(Batch.build(input_ids, attention_mask, loss_mask), squares)
+        self._start(Batch.build(input_ids, attention_mask, loss_mask, head_length), squares)
         try:
             self._in_forward = True
             with _UseTracer(self):
@@ -171,33 +184,51 @@ class Recorder:
             self._in_forward = False
             if log_prob.requires_grad:
                 log_prob.backward()
-            for key in list(self.records):
-                self._finalize(key)
+            self._reduce()
             self._warn_unused()
         finally:
             self._in_forward = False
             self.records.clear()
+            self.pending.clear()
             self.inputs.clear()
             self.stack.clear()
         return squares
 
+    def _reduce(self) -> None:
+        """After the backward: every use's record from the kept references, then the squared norms — single-use
+        parameters in a few batched kernels across layers, the others (tied, called twice) use by use."""
+        with torch.no_grad(), self.replay_mode():
+            shared_sensitivities([(hooked.call, captured) for hooked, _ in self.pending
+                                  for rule, _, captured in hooked.fast if rule is CHANNELWISE])
+            for hooked, grad in self.pending:
+                for rule, targets, captured in hooked.fast:
+                    for target, record in zip(targets, rule.records(hooked.call, targets, captured, grad)):
+                        if target.key not in hooked.skip:
+                            self._add(target.key, record)
+            self.pending.clear()
+            batched = []
+            for key, records in list(self.records.items()):
+                if len(records) == 1 and self._uses(key) == 1 and batchable(records[0], self.method):
+                    batched.append(records[0])
+                    del self.records[key]
+            if batched:
+                self.squares += batched_self_squares(batched, self.batch.size, self.squares.device)
+        for key in list(self.records):
+            self._finalize(key)
+
     def _log_prob(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Σ over the batch of the counted tokens' log-probabilities (rows are independent, so its gradient w.r.t.
         a row's activations is that row's own)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
-        if _accepts(self.model, "position_ids"):
-            kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        if _accepts(self.model, "use_cache"):
-            kwargs["use_cache"] = False
-        output = self.model(**kwargs)
-        logits = output.logits if hasattr(output, "logits") else output[0]
+        logits = _logits(self.model, input_ids, attention_mask, takes_prepared_mask(self.model))
         if not self.head_gathered:
             logits = logits.gather(1, self.batch.head_index[..., None].expand(-1, -1, logits.shape[-1]))
         targets = self.batch.targets
         if logits.shape[:2] != targets.shape:
             raise RuntimeError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
-        logits = logits.flatten(0, 1).to(_compute_dtype(logits))
-        return -nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+        logits, targets = logits.flatten(0, 1), targets.flatten()
+        if logits.dtype in (torch.float32, torch.float64):
+            return -nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        return _CountedLogProbs.apply(logits, targets)
 
     # -- hooks --------------------------------------------------------------------------------------------------
 
@@ -341,12 +372,10 @@ class Recorder:
         return replaced
 
     def _on_grad(self, hooked: _HookedCall, grads) -> None:
+        """Fast rules only keep the gradient (reduced after the backward); the generic rule re-runs its module now."""
         call = hooked.call
-        with torch.no_grad():
-            for rule, targets, captured in hooked.fast:
-                for target, record in zip(targets, rule.records(call, targets, captured, grads[0])):
-                    if target.key not in hooked.skip:
-                        self._add(target.key, record)
+        if hooked.fast:
+            self.pending.append((hooked, grads[0]))
         generic = [t for t in hooked.generic if t.key not in hooked.skip]
         if generic:
             single = {t.key for t in generic if self._uses(t.key) == 1}
@@ -362,9 +391,6 @@ class Recorder:
         if record is not None:
             self.records[key].append(record)
         self.received[key] += 1
-        # Parameters read outside their modules (rare) are finalised after the backward: their calls may be skipped.
-        if not self.foreign_uses[key] and self.received[key] >= self._uses(key):
-            self._finalize(key)
 
     def _finalize(self, key: int) -> None:
         """Add ‖Σ_k G_k‖² = Σ_k ‖G_k‖² + 2Σ_{k<l}⟨G_k, G_l⟩ of one parameter to the squares."""
@@ -444,6 +470,142 @@ def _checkpointed_layers(model: nn.Module, measured: list[nn.Module]) -> list[nn
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     inside = {id(sub) for layer in layers for sub in layer.modules()}
     return layers if any(id(m) in inside for m in measured) else []
+
+
+# Largest fp32 temporary of the head step, in elements: low-precision logits are up-cast in row chunks this large.
+_HEAD_CHUNK_ELEMENTS = 1 << 28
+
+
+class _CountedLogProbs(torch.autograd.Function):
+    """Σ_i log softmax(logits_i)[target_i] over rows with a target (-100: none), and its gradient
+    onehot(target_i) − softmax(logits_i), in the logits' dtype.
+
+    For low-precision logits, instead of ``cross_entropy`` on logits cast to fp32, which keeps a full fp32 copy of
+    the [B·L, V] logits and its fp32 gradient: rows are up-cast in chunks of ``_HEAD_CHUNK_ELEMENTS``, and only the
+    per-row log-normaliser is kept for the backward. (fp32 logits use ``cross_entropy``, faster on a CPU.)"""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        counted = targets >= 0
+        index = targets.clamp(min=0)[:, None]
+        normalisers, total = [], torch.zeros((), dtype=_compute_dtype(logits), device=logits.device)
+        for rows in _head_chunks(logits):
+            chunk = logits[rows].to(total.dtype)
+            normaliser = chunk.logsumexp(-1)
+            picked = chunk.gather(1, index[rows])[:, 0]
+            total = total + torch.where(counted[rows], picked - normaliser, 0).sum()
+            normalisers.append(normaliser)
+        ctx.save_for_backward(logits, index, counted, torch.cat(normalisers) if len(normalisers) > 1 else
+                              normalisers[0])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, None]:
+        logits, index, counted, normaliser = ctx.saved_tensors
+        chunks = _head_chunks(logits)
+        grad = torch.empty_like(logits) if len(chunks) > 1 else None
+        for rows in chunks:
+            probabilities = (logits[rows].to(normaliser.dtype) - normaliser[rows, None]).exp_().neg_()
+            probabilities.scatter_add_(1, index[rows], torch.ones_like(index[rows], dtype=normaliser.dtype))
+            chunk = torch.where(counted[rows, None], probabilities, 0).mul_(grad_total)
+            if grad is None:
+                return chunk.to(logits.dtype), None
+            grad[rows] = chunk
+        return grad, None
+
+
+def _head_chunks(logits: Tensor) -> list[slice]:
+    if logits.dtype in (torch.float32, torch.float64) or logits.numel() <= _HEAD_CHUNK_ELEMENTS:
+        return [slice(None)]
+    step = max(1, _HEAD_CHUNK_ELEMENTS // logits.shape[-1])
+    return [slice(i, i + step) for i in range(0, logits.shape[0], step)]
+
+
+def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prepared: bool) -> Tensor:
+    """The model's logits, with position ids counted over real tokens; ``prepared``: the attention mask passed as a
+    4-D causal boolean mask (see :func:`takes_prepared_mask`)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+    if _accepts(model, "position_ids"):
+        kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    if prepared:
+        kwargs["attention_mask"] = _causal_mask(attention_mask)
+    output = model(**kwargs)
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _causal_mask(real: Tensor) -> Tensor:
+    """[B, 1, T, T] boolean: query t sees the real keys s ≤ t, and a padding query sees itself (no empty row, whose
+    softmax would be NaN)."""
+    length = real.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril_()
+    own = torch.eye(length, dtype=torch.bool, device=real.device)
+    return ((causal & real[:, None, :]) | own)[:, None]
+
+
+_PREPARED_MASK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def takes_prepared_mask(model: nn.Module) -> bool:
+    """Whether ``model`` computes the same logits at real positions from a prepared 4-D causal mask as from its 2-D
+    padding mask. transformers then skips its own mask preparation, which reads the mask on the host twice per
+    forward (``_ignore_causal_mask_sdpa``) — two host syncs. Tried once per model, on a small left- and
+    right-padded probe batch in eval mode; only for transformers models using SDPA (other attention kernels take
+    other mask formats). Sliding-window layers, Mamba mixers reading the 2-D mask and the like fail the comparison
+    and keep the 2-D mask."""
+    if model not in _PREPARED_MASK:
+        _PREPARED_MASK[model] = _probe_prepared_mask(model)
+    return _PREPARED_MASK[model]
+
+
+def _probe_prepared_mask(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "is_encoder_decoder", False):
+        return False
+    # Windows longer than the probe would pass it: any layer that is not full causal attention keeps the 2-D mask.
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(kind != "full_attention" for kind in layer_types):
+            return False
+    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return False
+    embedding = embeddings(model, output=False)
+    weight = getattr(embedding, "weight", None)
+    if type(weight) is not nn.Parameter or weight.device.type == "meta" or weight.ndim != 2:
+        return False  # sharded (FSDP, ZeRO-3) or not materialised: keep the model's own mask preparation
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, weight.shape[0], (3, 9), generator=generator).to(weight.device)
+    real = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [1, 1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool,
+                        device=weight.device)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), measurement_mode(model, []), _hooks_silenced(model):
+            own = _logits(model, ids, real, prepared=False)
+            prepared = _logits(model, ids, real, prepared=True)
+    except Exception:  # noqa: BLE001 - a model that cannot take the prepared mask keeps its own
+        return False
+    if not isinstance(prepared, Tensor) or prepared.shape != own.shape:
+        return False
+    own, prepared = own.double()[real], prepared.double()[real]
+    tolerance = 16 * torch.finfo(weight.dtype).eps * float(own.abs().max()) + 1e-12
+    return bool(torch.isfinite(prepared).all()) and float((own - prepared).abs().max()) <= tolerance * 64
+
+
+@contextlib.contextmanager
+def _hooks_silenced(model: nn.Module) -> Iterator[None]:
+    """The model's own forward hooks left out (and put back) while it runs an internal probe they should not see."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+             "_forward_hooks_always_called")
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in names if hasattr(m, name)]
+    try:
+        for module, name, hooks in saved:
+            setattr(module, name, type(hooks)())
+        yield
+    finally:
+        for module, name, hooks in saved:
+            setattr(module, name, hooks)
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

@@ -14,6 +14,7 @@ is measured by :func:`generic_records`.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layout import Batch, Layout, broadcast_mask
-from .products import _compute_dtype, _Dense, _masked, _Outer, _Record, _SharedInputs, _Squares
+from .products import _compute_dtype, _Dense, _Outer, _Record, _SharedInputs, _Squares, _Summed
 
 try:  # transformers is a dependency of the package, but keep this module importable on its own.
     from transformers.pytorch_utils import Conv1D
@@ -94,10 +95,10 @@ class Rule:
         raise NotImplementedError
 
 
-def _bias_record(grad: Tensor, batch: Batch) -> _Dense:
+def _bias_record(grad: Tensor, batch: Batch) -> _Summed:
     """G = Σ_t g_t."""
     rows, valid = batch.rows(grad)
-    return _Dense(_masked(rows, valid, _compute_dtype(grad)).sum(1))
+    return _Summed((rows,), valid)
 
 
 class LinearRule(Rule):
@@ -198,9 +199,18 @@ def embedding_scale(module: nn.Embedding, ids: Tensor, output: Any) -> float | N
         return float(scale) if bool(error <= bound) else None
 
 
+_EMBEDDING_PROBES: weakref.WeakKeyDictionary[nn.Module, bool | None] = weakref.WeakKeyDictionary()
+
+
 def probe_embedding(module: nn.Embedding) -> bool | None:
-    """Whether an ``nn.Embedding`` subclass computes c·W[ids] on a few ids; None where that cannot be tried at
-    planning (weights sharded, on the meta device, or renormalised in place by ``max_norm``)."""
+    """Whether an ``nn.Embedding`` subclass computes c·W[ids] on a few ids (tried once per module); None where that
+    cannot be tried at planning (weights sharded, on the meta device, or renormalised in place by ``max_norm``)."""
+    if module not in _EMBEDDING_PROBES:
+        _EMBEDDING_PROBES[module] = _probe_embedding(module)
+    return _EMBEDDING_PROBES[module]
+
+
+def _probe_embedding(module: nn.Embedding) -> bool | None:
     weight = module.weight
     if type(weight) not in (nn.Parameter, Tensor) or weight.device.type == "meta" or weight.ndim != 2:
         return None
@@ -218,8 +228,11 @@ def probe_embedding(module: nn.Embedding) -> bool | None:
 class ChannelwiseRule(Rule):
     """1-D parameters of leaf modules (norm weights and biases, gates, DoRA magnitudes) where output channel i
     depends on p_i only: G = Σ_t u_t ⊙ g_t, u = ∂y/∂p by forward-mode AD of the module, so RMSNorm, LayerNorm and
-    variants such as Gemma's (1 + w) are exact without per-class formulas. Checked on each call by a second
-    forward-mode pass with a random tangent r: channel-wise iff ∂y/∂p · r = u ⊙ r."""
+    variants such as Gemma's (1 + w) are exact without per-class formulas. Checked once per module by a second
+    forward-mode pass with a random tangent r (channel-wise iff ∂y/∂p · r = u ⊙ r): at planning on a probe input
+    where the module takes one tensor of width |p|, else on its first measured call; the verdict is kept, so later
+    calls run no check. Modules whose u does not depend on their parameters (:func:`sensitivity_group`) get u after
+    the backward, one forward-mode pass per group of them; the others one pass each, in the forward hook."""
 
     name = "channelwise"
     checked = True
@@ -229,22 +242,144 @@ class ChannelwiseRule(Rule):
         return len(shape) == 1 and not convolution and next(module.children(), None) is None
 
     def capture(self, call, targets):
-        sensitivity = {}
+        if call.batch.layout(call.output) is None:
+            return None
+        verdicts = _CHANNELWISE_VERDICTS.setdefault(call.module, {})
+        captured = {}
         for target in targets:
-            u = channel_sensitivity(call.module, target.path, call.args, call.kwargs)
-            if u is None or call.batch.layout(u) is None:
+            if verdicts.get(target.path) is None:
+                u = channel_sensitivity(call.module, target.path, call.args, call.kwargs)
+                verdicts[target.path] = u is not None
+                if u is not None:
+                    captured[target.path] = u
+            if not verdicts[target.path]:
                 return None
-            sensitivity[target.path] = u
-        return sensitivity
+        for target in targets:
+            if target.path not in captured and sensitivity_group(call.module, target.path) is None:
+                # Alone in no group (or sharded, e.g. FSDP2, whose weights are only whole during the forward): its
+                # own forward-mode pass, now.
+                captured[target.path] = _tangent(call.module, target.path, call.args, call.kwargs,
+                                                 torch.ones_like(call.module._parameters[target.path]))
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
+        _CHANNELWISE_PATHS[call.module] = tuple(t.path for t in targets)
+        return {"args": args, "kwargs": call.kwargs, "sensitivity": captured}
 
     def records(self, call, targets, captured, grad):
         grads, valid = call.batch.rows(grad)
         out = []
         for target in targets:
-            u, _ = call.batch.rows(captured[target.path])
-            dtype = _compute_dtype(grad)
-            out.append(_Dense((_masked(u, valid, dtype) * _masked(grads, valid, dtype)).sum(1)))
+            u = captured["sensitivity"].pop(target.path, None)
+            if u is None:
+                u = _tangent(call.module, target.path, captured["args"], captured["kwargs"],
+                             torch.ones_like(call.module._parameters[target.path]))
+            out.append(_Summed((call.batch.rows(u)[0], grads), valid))
         return out
+
+
+# Verdicts of the channel-wise check per module and parameter path, kept for the module's lifetime.
+_CHANNELWISE_VERDICTS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def probe_channelwise(module: nn.Module, attr: str) -> None:
+    """Run the channel-wise check once on a random [2, 3, |p|] input where the module accepts one, and keep the
+    verdict; a module whose forward cannot run on it is checked on its first measured call instead."""
+    verdicts = _CHANNELWISE_VERDICTS.setdefault(module, {})
+    param = module._parameters[attr]
+    if attr in verdicts or type(param) not in (nn.Parameter, Tensor) or param.device.type == "meta":
+        return
+    if param.numel() == 0 or hasattr(param, "ds_shape"):
+        return  # partitioned by DeepSpeed ZeRO-3: whole only inside the forward, where the call checks it
+    generator = torch.Generator(device=param.device).manual_seed(1)
+    probe = torch.randn((2, 3, param.shape[0]), generator=generator, device=param.device).to(param.dtype)
+    with torch.inference_mode(False):
+        probe = probe.clone()
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                plain = module.forward(probe)
+        except Exception:  # noqa: BLE001 - checked on real calls instead
+            return
+        if isinstance(plain, Tensor) and plain.shape == probe.shape:
+            sensitivity = channel_sensitivity(module, attr, (probe,), {})
+            verdicts[attr] = sensitivity is not None
+            if sensitivity is not None and _independent_of_parameters(module, attr, probe, sensitivity):
+                _SENSITIVITY_GROUPS.setdefault(module, {})[attr] = _group_token(module, attr, sensitivity)
+
+
+# Modules whose sensitivity u(x) = ∂y/∂p does not depend on their parameters' values (RMSNorm, LayerNorm, Gemma's
+# (1 + w)), per parameter path: a token shared by the modules that compute the same u (same class, same u on the
+# probe, e.g. the same eps). One module's forward-mode pass then gives u for the stacked inputs of all of them.
+_SENSITIVITY_GROUPS: weakref.WeakKeyDictionary[nn.Module, dict[str, object]] = weakref.WeakKeyDictionary()
+_GROUP_REFERENCES: list[tuple[type, str, Tensor, object]] = []
+
+
+def sensitivity_group(module: nn.Module, attr: str) -> object | None:
+    """The token of the modules computing the same parameter-independent u as ``module.<attr>`` (None: none)."""
+    return _SENSITIVITY_GROUPS.get(module, {}).get(attr)
+
+
+def _independent_of_parameters(module: nn.Module, attr: str, probe: Tensor, sensitivity: Tensor) -> bool:
+    """Whether u(probe) is unchanged with every parameter of the module redrawn (and the module has no buffers,
+    which training could change), and a row's u does not depend on the other rows (inputs get stacked)."""
+    if next(module.buffers(), None) is not None:
+        return False
+    alone = channel_sensitivity(module, attr, (probe[:1],), {})
+    if alone is None or not torch.equal(alone, sensitivity[:1]):
+        return False
+    saved = dict(module._parameters)
+    generator = torch.Generator(device=probe.device).manual_seed(2)
+    try:
+        for name, param in saved.items():
+            if param is not None:
+                module._parameters[name] = torch.rand(param.shape, generator=generator, device=param.device).add_(
+                    0.5).to(param.dtype)
+        redrawn = channel_sensitivity(module, attr, (probe,), {})
+    finally:
+        module._parameters.update(saved)
+    return redrawn is not None and torch.equal(redrawn, sensitivity)
+
+
+def _group_token(module: nn.Module, attr: str, sensitivity: Tensor) -> object:
+    for cls, path, reference, token in _GROUP_REFERENCES:
+        if cls is type(module) and path == attr and reference.shape == sensitivity.shape and \
+                reference.dtype == sensitivity.dtype and reference.device == sensitivity.device and \
+                torch.equal(reference, sensitivity):
+            return token
+    token = object()
+    _GROUP_REFERENCES.append((type(module), attr, sensitivity, token))
+    return token
+
+
+def shared_sensitivities(calls: list[tuple[Call, dict]]) -> None:
+    """u for channel-wise calls in one forward-mode pass per group of modules computing the same
+    parameter-independent u (:func:`sensitivity_group`): their inputs stacked, one module of the group run on them;
+    each call's u is stored in its captures (``captured["sensitivity"]``), where :meth:`ChannelwiseRule.records`
+    takes it instead of running its own pass."""
+    groups: dict[tuple, list[tuple[Call, dict]]] = {}
+    for call, captured in calls:
+        args = captured["args"]
+        if captured["kwargs"] or len(args) != 1 or not isinstance(args[0], Tensor):
+            continue
+        for path in _CHANNELWISE_PATHS.get(call.module, ()):
+            token = sensitivity_group(call.module, path)
+            if token is not None and path not in captured["sensitivity"]:
+                groups.setdefault((token, path, args[0].shape, args[0].dtype), []).append((call, captured))
+    for (_, path, shape, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        module = members[0][0].module
+        stacked = torch.stack([captured["args"][0] for _, captured in members])
+        ones = torch.ones_like(module._parameters[path])
+        u = _tangent(module, path, (stacked.flatten(0, 1),), {}, ones)
+        if u is None or u.shape != stacked.flatten(0, 1).shape:
+            continue
+        u = u.reshape(stacked.shape)
+        for (_, captured), value in zip(members, u):
+            captured["sensitivity"][path] = value
+
+
+# The channel-wise paths measured per module (set by ChannelwiseRule.capture), for shared_sensitivities.
+_CHANNELWISE_PATHS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def _tangent(module: nn.Module, attr: str, args: tuple, kwargs: dict, tangent: Tensor) -> Tensor | None:
@@ -302,6 +437,8 @@ def rule_for(module: nn.Module, attr: str, shape: tuple[int, ...]) -> Rule:
         if rule.matches(module, attr, shape):
             if rule is EMBEDDING and rule.is_checked(module) and probe_embedding(module) is False:
                 return GENERIC
+            if rule is CHANNELWISE:
+                probe_channelwise(module, attr)
             return rule
     return GENERIC
 
