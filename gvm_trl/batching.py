@@ -119,7 +119,9 @@ def build_micro_batches(
     permutation = torch.randperm(num_rows(batch))
     chunks = split_rows(select_rows(batch, permutation), steps)
     sizes = max_over_processes(torch.tensor([num_rows(chunk) for chunk in chunks]))
-    return [_pad_rows(chunk, batch, max(int(size), 1), pad_values, sequence_level) for chunk, size in zip(chunks, sizes)]
+    return [
+        _pad_rows(chunk, batch, max(int(size), 1), pad_values, sequence_level) for chunk, size in zip(chunks, sizes)
+    ]
 
 
 def _pad_rows(

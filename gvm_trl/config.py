@@ -52,7 +52,8 @@ class GVMArguments:
             Which parameters G_i is measured on: `"trainable"`, `"all"`, `"embed_tokens"` (the official code's
             choice), `"lm_head"` or a regular expression over parameter names.
         gvm_grad_batch_size (`int`, *optional*):
-            Micro-batch size of the gradient-norm pass. Defaults to `per_device_train_batch_size`.
+            Micro-batch size of the gradient-norm pass. Defaults, on a GPU, to as many rows as fit in its free memory
+            (one micro-batch where they all fit), elsewhere to `per_device_train_batch_size`.
         gvm_reuse_probes (`bool`, *optional*, defaults to `True`):
             Whether the probe completions also enter the training batch (they are on-policy samples).
         gvm_weighting (`str`, *optional*, defaults to `"mean"`):
@@ -125,7 +126,9 @@ class GVMArguments:
         metadata={"help": "Parameters G_i is measured on: trainable, all, embed_tokens, lm_head, or a regex."},
     )
     gvm_grad_batch_size: int | None = field(
-        default=None, metadata={"help": "Micro-batch of the gradient-norm pass (default: per-device batch size)."}
+        default=None,
+        metadata={"help": "Micro-batch of the gradient-norm pass (default: what fits a GPU's free memory; on CPU the "
+                  "per-device batch size)."},
     )
     gvm_reuse_probes: bool = field(
         default=True, metadata={"help": "Whether probe completions also enter the training batch."}
@@ -139,7 +142,7 @@ class GVMArguments:
     )
     gvm_probe_ahead: bool | None = field(
         default=None,
-        metadata={"help": "Draw the next batch's probes with this batch's allocated completions (None: when possible)."},
+        metadata={"help": "Probe the next batch in this batch's generation call (None: when possible)."},
     )
     gvm_history_decay: float | None = field(
         default=None,

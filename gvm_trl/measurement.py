@@ -44,7 +44,7 @@ def probe_grad_norms(trainer, probes: Rollout, accepted: torch.Tensor) -> torch.
                 torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
                 torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], dim=1),
                 params=trainer.args.gvm_grad_params,
-                micro_batch_size=trainer.args.gvm_grad_batch_size or trainer.args.per_device_train_batch_size,
+                micro_batch_size=grad_micro_batch_size(trainer),
                 setting="gvm_grad_params",
             )
         norms[index] = measured[:count].float().cpu()
@@ -78,3 +78,11 @@ def attach_sampling_logps(trainer, probes: Rollout) -> None:
                 batch_size=trainer.args.per_device_train_batch_size,
             )
     batch["old_per_token_logps"] = logps
+
+
+def grad_micro_batch_size(trainer) -> int | None:
+    """`gvm_grad_batch_size`, else on a GPU as many rows as fit in its free memory (None: the pass decides), else
+    `per_device_train_batch_size` (a CPU has no free-memory figure to size by)."""
+    if trainer.args.gvm_grad_batch_size is not None:
+        return trainer.args.gvm_grad_batch_size
+    return None if trainer.accelerator.device.type == "cuda" else trainer.args.per_device_train_batch_size

@@ -24,13 +24,14 @@ class GenerationBatchSampler(Sampler[int]):
     """TRL's ``RepeatSampler`` order, remembered, so the trainer can look one generation batch ahead.
 
     Yields exactly what ``trl.trainer.utils.RepeatSampler`` yields with the same arguments (trl 1.16.0, utils.py lines
-    930-951, registered in `gvm_trl.trl_compat`: a seeded permutation per epoch, cut into generation batches of ``batch_size`` distinct prompts, the
-    incomplete last one dropped, each index repeated ``mini_repeat_count`` times and each batch ``repeat_count``
-    times), so a GVM trainer reads the same prompts, in the same order and layout, as `trl.GRPOTrainer`. It also
-    keeps each epoch's generation batches: :meth:`following` gives the batch after a given one — across the epoch
-    boundary too, by drawing the next epoch's permutation early and using it when that epoch starts. Unlike TRL's,
-    it takes :meth:`set_epoch` (which Trainer calls at each epoch's start), so a run resumed in a later epoch gets
-    that epoch's permutation rather than the first one's.
+    930-951, registered in `gvm_trl.trl_compat`: a seeded permutation per epoch, cut into generation batches of
+    ``batch_size`` distinct prompts, the incomplete last one dropped, each index repeated ``mini_repeat_count`` times
+    and each batch ``repeat_count`` times), so a GVM trainer reads the same prompts, in the same order and layout, as
+    `trl.GRPOTrainer`. It also keeps each epoch's generation batches: :meth:`following` gives the batch after a given
+    one — across the epoch boundary too, by drawing the next epoch's permutation early and using it when that epoch
+    starts — and :meth:`locate` finds a batch from its rows. Unlike TRL's, it takes :meth:`set_epoch` (which Trainer
+    calls at each epoch's start), so a run resumed in a later epoch gets that epoch's permutation rather than the
+    first one's.
     """
 
     def __init__(

@@ -32,7 +32,16 @@ from .weighting import per_prompt_sums
 if TYPE_CHECKING:
     from .trainer import _GVMTrainer
 
-__all__ = ["BatchRollouts", "ProbeAheadSchedule", "RolloutSchedule", "SequentialSchedule", "UniformSchedule", "deal", "resolve_probe_ahead", "schedule_for"]
+__all__ = [
+    "BatchRollouts",
+    "ProbeAheadSchedule",
+    "RolloutSchedule",
+    "SequentialSchedule",
+    "UniformSchedule",
+    "deal",
+    "resolve_probe_ahead",
+    "schedule_for",
+]
 
 
 @dataclass
@@ -210,7 +219,9 @@ class ProbeAheadSchedule(RolloutSchedule):
         probe_slots = self._probe_slots() if probe_rows else torch.empty(0, dtype=torch.long)
         # Each process generates its allocated rows, then its probe rows; global rows stay process-major.
         slots = torch.cat([allocated_slots.view(num_processes, -1), probe_slots.view(num_processes, -1)], dim=1)
-        rollout = self.trainer._generate_rollout(rows + probe_rows, group_size=1, prompts=slots.flatten(), phase="round")
+        rollout = self.trainer._generate_rollout(
+            rows + probe_rows, group_size=1, prompts=slots.flatten(), phase="round"
+        )
         allocated = rollout.part(slice(0, len(rows)), "allocated") if rows else None
         probes = rollout.part(slice(len(rows), None), "probe") if probe_rows else None
         self._count(allocated)

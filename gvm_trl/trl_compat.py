@@ -89,7 +89,7 @@ UTILS = "trl.trainer.utils"
 
 # Mirrors defined in modules this one imports (registered here, so that the imports stay one-way).
 mirrors(f"{UTILS}:RepeatSampler", "930-951 of 859-952", "ba139f4a43eeecd4",
-        "the same prompt order and layout as TRL's sampler, so both trainers read the same prompts")(GenerationBatchSampler)
+        "the same prompt order and layout as TRL's sampler: both trainers read the same prompts")(GenerationBatchSampler)
 mirrors(f"{UTILS}:shuffle_sequence_dict", "1092-1121", "bab038755e57ed2b",
         "one permutation of the rows from the global RNG, as TRL shuffles a generation batch")(build_micro_batches)
 mirrors(f"{UTILS}:split_tensor_dict", "1057-1089", "b61a5760a03e95db",
