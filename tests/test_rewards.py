@@ -14,7 +14,6 @@ from gvm_trl import rewards
 from gvm_trl.answers import comparison, symbolic
 from gvm_trl.rewards import extract_answer, extract_boxed, grade_answer, make_math_reward, math_reward
 
-pytestmark = pytest.mark.filterwarnings("ignore:typing.io is deprecated:DeprecationWarning")  # antlr4 4.7.2
 
 # Generous wall-clock allowance on a shared 2-core machine: the timeout bounds SymPy work, and a
 # worker killed for overrunning is restarted (a SymPy import) on the next call.
