@@ -25,17 +25,26 @@ reasoning, and boxed radicals. With
 ``--baseline REV`` (default: the verifier before the answer-family work) the same pairs are graded by that
 revision's ``gvm_trl/rewards.py`` in the same run, alternating with the current one chunk by chunk so that
 both see the same machine load; its agreement on the family table and the restated golds is reported as
-"before".
+"before". A revision whose verifier is the ``gvm_trl/answers`` package, or one that needs another LaTeX parser
+than this environment has, runs in another Python: ``--baseline REV --baseline-python PY`` (PY needs only SymPy
+and that revision's parser; ``benchmarks/verifier_server.py`` serves it, and times its chunks itself).
+
+math-verify (TRL's ``accuracy_reward``, where ``math_verify`` is installed; ``--math-verify none`` skips it) is
+graded side by side on the same pairs: agreement with the bundled golds, false acceptances, the family table and
+the restated golds, and the same throughput cases. Its gold is passed as TRL's ``solution`` column would be,
+``$gold$``; a gold it cannot parse gives ``None`` (TRL skips the row), counted here as not accepted.
 
 Hostile inputs: the worst wall time of one call over power towers, deep nesting, megabyte texts, long
 relation chains, thousands of boxes and matrices (the timeout is 2 s).
 
     python benchmarks/grader.py [--quick] [--output benchmarks/results/grader.json] [--baseline REV|none]
+        [--baseline-python PY] [--math-verify auto|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import random
@@ -120,6 +129,113 @@ def load_baseline(revision: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Verifier:
+    """A verifier under test: its grade function, a way to empty its caches, and its timing of a chunk."""
+
+    def grade(self, completion: str, gold, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def cold(self) -> None:
+        pass
+
+    def time_chunk(self, pairs: list, timeout: float) -> float:
+        began = time.perf_counter()
+        for completion, gold in pairs:
+            self.grade(completion, gold, timeout)
+        return time.perf_counter() - began
+
+    def sympy_pairs(self, pairs: list, timeout: float) -> list[bool]:
+        """Whether grading each pair sent a request to the SymPy worker."""
+        raise NotImplementedError
+
+
+class CurrentVerifier(Verifier):
+    """This checkout's ``gvm_trl.rewards``."""
+
+    def grade(self, completion, gold, timeout):
+        return grade_answer(completion, gold, timeout=timeout)
+
+    def cold(self):
+        cold_current()
+
+    def sympy_pairs(self, pairs, timeout):
+        return [bool(p) for p in needs_sympy_flags(pairs, grade_answer, symbolic.CACHE, timeout)]
+
+
+class ModuleBaseline(Verifier):
+    """A single-file ``gvm_trl/rewards.py`` revision loaded in this process (``load_baseline``)."""
+
+    def __init__(self, module):
+        self.module = module
+        module._WORKER.start()
+
+    def grade(self, completion, gold, timeout):
+        return self.module.grade_answer(completion, gold, timeout=timeout)
+
+    def cold(self):
+        cold_baseline(self.module)
+
+    def sympy_pairs(self, pairs, timeout):
+        return needs_sympy_flags(pairs, self.module.grade_answer, self.module._CACHE, timeout)
+
+
+class ProcessBaseline(Verifier):
+    """A revision's ``gvm_trl`` served by ``benchmarks/verifier_server.py`` under another Python."""
+
+    def __init__(self, revision: str, python: str):
+        folder = Path(tempfile.mkdtemp(prefix="grader_baseline_"))
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "gvm_trl"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        self.proc = subprocess.Popen([python, str(REPO / "benchmarks" / "verifier_server.py"), str(folder)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        if json.loads(self.proc.stdout.readline() or "null") != "ready":
+            raise RuntimeError(f"the baseline verifier did not start under {python}: does it have SymPy and the "
+                               f"LaTeX parser that revision {revision} imports?")
+
+    def _ask(self, *request):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def grade(self, completion, gold, timeout):
+        return self._ask("grade", [[completion, gold]], timeout)[0]
+
+    def cold(self):
+        self._ask("cold", WARM_UP)
+
+    def time_chunk(self, pairs, timeout):
+        return self._ask("time", pairs, timeout)
+
+    def sympy_pairs(self, pairs, timeout):
+        return self._ask("sympy", pairs, timeout)
+
+
+class MathVerify(Verifier):
+    """TRL's ``accuracy_reward`` (math-verify), one completion at a time, the gold as a ``solution`` ``$gold$``."""
+
+    def __init__(self):
+        from trl.rewards import accuracy_reward
+
+        self.reward = accuracy_reward
+
+    def grade(self, completion, gold, timeout):
+        gold_text = gold[0] if isinstance(gold, (list, tuple)) and gold else gold
+        value = self.reward([[{"role": "assistant", "content": completion}]], [f"${gold_text}$"])[0]
+        return value == 1.0
+
+    def cold(self):
+        import math_verify.parser
+
+        for value in vars(math_verify.parser).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+
+
+def math_verify_available() -> bool:
+    return importlib.util.find_spec("math_verify") is not None and importlib.util.find_spec("trl") is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,14 +407,15 @@ def cold_baseline(module) -> None:
     module._CACHE.clear()
 
 
-def throughput_side_by_side(versions: list, pairs: list[tuple[str, object]], timeout: float, chunks: int = 20) -> list[float]:
-    """Answers/s of each (grade, cold) version over the same pairs, graded in alternating chunks.
+def throughput_side_by_side(versions: list[Verifier], pairs: list[tuple[str, object]], timeout: float,
+                             chunks: int = 20) -> list[float]:
+    """Answers/s of each verifier over the same pairs, graded in alternating chunks.
 
     The machine is shared, so its speed drifts within a run; alternating the versions chunk by chunk
     (each version still sees every pair once, from cold caches) gives both the same conditions.
     """
-    for _, cold in versions:
-        cold()
+    for version in versions:
+        version.cold()
     spent = [0.0] * len(versions)
     size = max(1, -(-len(pairs) // chunks))
     for k, start in enumerate(range(0, len(pairs), size)):
@@ -307,11 +424,7 @@ def throughput_side_by_side(versions: list, pairs: list[tuple[str, object]], tim
         if k % 2:
             order.reverse()
         for i in order:
-            grade = versions[i][0]
-            began = time.perf_counter()
-            for completion, gold in chunk:
-                grade(completion, gold, timeout=timeout)
-            spent[i] += time.perf_counter() - began
+            spent[i] += versions[i].time_chunk(chunk, timeout)
     return [len(pairs) / t if t else float("inf") for t in spent]
 
 
@@ -367,15 +480,23 @@ def speed_cases(golds: list[str], n: int, seed: int = 0) -> dict[str, list[tuple
     return {"realistic_mix": mix, "common_int": ints, "symbolic_radicals": radicals}
 
 
-def needs_sympy(pairs: list[tuple[str, object]], grade, cache, timeout: float) -> list[tuple[str, object]]:
-    """The pairs whose grading sends at least one request to the SymPy worker (*cache*: its result cache)."""
+def needs_sympy_flags(pairs: list[tuple[str, object]], grade, cache, timeout: float) -> list[bool]:
+    """Whether grading each pair sends at least one request to the SymPy worker (*cache*: its result cache)."""
     out = []
     for completion, gold in pairs:
         cache.clear()
         grade(completion, gold, timeout=timeout)
-        if cache:
-            out.append((completion, gold))
+        out.append(bool(cache))
     return out
+
+
+def false_acceptance_summary(parts: dict[str, list[dict]]) -> dict:
+    summary = {}
+    for label, items in parts.items():
+        n = sum(x["n"] for x in items)
+        accepted = sum(x["accepted"] for x in items)
+        summary[label] = {"n": n, "accepted": accepted, "rate": accepted / n if n else 0.0}
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,19 +506,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--throughput-n", type=int, default=5000, help="synthetic answers per speed case")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with, or 'none'")
+    parser.add_argument("--baseline-python", default=None,
+                        help="run the baseline revision's verifier under this Python (its own LaTeX parser)")
+    parser.add_argument("--math-verify", choices=("auto", "none"), default="auto",
+                        help="grade with math-verify (TRL's accuracy_reward) too, where it is installed")
     parser.add_argument("--quick", action="store_true", help="smoke test: 40 rows per set, small speed cases")
     args = parser.parse_args(argv)
     if args.quick:
         args.throughput_n = min(args.throughput_n, 300)
 
     symbolic.WORKER.start()
-    baseline = None if args.baseline == "none" else load_baseline(args.baseline)
-    if baseline is not None:
-        baseline._WORKER.start()
-    results: dict = {"sets": {}, "timeout_s": args.timeout, "baseline": None if baseline is None else args.baseline}
+    current = CurrentVerifier()
+    baseline: Verifier | None = None
+    if args.baseline != "none":
+        if args.baseline_python:
+            baseline = ProcessBaseline(args.baseline, args.baseline_python)
+        elif (module := load_baseline(args.baseline)) is not None:
+            baseline = ModuleBaseline(module)
+    mv = MathVerify() if args.math_verify == "auto" and math_verify_available() else None
+    results: dict = {"sets": {}, "timeout_s": args.timeout, "baseline": None if baseline is None else args.baseline,
+                     "baseline_python": args.baseline_python if baseline is not None else None,
+                     "math_verify": None}
+    if mv is not None:
+        results["math_verify"] = {"version": importlib.metadata.version("math-verify"), "sets": {}}
     all_golds: list[str] = []
-    cross_total = {"now": [], "before": []}
-    perturbed_total = {"now": [], "before": []}
+    cross_total: dict = {"now": [], "before": [], "math_verify": []}
+    perturbed_total: dict = {"now": [], "before": [], "math_verify": []}
     for name in args.sets:
         rows = load_rows(name)[: 40 if args.quick else None]
         started = time.perf_counter()
@@ -409,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         cross_total["now"].append(res["cross_gold"])
         perturbed_total["now"].append(res["perturbed"])
         if baseline is not None:
-            res["cross_gold_before"] = cross_gold(golds, baseline.grade_answer, args.timeout)
-            res["perturbed_before"] = perturbed(golds, baseline.grade_answer, args.timeout)
+            res["cross_gold_before"] = cross_gold(golds, lambda c, g, timeout: baseline.grade(c, g, timeout), args.timeout)
+            res["perturbed_before"] = perturbed(golds, lambda c, g, timeout: baseline.grade(c, g, timeout), args.timeout)
             cross_total["before"].append(res["cross_gold_before"])
             perturbed_total["before"].append(res["perturbed_before"])
         res["seconds"] = round(time.perf_counter() - started, 2)
@@ -426,24 +560,54 @@ def main(argv: list[str] | None = None) -> int:
             for miss in res[kind]["misses"]:
                 print(f"    {kind} miss {miss['id']}: gold={miss['gold']!r} extracted={miss['extracted']!r}"
                       f" -- {miss['reason']}")
+        if mv is not None:
+            mv_grade = lambda c, g, timeout: mv.grade(c, g, timeout)  # noqa: E731
+            if name in SYNTHETIC_REFERENCE:
+                reference = [(rid, synthetic(g), g) for rid, g in golds]
+            else:
+                reference = [(rid, r["solution"], g) for (rid, g), r in zip(golds, rows)]
+            mres = {
+                "reference": grade_rows(mv_grade, reference, args.timeout),
+                "self_consistency": grade_rows(mv_grade, [(rid, synthetic(g), g) for rid, g in golds], args.timeout),
+                "cross_gold": cross_gold(golds, mv_grade, args.timeout),
+                "perturbed": perturbed(golds, mv_grade, args.timeout),
+            }
+            results["math_verify"]["sets"][name] = mres
+            cross_total["math_verify"].append(mres["cross_gold"])
+            perturbed_total["math_verify"].append(mres["perturbed"])
+            print(f"{'':15s} math-verify: reference {mres['reference']['agree']}/{mres['reference']['n']} = "
+                  f"{mres['reference']['rate']:.2%}   self-consistency {mres['self_consistency']['agree']}/"
+                  f"{mres['self_consistency']['n']} = {mres['self_consistency']['rate']:.2%}")
 
-    summary: dict = {}
-    for label, parts in (("cross_gold", cross_total), ("perturbed", perturbed_total)):
-        for when, items in parts.items():
-            if not items:
-                continue
-            n = sum(x["n"] for x in items)
-            accepted = sum(x["accepted"] for x in items)
-            summary[f"{label}_{when}"] = {"n": n, "accepted": accepted, "rate": accepted / n if n else 0.0}
+    summary = false_acceptance_summary(
+        {f"{label}_{when}": items for label, parts in (("cross_gold", cross_total), ("perturbed", perturbed_total))
+         for when, items in parts.items() if items}
+    )
     for label in ("cross_gold", "perturbed"):
         now = summary[f"{label}_now"]
-        before = summary.get(f"{label}_before")
-        extra = f"   (before: {before['accepted']}/{before['n']} = {before['rate']:.2%})" if before else ""
+        extra = ""
+        for when, title in (("before", "before"), ("math_verify", "math-verify")):
+            if f"{label}_{when}" in summary:
+                other = summary[f"{label}_{when}"]
+                extra += f"   ({title}: {other['accepted']}/{other['n']} = {other['rate']:.2%})"
         print(f"false acceptances, {label:10s}: {now['accepted']}/{now['n']} = {now['rate']:.2%}{extra}")
         for name, res in results["sets"].items():
             for case in res[label]["cases"]:
                 print(f"    {name} {case['id']}: gold={case['gold']!r} accepted {case['accepted']!r}")
     results["false_acceptance"] = summary
+    if mv is not None:
+        mv_sets = results["math_verify"]["sets"].values()
+        for kind in ("reference", "self_consistency"):
+            n = sum(x[kind]["n"] for x in mv_sets)
+            agree = sum(x[kind]["agree"] for x in mv_sets)
+            results["math_verify"][kind] = {"n": n, "agree": agree, "rate": agree / n if n else 1.0}
+        ours = {kind: (sum(r[kind]["agree"] for r in results["sets"].values()), sum(r[kind]["n"] for r in results["sets"].values()))
+                for kind in ("reference", "self_consistency")}
+        results["agreement_now"] = {k: {"agree": a, "n": n, "rate": a / n if n else 1.0} for k, (a, n) in ours.items()}
+        print(f"agreement with the bundled golds, all sets: reference {ours['reference'][0]}/{ours['reference'][1]}"
+              f"   (math-verify: {results['math_verify']['reference']['agree']}/{results['math_verify']['reference']['n']}), "
+              f"self-consistency {ours['self_consistency'][0]}/{ours['self_consistency'][1]}   (math-verify: "
+              f"{results['math_verify']['self_consistency']['agree']}/{results['math_verify']['self_consistency']['n']})")
 
     table = load_family_table()
     if table is None:
@@ -453,13 +617,19 @@ def main(argv: list[str] | None = None) -> int:
         results["families"] = families
         line = f"family table: {families['agree']}/{families['n']} = {families['rate']:.2%}"
         if baseline is not None:
-            before = family_agreement(baseline.grade_answer, args.timeout, table)
+            before = family_agreement(lambda c, g, timeout: baseline.grade(c, g, timeout), args.timeout, table)
             results["families_before"] = before
             line += f"   (before: {before['agree']}/{before['n']} = {before['rate']:.2%})"
+        if mv is not None:
+            mv_families = family_agreement(lambda c, g, timeout: mv.grade(c, g, timeout), args.timeout, table)
+            results["math_verify"]["families"] = mv_families
+            line += f"   (math-verify: {mv_families['agree']}/{mv_families['n']} = {mv_families['rate']:.2%})"
         print(line)
         for family, v in families["per_family"].items():
             b = results.get("families_before", {}).get("per_family", {}).get(family)
-            print(f"    {family:12s} {v['agree']:3d}/{v['n']:3d} = {v['rate']:.2%}" + (f"   (before {b['rate']:.2%})" if b else ""))
+            m = results["math_verify"]["families"]["per_family"][family] if mv is not None else None
+            print(f"    {family:12s} {v['agree']:3d}/{v['n']:3d} = {v['rate']:.2%}" + (f"   (before {b['rate']:.2%})" if b else "")
+                  + (f"   (math-verify {m['rate']:.2%})" if m else ""))
         for miss in families["misses"]:
             print(f"    family miss: {miss}")
 
@@ -468,29 +638,32 @@ def main(argv: list[str] | None = None) -> int:
     agreement = sum(grade_answer(c, g, timeout=args.timeout) for c, g in restated) / len(restated)
     results["restated"] = {"n": len(restated), "rate": agreement}
     line = f"restated golds accepted: {agreement:.2%} of {len(restated)}"
-    if baseline is not None:
-        before = sum(baseline.grade_answer(c, g, timeout=args.timeout) for c, g in restated) / len(restated)
-        results["restated"]["rate_before"] = before
-        line += f"   (before: {before:.2%})"
+    for key_name, title, version in (("rate_before", "before", baseline), ("rate_math_verify", "math-verify", mv)):
+        if version is not None:
+            rate = sum(version.grade(c, g, args.timeout) for c, g in restated) / len(restated)
+            results["restated"][key_name] = rate
+            line += f"   ({title}: {rate:.2%})"
     print(line)
     cases["realistic_mix_restated"] = restated
     cases["realistic_mix_wrong"] = [(c, g) for c, g in cases["realistic_mix"] if "Putting the pieces together" not in c]
-    cases["realistic_mix_sympy"] = needs_sympy(cases["realistic_mix"], grade_answer, symbolic.CACHE, args.timeout)
+    flags = current.sympy_pairs(cases["realistic_mix"], args.timeout)
+    cases["realistic_mix_sympy"] = [p for p, f in zip(cases["realistic_mix"], flags) if f]
     if baseline is not None:
-        old_sympy = set(needs_sympy(cases["realistic_mix"], baseline.grade_answer, baseline._CACHE, args.timeout))
-        cases["realistic_mix_sympy_in_both"] = [p for p in cases["realistic_mix_sympy"] if p in old_sympy]
+        old_flags = baseline.sympy_pairs(cases["realistic_mix"], args.timeout)
+        cases["realistic_mix_sympy_in_both"] = [p for p, f, o in zip(cases["realistic_mix"], flags, old_flags) if f and o]
 
     speeds: dict = {}
-    versions = [(grade_answer, cold_current)]
+    versions: list[tuple[str, Verifier]] = [("now", current)]
     if baseline is not None:
-        versions.append((baseline.grade_answer, lambda: cold_baseline(baseline)))
+        versions.append(("before", baseline))
+    if mv is not None:
+        versions.append(("math_verify", mv))
     for case, pairs in cases.items():
-        rates = throughput_side_by_side(versions, pairs, args.timeout)
-        speeds[case] = {"n": len(pairs), "now": round(rates[0], 1)}
+        rates = throughput_side_by_side([v for _, v in versions], pairs, args.timeout)
+        speeds[case] = {"n": len(pairs)} | {label: round(rate, 1) for (label, _), rate in zip(versions, rates)}
         line = f"throughput {case:27s} {rates[0]:>10.1f} answers/s"
-        if baseline is not None:
-            speeds[case]["before"] = round(rates[1], 1)
-            line += f"   (before: {rates[1]:>10.1f})"
+        for (label, _), rate in zip(versions[1:], rates[1:]):
+            line += f"   ({label.replace('_', '-')}: {rate:>10.1f})"
         print(line + f"   ({len(pairs)} answers)")
     results["throughput_answers_per_s"] = speeds
 
@@ -498,8 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     results["hostile"] = worst_call(grade_answer)
     line = f"hostile inputs: worst call {results['hostile']['worst_s']} s ({results['hostile']['worst_case']}, timeout 2 s)"
     if baseline is not None:
-        cold_baseline(baseline)
-        results["hostile_before"] = worst_call(baseline.grade_answer)
+        baseline.cold()
+        results["hostile_before"] = worst_call(lambda c, g, timeout: baseline.grade(c, g, timeout))
         line += f"   (before: {results['hostile_before']['worst_s']} s, {results['hostile_before']['worst_case']})"
     print(line)
 

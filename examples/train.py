@@ -209,8 +209,30 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.accelerator.print(_format_summary(summary))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves before the main one has written everything
     trainer.accelerator.end_training()  # finish trackers and leave the process group in order
     return summary
+
+
+def leave_multi_process_run() -> None:
+    """End a multi-process run with exit code 0 once every output is written, skipping the interpreter's teardown.
+
+    With torch 2.13 on CPU (gloo), a finished multi-process run can abort in C++ teardown at interpreter exit
+    ("terminate called without an active exception", exit code 134) after its outputs are saved, with or without
+    destroy_process_group; tests/scripts/train_tiny.py met it in CI. The cause was not pinned down (ten two-process
+    runs of this script on this project's CPU machine all exited cleanly), so this is the workaround, taken only when
+    the launcher started several processes: ``main`` has already written the model, the summary and the plot, waited
+    for every rank and destroyed the process group; here the logs and standard streams are flushed and the process
+    leaves with ``os._exit(0)``, which runs no atexit handler (trackers were finished by ``end_training``; the SymPy
+    worker subprocess of the reward ends by itself when its stdin closes). An exception in ``main`` never gets here:
+    it exits non-zero as usual.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _rollout_summary(trainer) -> dict:
@@ -246,3 +268,5 @@ def _format_summary(summary: dict) -> str:
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_multi_process_run()

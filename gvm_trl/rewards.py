@@ -15,10 +15,10 @@ Public API
 
 How it is organised
 -------------------
-``latex2sympy2`` turns one LaTeX *expression* into SymPy and SymPy decides symbolic equality, but answers
-are rarely a bare expression: they carry units, wrappers, labels (``x =``, ``|PQ| =``), relations, lists,
-intervals, matrices, ratios and choice letters, and latex2sympy2 rejects or misreads them (``1.5e3`` is
-``1.5*e*3``, ``y = 2x`` *assigns* a global, its grammar accepts a prefix of the input). So
+``latex2sympy2_extended`` turns one LaTeX *expression* into SymPy and SymPy decides symbolic equality, but
+answers are rarely a bare expression: they carry units, wrappers, labels (``x =``, ``|PQ| =``), relations, lists,
+intervals, matrices, ratios and choice letters, and the parser rejects or misreads them (``1.5e3`` is
+``1.5*e*3``, ``2(3)`` a mixed number, ``y = 2x`` an assignment). So
 ``gvm_trl.answers`` finds the final answer (``extraction``), canonicalises its text (``normalisation``),
 splits it into a small tree and compares trees (``comparison``, which documents the equivalence rules),
 reads numbers without SymPy (``numbers``), and sends only leaf expressions, wrapped in parentheses so
@@ -27,8 +27,9 @@ that the whole leaf must parse, to SymPy (``symbolic``).
 Safety
 ------
 Model output is hostile input. Nothing calls ``eval``/``sympify``/``parse_expr`` on it: the only parser
-is latex2sympy2's ANTLR grammar (its one ``parse_expr`` call only reads the ``variable_values``
-argument, which is never passed), its module globals are reset before every parse, and leaves
+is latex2sympy2_extended's ANTLR grammar (its one ``parse_expr`` call only reads the ``variable_values``
+argument, which is never passed; its number tokens, which it would hand to ``sympify``, are read by
+``sympy.Rational`` instead, ``answers/symbolic.py``), each parse gets a fresh converter, and leaves
 containing relations, ``:=``, ``\in`` or ``\operatorname`` are refused. SymPy runs in a persistent worker
 *subprocess* that never imports the trainer, with a 4 GiB address-space limit; it is killed when a call
 overruns its ``timeout`` and restarted on demand, so pathological input cannot hang or exhaust the

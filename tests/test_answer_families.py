@@ -12,7 +12,6 @@ import pytest
 
 from gvm_trl.rewards import grade_answer
 
-pytestmark = pytest.mark.filterwarnings("ignore:typing.io is deprecated:DeprecationWarning")  # antlr4 4.7.2
 
 LONG_REASONING = (
     "We first list what is known and then simplify each term separately, checking the arithmetic twice. "

@@ -12,7 +12,6 @@ from gvm_trl.answers.comparison import Context, answers_equal
 from gvm_trl.answers.normalisation import key, normalise, split_relations, split_top
 from gvm_trl.answers.numbers import numbers_close, parse_number
 
-pytestmark = pytest.mark.filterwarnings("ignore:typing.io is deprecated:DeprecationWarning")  # antlr4 4.7.2
 
 
 class Recorder:
@@ -174,6 +173,31 @@ def test_symbolic_leaves(a, b, expected):
 def test_latex2sympy2_globals_cannot_poison_later_parses():
     assert symbolic.symbolic_in_process(["leaf", "The code is QK", "1"], 10.0) is False  # parses "de" as d(e)
     assert symbolic.symbolic_in_process(["leaf", r"\frac{1}{2\sqrt{w}}", r"\frac{\sqrt{w}}{2w}"], 10.0) is True
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [  # juxtaposition is a product (latex2sympy2_extended alone reads the first four as mixed numbers)
+        ("2 3", 6), ("2(3)", 6), (r"3\sqrt{4}", 6), (r"3\binom{4}{2}", 18), (r"\sqrt{4}\frac{1}{2}", 1),
+        (r"x + 2\frac{1}{2}", None), ("3.2", "16/5"), (r"0.1 \cdot 3", "3/10"), ("1.50", "3/2"),
+    ],
+)
+def test_parser_reads_products_and_exact_decimals(text, value):
+    import sympy
+
+    expr = symbolic._latex_to_expr(text)
+    if value is None:  # the mixed number is comparison.py's to read, for a whole leaf only
+        assert sympy.expand(expr - sympy.Symbol("x")) == 1
+    else:
+        assert expr.doit() == sympy.Rational(value) and not expr.atoms(sympy.Float)
+
+
+def test_mixed_numbers_are_read_for_a_whole_leaf_only():
+    from gvm_trl.rewards import grade_answer
+
+    assert grade_answer(r"\boxed{2\frac{1}{2}}", "2.5") and grade_answer(r"\boxed{2\frac{1}{2}}", r"\frac{5}{2}")
+    assert not grade_answer(r"\boxed{2(3)}", "5") and grade_answer(r"\boxed{2(3)}", "6")
+    assert not grade_answer(r"\boxed{3\sqrt{4}}", "5") and grade_answer(r"\boxed{3\sqrt{4}}", "6")
 
 
 def test_inequality_needs_a_positive_multiple():

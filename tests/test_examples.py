@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +111,27 @@ def test_push_to_hub_uploads_model_and_gvm_card(tmp_path, char_tokenizer, monkey
 def test_a_baseline_refuses_a_contradicting_flag():
     with pytest.raises(SystemExit, match="gvm_weighting"):
         train.parse_args(["--algorithm", "raft", "--gvm_weighting", "lemma1"])
+
+
+def test_two_process_launch_exits_zero_every_time(tmp_path, char_tokenizer):
+    """`accelerate launch` with two CPU processes (gloo) ends with exit code 0, run after run, once its outputs are
+    saved (a finished run could abort in C++ teardown at exit: examples/train.py, `leave_multi_process_run`).
+    `--multi_gpu` is what starts two processes on a CPU-only machine (`--cpu --num_processes 2` silently starts one);
+    `--use_cpu true` keeps the trainer on the CPU."""
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    for attempt in range(2):
+        output_dir = tmp_path / f"run{attempt}"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   str(EXAMPLES / "train.py"), "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+                   "--max_steps", "2", "--max_completion_length", "8", "--heldout_prompts", "0",
+                   "--num_train_prompts", "32", "--use_cpu", "true", "--per_device_train_batch_size", "8"]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        assert "terminate called" not in completed.stderr
+        summary = json.loads((output_dir / "gvm_summary.json").read_text())
+        assert summary["probe_completions"] == 2 * 2 * 8  # 2 generation batches × 2 processes × 8 probe rows each
+        assert (output_dir / "model.safetensors").exists() and (output_dir / "gvm_allocation.png").exists()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-pytestmark = pytest.mark.filterwarnings("ignore:typing.io is deprecated:DeprecationWarning")  # antlr4 4.7.2
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +45,29 @@ def test_restated_and_perturbed_forms(grader):
         for wrong in grader.perturbations(gold):
             assert not grader.grade_answer(grader.synthetic(wrong), gold), (gold, wrong)
     assert grader.perturbations("0") == ["1"]  # "-0" would be the same answer
+
+
+def test_math_verify_is_graded_side_by_side(grader, tmp_path):
+    pytest.importorskip("math_verify")
+    output = tmp_path / "grader.json"
+    grader.main(["--quick", "--baseline", "none", "--sets", "amc23", "--throughput-n", "20", "--output", str(output)])
+    report = json.loads(output.read_text())
+    mv = report["math_verify"]
+    assert mv["version"] and mv["sets"]["amc23"]["self_consistency"]["n"] == 40
+    assert report["false_acceptance"]["perturbed_math_verify"]["n"] == report["false_acceptance"]["perturbed_now"]["n"]
+    assert all("math_verify" in speeds for speeds in report["throughput_answers_per_s"].values())
+    verifier = grader.MathVerify()  # TRL's accuracy_reward: a boxed equal answer passes, a different one does not
+    assert verifier.grade(r"so \boxed{\frac{1}{2}}", "0.5", 5.0) and not verifier.grade(r"\boxed{3}", "4", 5.0)
+
+
+def test_a_revision_served_by_another_python_grades_as_in_process(grader):
+    """The baseline server (benchmarks/verifier_server.py), here this interpreter serving the last commit's verifier."""
+    served = grader.ProcessBaseline("HEAD", sys.executable)
+    pairs = [(r"The answer is \boxed{\sqrt{8}}.", r"2\sqrt{2}"), (r"\boxed{x^2+1}", "1+x^2"), (r"\boxed{7}", "8"),
+             (r"so $x = \frac{3}{4}$", "0.75"), (r"\boxed{(1,2)}", "(2,1)")]
+    expected = [grader.grade_answer(c, g) for c, g in pairs]
+    assert expected == [True, True, False, True, False]
+    assert [served.grade(c, g, 5.0) for c, g in pairs] == expected
+    served.cold()
+    assert served.sympy_pairs(pairs, 5.0) == grader.CurrentVerifier().sympy_pairs(pairs, 5.0)
+    assert 0.0 < served.time_chunk(pairs, 5.0) < 60.0

@@ -15,7 +15,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("GVM_VLLM_PYTHON")
 # The packages whose versions this project chooses (its dependencies and its extras' own).
-CHOSEN = ("torch", "trl", "transformers", "accelerate", "peft", "datasets", "latex2sympy2", "vllm", "deepspeed", "gguf")
+CHOSEN = ("torch", "trl", "transformers", "accelerate", "peft", "datasets", "latex2sympy2-extended", "math-verify", "vllm",
+          "deepspeed", "gguf")
 
 
 def readme_commands() -> list[str]:
@@ -38,7 +39,7 @@ def test_readme_pins_torch_and_avoids_compiling_llama_cpp():
 def test_trl_is_pinned_to_the_tested_minor_version():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     dependencies = {re.split(r"[<>=!\[ ]", d)[0]: d for d in project["dependencies"]}
-    assert set(dependencies) >= {"trl", "transformers", "torch", "accelerate", "peft", "datasets", "latex2sympy2"}
+    assert set(dependencies) >= {"trl", "transformers", "torch", "accelerate", "peft", "datasets", "latex2sympy2_extended"}
     assert dependencies["trl"] == "trl>=1.16,<1.17"
     assert {"vllm", "test", "demo"} <= set(project["optional-dependencies"])
 
@@ -57,15 +58,29 @@ def test_public_api():
         assert hasattr(gvm_trl, name)
 
 
-def resolve(extra: str) -> dict[str, str]:
-    """What `pip install ".[extra]"` would install, from the package index's metadata alone (`uv pip compile`)."""
+def resolve(extra: str | None, *also: Path) -> dict[str, str]:
+    """What `pip install ".[extra]"` (plus the requirement files *also*) would install, from the package index's
+    metadata alone (`uv pip compile`)."""
     uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-    command = [uv, "pip", "compile", "pyproject.toml", "--extra", extra, "--python-version", "3.11",
+    command = [uv, "pip", "compile", "pyproject.toml", *map(str, also), *(["--extra", extra] if extra else []), "--python-version", "3.11",
                "--python-platform", "x86_64-manylinux_2_28", "--no-header", "--no-annotate", "--quiet"]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, f"resolving the {extra!r} extra failed: {completed.stderr[-2000:]}"
     pins = dict(line.split("==", 1) for line in completed.stdout.splitlines() if "==" in line)
-    return {name: version for name, version in pins.items() if name in CHOSEN}
+    return {name.replace("_", "-"): version for name, version in pins.items() if name.replace("_", "-") in CHOSEN
+            or name == "latex2sympy2"}
+
+
+def test_installs_beside_trls_math_verify_extra(tmp_path):
+    """`pip install gvm-trl "trl[math-verify]"` resolves, with a math-verify TRL accepts (>= 0.5.2) and one LaTeX parser."""
+    extra = tmp_path / "trl_math_verify.in"
+    extra.write_text("trl[math-verify]\n")
+    resolved = resolve(None, extra)
+    assert Version(resolved["math-verify"]) >= Version("0.5.2")
+    assert "latex2sympy2" not in resolved  # the unmaintained original (antlr4 4.7.2) is gone
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = next(d for d in project["dependencies"] if d.startswith("latex2sympy2_extended"))
+    assert resolved["latex2sympy2-extended"] == pinned.split("==")[1]
 
 
 def installed(python: str) -> dict[str, str]:

@@ -14,7 +14,6 @@ from gvm_trl import rewards
 from gvm_trl.answers import comparison, symbolic
 from gvm_trl.rewards import extract_answer, extract_boxed, grade_answer, make_math_reward, math_reward
 
-pytestmark = pytest.mark.filterwarnings("ignore:typing.io is deprecated:DeprecationWarning")  # antlr4 4.7.2
 
 # Generous wall-clock allowance on a shared 2-core machine: the timeout bounds SymPy work, and a
 # worker killed for overrunning is restarted (a SymPy import) on the next call.
@@ -508,7 +507,7 @@ def _payloads(marker) -> list[str]:
         f"\\frac{{{cmd}}}{{2}}",
         f"Symbol('x').__class__.__mro__[1].__subclasses__(); {cmd}",
         f"lambda: {cmd}",
-        # quote-free variants get past the pre-filter and really reach latex2sympy2 and SymPy
+        # quote-free variants get past the pre-filter and really reach latex2sympy2_extended and SymPy
         "__import__(os).system(rm)",
         "eval(x) + exec(y)",
         "x.__class__.__mro__",
@@ -558,7 +557,7 @@ def test_symbolic_path_never_calls_eval(monkeypatch, tmp_path):
         if ready is not None:
             parsed += 1
             symbolic.symbolic_in_process(["leaf", ready, "1"], 5.0)
-    assert parsed >= 6  # the hostile payloads really went through latex2sympy2 and SymPy
+    assert parsed >= 6  # the hostile payloads really went through latex2sympy2_extended and SymPy
     assert calls == []
     assert not marker.exists()
     builtins.eval("1 + 1")

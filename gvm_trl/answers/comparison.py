@@ -1,7 +1,7 @@
 r"""Deciding that two extracted answers are equal.
 
 Each answer is normalised (``normalisation.py``) and split into a small tree; only leaf expressions reach
-latex2sympy2 + SymPy (``symbolic.py``). Equivalence rules (documented decisions):
+latex2sympy2_extended + SymPy (``symbolic.py``). Equivalence rules (documented decisions):
 
 * Numbers: integers and fractions compare exactly. A decimal matches an exact value when it is that
   value rounded *or truncated* to its own number of places and within 1e-4 relative:
@@ -472,12 +472,12 @@ _REFUSED_IN_SYMPY = re.compile(
     r":=|\\in(?![A-Za-z])|\\operatorname|\\begin|\\end|\\mathbb|=|<|>|\\[lg]eq|\\neq|\\approx|\\sim|\\to(?![A-Za-z])"
     r"|\\cup|\\cap|\\setminus|\\pm|\\mp|%|\\\\|&|\\text|\\mbox|[^\x20-\x7e]|:"
     r"|\d\s*_"  # 204_5: a numeral in another base is compared literally
-    r"|'|\d\.\d*\."  # primes (latex2sympy2 drops them) and malformed numbers such as 3.5.1
+    r"|'|\d\.\d*\."  # primes (the parser drops them) and malformed numbers such as 3.5.1
 )
 
 
 def _sympy_ready(s: str) -> str | None:
-    """Leaf text rewritten for latex2sympy2, or None when it must not / cannot be parsed."""
+    """Leaf text rewritten for the LaTeX parser, or None when it must not / cannot be parsed."""
     s = s.strip()
     if not s or len(s) > _MAX_LEAF_CHARS or _REFUSED_IN_SYMPY.search(s):
         return None

@@ -1,6 +1,6 @@
 r"""Rejecting unequal leaf expressions in-process, before they reach SymPy.
 
-latex2sympy2's grammar costs tens of milliseconds per expression, and most leaves that reach SymPy are
+latex2sympy2_extended's grammar costs tens of milliseconds per expression, and most leaves that reach SymPy are
 wrong answers. ``clearly_different`` reads a plain arithmetic subset of LaTeX with its own small parser
 (numbers, letters with subscripts, Greek letters, ``\pi``, ``e``, ``i``, brackets, ``+ - * / \cdot \times
 \div``, juxtaposition, powers, ``\frac``, ``\sqrt``, ``\exp``, ``\ln``, ``\log``, trigonometric and
@@ -10,10 +10,10 @@ Every value carries a bound on its rounding error (a disk around a complex numbe
 are declared different only when the disks are clearly apart. Anything outside the subset, or any value
 near a branch cut, a pole or an overflow, decides nothing and is left to SymPy.
 
-The parser follows latex2sympy2's precedence where the two could differ: juxtaposition binds tighter
+The parser follows the precedence of the worker's parser (latex2sympy2_extended, ``symbolic.py``) where the two could differ: juxtaposition binds tighter
 than ``/`` (``a/bc`` is ``a/(bc)``), an argument written without parentheses runs over a product of
 juxtaposed factors (``\sin 2x`` is ``sin(2x)``), ``\log`` is base 10, ``i`` and ``I`` are the imaginary
-unit and ``e`` is Euler's number. Where latex2sympy2 reads more into the text than a product (a letter
+unit and ``e`` is Euler's number. Where that parser reads more into the text than a product (a letter
 followed by parentheses is a function, ``dx`` is one symbol), the product read here is one instance of
 that reading, so values that differ here differ there too. Forms whose reading is doubtful
 (``\frac{d}{dx}``, ``x^23``, ``\sin x \cdot y``, ``a^{b}^{c}``) are refused. Nothing here executes text:
@@ -44,7 +44,7 @@ _GREEK = {
     "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi", "Omega",
 }
 _SYMBOL_COMMANDS = {"hbar", "ell"}
-_ACCENTS = {"dot", "ddot", "bar", "hat", "tilde", "vec", "overline"}
+_ACCENTS = {"dot": "dot", "ddot": "ddot", "bar": "bar", "hat": "hat", "tilde": "tilde", "vec": "vec", "overline": "bar"}
 _FUNCTIONS = {"sin", "cos", "tan", "cot", "sec", "csc", "sinh", "cosh", "tanh", "exp", "ln", "log"}
 _PRODUCT_OPS = {"*", "\\cdot", "\\times"}
 _DIVISION_OPS = {"/", "\\div"}
@@ -127,7 +127,7 @@ class _Parser:
         if token is None or token in _STOPS or token in _PRODUCT_OPS | _DIVISION_OPS:
             return False
         if (token.startswith("\\") and token[1:] in _FUNCTIONS) or token in ("e", "\\sqrt"):
-            return allow_functions  # latex2sympy2 lets these start an argument without parentheses, not extend one
+            return allow_functions  # the parser lets these start an argument without parentheses, not extend one
         return True
 
     def factor(self, allow_functions: bool) -> tuple:
@@ -136,7 +136,7 @@ class _Parser:
             self.take()
             base = self.node("pow", base, self.exponent())
             if self.peek() in ("^", "_"):
-                raise _Refused  # a^{b}^{c} and x^{y}_{1} read oddly in latex2sympy2
+                raise _Refused  # a^{b}^{c} and x^{y}_{1} read oddly in the parser
         return base
 
     def exponent(self) -> tuple:
@@ -167,7 +167,7 @@ class _Parser:
         return inner
 
     def subscript_name(self) -> str:
-        """The text of a subscript as latex2sympy2 names it (``x_0``, ``x_{10}``)."""
+        """The text of a subscript as latex2sympy2_extended names it (``x_0``, ``x_{10}``)."""
         self.take("_")
         token = self.take()
         if token == "{":
@@ -208,7 +208,7 @@ class _Parser:
         if len(token) == 1 and token.isalpha():
             if token in "eiI":
                 if self.peek() == "_" or (token == "I" and self.peek() == "^"):
-                    raise _Refused  # latex2sympy2 drops a power of I
+                    raise _Refused  # the parser drops a power of I
                 return self.node("const", {"e": "e", "i": "i", "I": "i"}[token])
             return self.named(token)
         if not token.startswith("\\"):
@@ -217,14 +217,14 @@ class _Parser:
         if command == "pi":
             return self.node("const", "pi")
         if command in _GREEK or command in _SYMBOL_COMMANDS:
-            return self.named(command if command in _GREEK else token)
+            return self.named(command)  # latex2sympy2_extended drops the backslash: \hbar is the symbol hbar
         if command in _ACCENTS:
             self.take("{")
             letter = self.take()
             self.take("}")
             if not re.fullmatch(r"[A-Za-z]|\\[A-Za-z]+", letter):
                 raise _Refused
-            return self.named(token + "{" + letter + "}")
+            return self.named(_ACCENTS[command] + "{" + letter + "}")  # \overline{x} is bar{x} there
         if token in _BRACKET_FUNCTIONS:
             name, closing = _BRACKET_FUNCTIONS[token]
             self.pos -= 1

@@ -1,4 +1,4 @@
-r"""The SymPy side of grading: latex2sympy2 + SymPy in a persistent, killable worker subprocess.
+r"""The SymPy side of grading: latex2sympy2_extended + SymPy in a persistent, killable worker subprocess.
 
 Requests are JSON lists (``["leaf", a, b]``, ``["eq", l1, r1, l2, r2]``) answered "1"/"0". The worker is
 started with ``python -c WORKER_BOOT <package dir>``, which loads this package (``gvm_trl.answers``) under a
@@ -27,6 +27,81 @@ WORKER_MEMORY_BYTES = 4 << 30
 WORKER_MAX_REQUESTS = 20000  # recycle the worker now and then to bound caches and leaks
 
 _MAX_DIGITS = 5000.0  # refuse closed forms whose numeric size bound exceeds this many digits
+
+_PARSER = None  # the converter class below, built in the worker on first use (``_parser_class``)
+
+
+def _parser_class():
+    """latex2sympy2_extended's converter, entered at its expression rule, with two readings changed (imported on
+    first use: seconds).
+
+    Numbers: the fork turns a number token into SymPy with ``sympy.Number(text)``, which goes through
+    ``sympify`` and so ``eval``; model text must never reach ``eval`` (``rewards.py``, Safety), so the token
+    (digits, a point, thousands commas: the grammar's NUMBER) is read by ``sympy.Rational``, which parses
+    it as a fraction, exactly (``3.2`` is 16/5, as in latex2sympy2; the fork made it a Float, which the
+    checks below would compare to 1e-9 only).
+
+    Entry rule: the fork's ``parse`` starts at its ``math`` rule, which first decides between sets, set
+    relations and expressions; for a parenthesised leaf that decision falls back to ANTLR's full-context
+    prediction, which made a parse about 6x slower than starting at ``expr`` (measured on radicals and
+    fractions; a leaf is an expression: ``comparison.py`` sends no sets or relations). ``parse`` here
+    starts at ``expr`` and requires the whole text to be consumed.
+
+    Juxtaposition: latex2sympy2_extended 1.11.0 reads an integer factor followed by a positive rational one
+    as a mixed number whatever its ``interpret_as_mixed_fractions`` option says: ``2 3`` and ``2(3)``
+    become 5 and ``3\\sqrt{4}`` becomes 5, so ``\\boxed{2(3)}`` would match a gold 5. latex2sympy2 read
+    them as products, and ``comparison.py`` reads a whole leaf ``2\\frac{3}{4}`` as a mixed number before
+    SymPy, so the subclass multiplies in exactly that case and leaves every other one to the fork's own
+    code. Each factor and each tail of a product is converted once per parse (kept by parse-tree node), so
+    looking at a factor before the fork does costs no second conversion.
+    """
+    global _PARSER
+    if _PARSER is None:
+        import sympy
+        from antlr4 import Token
+        from latex2sympy2_extended.latex2sympy2 import ConversionConfig, _Latex2Sympy
+
+        literal = ConversionConfig(interpret_as_mixed_fractions=False, interpret_simple_eq_as_assignment=False,
+                                   interpret_contains_as_eq=False, lowercase_symbols=False)
+
+        class LiteralLatex2Sympy(_Latex2Sympy):
+            def __init__(self) -> None:
+                super().__init__(config=literal)
+                self._done: dict = {}
+
+            def parse(self, latex_str):
+                parser = self.create_parser(latex_str)
+                tree = parser.expr()
+                if parser.getCurrentToken().type != Token.EOF:
+                    raise ValueError("text after the expression")
+                return self.convert_expr(tree)
+
+            def convert_postfix(self, postfix):
+                key = id(postfix)
+                if key not in self._done:
+                    self._done[key] = (postfix, super().convert_postfix(postfix))  # node kept: its id stays unique
+                return self._done[key][1]
+
+            def parse_number(self, text):
+                return sympy.Rational(text.replace(",", ""))
+
+            def convert_postfix_list(self, arr, i=0):
+                key = (id(arr), i)
+                if key not in self._done:
+                    self._done[key] = (arr, self._convert_postfix_list(arr, i))
+                return self._done[key][1]
+
+            def _convert_postfix_list(self, arr, i):
+                if 0 <= i < len(arr) - 1:
+                    factor = self.convert_postfix(arr[i])
+                    if isinstance(factor, sympy.Integer):
+                        rest = self.convert_postfix_list(arr, i + 1)
+                        if isinstance(rest, sympy.Rational):  # the fork's mixed-number case: a product here
+                            return self.mul_flat(factor, rest)
+                return super().convert_postfix_list(arr, i)
+
+        _PARSER = LiteralLatex2Sympy
+    return _PARSER
 
 
 def _digits_bound(node) -> float:
@@ -68,15 +143,17 @@ def _digits_bound(node) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _latex_to_expr(s: str):
-    """latex2sympy2 + imaginary unit + size guard; None when unusable (cached: golds repeat)."""
-    import latex2sympy2
+    """latex2sympy2_extended + imaginary unit + size guard; None when unusable (cached: golds repeat).
+
+    The fork's own text rewriting (``normalization_config``) is not applied: ``normalisation.py`` has
+    already canonicalised the leaf, and a second pass would change what a leaf means after it was
+    screened. The converter reads the text literally (``_parser_class``: no lower-casing, so ``X`` and
+    ``x`` differ; no equation-as-assignment; no ``\\in`` as equality; juxtaposition is a product).
+    """
     import sympy
 
-    # latex2sympy2 keeps module globals that a parse can corrupt (a differential such as "de" in
-    # "code" replaces its ``var`` dict by a Symbol, after which every parse fails): reset them.
-    latex2sympy2.var, latex2sympy2.variances = {}, {}
     try:
-        expr = latex2sympy2.latex2sympy("(" + s + ")")  # the parentheses force the grammar to consume all of s
+        expr = _parser_class()().parse("(" + s + ")")  # the parentheses force the grammar to consume all of s
     except TimeoutError:
         raise
     except Exception:  # noqa: BLE001 - the grammar rejected it (cached as unusable)
@@ -211,7 +288,7 @@ def _number_vs_expr(number: Number, expr) -> bool:
 
 
 def _symbolic_leaf(pred: str, gold: str) -> bool:
-    """Leaf equivalence through latex2sympy2 + SymPy."""
+    """Leaf equivalence through latex2sympy2_extended + SymPy."""
     pn, gn = parse_number(pred), parse_number(gold)
     a, b = _latex_to_expr(pred), _latex_to_expr(gold)
     if a is None or b is None:
@@ -270,7 +347,7 @@ def worker_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     except (ImportError, ValueError, OSError):
         pass
-    import latex2sympy2  # noqa: F401  (slow import, done before "ready")
+    _parser_class()  # slow import, done before "ready"
 
     out = sys.stdout
     out.write("ready\n")

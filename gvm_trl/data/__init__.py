@@ -29,7 +29,7 @@ EVAL_DISPLAY_NAMES = {
     "amc23": "AMC23",
 }
 
-EXAMPLES_DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "data"
+# Shipped inside the package (package-data), so that they load from an installed wheel, not only from a clone.
 BUNDLED_TRAIN_SETS = {
     "gsm8k": "gsm8k_train.jsonl.gz",
     "gsm8k_test": "gsm8k_test.jsonl.gz",
@@ -108,13 +108,13 @@ def _pick_column(columns: list[str], candidates: tuple[str, ...], wanted: str | 
 
 def _load_raw(name_or_path: str, split: str) -> datasets.Dataset:
     if name_or_path in BUNDLED_TRAIN_SETS:
-        path = EXAMPLES_DATA_DIR / BUNDLED_TRAIN_SETS[name_or_path]
-        if not path.exists():
-            raise FileNotFoundError(
-                f"The bundled training set {name_or_path!r} lives in {path}, which ships with the source "
-                "repository (examples/data/), not with the wheel; run from a clone of gvm-trl or pass a path."
-            )
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        with resources.as_file(resources.files(__package__) / BUNDLED_TRAIN_SETS[name_or_path]) as path:
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"The bundled training set {name_or_path!r} is missing from this installation ({path}): "
+                    "reinstall gvm-trl (`pip install --force-reinstall gvm-trl`) or pass a path."
+                )
+            return datasets.load_dataset("json", data_files=str(path), split="train")
     path = Path(name_or_path)
     if path.exists():
         suffixes = "".join(path.suffixes)
