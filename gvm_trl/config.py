@@ -10,7 +10,7 @@ from trl import GRPOConfig
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack")
 PROBED_ALLOCATIONS = ("gvm", "dynamic", "knapsack")  # the policies that probe first and plan from the estimates
-DEFAULT_HISTORY_DECAY = 0.7  # benchmarks/convergence.py: 0.60x uniform's completions to the target objective
+DEFAULT_HISTORY_DECAY = 0.7  # chosen on the facts task (seeds 0-7); not yet shown to beat uniform with the same weights
 
 
 @dataclass
@@ -85,8 +85,9 @@ class GVMArguments:
         gvm_history_decay (`float`, *optional*):
             Keep a per-prompt history of accept rates and gradient norms across visits and combine it with the
             probes (:class:`~gvm_trl.estimates.PromptHistory`); each visit multiplies the past counts by this
-            factor in (0, 1]. `0`: estimates from the current probes alone (the paper's). `None`: 0.7 where it was
-            measured to help — GVM allocation with `gvm_weighting` `"mean"` or `"none"` on a map-style dataset —
+            factor in (0, 1]. `0`: estimates from the current probes alone (the paper's). `None`: 0.7 with a probing
+            allocation and `gvm_weighting` `"mean"` or `"none"` on a map-style dataset (chosen on the facts task,
+            where each prompt is seen ~67 times; not yet shown to beat uniform allocation with the same weights),
             and no history otherwise (uniform allocation has nothing to estimate, an iterable dataset has no
             prompt index, and `"lemma1"` weights with a history measured unstable).
         gvm_explore_samples (`int`, *optional*, defaults to `0`):
