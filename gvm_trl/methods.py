@@ -45,43 +45,35 @@ class Method:
 _VANILLA = {"gvm_allocation": "uniform", "gvm_weighting": "none"}
 _PAPER = {"gvm_allocation": "gvm", "gvm_weighting": "lemma1", "gvm_history_decay": 0.0, "gvm_probe_ahead": False}
 
+
+def _family(algorithm: str, label: str, trainer_cls: type, config_cls: type, vanilla_note: str) -> list[Method]:
+    """The same methods for each trainer, so that GRPO's and RAFT++'s tables cannot drift apart."""
+    rows = [
+        (f"gvm-{algorithm}", {"gvm_allocation": "gvm"},
+         f"GVM-{label}: Theorem 3 allocation, Lemma 1 weights from the pooled estimate (gvm_weighting='mean')"),
+        (algorithm, _VANILLA, f"{label}: uniform, unweighted{vanilla_note}"),
+        (f"{algorithm}-mean", {"gvm_allocation": "uniform", "gvm_weighting": "mean"},
+         f"{label} with Algorithm 1's 1/|D_i|: uniform allocation, GVM's default weighting (the fair baseline for "
+         f"gvm-{algorithm})"),
+        (f"dynamic-{algorithm}", {"gvm_allocation": "dynamic"},
+         f"{label} with DAPO's dynamic sampling: probes and history as gvm-{algorithm}, all-correct/all-wrong prompts "
+         "get nothing, the rest share the budget equally"),
+        (f"knapsack-{algorithm}", {"gvm_allocation": "knapsack"},
+         f"{label} with Knapsack RL's budgets from the same probes and history"),
+        (f"gvm-{algorithm}-unweighted", {"gvm_allocation": "gvm", "gvm_weighting": "none"},
+         f"GVM-{label} allocation without Lemma 1 weights (how the official code trains)"),
+        (f"gvm-{algorithm}-paper", _PAPER,
+         f"GVM-{label} as the paper states it: a probe round before each allocation, estimates from the probes "
+         "alone, Lemma 1's 1/(n_i p_i)"),
+    ]
+    return [Method(name, trainer_cls, config_cls, settings, description) for name, settings, description in rows]
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("gvm-raft", GVMRAFTTrainer, GVMRAFTConfig, {"gvm_allocation": "gvm"},
-               "GVM-RAFT++: Theorem 3 allocation, Lemma 1 weights from the pooled estimate (gvm_weighting='mean')"),
-        Method("raft", GVMRAFTTrainer, GVMRAFTConfig, _VANILLA, "RAFT++: uniform, unweighted"),
-        Method("raft-mean", GVMRAFTTrainer, GVMRAFTConfig, {"gvm_allocation": "uniform", "gvm_weighting": "mean"},
-               "RAFT++ with Algorithm 1's 1/|D_i|: uniform allocation, GVM's default weighting (the fair baseline "
-               "for gvm-raft)"),
-        Method("dynamic-raft", GVMRAFTTrainer, GVMRAFTConfig, {"gvm_allocation": "dynamic"},
-               "RAFT++ with DAPO's dynamic sampling: probes and history as gvm-raft, all-correct/all-wrong prompts "
-               "get nothing, the rest share the budget equally"),
-        Method("knapsack-raft", GVMRAFTTrainer, GVMRAFTConfig, {"gvm_allocation": "knapsack"},
-               "RAFT++ with Knapsack RL's budgets from the same probes and history"),
-        Method("gvm-grpo", GVMGRPOTrainer, GVMGRPOConfig, {"gvm_allocation": "gvm"},
-               "GVM-GRPO: Theorem 3 allocation, Lemma 1 weights from the pooled estimate"),
-        Method("grpo", GVMGRPOTrainer, GVMGRPOConfig, _VANILLA, "GRPO: uniform, unweighted (= trl.GRPOTrainer)"),
-        Method("grpo-mean", GVMGRPOTrainer, GVMGRPOConfig, {"gvm_allocation": "uniform", "gvm_weighting": "mean"},
-               "GRPO with Algorithm 1's 1/|D_i|: uniform allocation, GVM's default weighting (the fair baseline for "
-               "gvm-grpo)"),
-        Method("dynamic-grpo", GVMGRPOTrainer, GVMGRPOConfig, {"gvm_allocation": "dynamic"},
-               "GRPO with DAPO's dynamic sampling: probes and history as gvm-grpo, all-correct/all-wrong prompts get "
-               "nothing, the rest share the budget equally"),
-        Method("knapsack-grpo", GVMGRPOTrainer, GVMGRPOConfig, {"gvm_allocation": "knapsack"},
-               "GRPO with Knapsack RL's budgets from the same probes and history"),
-        Method("gvm-raft-unweighted", GVMRAFTTrainer, GVMRAFTConfig,
-               {"gvm_allocation": "gvm", "gvm_weighting": "none"},
-               "GVM-RAFT++ allocation without Lemma 1 weights (how the official code trains)"),
-        Method("gvm-grpo-unweighted", GVMGRPOTrainer, GVMGRPOConfig,
-               {"gvm_allocation": "gvm", "gvm_weighting": "none"},
-               "GVM-GRPO allocation without Lemma 1 weights"),
-        Method("gvm-raft-paper", GVMRAFTTrainer, GVMRAFTConfig, _PAPER,
-               "GVM-RAFT++ as the paper states it: a probe round before each allocation, estimates from the probes "
-               "alone, Lemma 1's 1/(n_i p_i)"),
-        Method("gvm-grpo-paper", GVMGRPOTrainer, GVMGRPOConfig, _PAPER,
-               "GVM-GRPO as the paper states it: a probe round before each allocation, estimates from the probes "
-               "alone, Lemma 1's 1/(n_i p_i)"),
+        *_family("raft", "RAFT++", GVMRAFTTrainer, GVMRAFTConfig, ""),
+        *_family("grpo", "GRPO", GVMGRPOTrainer, GVMGRPOConfig, " (= trl.GRPOTrainer)"),
     )
 }
 

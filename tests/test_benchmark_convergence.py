@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def benchmarks():
     """The benchmark scripts as modules (they import each other as siblings, as when run from their folder)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield {name: importlib.import_module(name) for name in ("common", "facts", "convergence")}
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_modules("common", "facts", "convergence") as modules:
+        yield modules
 
 
 def test_exact_objective_matches_enumeration_and_sampling(benchmarks):
@@ -166,13 +159,13 @@ def test_quick_facts(benchmarks, tmp_path):
     report = json.loads(output.read_text())
     assert report["complete"] and output.with_suffix(".png").stat().st_size > 0
     runs = report["runs"]
-    assert [r["method"] for r in runs] == ["gvm-raft", "raft", "gvm-grpo", "grpo"]
+    assert [r["method"] for r in runs] == ["gvm-raft", "raft-mean", "raft", "gvm-grpo", "grpo-mean", "grpo"]
     for run in runs:
         assert [point["step"] for point in run["curve"]] == [0, 1, 2]
         completions = [point["completions"] for point in run["curve"]]
         # Equal budgets: m·(N′ + B) = 4·(2 + 2) completions a step. Uniform spends exactly that each step; GVM probes
         # ahead, so its first step also probes its own batch (+m·N′ = 8) and the last step probes none (−8).
-        if run["method"] in ("raft", "grpo"):
+        if run["method"] in ("raft", "raft-mean", "grpo", "grpo-mean"):
             assert completions == [0, 16, 32]
         else:
             assert completions == [0, 24, 32]
@@ -181,7 +174,8 @@ def test_quick_facts(benchmarks, tmp_path):
         assert len(run["prompt_bands"]) == 12
     summary = report["summary"]
     assert set(summary["comparisons"]) == {"gvm-raft", "gvm-grpo"}
-    assert summary["comparisons"]["gvm-raft"]["baseline"] == "raft"
+    assert summary["comparisons"]["gvm-raft"]["baseline"] == "raft-mean"  # the same weighting: the fair baseline
+    assert summary["comparisons"]["gvm-grpo"]["baseline"] == "grpo-mean"
     assert set(summary["bands"]) == {"never", "rare (< 0.1)", "middle (0.1-0.5)", "easy (≥ 0.5)"}
     shares = [band["methods"]["raft"]["completion_share"] for band in summary["bands"].values()]
     assert sum(shares) == pytest.approx(1.0)

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import benchmark_modules
 
 from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def benchmarks():
     """The benchmark scripts as modules (they import each other as siblings, as when run from their folder)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield {name: importlib.import_module(name) for name in ("gradient_pool", "allocation_sim", "variance")}
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_modules("gradient_pool", "allocation_sim", "variance") as modules:
+        yield modules
 
 
 def test_per_sample_grads_match_autograd_loop(benchmarks):

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark(name: str):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))  # the scripts import `common` as a sibling, as when run from there
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_modules, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +54,8 @@ def test_step_cost_lockstep_runs_the_workers_in_turn(step_cost, tmp_path):
 def test_letter_task_reward_and_warm_start():
     """The letter task's verifier, and the warm start it promises: a random letter of a-j whatever the prompt, so a
     prompt with k letters starts at accept rate ≈ k/10."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import letters
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_modules("letters") as modules:
+        letters = modules["letters"]
     assert letters.letter_reward([[{"role": "user", "content": "dbg"}]] * 3, ["b", "a", ""]) == [1.0, 0.0, 0.0]
     sets = letters.letter_sets(200, seed=3)
     assert sets == letters.letter_sets(200, seed=3) and sets != letters.letter_sets(200, seed=4)

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def grader():
-    spec = importlib.util.spec_from_file_location("benchmark_grader", BENCHMARKS / "grader.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_benchmark("grader")
+    sys.modules.pop("benchmark_grader", None)
 
 
 def test_grader_quick(grader, tmp_path):
