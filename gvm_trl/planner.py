@@ -121,7 +121,7 @@ def plan_allocation(
         rates = [a / t for a, t in zip(evidence.accepted, evidence.trials)]
         grad_norms = [s / c if c else 0.0 for s, c in zip(evidence.norm_sums, evidence.norm_counts)]
     sizes = _policy_sizes(rule, rates, grad_norms)
-    fallback = sizes is None
+    fallback = sizes is None or (sum(sizes) == 0 < rule.budget)  # (a weight can underflow to 0 for p ≈ 1e-320)
     if fallback:
         sizes = uniform_allocation(len(rates), rule.budget)
     return BatchAllocation(

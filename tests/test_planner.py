@@ -148,3 +148,9 @@ def test_history_only_peers_plan_without_gradient_norms():
     assert plan_allocation(evidence([1, 2], [0.0, 0.0]), margin).sizes == [0, 6]  # p = 0.25 ≤ ε
     with pytest.raises(ValueError, match="Unknown allocation policy"):
         plan_allocation(probes, AllocationRule(budget=8, num_probes=4, policy="bandit"))
+
+
+def test_plan_falls_back_when_every_weight_underflows():
+    """p = 5e-324 is positive, but Theorem 3's weight G·sqrt(p/α) underflows to 0: the budget is still spent."""
+    plan = plan_allocation(PromptEvidence([0], [4.0], [5e-324 * 4], [1.0], [1.0]), AllocationRule(budget=4, num_probes=4))
+    assert plan.fallback and plan.sizes == [4]
