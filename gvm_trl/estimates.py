@@ -29,6 +29,8 @@ import random
 from dataclasses import dataclass
 from typing import Iterable
 
+from .allocation import _as_nonnegative
+
 __all__ = ["PromptEvidence", "PromptHistory", "optimistic_rates"]
 
 
@@ -97,19 +99,6 @@ class PromptHistory:
         self._records = {int(key): [float(v) for v in values] for key, values in state["prompts"].items()}
 
 
-def _counts(values: Iterable[float], name: str) -> list[float]:
-    if hasattr(values, "tolist"):
-        values = values.tolist()
-    try:
-        items = list(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a 1-D sequence of counts, got {type(values).__name__}") from None
-    for index, x in enumerate(items):
-        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (math.isfinite(x) and x >= 0):
-            raise ValueError(f"{name}[{index}] must be a finite count >= 0, got {x!r}")
-    return [float(x) for x in items]
-
-
 def optimistic_rates(
     accepted: Iterable[float],
     trials: Iterable[float],
@@ -134,8 +123,8 @@ def optimistic_rates(
     Theorem 3 also needs G_i for such a prompt (its measured G_i is 0): the caller supplies one (the history's, the
     batch mean, or 1 for "Theorem 3 with G_i ≡ 1").
     """
-    accepted_ = _counts(accepted, "accepted")
-    trials_ = _counts(trials, "trials")
+    accepted_ = _as_nonnegative(accepted, "accepted")
+    trials_ = _as_nonnegative(trials, "trials")
     if len(accepted_) != len(trials_):
         raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
     for index, (a, t) in enumerate(zip(accepted_, trials_)):
