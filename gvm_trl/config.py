@@ -9,6 +9,7 @@ from trl import GRPOConfig
 
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack")
+GRAD_NORM_SOURCES = ("measured", "constant")
 PROBED_ALLOCATIONS = ("gvm", "dynamic", "knapsack")  # the policies that probe first and plan from the estimates
 DEFAULT_HISTORY_DECAY = 0.7  # chosen on the facts task (seeds 0-7); not yet shown to beat uniform with the same weights
 
@@ -97,6 +98,16 @@ class GVMArguments:
             With `gvm_allocation="dynamic"`, the margin of "all-correct or all-wrong": p_i ≤ ε or p_i ≥ 1 − ε. 0
             drops exactly DAPO's zero-variance groups when p_i comes from the probes; with a history, ε > 0 also
             drops prompts it says are almost surely solved or unsolved.
+        gvm_grad_norms (`str`, *optional*, defaults to `"measured"`):
+            With `gvm_allocation="gvm"`, the G_i Theorem 3 reads: `"measured"` (the gradient-norm pass over the
+            accepted probes) or `"constant"` (G_i ≡ 1 for every prompt: n_i ∝ 1/sqrt(p_i + α/p_i^(β-1)) from the
+            accept rates alone, and no gradient-norm pass, GVM's main cost). The ablation of issue 17: does G_i
+            matter?
+        gvm_rate_floor_quantile (`float`, *optional*):
+            With `gvm_allocation="gvm"`, a floor against starvation: a prompt with no accepted completion in its probes
+            (and history) gets, instead of p_i = 0 and nothing, the rate at this quantile of its Beta(1, 1 + t)
+            posterior after t failed tries (0.5: the posterior median, 0.129 after 4 failed probes; larger: an
+            upper confidence bound), and the mean G_i of the batch's measured prompts. `None`: no floor (the paper).
         gvm_max_empty_batches (`int`, *optional*, defaults to `10`):
             `GVMRAFTTrainer` stops with an error after this many consecutive generation batches in which no
             completion was accepted (nothing to train on); `None` never stops.
@@ -155,6 +166,16 @@ class GVMArguments:
     gvm_dynamic_epsilon: float = field(
         default=0.0,
         metadata={"help": "gvm_allocation='dynamic': prompts with p_i ≤ ε or ≥ 1 − ε get no allocated completions."},
+    )
+    gvm_grad_norms: str = field(
+        default="measured",
+        metadata={"help": "gvm_allocation='gvm': G_i measured, or constant (G_i ≡ 1, no gradient-norm pass).",
+                  "choices": list(GRAD_NORM_SOURCES)},
+    )
+    gvm_rate_floor_quantile: float | None = field(
+        default=None,
+        metadata={"help": "gvm_allocation='gvm': a prompt with nothing accepted gets this quantile of its posterior "
+                  "accept rate instead of 0 (None: no floor)."},
     )
     gvm_max_empty_batches: int | None = field(
         default=10, metadata={"help": "RAFT++: error after this many consecutive batches with nothing accepted."}
@@ -252,6 +273,11 @@ class GVMArguments:
             fail(f"gvm_explore_samples must be ≥ 0 (got {self.gvm_explore_samples}).")
         if self.gvm_max_empty_batches is not None and self.gvm_max_empty_batches < 1:
             fail(f"gvm_max_empty_batches must be ≥ 1 or None (got {self.gvm_max_empty_batches}).")
+        if self.gvm_grad_norms not in GRAD_NORM_SOURCES:
+            fail(f"gvm_grad_norms must be one of {GRAD_NORM_SOURCES} (got {self.gvm_grad_norms!r}).")
+        if self.gvm_rate_floor_quantile is not None and not 0.0 < self.gvm_rate_floor_quantile < 1.0:
+            fail(f"gvm_rate_floor_quantile must lie in (0, 1) or be None (got {self.gvm_rate_floor_quantile}); 0.5 is "
+                 "the posterior median.")
         if not 0.0 <= self.gvm_dynamic_epsilon < 0.5:
             fail(f"gvm_dynamic_epsilon must lie in [0, 0.5) (got {self.gvm_dynamic_epsilon}).")
         policy_options = {
@@ -259,6 +285,8 @@ class GVMArguments:
             "gvm_explore_samples": ("gvm", self.gvm_explore_samples > 0),
             "gvm_filter_threshold": ("gvm", self.gvm_filter_threshold is not None),
             "gvm_filter_insufficient": ("gvm", self.gvm_filter_insufficient > 0),
+            "gvm_grad_norms": ("gvm", self.gvm_grad_norms != "measured"),
+            "gvm_rate_floor_quantile": ("gvm", self.gvm_rate_floor_quantile is not None),
         }
         for name, (policy, is_set) in policy_options.items():
             if is_set and self.gvm_allocation != policy:

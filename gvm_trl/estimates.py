@@ -49,6 +49,12 @@ class PromptEvidence:
         if len(lengths) != 1:
             raise ValueError("PromptEvidence needs one entry per prompt in every field.")
 
+    def estimates(self) -> tuple[list[float], list[float]]:
+        """(p_i, G_i) from these counts alone: accepted / trials and the mean measured norm (0 where none)."""
+        rates = [a / t if t > 0 else 0.0 for a, t in zip(self.accepted, self.trials)]
+        norms = [s / c if c > 0 else 0.0 for s, c in zip(self.norm_sums, self.norm_counts)]
+        return rates, norms
+
 
 class PromptHistory:
     """Decayed per-prompt counts ``[trials, accepted, norm_sum, norm_count]``, keyed by the prompt's dataset index."""
@@ -68,17 +74,19 @@ class PromptHistory:
     def _decayed(self, key: int) -> list[float]:
         return [self.decay * value for value in self._records.get(key, (0.0, 0.0, 0.0, 0.0))]
 
+    def combined(self, evidence: PromptEvidence) -> PromptEvidence:
+        """The history's decayed counts plus this visit's evidence, per prompt; the history is not changed."""
+        totals = [
+            [past + new for past, new in zip(self._decayed(key), values)]
+            for key, *values in zip(
+                evidence.keys, evidence.trials, evidence.accepted, evidence.norm_sums, evidence.norm_counts
+            )
+        ]
+        return PromptEvidence(list(evidence.keys), *(list(column) for column in zip(*totals))) if totals else evidence
+
     def estimates(self, evidence: PromptEvidence) -> tuple[list[float], list[float]]:
         """(p̃_i, G̃_i) from the history and this visit's evidence; the history is not changed."""
-        rates, norms = [], []
-        for key, trials, accepted, norm_sum, norm_count in zip(
-            evidence.keys, evidence.trials, evidence.accepted, evidence.norm_sums, evidence.norm_counts
-        ):
-            past_trials, past_accepted, past_sum, past_count = self._decayed(key)
-            total_trials, total_count = past_trials + trials, past_count + norm_count
-            rates.append((past_accepted + accepted) / total_trials if total_trials > 0 else 0.0)
-            norms.append((past_sum + norm_sum) / total_count if total_count > 0 else 0.0)
-        return rates, norms
+        return self.combined(evidence).estimates()
 
     def record(self, evidence: PromptEvidence) -> None:
         """Fold one visit's evidence into the history (decaying what was there)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .allocation import allocate_budget, dynamic_sampling_allocation, knapsack_allocation, uniform_allocation
-from .estimates import PromptEvidence, PromptHistory
+from .estimates import PromptEvidence, PromptHistory, optimistic_rates
 
 __all__ = ["AllocationRule", "BatchAllocation", "plan_allocation", "uniform_record", "visit_evidence"]
 
@@ -24,7 +24,10 @@ class AllocationRule:
     """How one generation batch's budget is split (the config's `gvm_*` fields).
 
     ``policy``: ``"gvm"`` (Theorem 3), ``"dynamic"`` (DAPO's dynamic sampling) or ``"knapsack"`` (Knapsack RL);
-    ``reused_probes``: probes per prompt that also train (Knapsack RL values each prompt's whole group).
+    ``reused_probes``: probes per prompt that also train (Knapsack RL values each prompt's whole group);
+    ``grad_norms``: ``"measured"`` G_i, or ``"constant"`` (Theorem 3 with G_i ≡ 1: no gradient-norm pass);
+    ``rate_floor_quantile``: q, the rate of a prompt with nothing accepted (probes and history) becomes the q-quantile
+    of its posterior (:func:`~gvm_trl.estimates.optimistic_rates`) instead of 0, and its G_i the batch's mean.
     """
 
     budget: int
@@ -39,6 +42,8 @@ class AllocationRule:
     filter_threshold: float | None = None
     filter_insufficient: float = 0.0
     explore_samples: int = 0
+    grad_norms: str = "measured"
+    rate_floor_quantile: float | None = None
 
     @classmethod
     def from_config(cls, args: Any) -> AllocationRule:
@@ -55,12 +60,14 @@ class AllocationRule:
             filter_threshold=args.gvm_filter_threshold,
             filter_insufficient=args.gvm_filter_insufficient,
             explore_samples=args.gvm_explore_samples,
+            grad_norms=args.gvm_grad_norms,
+            rate_floor_quantile=args.gvm_rate_floor_quantile,
         )
 
     @property
     def needs_grad_norms(self) -> bool:
-        """Only Theorem 3 reads G_i: the other policies skip the gradient-norm pass."""
-        return self.policy == "gvm"
+        """Only Theorem 3 with measured G_i runs the gradient-norm pass."""
+        return self.policy == "gvm" and self.grad_norms == "measured"
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,10 @@ def plan_allocation(
     """p_i and G_i from `evidence` (and `history`), then n_i by the rule's policy; the uniform split when no prompt
     can be allocated to (``fallback``: for Theorem 3 no prompt with both an accepted probe and a gradient norm, for
     the others no prompt with 0 < p_i < 1 left). `history` is read, not changed."""
-    if history is not None:
-        rates, grad_norms = history.estimates(evidence)
-    else:
-        rates = [a / t for a, t in zip(evidence.accepted, evidence.trials)]
-        grad_norms = [s / c if c else 0.0 for s, c in zip(evidence.norm_sums, evidence.norm_counts)]
+    counts = evidence if history is None else history.combined(evidence)
+    rates, grad_norms = counts.estimates()
+    if rule.policy == "gvm":
+        rates, grad_norms = _theorem3_inputs(rule, counts, rates, grad_norms)
     sizes = _policy_sizes(rule, rates, grad_norms)
     fallback = sizes is None or (sum(sizes) == 0 < rule.budget)  # (a weight can underflow to 0 for p ≈ 1e-320)
     if fallback:
@@ -129,7 +135,7 @@ def plan_allocation(
         budget=rule.budget,
         sizes=sizes,
         accept_rates=rates,
-        grad_norms=grad_norms if rule.needs_grad_norms else None,
+        grad_norms=grad_norms if rule.policy == "gvm" else None,
         num_probes=rule.num_probes,
         probe_step=probe_step,
         probes_accepted=[int(a) for a in evidence.accepted],
@@ -137,6 +143,22 @@ def plan_allocation(
         probe_norm_counts=[int(c) for c in evidence.norm_counts],
         fallback=fallback,
     )
+
+
+def _theorem3_inputs(
+    rule: AllocationRule, counts: PromptEvidence, rates: list[float], grad_norms: list[float]
+) -> tuple[list[float], list[float]]:
+    """The (p_i, G_i) Theorem 3 reads under the rule's levers: G_i ≡ 1, and the posterior floor on p_i for prompts
+    with nothing accepted, whose G_i (never measured) becomes the mean of the batch's measured ones."""
+    if rule.grad_norms == "constant":
+        grad_norms = [1.0] * len(rates)
+    if rule.rate_floor_quantile is None:
+        return rates, grad_norms
+    floored = optimistic_rates(counts.accepted, counts.trials, quantile=rule.rate_floor_quantile)
+    measured = [g for g in grad_norms if g > 0]
+    fill = sum(measured) / len(measured) if measured else 0.0
+    grad_norms = [g if a > 0 or g > 0 else fill for a, g in zip(counts.accepted, grad_norms)]
+    return floored, grad_norms
 
 
 def _policy_sizes(rule: AllocationRule, rates: list[float], grad_norms: list[float]) -> list[int] | None:

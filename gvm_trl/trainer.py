@@ -76,7 +76,7 @@ class _GVMTrainer(GRPOTrainer):
         probe_ahead = resolve_probe_ahead(args, iterable)
         super().__init__(model, reward_funcs, args, train_dataset, *trainer_args, **trainer_kwargs)
         check_supported(self)
-        if args.gvm_allocation == "gvm":  # a bad selection fails here, not at the first batch; the generic rule warns
+        if args.gvm_allocation == "gvm" and args.gvm_grad_norms == "measured":  # a bad selection fails here, not at the first batch; the generic rule warns
             self.grad_norm_plan = plan_per_sample_grad_norms(
                 self.accelerator.unwrap_model(self.model), args.gvm_grad_params, setting="gvm_grad_params"
             )

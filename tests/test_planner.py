@@ -154,3 +154,38 @@ def test_plan_falls_back_when_every_weight_underflows():
     """p = 5e-324 is positive, but Theorem 3's weight G·sqrt(p/α) underflows to 0: the budget is still spent."""
     plan = plan_allocation(PromptEvidence([0], [4.0], [5e-324 * 4], [1.0], [1.0]), AllocationRule(budget=4, num_probes=4))
     assert plan.fallback and plan.sizes == [4]
+
+
+def test_constant_gradient_norms_are_theorem_3_on_the_rates_alone():
+    rule = AllocationRule(budget=16, num_probes=4, grad_norms="constant")
+    assert not rule.needs_grad_norms  # no gradient-norm pass
+    plan = plan_allocation(evidence([1, 2, 4, 0], [0.0, 0.0, 0.0, 0.0]), rule)  # nothing measured
+    assert plan.grad_norms == [1.0] * 4 and not plan.fallback
+    assert plan.sizes == allocate_budget([0.25, 0.5, 1.0, 0.0], [1.0] * 4, 16)
+    # n_i ∝ 1/sqrt(p + α/p^(β−1)) by hand (β = 2): the rarer prompt gets more, the unsolved one nothing
+    weights = [1 / math.sqrt(p + 1e-3 / p) for p in (0.25, 0.5, 1.0)]
+    assert plan.sizes[3] == 0 and plan.sizes[0] > plan.sizes[1] > plan.sizes[2]
+    assert [n / 16 for n in plan.sizes[:3]] == pytest.approx([w / sum(weights) for w in weights], abs=1 / 16)
+
+
+def test_rate_floor_gives_unaccepted_prompts_their_posterior_quantile_and_the_mean_norm():
+    rule = AllocationRule(budget=12, num_probes=4, rate_floor_quantile=0.5)
+    plan = plan_allocation(evidence([0, 2, 0], [0.0, 6.0, 0.0]), rule)
+    median_after_4_failures = 1 - 0.5 ** (1 / 5)  # Beta(1, 1 + 4): F(x) = 1 − (1 − x)^5
+    assert plan.accept_rates == pytest.approx([median_after_4_failures, 0.5, median_after_4_failures])
+    assert median_after_4_failures == pytest.approx(0.1294, abs=1e-4)
+    assert plan.grad_norms == [3.0, 3.0, 3.0]  # the measured prompt's G for the two never measured
+    assert plan.sizes == allocate_budget(plan.accept_rates, [3.0] * 3, 12) and plan.sizes[0] > 0
+    unfloored = plan_allocation(evidence([0, 2, 0], [0.0, 6.0, 0.0]), AllocationRule(budget=12, num_probes=4))
+    assert unfloored.sizes == [0, 12, 0]  # what the floor is against: starvation
+
+
+def test_rate_floor_counts_the_decayed_history_and_keeps_a_rare_prompts_own_estimate():
+    history = PromptHistory(0.5)
+    history.record(evidence([0, 1], [0.0, 4.0], probes=4, keys=[10, 11]))  # 11 was solved once before
+    rule = AllocationRule(budget=8, num_probes=4, rate_floor_quantile=0.9)
+    plan = plan_allocation(evidence([0, 0], [0.0, 0.0], keys=[10, 11]), rule, history)
+    failures = 0.5 * 4 + 4  # decayed past tries plus this visit's probes, none accepted
+    assert plan.accept_rates[0] == pytest.approx(1 - 0.1 ** (1 / (1 + failures)))
+    assert plan.accept_rates[1] == pytest.approx(0.5 / 6)  # accepted before: its own p̃, no floor
+    assert plan.grad_norms == pytest.approx([4.0, 4.0])  # its history's G̃, which fills the other's

@@ -225,10 +225,14 @@ def test_lora_measures_adapter_gradients(tmp_path, char_tokenizer):
     assert trainable and all("lora_" in name for name in trainable)
 
 
-def test_save_and_resume_mid_run(tmp_path, char_tokenizer):
+@pytest.mark.parametrize(
+    "levers", [{}, {"gvm_grad_norms": "constant", "gvm_rate_floor_quantile": 0.5, "gvm_history_decay": 0.5}],
+    ids=["default", "constant-norms-rate-floor"],
+)
+def test_save_and_resume_mid_run(tmp_path, char_tokenizer, levers):
     model_dir = tmp_path / "model"
     make_tiny_llama(char_tokenizer).save_pretrained(model_dir)
-    options = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    options = dict(save_strategy="steps", save_steps=2, max_steps=4, **levers)
     first = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, model=str(model_dir), **options)
     first.train()
     full_run = read_allocations(first)
@@ -498,6 +502,10 @@ def test_dapo_loss_is_the_lemma1_weighted_token_mean(tmp_path, char_tokenizer):
         ({"gvm_allocation": "uniform", "gvm_history_decay": 0.5}, "gvm_history_decay"),
         ({"gvm_allocation": "uniform", "gvm_explore_samples": 2}, "gvm_explore_samples"),
         ({"gvm_allocation": "uniform", "gvm_probe_ahead": True}, "gvm_probe_ahead"),
+        ({"gvm_grad_norms": "zero"}, "gvm_grad_norms"),
+        ({"gvm_allocation": "dynamic", "gvm_grad_norms": "constant"}, "gvm_grad_norms"),
+        ({"gvm_rate_floor_quantile": 1.0}, "gvm_rate_floor_quantile"),
+        ({"gvm_allocation": "uniform", "gvm_rate_floor_quantile": 0.5}, "gvm_rate_floor_quantile"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field, tmp_path):
