@@ -230,6 +230,22 @@ def paired_bootstrap(per_seed: dict[str, Sequence], statistic: Callable[[dict[st
     return float(estimate), float(low), float(high)
 
 
+def paired_bootstrap_many(per_seed: dict[str, Sequence], statistics: Callable[[dict[str, list]], Sequence[float]],
+                          resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[tuple[float, float, float]]:
+    """`paired_bootstrap` of several statistics computed together (one call per resample, e.g. every target of one
+    pair of seed-mean curves): one (estimate, low, high) per statistic, on the same resampled seeds."""
+    count = len(next(iter(per_seed.values())))
+    rng = np.random.default_rng(seed)
+    estimates = np.asarray(statistics({k: list(v) for k, v in per_seed.items()}), dtype=float)
+    draws = []
+    for _ in range(resamples):
+        index = rng.integers(count, size=count)
+        draws.append(statistics({k: [v[i] for i in index] for k, v in per_seed.items()}))
+    tail = (1 - level) / 2
+    low, high = np.quantile(np.array(draws, dtype=float), [tail, 1 - tail], axis=0, method="inverted_cdf")
+    return [(float(e), float(lo), float(hi)) for e, lo, hi in zip(estimates, low, high)]
+
+
 def format_interval(estimate: float, low: float, high: float, spec: str = ".2f") -> str:
     def one(x: float) -> str:
         return "∞" if math.isinf(x) else format(x, spec)

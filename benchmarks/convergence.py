@@ -75,6 +75,7 @@ from common import (  # noqa: I001  (common sets the environment before torch is
     load_policy,
     method_runs,
     paired_bootstrap,
+    paired_bootstrap_many,
     pyplot,
     reward_function,
     save_figure,
@@ -306,8 +307,18 @@ class CurveRecorder(TrainerCallback):
     def __init__(self, every: int, evaluate, start_cache: dict):
         self.every, self.evaluate, self.start_cache = every, evaluate, start_cache
         self.trainer, self.curve = None, []
+        self.cost = {"train_seconds": 0.0, "train_cpu_seconds": 0.0}  # training so far, evaluations left out
+        self._clocks = None
+
+    @staticmethod
+    def _now() -> dict:
+        return {"train_seconds": time.perf_counter(), "train_cpu_seconds": time.process_time()}
 
     def _record(self, step: int) -> None:
+        if self._clocks is not None:  # the training since the last evaluation
+            now = self._now()
+            for key in self.cost:
+                self.cost[key] += now[key] - self._clocks[key]
         if step == 0 and self.start_cache:  # every run of one seed starts from the same weights
             metrics = dict(self.start_cache)
         else:
@@ -315,7 +326,8 @@ class CurveRecorder(TrainerCallback):
         if step == 0:
             self.start_cache.update(metrics)
         completions = completions_generated(self.trainer.rollout_totals)
-        self.curve.append({"step": step, "completions": completions, **metrics})
+        self.curve.append({"step": step, "completions": completions, **self.cost, **metrics})
+        self._clocks = self._now()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._record(0)
@@ -399,18 +411,27 @@ def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
 # -- analysis ---------------------------------------------------------------------------------------------------------
 
 
+# The x axes a curve is read against: completions generated (probes included), and the training's own cost — wall
+# and process CPU seconds, evaluations left out (CPU seconds are what a shared machine's load distorts least).
+COST_AXES = ("completions", "train_cpu_seconds", "train_seconds")
+TARGET_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+
+
 def mean_curve(curves: list[list[dict]], metric: str) -> dict:
-    """Seed-averaged curve over the evaluations every seed has (same schedule: the same steps)."""
+    """Seed-averaged curve over the evaluations every seed has (same schedule: the same steps), with the seed-mean
+    of every cost axis the runs recorded."""
     length = min(len(c) for c in curves)
     values = np.array([[c[i][metric] for i in range(length)] for c in curves])
-    xs = np.array([[c[i]["completions"] for i in range(length)] for c in curves])
-    return {"completions": xs.mean(0).tolist(), "mean": values.mean(0).tolist(), "min": values.min(0).tolist(),
-            "max": values.max(0).tolist()}
+    curve = {"mean": values.mean(0).tolist(), "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+    for axis in COST_AXES:
+        if all(axis in c[i] for c in curves for i in range(length)):
+            curve[axis] = np.array([[c[i][axis] for i in range(length)] for c in curves]).mean(0).tolist()
+    return curve
 
 
-def completions_to_reach(curve: dict, target: float, direction: int) -> float:
+def completions_to_reach(curve: dict, target: float, direction: int, axis: str = "completions") -> float:
     """First x where the curve reaches `target` (linear interpolation between evaluations); inf if it never does."""
-    xs, ys = curve["completions"], [direction * y for y in curve["mean"]]
+    xs, ys = curve[axis], [direction * y for y in curve["mean"]]
     goal = direction * target
     for i, (x, y) in enumerate(zip(xs, ys)):
         if y >= goal:
@@ -432,7 +453,7 @@ def mean_improvement(curve: dict, direction: int, budget: float) -> float:
 
 
 def compare(gvm_curves: list, uniform_curves: list, metric: str, direction: int, fraction: float,
-            resamples: int) -> dict:
+            resamples: int, fractions=TARGET_FRACTIONS) -> dict:
     """Target, completions to it, ratio and mean improvement for a GVM run and its uniform baseline, with paired
     bootstrap intervals over seeds."""
 
@@ -471,7 +492,34 @@ def compare(gvm_curves: list, uniform_curves: list, metric: str, direction: int,
             per_seed, lambda s: statistics_of(s)["area"]["uniform"], resamples),
         "ratio_mean_improvement": paired_bootstrap(per_seed, area_ratio, resamples),
     }
-    return {**point, "intervals": intervals}
+    return {**point, "intervals": intervals,
+            "targets": targets_table(per_seed, metric, direction, fractions,
+                                     resamples)}
+
+
+def targets_table(per_seed: dict, metric: str, direction: int, fractions, resamples: int) -> dict:
+    """Per target (the start plus each fraction of the uniform method's final improvement): the ratio GVM / uniform
+    of what each seed-mean curve spends to first reach it, on every cost axis both recorded, with paired bootstrap
+    intervals over seeds (> 1: GVM spends more; ∞: GVM never reaches it)."""
+    axes = [axis for axis in COST_AXES
+            if all(axis in point for curves in per_seed.values() for curve in curves for point in curve)]
+
+    def ratios(sample: dict) -> list[float]:
+        gvm, uniform = mean_curve(sample["gvm"], metric), mean_curve(sample["uniform"], metric)
+        start, end = uniform["mean"][0], uniform["mean"][-1]
+        out = []
+        for fraction in fractions:
+            target = start + fraction * (end - start)
+            for axis in axes:
+                mine, theirs = (completions_to_reach(c, target, direction, axis) for c in (gvm, uniform))
+                out.append(mine / theirs if 0 < theirs < math.inf else math.nan if mine == theirs else math.inf)
+        return out
+
+    uniform = mean_curve(per_seed["uniform"], metric)
+    cells = iter(paired_bootstrap_many(per_seed, ratios, resamples))
+    return {f"{fraction:g}": {"target": uniform["mean"][0] + fraction * (uniform["mean"][-1] - uniform["mean"][0]),
+                              **{axis: next(cells) for axis in axes}}
+            for fraction in fractions}
 
 
 def fact_bands(runs: list[dict]) -> dict:
@@ -539,7 +587,8 @@ def compare_runs(by_label: dict, label: str, baseline: str, task, args) -> dict 
     mine = [r["curve"] for r in by_label[label] if r["seed"] in shared]
     theirs = [r["curve"] for r in by_label[baseline] if r["seed"] in shared]
     return {"baseline": baseline, "seeds": shared, **{
-        metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap)
+        metric: compare(mine, theirs, metric, direction, args.target_fraction, args.bootstrap,
+                        getattr(args, "target_fractions", TARGET_FRACTIONS))
         for metric, direction in task.metrics.items()}}
 
 
@@ -553,7 +602,7 @@ def _method_runs_of(runs: list[dict]) -> list[MethodRun]:
 def format_summary(summary: dict, runs: list[dict], task) -> str:
     primary = task.primary
     lines = [f"{'method':24s} {'completions':>11s} " + " ".join(f"{m + ' (final)':>26s}" for m in task.metrics)
-             + f" {'zero-budget prompts':>19s} {'eq5 vs uniform':>14s} {'minutes':>8s}"]
+             + f" {'zero-budget prompts':>19s} {'eq5 vs uniform':>14s} {'minutes':>8s} {'train CPU s':>11s}"]
     for label in summary["final"][primary]:
         mine = [r for r in runs if r["method"] == label]
         completions = statistics.fmean(r["curve"][-1]["completions"] for r in mine)
@@ -562,7 +611,8 @@ def format_summary(summary: dict, runs: list[dict], task) -> str:
         bound = [x for r in mine for x in r.get("variance_bound_ratio", [])]
         lines.append(f"{label:24s} {completions:11.0f} {cells} {statistics.fmean(zero) if zero else 0:19.2f} "
                      f"{statistics.fmean(bound) if bound else math.nan:14.2f} "
-                     f"{statistics.fmean(r['wall_seconds'] for r in mine) / 60:8.1f}")
+                     f"{statistics.fmean(r['wall_seconds'] for r in mine) / 60:8.1f} "
+                     f"{statistics.fmean(r['curve'][-1].get('train_cpu_seconds', math.nan) for r in mine):11.1f}")
     for label, comparison in summary["comparisons"].items():
         label = label.split(" vs ")[0]
         for metric in task.metrics:
@@ -577,6 +627,9 @@ def format_summary(summary: dict, runs: list[dict], task) -> str:
                 f"{format_interval(*i['completions_to_target_uniform'], '.0f')}, ratio "
                 f"{format_interval(*i['ratio_completions_to_target'])}; mean improvement ratio "
                 f"{format_interval(*i['ratio_mean_improvement'])}")
+            for fraction, cell in c.get("targets", {}).items():
+                costs = "; ".join(f"{axis} {format_interval(*cell[axis])}" for axis in COST_AXES if axis in cell)
+                lines.append(f"    {float(fraction):.0%} of the way (target {cell['target']:.3f}), ratio to reach: {costs}")
     if "bands" in summary:
         labels = list(summary["final"][primary])
         lines.append("band (prompts, start p): "
@@ -660,6 +713,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--target-fraction", type=float, default=0.75,
                         help="target = start + this × the uniform method's final improvement")
+    parser.add_argument("--target-fractions", type=float, nargs="+", default=list(TARGET_FRACTIONS),
+                        help="the targets of the per-target table (each: start + this × the uniform improvement)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds")
     parser.add_argument("--output", type=Path, help="JSON path (the PNG goes next to it)")
     parser.add_argument("--against", action="append", default=[], metavar="LABEL=BASELINE",
@@ -692,7 +747,7 @@ def setup_line(args, task) -> str:
 
 
 SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction",
-                              "against")
+                              "target_fractions", "against")
 
 
 def finished_runs(args, task, runs_to_do: list[MethodRun]) -> list[dict]:

@@ -153,6 +153,37 @@ def test_paired_bootstrap(benchmarks):
     assert low % 2 == 0 and high % 2 == 0
 
 
+def test_paired_bootstrap_many_matches_one_statistic_at_a_time(benchmarks):
+    common = benchmarks["common"]
+    per_seed = {"a": [0.1, 0.7, 0.4, 0.9, 0.3], "b": [0.5, 0.2, 0.6, 0.8, 0.1]}
+    first, second = (lambda s: sum(s["a"]) - sum(s["b"])), (lambda s: max(s["a"]) / max(s["b"]))
+    together = common.paired_bootstrap_many(per_seed, lambda s: [first(s), second(s)], resamples=300, seed=3)
+    assert together == [common.paired_bootstrap(per_seed, f, resamples=300, seed=3) for f in (first, second)]
+
+
+def test_targets_table_reads_every_cost_axis(benchmarks):
+    """Two seeds of straight-line curves: GVM reaches every objective level at 0.8x uniform's completions but 2x its
+    CPU seconds; the table's targets and ratios follow by hand."""
+    convergence = benchmarks["convergence"]
+
+    def curve(scale_completions, scale_cpu, end):
+        return [{"completions": 100 * i * scale_completions, "train_cpu_seconds": 10 * i * scale_cpu,
+                 "objective": 2.0 - (2.0 - end) * i / 4} for i in range(5)]
+
+    per_seed = {"gvm": [curve(0.8, 2.0, 1.0), curve(0.8, 2.0, 1.0)],
+                "uniform": [curve(1.0, 1.0, 1.0), curve(1.0, 1.0, 1.0)]}
+    table = convergence.targets_table(per_seed, "objective", -1, (0.25, 0.9), resamples=50)
+    assert set(table) == {"0.25", "0.9"}
+    assert table["0.25"]["target"] == pytest.approx(1.75) and table["0.9"]["target"] == pytest.approx(1.1)
+    for cell in table.values():
+        assert cell["completions"] == pytest.approx((0.8, 0.8, 0.8))
+        assert cell["train_cpu_seconds"] == pytest.approx((2.0, 2.0, 2.0))
+        assert "train_seconds" not in cell  # an axis the runs did not record is left out
+    never = {"gvm": [curve(1.0, 1.0, 1.5)] * 2, "uniform": per_seed["uniform"]}  # half the slope: 2x to 1.75
+    table = convergence.targets_table(never, "objective", -1, (0.25, 0.9), resamples=50)
+    assert table["0.25"]["completions"][0] == pytest.approx(2.0) and table["0.9"]["completions"][0] == math.inf
+
+
 def test_quick_facts(benchmarks, tmp_path):
     output = tmp_path / "convergence.json"
     benchmarks["convergence"].main(["--quick", "--output", str(output)])
@@ -171,11 +202,18 @@ def test_quick_facts(benchmarks, tmp_path):
             assert completions == [0, 24, 32]
         assert all(math.isfinite(p["objective"]) and 0 <= p["heldout_accuracy"] <= 1 for p in run["curve"])
         assert sum(run["completions_per_prompt"].values()) == pytest.approx(completions[-1])
+        for axis in ("train_cpu_seconds", "train_seconds"):  # training cost, evaluations left out
+            costs = [point[axis] for point in run["curve"]]
+            assert costs[0] == 0 and costs[1] > 0 and costs == sorted(costs)
+            assert costs[-1] < run["wall_seconds"]
         assert len(run["prompt_bands"]) == 12
     summary = report["summary"]
     assert set(summary["comparisons"]) == {"gvm-raft", "gvm-grpo"}
     assert summary["comparisons"]["gvm-raft"]["baseline"] == "raft-mean"  # the same weighting: the fair baseline
     assert summary["comparisons"]["gvm-grpo"]["baseline"] == "grpo-mean"
+    targets = summary["comparisons"]["gvm-grpo"]["objective"]["targets"]
+    assert list(targets) == ["0.25", "0.5", "0.75", "0.9"]
+    assert all({"completions", "train_cpu_seconds", "train_seconds"} <= set(cell) for cell in targets.values())
     assert set(summary["bands"]) == {"never", "rare (< 0.1)", "middle (0.1-0.5)", "easy (≥ 0.5)"}
     shares = [band["methods"]["raft"]["completion_share"] for band in summary["bands"].values()]
     assert sum(shares) == pytest.approx(1.0)
