@@ -52,7 +52,7 @@ accept rate, the share of completions each method spent there and the final P(z 
         --against gvm-grpo-no-history=gvm-grpo-lemma1 \
         --against gvm-raft=gvm-raft-no-history --against gvm-grpo=gvm-grpo-no-history
                  # results/convergence_facts.*: 11 runs x 8 seeds, ~30 min on two cores (two processes of four
-                 # seeds each, merged with --resume)
+                 # seeds each, each with its own --output, then joined with --merge)
     python benchmarks/convergence.py --seeds $(seq 0 7) --lowest-rate 0.1 --methods gvm-raft raft gvm-grpo grpo \
         --variant gvm-raft-mean=gvm-raft:gvm_weighting=mean --variant gvm-grpo-mean=gvm-grpo:gvm_weighting=mean \
         --output benchmarks/results/convergence_facts_from0.1.json          # no fact starts below p = 0.1
@@ -721,6 +721,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also compare run LABEL with run BASELINE, paired over seeds (e.g. two schedules)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --output (same settings) and add only the missing ones")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON",
+                        help="also take the finished runs of these files (same settings; e.g. the seeds another "
+                             "process ran) before running the missing ones")
     args = parser.parse_args(argv)
     if args.tiny:
         args.task = "letters"
@@ -747,15 +750,19 @@ def setup_line(args, task) -> str:
 
 
 SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction",
-                              "target_fractions", "against")
+                              "target_fractions", "against", "merge")
 
 
-def finished_runs(args, task, runs_to_do: list[MethodRun]) -> list[dict]:
-    """The runs already in `args.output` that this invocation would repeat: same settings (seeds, method list and
-    report options aside), same method label, base and fields. Refuses a file written with other settings."""
-    if not args.output.exists():
+def finished_runs(args, task, runs_to_do: list[MethodRun], path: Path | None = None) -> list[dict]:
+    """The runs already in `path` (default `args.output`) that this invocation would repeat: same settings (seeds,
+    method list and report options aside), same method label, base and fields. Refuses a file written with other
+    settings."""
+    path = path or args.output
+    if not path.exists():
+        if path != args.output:
+            raise SystemExit(f"--merge: no file {path}")
         return []
-    previous = json.loads(args.output.read_text())
+    previous = json.loads(path.read_text())
     now = {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
            if k not in SETTINGS_IGNORED_ON_RESUME}
     then = {k: v for k, v in previous["arguments"].items() if k not in SETTINGS_IGNORED_ON_RESUME}
@@ -764,7 +771,7 @@ def finished_runs(args, task, runs_to_do: list[MethodRun]) -> list[dict]:
         then[key] = defaults[key]
     if now != then:
         differing = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
-        raise SystemExit(f"--resume: {args.output} was written with other settings ({', '.join(differing)})")
+        raise SystemExit(f"--resume/--merge: {path} was written with other settings ({', '.join(differing)})")
     wanted = {(r.label, r.base, json.dumps(r.fields, sort_keys=True)) for r in runs_to_do}
     return [r for r in previous["runs"] if (r["method"], r["base"], json.dumps(r["fields"], sort_keys=True)) in wanted
             and r["seed"] in args.seeds]
@@ -779,6 +786,11 @@ def main(argv=None) -> dict:
     if args.resume:
         runs = finished_runs(args, task, runs_to_do)
         print(f"[convergence] resuming: {len(runs)} finished runs in {args.output}", flush=True)
+    for part in args.merge:  # e.g. the seeds another process ran
+        new = [r for r in finished_runs(args, task, runs_to_do, part)
+               if not any(r["method"] == mine["method"] and r["seed"] == mine["seed"] for mine in runs)]
+        runs += new
+        print(f"[convergence] merged {len(new)} runs from {part}", flush=True)
     print(f"[convergence] {setup_line(args, task)}; runs: {', '.join(r.label for r in runs_to_do)}", flush=True)
 
     def report(final: bool) -> dict:

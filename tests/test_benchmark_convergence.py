@@ -258,3 +258,18 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(benchmarks, tmp_p
     with pytest.raises(SystemExit, match="learning_rate"):
         convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume",
                           "--output", str(output)])
+
+
+def test_merge_joins_the_seeds_of_two_files_and_refuses_other_settings(benchmarks, tmp_path):
+    convergence = benchmarks["convergence"]
+    parts = [tmp_path / "seed0.json", tmp_path / "seed2.json"]  # (--quick reads --seeds 0 1 as seed 0 alone)
+    for seed, part in zip((0, 2), parts):
+        convergence.main(["--quick", "--methods", "raft", "--seeds", str(seed), "--output", str(part)])
+    merged = convergence.main(["--quick", "--methods", "raft", "--seeds", "0", "2", "--merge", *map(str, parts),
+                               "--output", str(tmp_path / "both.json")])
+    assert [(r["method"], r["seed"]) for r in merged["runs"]] == [("raft", 0), ("raft", 2)]
+    assert [r["wall_seconds"] for r in merged["runs"]] == [
+        json.loads(part.read_text())["runs"][0]["wall_seconds"] for part in parts]  # taken over, not rerun
+    with pytest.raises(SystemExit, match="learning_rate"):
+        convergence.main(["--quick", "--methods", "raft", "--seeds", "0", "--learning-rate", "0.5", "--merge",
+                          str(parts[0]), "--output", str(tmp_path / "other.json")])
