@@ -167,6 +167,8 @@ class GVMSetting:
     explore: int = 0
     decay: float | None = None
     history_visits: int = 0
+    grad_norms: str = "measured"  # gvm_grad_norms
+    rate_floor: float | None = None  # gvm_rate_floor_quantile
 
     @property
     def label(self) -> str:
@@ -175,6 +177,10 @@ class GVMSetting:
             parts.append(f"explore={self.explore}")
         if self.decay is not None and self.history_visits:
             parts.append(f"history={self.history_visits}x,decay={self.decay:g}")
+        if self.grad_norms != "measured":
+            parts.append(f"G={self.grad_norms}")
+        if self.rate_floor is not None:
+            parts.append(f"floor={self.rate_floor:g}")
         return "gvm[" + ",".join(parts) + "]"
 
 
@@ -205,7 +211,8 @@ def simulate_gvm(population: Population, budget: int, setting: GVMSetting, repli
     if setting.weighting not in ("lemma1", "mean"):
         raise ValueError(f"weighting must be lemma1 or mean, got {setting.weighting!r}")
     histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else [None] * replicates
-    rule = AllocationRule(budget=budget, num_probes=probes, alpha=alpha, beta=beta, explore_samples=setting.explore)
+    rule = AllocationRule(budget=budget, num_probes=probes, alpha=alpha, beta=beta, explore_samples=setting.explore,
+                          grad_norms=setting.grad_norms, rate_floor_quantile=setting.rate_floor)
     keys = list(range(m))
     for visit in range(visits):
         current = population if visit == visits - 1 else earlier[visit]

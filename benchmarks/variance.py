@@ -37,6 +37,7 @@ prompts, decay λ; the population does not drift between visits, so this is the 
     python benchmarks/variance.py                               # real: 48 SmolLM2 prompts (~40 min to build the pool)
     python benchmarks/variance.py --population gradlogp
     python benchmarks/variance.py --population gaussian
+    python benchmarks/variance.py --population gradlogp --levers --option-probes 4   # issue 17's levers only
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ def option_settings(probes: int) -> list[sim.GVMSetting]:
             dict(decay=0.5, history_visits=3), dict(decay=1.0, history_visits=7),
             dict(decay=1.0, history_visits=3, explore=1)]
     return [sim.GVMSetting(probes, weighting, **options) for options in base for weighting in ("lemma1", "mean")]
+
+
+def lever_settings(probes: int) -> list[sim.GVMSetting]:
+    """Issue 17's levers against the starvation bias, with 1/|D_i| (the default weighting): the posterior floor on p
+    (median, and a 0.9 upper bound), Theorem 3 with G ≡ 1, both, and the exploration floor for comparison."""
+    base = [dict(), dict(rate_floor=0.5), dict(rate_floor=0.9), dict(grad_norms="constant"),
+            dict(grad_norms="constant", rate_floor=0.5), dict(explore=1)]
+    return [sim.GVMSetting(probes, "mean", **options) for options in base]
 
 
 def options_table(population, args, rng) -> list[dict]:
@@ -407,6 +416,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=256, help="gaussian: gradient dimension")
     parser.add_argument("--sweep-budget", type=float, default=16, help="gaussian: N′ + B of the probe sweep")
     parser.add_argument("--sweep-probes", type=int, nargs="+", help="gaussian: N′ of the probe sweep (2 4 8 12)")
+    parser.add_argument("--levers", action="store_true",
+                        help="only the table of issue 17's levers (posterior floor, G ≡ 1) at --option-budget and "
+                             "--option-probes; writes variance_levers[_population].json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="JSON path; the plot goes next to it as .png")
     args = parser.parse_args(argv)
@@ -435,7 +447,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.never_shares = [0.0, 0.5]
         args.drift_steps, args.drift_decays, args.drift_visits = [0.0, 1.0], [0.5], 2
     suffix = "" if args.population == "real" else f"_{args.population}"
-    args.output = args.output or RESULTS_DIR / f"variance{suffix}{'_quick' if quick else ''}.json"
+    name = "variance_levers" if args.levers else "variance"
+    args.output = args.output or RESULTS_DIR / f"{name}{suffix}{'_quick' if quick else ''}.json"
     if args.pool is None:
         name = "quick" if quick else f"{Path(str(args.model)).name}_m{args.num_prompts}_n{args.pool_size}_s{args.seed}"
         args.pool = Path("/tmp/gvm_trl_bench") / f"variance_pool_{name}.npz"
@@ -465,9 +478,18 @@ def main(argv=None) -> dict:
                        "moments": {k: v.round(4).tolist() for k, v in population.moments().items()},
                        "info": population.info},
         "target_norm_sq": float(target @ population.gram @ target),
-        "budget_table": budget_table(population, args, rng),
-        "options": options_table(population, args, rng),
     }
+    if args.levers:
+        results["levers"] = [practical_comparison(population, probes, args.option_budget, lever_settings(probes),
+                                                  args.replicates, rng) for probes in args.option_probes]
+        results["config"] = vars(args)
+        results["runtime_s"] = round(time.perf_counter() - started, 1)
+        print_comparison(results["levers"], "issue 17's levers, 1/|D_i| weights: variance + bias² against uniform's")
+        write_json(args.output, results)
+        print(f"\nwrote {args.output} ({results['runtime_s']} s)")
+        return results
+    results["budget_table"] = budget_table(population, args, rng)
+    results["options"] = options_table(population, args, rng)
     if args.population == "real":
         results["rare_share"] = rare_share_sweep(population, args, rng)
     if args.population == "gradlogp":

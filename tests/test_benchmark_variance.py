@@ -127,3 +127,25 @@ def test_quick_synthetic_modes(benchmarks, tmp_path):
     gradlogp = variance.main(["--quick", "--population", "gradlogp", "--output", str(tmp_path / "gradlogp.json")])
     assert [row["never_share"] for row in gradlogp["never_share"]] == [0.0, 0.5]
     assert (tmp_path / "gradlogp.png").stat().st_size > 0
+
+
+def test_levers_act_as_documented(benchmarks, tmp_path):
+    """The posterior floor leaves (almost) no prompt without samples; G ≡ 1 plans from the rates alone (a prompt's
+    size then depends only on its estimated p); --levers writes only their table."""
+    sim = benchmarks["allocation_sim"]
+    population = sim.gradlogp_population(16, seed=2, never_share=0.0, low=0.02, high=0.9)
+    rng = np.random.default_rng(0)
+    plain = sim.simulate_gvm(population, 64, sim.GVMSetting(2, "mean"), 200, rng)
+    floored = sim.simulate_gvm(population, 64, sim.GVMSetting(2, "mean", rate_floor=0.5), 200, rng)
+    assert (floored.sizes == 0).mean() < 0.1 * (plain.sizes == 0).mean()  # (a rounding may still leave one at 0)
+    assert (floored.rates > 0).all() and floored.rates.min() == pytest.approx(1 - 0.5 ** (1 / 3))  # Beta(1, 1 + 2)
+    constant = sim.simulate_gvm(population, 64, sim.GVMSetting(2, "mean", grad_norms="constant"), 200, rng)
+    for sizes, rates in zip(constant.sizes, constant.rates):
+        for rate in set(rates.tolist()) - {0.0}:
+            assert np.ptp(sizes[rates == rate]) <= 1  # equal rates, equal sizes (up to rounding)
+    results = benchmarks["variance"].main(["--quick", "--population", "gaussian", "--levers",
+                                           "--output", str(tmp_path / "levers.json")])
+    assert set(results) == {"population", "target_norm_sq", "levers", "config", "runtime_s"}
+    names = set(results["levers"][0]["methods"])
+    assert {"gvm[N'=2,mean,floor=0.5]", "gvm[N'=2,mean,G=constant]", "gvm[N'=2,mean,explore=1]"} <= names
+    assert results["levers"][0]["solvable_prompts_starved"]["gvm[N'=2,mean,floor=0.5]"] == 0
