@@ -57,6 +57,12 @@ def probe_grad_norms_and_sampling_logps(trainer, probes: Rollout, accepted: torc
     position embeddings. The log-probabilities equal TRL's to fp32 rounding, not bitwise (the head's product is
     blocked differently). Rows that train carry 0 at their padding columns, as TRL's fused head returns; the
     others NaN (never read).
+
+    Cost: rows that train but are not accepted (GRPO's rejected probes) ride through the backward with a zero loss.
+    Where the step is host-bound (a GPU today, issue 18) one pass instead of two saves a forward's launches; where
+    it is compute-bound, with a backward ≈ 2 forwards, it saves a forward over the accepted rows but adds a backward
+    over the others (a win above an accept rate of about 2/3). Backward-free micro-batches for those rows would
+    remove that cost; they are not done (a process skipping a backward others run must not stall sharded models).
     """
     return _measure_probes(trainer, probes, accepted, fold=True)
 
