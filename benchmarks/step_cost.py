@@ -11,8 +11,8 @@ sampling settings, and generates the SAME number of completions per generation b
 - ``gvm-sequential`` ``GVMGRPOTrainer``, the paper's protocol: N′·m probes, the gradient-norm pass, then the
                      (G − N′)·m allocated completions in a second round.
 - ``gvm-grpo``       ``GVMGRPOTrainer`` probing ahead: one round per step holding this batch's allocated completions
-                     and the next batch's N′·m probes; the gradient-norm pass over those probes; the reused probes'
-                     log-probabilities under the weights that drew them.
+                     and the next batch's N′·m probes; the gradient-norm pass over those probes, whose forward also
+                     gives the reused probes' log-probabilities under the weights that drew them.
 - ``gvm-raft``       ``GVMRAFTTrainer`` probing ahead (trains on the accepted rows only).
 
 The configurations run in lockstep: each in its own worker process (so peak-memory numbers are its own), holding its
@@ -25,8 +25,9 @@ median over the rest is reported. A step's wall time runs from its release to ``
   rest of the step (forward + backward + optimizer);
 - GVM: the probe round (sequential only: probing ahead needs one only for the first batch), the gradient-norm pass,
   the allocation, the generation round (allocated rows, with the next batch's probes riding along), the riding
-  probes' old log-probabilities (one no-grad forward; TRL computes these itself under vLLM's importance-sampling
-  correction), the rest of the rollout (advantages, weights, rows), and the update.
+  probes' old log-probabilities (0 where the gradient-norm pass's forward gives them, as for gvm-grpo and gvm-raft
+  here; otherwise one no-grad forward; TRL computes them itself under vLLM's importance-sampling correction), the
+  rest of the rollout (advantages, weights, rows), and the update.
 
 Targets (not asserted; issue: one generation round per step): probing ahead ≤ 1.15× plain GRPO with 8 completions
 per step and ≤ 1.05× with 16; uniform ≤ 1.05×.
@@ -99,7 +100,7 @@ PHASE_LABELS = {
     "grad_norms": "per-sample gradient pass",
     "allocate": "allocation",
     "phase2": "generation round (allocated + riding probes)",
-    "probe_logps": "riding probes' old log-probs",
+    "probe_logps": "riding probes' old log-probs (apart from the gradient pass)",
     "bookkeeping": "rollout bookkeeping",
     "update": "update",
     "step": "step total",

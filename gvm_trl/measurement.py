@@ -1,7 +1,11 @@
 """The two passes a GVM trainer runs on its probes besides TRL's own: the gradient-norm pass (G_i, Algorithm 2
 line 4) and, when probes are drawn a generation batch before they train, their old log-probabilities.
 
-Both run on the trainer's model under its accelerator (ZeRO-3, FSDP and several processes included).
+Probing ahead, both run on the same rows under the same weights, back to back: where :func:`folds_sampling_logps`
+holds, :func:`probe_grad_norms_and_sampling_logps` runs them as one forward (and one backward), the
+log-probabilities computed as TRL's ``_get_per_token_logps_and_entropies`` computes them (its rows, padded width,
+position ids, autocast and temperature); otherwise :func:`probe_grad_norms` and :func:`attach_sampling_logps` run
+apart. All run on the trainer's model under its accelerator (ZeRO-3, FSDP and several processes included).
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ from accelerate.utils import gather
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 
 from .batching import select_rows, trim_padding_columns
-from .grad_norms import per_sample_grad_norms
+from .grad_norms import per_sample_grad_norms, per_sample_grad_norms_and_log_probs
 from .rollout import Rollout
-from .trl_compat import GRPO, mirrors
+from .trl_compat import GRPO, UTILS, mirrors
 
-__all__ = ["attach_sampling_logps", "probe_grad_norms"]
+__all__ = [
+    "attach_sampling_logps",
+    "folds_sampling_logps",
+    "probe_grad_norms",
+    "probe_grad_norms_and_sampling_logps",
+]
 
 
 def probe_grad_norms(trainer, probes: Rollout, accepted: torch.Tensor) -> torch.Tensor:
@@ -26,31 +35,123 @@ def probe_grad_norms(trainer, probes: Rollout, accepted: torch.Tensor) -> torch.
     of a real probe, loss mask included, and discard their norms: a fully masked micro-batch would skip its
     forward and leave the other processes waiting. Parameters are gathered as for TRL's generation.
     """
-    index = accepted[probes.local_rows(trainer.accelerator.process_index)].nonzero().flatten()
+    return _measure_probes(trainer, probes, accepted, fold=False)
+
+
+@mirrors(f"{GRPO}._get_per_token_logps_and_entropies", "1418-1508", "ea73c3909275851d",
+         "the folded old log-probabilities are TRL's: its rows, padded width, arange positions, autocast")
+@mirrors(f"{UTILS}:add_fused_lm_head", "1548-1698", "422d009f04b66659",
+         "the fused head's log-probabilities: fp32 logits times 1/temperature, minus their logsumexp")
+def probe_grad_norms_and_sampling_logps(trainer, probes: Rollout, accepted: torch.Tensor) -> torch.Tensor:
+    """:func:`probe_grad_norms` and :func:`attach_sampling_logps` in one forward (call it only where
+    :func:`folds_sampling_logps` holds): the accepted probes' norms, returned, and the old log-probabilities of the
+    probes that will train, attached as ``old_per_token_logps``.
+
+    The measured rows are the accepted probes and the probes that train (RAFT++: the same rows; GRPO: all of
+    them); a row that trains but is not accepted takes part with a zero loss mask (norm 0). The forward is TRL's
+    (:meth:`~trl.GRPOTrainer._get_per_token_logps_and_entropies` as :func:`attach_sampling_logps` calls it): the
+    rows at the probe batch's padded width, position ids ``arange(width)`` (what a transformers model uses when
+    given none), the accelerator's autocast, the log-probabilities at TRL's temperature (the norms stay those of
+    the untempered ln P(y|x)). The norms are therefore measured at TRL's positions rather than counted over real
+    tokens: the gradient TRL trains through; equal up to rounding for rotary models, padding-dependent for absolute
+    position embeddings. The log-probabilities equal TRL's to fp32 rounding, not bitwise (the head's product is
+    blocked differently). Rows that train carry 0 at their padding columns, as TRL's fused head returns; the
+    others NaN (never read).
+
+    Cost: rows that train but are not accepted (GRPO's rejected probes) ride through the backward with a zero loss.
+    Where the step is host-bound (a GPU today, issue 18) one pass instead of two saves a forward's launches; where
+    it is compute-bound, with a backward ≈ 2 forwards, it saves a forward over the accepted rows but adds a backward
+    over the others (a win above an accept rate of about 2/3). Backward-free micro-batches for those rows would
+    remove that cost; they are not done (a process skipping a backward others run must not stall sharded models).
+    """
+    return _measure_probes(trainer, probes, accepted, fold=True)
+
+
+def folds_sampling_logps(trainer, probes: Rollout) -> bool:
+    """Whether the gradient-norm pass can also give these probes' old log-probabilities, exactly as TRL would.
+
+    Not when TRL computed them itself (``old_per_token_logps`` already in the batch: misaligned steps, vLLM's
+    importance-sampling correction), nor when the model has active dropout (the pass runs in eval mode, TRL's
+    forward in the trainer's mode), nor for a model taking extra inputs (multimodal rows: the pass feeds token ids
+    only). ZeRO-3, FSDP and several processes are fine: the fused pass pads every process to the same rows, as
+    :func:`probe_grad_norms` does.
+    """
+    batch = probes.batch
+    if "old_per_token_logps" in batch or any(key in batch for key in ("pixel_values", "token_type_ids")):
+        return False
+    return not _has_dropout(trainer.model)
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Dropout that is active in training mode: a dropout module or a config's ``*dropout*`` rate above 0."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    values = config.to_dict().items() if hasattr(config, "to_dict") else ()
+    return any("dropout" in key and isinstance(value, (int, float)) and value > 0 for key, value in values)
+
+
+def _measure_probes(trainer, probes: Rollout, accepted: torch.Tensor, fold: bool) -> torch.Tensor:
+    local = probes.local_rows(trainer.accelerator.process_index)
+    counted = accepted[local]
+    scored = trainer._trains(probes)[local] if fold else torch.zeros_like(counted)
+    index = (counted | scored).nonzero().flatten()
     norms = torch.zeros(probes.rows_per_process)
     count = rows = len(index)
     if trainer.accelerator.num_processes > 1:
         rows = int(gather(torch.tensor([count], device=trainer.accelerator.device)).max())
+    logps = None
     if rows:
         padded = torch.cat([index, index.new_full((rows - count,), int(index[0]) if count else 0)])
-        batch = trim_padding_columns(select_rows(probes.batch, padded))
+        # Padding copies count (so every micro-batch runs its forward) and are never scored.
+        real = torch.arange(rows) < count
+        counts, scores = torch.where(real, counted[padded], True), real & scored[padded]
+        batch = select_rows(probes.batch, padded)
+        if not fold:
+            batch = trim_padding_columns(batch)  # TRL's width is kept when folding: its positions depend on it
+        prompt_mask, completion_mask = batch["prompt_mask"], batch["completion_mask"]
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        completion = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)
+        options = dict(params=trainer.args.gvm_grad_params, micro_batch_size=grad_micro_batch_size(trainer),
+                       setting="gvm_grad_params")
         gathered = unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation
         )
         with gathered as model, trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False):
-            measured = per_sample_grad_norms(
-                model,
-                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-                torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], dim=1),
-                params=trainer.args.gvm_grad_params,
-                micro_batch_size=grad_micro_batch_size(trainer),
-                setting="gvm_grad_params",
-            )
+            if fold:
+                width = input_ids.size(1)
+                measured, logps = per_sample_grad_norms_and_log_probs(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    completion * counts.to(completion.device)[:, None],
+                    completion * scores.to(completion.device)[:, None],
+                    temperature=trainer.temperature,
+                    position_ids=torch.arange(width, device=input_ids.device).expand(len(padded), width),
+                    forward_context=trainer.accelerator.autocast,
+                    **options,
+                )
+            else:
+                measured = per_sample_grad_norms(model, input_ids, attention_mask, completion, **options)
         norms[index] = measured[:count].float().cpu()
+    if fold:
+        _attach(probes.batch, index, scored, logps)
     if trainer.accelerator.num_processes > 1:
         norms = gather(norms.to(trainer.accelerator.device)).cpu()
     return norms
+
+
+def _attach(batch: dict, index: torch.Tensor, scored: torch.Tensor, logps: torch.Tensor | None) -> None:
+    """``old_per_token_logps`` from the fused pass's [rows, T] log-probabilities: the completion columns of the
+    rows that train (0 at their padding columns, as TRL's fused head gives), NaN for the others."""
+    completion_ids = batch["completion_ids"]
+    old = torch.full(completion_ids.shape, float("nan"), device=completion_ids.device)
+    rows = index[scored[index]].to(old.device)
+    if len(rows):
+        picked = logps[: len(index)][scored[index].to(logps.device)][:, -completion_ids.size(1) :].to(old.device)
+        old[rows] = torch.where(batch["completion_mask"][rows].bool(), picked, 0.0)
+    batch["old_per_token_logps"] = old
 
 
 @mirrors(f"{GRPO}._generate_and_score_completions", "2634-2655 of 2324-2936", "1fa48922792dcd5c",

@@ -13,6 +13,12 @@ A schedule asks its trainer for four things: ``_generate_rollout`` (TRL's genera
 ``_accepted`` (which rows pass ``gvm_accept_threshold``), ``_probe_grad_norms`` (the gradient-norm pass over the
 accepted probes) and, when probing ahead, ``_upcoming_prompts``/``_attach_sampling_logps``. Planning is the pure
 :func:`~gvm_trl.planner.plan_allocation`.
+
+Probing ahead with reused probes, the probes train a generation batch after they were drawn, so they need their
+old log-probabilities; their gradient-norm pass runs right after their generation under the same weights, so where
+the rule needs norms and ``_folds_sampling_logps`` holds, that pass's forward gives both (stage ``grad_norms``;
+``probe_logps`` then stays 0). Otherwise (history-only policies, probes not reused, TRL computing them itself,
+dropout) ``_attach_sampling_logps`` runs its own forward (stage ``probe_logps``, inside ``phase2``).
 """
 
 from __future__ import annotations
@@ -106,13 +112,21 @@ class RolloutSchedule:
         self._count(probes)
         return self._plan(keys, probes, timings)
 
-    def _plan(self, keys: list[int], probes: Rollout, timings: dict[str, float]) -> BatchRollouts:
-        """p_i and G_i from the probes (gradient-norm pass over the accepted ones), then n_i (Theorem 3)."""
+    def _plan(
+        self, keys: list[int], probes: Rollout, timings: dict[str, float], sampling_logps: bool = False
+    ) -> BatchRollouts:
+        """p_i and G_i from the probes (gradient-norm pass over the accepted ones), then n_i (Theorem 3).
+
+        `sampling_logps`: the pass also attaches the old log-probabilities of the probes that train (one forward
+        for both, timed as `grad_norms`); only where the rule needs the norms."""
         accepted = self.trainer._accepted(probes)
         norms = torch.zeros(len(accepted))
         if self.rule.needs_grad_norms:
             with self.trainer.stage_timer.stage("grad_norms", timings):
-                norms = self.trainer._probe_grad_norms(probes, accepted)
+                if sampling_logps:
+                    norms = self.trainer._probe_grad_norms(probes, accepted, sampling_logps=True)
+                else:
+                    norms = self.trainer._probe_grad_norms(probes, accepted)
         with self.trainer.stage_timer.stage("allocate", timings):
             measured = accepted & (norms > 0)
             per_prompt = partial(per_prompt_sums, slots=probes.prompts, num_prompts=self.num_prompts)
@@ -204,8 +218,16 @@ class ProbeAheadSchedule(RolloutSchedule):
         with self.trainer.stage_timer.stage("phase2", batch.timings):
             batch.allocated, next_probes = self._generate_allocated_and_probes(batch, all_prompts, upcoming)
         self._record_visit(batch)
-        self.pending = None if next_probes is None else self._plan(upcoming_keys, next_probes, {})
+        if next_probes is not None:
+            self.pending = self._plan(upcoming_keys, next_probes, {}, self._folds_logps(next_probes))
+        else:
+            self.pending = None
         return batch
+
+    def _folds_logps(self, probes: Rollout) -> bool:
+        """Whether the probes' gradient-norm pass, right after their generation and under the same weights, also
+        gives the reused probes' old log-probabilities (one forward for both instead of two)."""
+        return self.args.gvm_reuse_probes and self.rule.needs_grad_norms and self.trainer._folds_sampling_logps(probes)
 
     def _generate_allocated_and_probes(
         self, batch: BatchRollouts, all_prompts: list[dict], upcoming: list[dict]
@@ -226,7 +248,7 @@ class ProbeAheadSchedule(RolloutSchedule):
         probes = rollout.part(slice(len(rows), None), "probe") if probe_rows else None
         self._count(allocated)
         self._count(probes)
-        if probes is not None and self.args.gvm_reuse_probes:
+        if probes is not None and self.args.gvm_reuse_probes and not self._folds_logps(probes):
             with self.trainer.stage_timer.stage("probe_logps", batch.timings):
                 self.trainer._attach_sampling_logps(probes)
         return allocated, probes

@@ -43,7 +43,12 @@ from .batching import as_filler, build_micro_batches, select_rows
 from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig
 from .estimates import PromptHistory
 from .grad_norms import plan_per_sample_grad_norms
-from .measurement import attach_sampling_logps, probe_grad_norms
+from .measurement import (
+    attach_sampling_logps,
+    folds_sampling_logps,
+    probe_grad_norms,
+    probe_grad_norms_and_sampling_logps,
+)
 from .metrics import ALLOCATIONS_FILE, GVM_PAPER, AllocationLog, StageTimer, allocation_metrics, model_card_section
 from .rollout import GenerationBatchSampler, Rollout, concat_rollout_batches
 from .schedules import BatchRollouts, ProbeAheadSchedule, resolve_probe_ahead, schedule_for
@@ -284,8 +289,15 @@ class _GVMTrainer(GRPOTrainer):
     def _accepted(self, rollout: Rollout) -> torch.Tensor:
         return (rollout.rewards >= self.args.gvm_accept_threshold) & (rollout.prompts >= 0)
 
-    def _probe_grad_norms(self, probes: Rollout, accepted: torch.Tensor) -> torch.Tensor:
+    def _probe_grad_norms(self, probes: Rollout, accepted: torch.Tensor, sampling_logps: bool = False) -> torch.Tensor:
+        """The accepted probes' norms; with `sampling_logps`, the same forward attaches the old log-probabilities
+        of the probes that train (only where `_folds_sampling_logps` holds)."""
+        if sampling_logps:
+            return probe_grad_norms_and_sampling_logps(self, probes, accepted)
         return probe_grad_norms(self, probes, accepted)
+
+    def _folds_sampling_logps(self, probes: Rollout) -> bool:
+        return folds_sampling_logps(self, probes)
 
     def _attach_sampling_logps(self, probes: Rollout) -> None:
         attach_sampling_logps(self, probes)

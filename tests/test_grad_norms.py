@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.modeling_outputs import CausalLMOutput
 
 import gvm_trl.grad_norms.products as products
-from gvm_trl.grad_norms import per_sample_grad_norms
+from gvm_trl.grad_norms import per_sample_grad_norms, per_sample_grad_norms_and_log_probs
 
 VOCAB = 97
 TOLERANCE = 1e-4
@@ -348,6 +348,100 @@ def test_input_validation():
         per_sample_grad_norms(model, input_ids, attention_mask, on_padding)
     with pytest.raises(ValueError, match="shape"):
         per_sample_grad_norms(model, input_ids, attention_mask[:, 1:], loss_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Norms and tempered log-probabilities from one forward (the riding probes' old log-probabilities)
+
+
+def padded_arange(input_ids):
+    """The position ids a transformers model uses when given none: 0..T-1 over the padded width, every row."""
+    return torch.arange(input_ids.shape[1]).expand_as(input_ids)
+
+
+def reference_norms_at(model: nn.Module, input_ids, attention_mask, loss_mask, position_ids):
+    """As :func:`reference_norms` over all parameters, but each row kept at its padded width and given positions."""
+    ref = copy.deepcopy(model).double().eval()
+    params = list(ref.parameters())
+    norms = []
+    for ids, att, counted, positions in zip(input_ids, attention_mask, loss_mask, position_ids):
+        logits = ref(input_ids=ids[None], attention_mask=att[None], position_ids=positions[None]).logits[0]
+        log_probs = logits[:-1].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
+        grads = torch.autograd.grad(log_probs[counted[1:].bool()].sum(), params, allow_unused=True)
+        norms.append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
+    return torch.stack(norms)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_fused_log_probs_are_the_models_own_and_norms_match_the_loop_at_those_positions(arch):
+    """TRL's layout (left-padded prompts, right-padded completions), temperature 0.7: the scored tokens'
+    log-probabilities equal a plain forward given no position ids (so arange over the padded width, as in TRL's
+    own forward), and the norms a float64 loop at the same positions. A row scored but not counted has norm 0, a
+    row counted but not scored NaN log-probabilities. GPT-2's absolute positions make those norms differ from the
+    default (positions counted over real tokens); rotary models' do not, beyond rounding."""
+    model = tiny_model(arch, tied=True)
+    input_ids, attention_mask, completion = make_batch("both", lengths=(9, 14, 6, 11), prompts=(3, 5, 2, 4))
+    loss_mask, score_mask = completion.clone(), completion.clone()
+    loss_mask[1] = 0  # scored only
+    score_mask[3] = 0  # counted only
+    positions = padded_arange(input_ids)
+    norms, log_probs = per_sample_grad_norms_and_log_probs(
+        model, input_ids, attention_mask, loss_mask, score_mask, temperature=0.7, position_ids=positions, params="all"
+    )
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / 0.7
+    want = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    scored = score_mask[:, 1:].bool()
+    assert log_probs.shape == input_ids.shape and log_probs.dtype == torch.float32
+    assert (log_probs[:, 1:][scored] - want[scored]).abs().max() <= 1e-6
+    assert log_probs[:, 1:][~scored].isnan().all() and log_probs[:, 0].isnan().all()
+    assert norms[1] == 0 and (norms[[0, 2, 3]] > 0).all()
+    at_positions = reference_norms_at(model, input_ids, attention_mask, loss_mask, positions)
+    assert max_rel_err(norms[[0, 2, 3]], at_positions[[0, 2, 3]]) < TOLERANCE
+    default = per_sample_grad_norms(model, input_ids, attention_mask, loss_mask, params="all")
+    if arch == "gpt2":
+        assert max_rel_err(default[[0, 2, 3]], at_positions[[0, 2, 3]]) > 1e-3
+    else:
+        torch.testing.assert_close(norms, default, rtol=1e-5, atol=0)
+
+
+def test_fused_pass_keeps_the_default_norms_and_micro_batches_agree():
+    """Without position ids the fused pass gives per_sample_grad_norms' norms; micro-batches of any size (each
+    trimmed to its own real columns) give the same norms and log-probabilities; a forward context wraps the
+    forward (here an autocast that is off)."""
+    model = tiny_model("qwen2", tied=True)
+    input_ids, attention_mask, completion = make_batch("both", lengths=(9, 14, 6, 11, 4), prompts=(3, 5, 2, 4, 1))
+    whole_norms, whole = per_sample_grad_norms_and_log_probs(model, input_ids, attention_mask, completion, completion,
+                                                             params="all")
+    torch.testing.assert_close(whole_norms, per_sample_grad_norms(model, input_ids, attention_mask, completion,
+                                                                  params="all"))
+    entered = []
+
+    def context():
+        entered.append(1)
+        return torch.autocast("cpu", enabled=False)
+
+    for size in (1, 2):
+        norms, log_probs = per_sample_grad_norms_and_log_probs(
+            model, input_ids, attention_mask, completion, completion, params="all", micro_batch_size=size,
+            forward_context=context,
+        )
+        torch.testing.assert_close(norms, whole_norms)
+        torch.testing.assert_close(log_probs, whole, equal_nan=True)
+    assert len(entered) == 5 + 3
+
+
+def test_fused_pass_input_validation():
+    model = tiny_model("llama")
+    input_ids, attention_mask, loss_mask = make_batch("left")
+    first = loss_mask.clone()
+    first[:, 0] = 1
+    with pytest.raises(ValueError, match="score_mask\\[:, 0\\]"):
+        per_sample_grad_norms_and_log_probs(model, input_ids, attention_mask, loss_mask, first)
+    with pytest.raises(ValueError, match="shape"):
+        per_sample_grad_norms_and_log_probs(model, input_ids, attention_mask, loss_mask, loss_mask[:, 1:])
+    with pytest.raises(ValueError, match="temperature"):
+        per_sample_grad_norms_and_log_probs(model, input_ids, attention_mask, loss_mask, loss_mask, temperature=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -109,6 +109,84 @@ def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_pat
     assert last_logs(trainer)["gvm/probe_age"] == 1.0
 
 
+@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
+def test_folded_old_log_probs_are_trls_own(trainer_cls, config_cls, tmp_path, char_tokenizer):
+    """Probing ahead, the next batch's gradient-norm pass also attaches its probes' old log-probabilities: equal to
+    TRL's `_get_per_token_logps_and_entropies` on the rows that train (left-padded prompts, temperature 0.7, fp32)
+    and to the separate pass it replaces, which does not run; the norms equal the separate pass's."""
+    from datasets import Dataset
+
+    from gvm_trl.measurement import attach_sampling_logps, probe_grad_norms
+
+    ragged = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Q{i}: {i}+1" + "?" * (1 + i % 7)}]}
+                                for i in range(32)])  # prompts of several lengths: left padding
+    trainer = make_trainer(trainer_cls, config_cls, tmp_path, char_tokenizer, max_steps=2, gvm_probe_ahead=True,
+                           temperature=0.7, learning_rate=1e-2, dataset=ragged)
+    separate, checked = [], []
+    trainer._attach_sampling_logps = lambda probes: separate.append(probes)
+    measure = trainer._probe_grad_norms
+
+    def measure_and_check(probes, accepted, sampling_logps=False):
+        unfused = copy.deepcopy(probes)
+        norms = measure(probes, accepted, sampling_logps=sampling_logps)
+        if not sampling_logps:
+            return norms
+        batch = probes.batch
+        trains = trainer._trains(probes)
+        assert torch.isnan(batch["old_per_token_logps"][~trains]).all()
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        assert (batch["prompt_mask"] == 0).any()  # left-padded prompts: positions depend on the batch's width
+        with torch.no_grad():
+            trl, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids[trains], mask[trains], batch["completion_ids"].size(1))
+        fused = batch["old_per_token_logps"][trains]
+        assert (fused - trl).abs().max() <= 1e-6
+        attach_sampling_logps(trainer, unfused)
+        assert (fused - unfused.batch["old_per_token_logps"][trains]).abs().max() <= 1e-6
+        torch.testing.assert_close(norms, probe_grad_norms(trainer, unfused, accepted), rtol=1e-5, atol=0)
+        checked.append(int(trains.sum()))
+        return norms
+
+    trainer._probe_grad_norms = measure_and_check
+    trainer.train()
+    assert len(checked) == 1 and checked[0] > 0 and separate == []
+    assert trainer.rollout_totals["time_probe_logps"] == 0 < trainer.rollout_totals["time_grad_norms"]
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
+def test_folded_and_separate_log_prob_passes_train_alike(trainer_cls, config_cls, tmp_path, char_tokenizer):
+    """The same run with the fold (one forward for norms and old log-probabilities) and without (two): the same
+    allocations, losses and weights to rounding; only the separate one runs the probe_logps forward."""
+    runs = {}
+    for fold in (True, False):
+        trainer = make_trainer(trainer_cls, config_cls, tmp_path / str(fold), char_tokenizer, max_steps=3,
+                               gvm_probe_ahead=True, temperature=0.7, learning_rate=1e-2)
+        attach, forwards = trainer._attach_sampling_logps, []
+        trainer._attach_sampling_logps = lambda probes: forwards.append(1) or attach(probes)
+        if not fold:
+            trainer._folds_sampling_logps = lambda probes: False
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        runs[fold] = (logs, read_allocations(trainer), [p.detach().clone() for p in trainer.model.parameters()],
+                      len(forwards), trainer.rollout_totals["time_probe_logps"])
+    (fused_logs, fused_alloc, fused_weights, fused_forwards, fused_time) = runs[True]
+    (logs, alloc, weights, forwards, seconds) = runs[False]
+    assert fused_forwards == fused_time == 0 and forwards == 2 and seconds > 0
+    assert [[p["num_samples"] for p in r["prompts"]] for r in fused_alloc] == [
+        [p["num_samples"] for p in r["prompts"]] for r in alloc]
+    for a, b in zip(fused_alloc, alloc):
+        assert [p["grad_norm"] for p in a["prompts"]] == pytest.approx([p["grad_norm"] for p in b["prompts"]],
+                                                                        rel=1e-5, nan_ok=True)
+    assert len(fused_logs) == len(logs) == 3
+    for a, b in zip(fused_logs, logs):
+        for key in ("loss", "grad_norm", "reward", "gvm/grad_norm", "gvm/accept_rate"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6, nan_ok=True), key
+    for a, b in zip(fused_weights, weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_on_policy_rows_beside_reused_probes_take_the_current_log_probs(tmp_path, char_tokenizer):
     """Rows without old log-probabilities (NaN, drawn by the current weights) get the current ones, detached: the
     loss equals TRL's loss on the same rows with those log-probabilities filled in by hand."""

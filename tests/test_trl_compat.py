@@ -18,6 +18,7 @@ def test_every_mirror_is_registered():
         "gvm_trl.trainer._GVMTrainer._generate",
         "gvm_trl.trainer._GVMTrainer.compute_loss",
         "gvm_trl.measurement.attach_sampling_logps",
+        "gvm_trl.measurement.probe_grad_norms_and_sampling_logps",
         "gvm_trl.trl_compat.log_training_rows",
         "gvm_trl.trl_compat.log_sampling_metrics",
         "gvm_trl.trl_compat.captured_call_logs",

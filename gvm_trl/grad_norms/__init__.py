@@ -81,6 +81,9 @@ exactly as it was, and ``torch.func`` is used only for the few parameters no fas
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -88,7 +91,13 @@ from .planning import GradNormPlan, ParameterRule, ParamSelection, embeddings, r
 from .products import Method
 from .recorder import Recorder, measurement_mode
 
-__all__ = ["GradNormPlan", "ParameterRule", "per_sample_grad_norms", "plan_per_sample_grad_norms"]
+__all__ = [
+    "GradNormPlan",
+    "ParameterRule",
+    "per_sample_grad_norms",
+    "per_sample_grad_norms_and_log_probs",
+    "plan_per_sample_grad_norms",
+]
 
 _METHODS = ("auto", "ghost", "materialize")
 
@@ -150,29 +159,97 @@ def per_sample_grad_norms(
     Every selected parameter is measured exactly: by a fast rule where one applies, by the slower generic rule
     otherwise (see the module docstring; :func:`plan_per_sample_grad_norms` says which, and warns).
     """
+    norms, _ = _measure(model, input_ids, attention_mask, loss_mask, None, params=params,
+                        micro_batch_size=micro_batch_size, method=method, setting=setting)
+    return norms
+
+
+def per_sample_grad_norms_and_log_probs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    loss_mask: Tensor,
+    score_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    params: ParamSelection = "trainable",
+    micro_batch_size: int | None = None,
+    method: Method = "auto",
+    setting: str = "params",
+) -> tuple[Tensor, Tensor]:
+    """:func:`per_sample_grad_norms` and, from the same forward, the log-probabilities of the ``score_mask`` tokens
+    under the softmax of the logits divided by ``temperature``, detached: (float32 [B], float32 [B, T]).
+
+    ``log_probs[b, t]`` = log softmax(logits[b, t-1] / temperature)[input_ids[b, t]] where ``score_mask[b, t]``
+    (same rules as ``loss_mask``: never position 0 nor padding), NaN elsewhere; computed as TRL's fused head does
+    (fp32 logits times 1/temperature, minus their logsumexp). A row may be scored without counting (an all-zero
+    ``loss_mask`` row: norm 0) or count without being scored. ``temperature`` applies to the log-probabilities
+    only; the norms are those of the untempered ln P(y|x), as :func:`per_sample_grad_norms` measures them.
+
+    ``position_ids`` ([B, T]; None: counted over real tokens, as :func:`per_sample_grad_norms` uses) are passed to
+    the model as given, so a caller that must reproduce another forward's numbers can use its positions — e.g.
+    ``torch.arange(T)`` for every row, as a transformers model chooses when given none (TRL's forward). The norms
+    are then those at these positions: the same up to rounding for rotary models (relative positions), not for
+    absolute position embeddings, whose outputs then depend on padding. ``forward_context``: a context manager
+    factory entered around the model's forward only (e.g. the trainer's ``accelerator.autocast``); the backward and
+    the norm products run outside it.
+    """
+    return _measure(model, input_ids, attention_mask, loss_mask, score_mask, temperature=temperature,
+                    position_ids=position_ids, forward_context=forward_context, params=params,
+                    micro_batch_size=micro_batch_size, method=method, setting=setting)
+
+
+def _measure(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    loss_mask: Tensor,
+    score_mask: Tensor | None,
+    *,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    params: ParamSelection,
+    micro_batch_size: int | None,
+    method: Method,
+    setting: str,
+) -> tuple[Tensor, Tensor | None]:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     resolved = resolve(model, params, setting)
     device, out_device = _model_device(model), input_ids.device
-    recorder = Recorder(model, resolved.targets, method, setting)
+    recorder = Recorder(model, resolved.targets, method, setting, temperature, forward_context)
     # Callers may hold no_grad or inference mode (e.g. around generation); the measurement needs autograd.
     with torch.inference_mode(False), torch.enable_grad():
-        input_ids, attention_mask, loss_mask = _check_inputs(input_ids, attention_mask, loss_mask, device)
+        input_ids, attention_mask, loss_mask, score_mask, position_ids = _check_inputs(
+            input_ids, attention_mask, loss_mask, device, score_mask, position_ids
+        )
         batch = input_ids.shape[0]
         step = micro_batch_size or _rows_that_fit(resolved.targets, input_ids.shape, device)
         # Micro-batches of similar lengths carry less padding.
         order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
-        spans = _micro_batch_spans(attention_mask[order], loss_mask[order], step)  # the pass's one host sync
+        spans = _micro_batch_spans(attention_mask[order], loss_mask[order], step,
+                                   None if score_mask is None else score_mask[order])  # the pass's one host sync
         squares = torch.zeros(batch, dtype=torch.float64, device=device)
+        scores = None if score_mask is None else torch.empty(input_ids.shape, dtype=torch.float32, device=device)
         with measurement_mode(model, recorder.checkpointed_layers), recorder.attached():
             for start, (first, stop, head_length) in zip(range(0, batch, step), spans):
                 rows = order[start : start + step]
-                squares[rows] = recorder.measure(
-                    input_ids[rows], attention_mask[rows], loss_mask[rows], slice(first, stop), head_length
+                squares[rows], scored = recorder.measure(
+                    input_ids[rows], attention_mask[rows], loss_mask[rows], slice(first, stop), head_length,
+                    None if score_mask is None else score_mask[rows],
+                    None if position_ids is None else position_ids[rows],
                 )
-    return squares.clamp(min=0).sqrt().to(device=out_device, dtype=torch.float32)
+                if scores is not None:
+                    scores[rows] = scored
+    norms = squares.clamp(min=0).sqrt().to(device=out_device, dtype=torch.float32)
+    return norms, None if scores is None else scores.to(out_device)
 
 
 # Share of the free accelerator memory a micro-batch may take when the caller sets no micro_batch_size.
@@ -196,45 +273,60 @@ def _rows_that_fit(targets: dict[nn.Module, list], shape: torch.Size, device: to
     return max(1, min(batch, int(_MEMORY_SHARE * free // max(per_token * width, 1))))
 
 
-def _micro_batch_spans(attention_mask: Tensor, loss_mask: Tensor, step: int) -> list[tuple[int, int, int]]:
-    """(first real column, last + 1, most counted tokens in a row) of each micro-batch of ``step`` rows, and the
-    input checks, read from the device in one transfer: the only host sync of the pass.
+def _micro_batch_spans(
+    attention_mask: Tensor, loss_mask: Tensor, step: int, score_mask: Tensor | None = None
+) -> list[tuple[int, int, int]]:
+    """(first real column, last + 1, most counted or scored tokens in a row) of each micro-batch of ``step`` rows,
+    and the input checks, read from the device in one transfer: the only host sync of the pass.
 
     Raises:
-        ValueError: ``loss_mask`` counts position 0 or padding.
+        ValueError: ``loss_mask`` (or ``score_mask``) counts position 0 or padding.
     """
+    read = loss_mask if score_mask is None else loss_mask | score_mask
     batch, width = attention_mask.shape
     groups = -(-batch // step)
     pad = groups * step - batch
     real = torch.nn.functional.pad(attention_mask, (0, 0, 0, pad)).reshape(groups, step, width).any(1)
-    counted = torch.nn.functional.pad(loss_mask[:, 1:].sum(1), (0, pad)).reshape(groups, step).amax(1)
+    counted = torch.nn.functional.pad(read[:, 1:].sum(1), (0, pad)).reshape(groups, step).amax(1)
     positions = torch.arange(width, device=attention_mask.device)
     first = torch.where(real, positions, width).amin(1)
     stop = torch.where(real, positions + 1, 0).amax(1)
-    checks = torch.stack([loss_mask[:, :1].any(), (loss_mask & ~attention_mask).any()]).long()
+    checks = torch.stack([read[:, :1].any(), (read & ~attention_mask).any()]).long()
     values = torch.cat([torch.stack([first, stop, counted], 1).flatten(), checks]).tolist()
+    names = "loss_mask" if score_mask is None else "loss_mask or score_mask"
     if values[-2]:
-        raise ValueError("loss_mask[:, 0] must be 0: the first token has no log-probability")
+        raise ValueError(f"{names}[:, 0] must be 0: the first token has no log-probability")
     if values[-1]:
-        raise ValueError("loss_mask marks padding tokens (attention_mask == 0)")
+        raise ValueError(f"{names} marks padding tokens (attention_mask == 0)")
     return [tuple(values[3 * g : 3 * g + 3]) for g in range(groups)]
 
 
 def _check_inputs(
-    input_ids: Tensor, attention_mask: Tensor | None, loss_mask: Tensor, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    loss_mask: Tensor,
+    device: torch.device,
+    score_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Copies on ``device`` of shape-checked inputs (copies: inputs made under inference mode cannot enter
-    autograd); their values are checked by :func:`_micro_batch_spans`."""
+    autograd); the masks' values are checked by :func:`_micro_batch_spans`."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    for name, mask in (("attention_mask", attention_mask), ("loss_mask", loss_mask)):
-        if mask.shape != input_ids.shape:
+    named = (("attention_mask", attention_mask), ("loss_mask", loss_mask), ("score_mask", score_mask),
+             ("position_ids", position_ids))
+    for name, mask in named:
+        if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(f"{name} must have the shape {tuple(input_ids.shape)} of input_ids, got {tuple(mask.shape)}")
     input_ids = input_ids.to(device).clone()
     attention_mask, loss_mask = attention_mask.to(device) != 0, loss_mask.to(device) != 0
-    return input_ids, attention_mask, loss_mask
+    if score_mask is not None:
+        score_mask = score_mask.to(device) != 0
+    if position_ids is not None:
+        position_ids = position_ids.to(device=device, dtype=torch.long)
+    return input_ids, attention_mask, loss_mask, score_mask, position_ids
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -21,25 +21,36 @@ class Layout:
 
 @dataclass
 class Batch:
-    """One micro-batch: its real tokens, and where the head reads (position t-1 for a counted token t) and what.
+    """One micro-batch: its real tokens, and where the head reads (position t-1 for a counted or scored token t) and
+    what.
 
     The head's L positions are fewer than the T of the layers below (position 0 never counts), so a tensor
-    leading with [B, T] is never a head tensor: that is how hooks tell which mask applies.
+    leading with [B, T] is never a head tensor: that is how hooks tell which mask applies. ``targets`` holds the
+    counted tokens (-100 elsewhere: no loss, so a zero output gradient); ``scored`` marks the head positions whose
+    log-probability is returned (None: none is).
     """
 
     valid: Tensor
     head_index: Tensor
     head_valid: Tensor
     targets: Tensor
+    scored: Tensor | None = None
+    tokens: Tensor | None = None
 
     @classmethod
-    def build(cls, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, length: int) -> Batch:
-        """``length``: the most counted tokens in a row (known to the caller, so no host sync here)."""
+    def build(
+        cls, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, length: int, score_mask: Tensor | None = None
+    ) -> Batch:
+        """``length``: the most counted or scored tokens in a row (known to the caller, so no host sync here)."""
         counted = loss_mask[:, 1:]
-        order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)[:, :length]
-        head_valid = torch.arange(length, device=input_ids.device) < counted.sum(1, keepdim=True)
-        targets = torch.where(head_valid, input_ids.gather(1, order + 1), -100)
-        return cls(attention_mask, order, head_valid, targets)
+        read = counted if score_mask is None else counted | score_mask[:, 1:]
+        order = torch.argsort((~read).to(torch.int8), dim=1, stable=True)[:, :length]
+        head_valid = torch.arange(length, device=input_ids.device) < read.sum(1, keepdim=True)
+        tokens = input_ids.gather(1, order + 1)
+        targets = torch.where(head_valid & counted.gather(1, order), tokens, -100)
+        if score_mask is None:
+            return cls(attention_mask, order, head_valid, targets)
+        return cls(attention_mask, order, head_valid, targets, head_valid & score_mask[:, 1:].gather(1, order), tokens)
 
     @property
     def size(self) -> int:

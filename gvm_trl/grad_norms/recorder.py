@@ -8,7 +8,7 @@ import inspect
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -101,9 +101,16 @@ class Recorder:
     output gradients, and accumulates per-row squared norms of each measured parameter's summed uses."""
 
     def __init__(
-        self, model: nn.Module, targets: dict[nn.Module, list[Target]], method: Method, setting: str
+        self,
+        model: nn.Module,
+        targets: dict[nn.Module, list[Target]],
+        method: Method,
+        setting: str,
+        temperature: float = 1.0,
+        forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.model, self.targets, self.method, self.setting = model, targets, method, setting
+        self.temperature, self.forward_context = temperature, forward_context or contextlib.nullcontext
         self.owners: dict[int, list[nn.Module]] = defaultdict(list)
         self.names: dict[int, str] = {}
         for module, module_targets in targets.items():
@@ -127,6 +134,7 @@ class Recorder:
     def _start(self, batch: Batch | None, squares: Tensor | None) -> None:
         """Per micro-batch state."""
         self.batch, self.squares, self.head_gathered = batch, squares, False
+        self.scores: Tensor | None = None
         self.records: dict[int, list[_Record]] = defaultdict(list)
         self.pending: list[tuple[_HookedCall, Tensor]] = []
         self.received: dict[int, int] = defaultdict(int)
@@ -167,32 +175,56 @@ class Recorder:
             self.replaying = previous
 
     def measure(
-        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, columns: slice, head_length: int
-    ) -> Tensor:
-        """Squared norms of one micro-batch (float64 [b]); ``columns`` hold its real tokens, ``head_length`` is its
-        most counted tokens in a row (both read by the caller in its one host sync)."""
-        batch = input_ids.shape[0]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        loss_mask: Tensor,
+        columns: slice,
+        head_length: int,
+        score_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Squared norms of one micro-batch (float64 [b]) and, given ``score_mask``, the log-probabilities of its
+        scored tokens at ``self.temperature`` (float32 [b, T], NaN where not scored; None without ``score_mask``).
+
+        ``columns`` hold its real tokens, ``head_length`` is its most counted or scored tokens in a row (both read
+        by the caller in its one host sync); ``position_ids`` (None: counted over real tokens) cover all T columns.
+        """
+        batch, width = input_ids.shape
         squares = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
+        scores = None
+        if score_mask is not None:
+            scores = torch.full((batch, width), float("nan"), dtype=torch.float32, device=input_ids.device)
         if head_length == 0:
-            return squares
+            return squares, scores
         input_ids, attention_mask, loss_mask = (x[:, columns] for x in (input_ids, attention_mask, loss_mask))
-        self._start(Batch.build(input_ids, attention_mask, loss_mask, head_length), squares)
+        if score_mask is not None:
+            score_mask = score_mask[:, columns]
+        if position_ids is not None:
+            position_ids = position_ids[:, columns]
+        self._start(Batch.build(input_ids, attention_mask, loss_mask, head_length, score_mask), squares)
         try:
             self._in_forward = True
             with _UseTracer(self):
-                log_prob = self._log_prob(input_ids, attention_mask)
+                log_prob = self._log_prob(input_ids, attention_mask, position_ids)
             self._in_forward = False
             if log_prob.requires_grad:
                 log_prob.backward()
             self._reduce()
             self._warn_unused()
+            if scores is not None:
+                # Head position l of row b reads column head_index[b, l] (distinct per row) and scores the token
+                # after it; a scatter, not a boolean index, keeps the pass free of host syncs.
+                token_columns = self.batch.head_index + 1 + (columns.start or 0)
+                scores.scatter_(1, token_columns, torch.where(self.batch.scored, self.scores, float("nan")))
         finally:
             self._in_forward = False
             self.records.clear()
             self.pending.clear()
             self.inputs.clear()
             self.stack.clear()
-        return squares
+            self.scores = None
+        return squares, scores
 
     def _reduce(self) -> None:
         """After the backward: every use's record from the kept references, then the squared norms — single-use
@@ -216,15 +248,19 @@ class Recorder:
         for key in list(self.records):
             self._finalize(key)
 
-    def _log_prob(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def _log_prob(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Σ over the batch of the counted tokens' log-probabilities (rows are independent, so its gradient w.r.t.
-        a row's activations is that row's own)."""
-        logits = _logits(self.model, input_ids, attention_mask, takes_prepared_mask(self.model))
+        a row's activations is that row's own); the scored tokens' tempered log-probabilities, detached, go to
+        ``self.scores``."""
+        with self.forward_context():
+            logits = _logits(self.model, input_ids, attention_mask, takes_prepared_mask(self.model), position_ids)
         if not self.head_gathered:
             logits = logits.gather(1, self.batch.head_index[..., None].expand(-1, -1, logits.shape[-1]))
         targets = self.batch.targets
         if logits.shape[:2] != targets.shape:
             raise RuntimeError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+        if self.batch.scored is not None:
+            self.scores = tempered_log_probs(logits.detach(), self.batch.tokens, self.temperature)
         logits, targets = logits.flatten(0, 1), targets.flatten()
         if logits.dtype in (torch.float32, torch.float64):
             return -nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
@@ -514,6 +550,21 @@ class _CountedLogProbs(torch.autograd.Function):
         return grad, None
 
 
+def tempered_log_probs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature)[token], float32 [..., ] (no gradient), as TRL's fused head computes it: the
+    logits up-cast to fp32, times 1/temperature, minus their logsumexp; in row chunks of ``_HEAD_CHUNK_ELEMENTS``."""
+    flat, index = logits.detach().flatten(0, -2), tokens.flatten()[:, None]
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    inverse = 1 / temperature
+    step = max(1, _HEAD_CHUNK_ELEMENTS // max(flat.shape[-1], 1))
+    with torch.no_grad():
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
+            z = flat[rows].float() * inverse
+            out[rows] = z.gather(1, index[rows])[:, 0] - z.logsumexp(-1)
+    return out.view(tokens.shape)
+
+
 def _head_chunks(logits: Tensor) -> list[slice]:
     if logits.dtype in (torch.float32, torch.float64) or logits.numel() <= _HEAD_CHUNK_ELEMENTS:
         return [slice(None)]
@@ -521,12 +572,18 @@ def _head_chunks(logits: Tensor) -> list[slice]:
     return [slice(i, i + step) for i in range(0, logits.shape[0], step)]
 
 
-def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prepared: bool) -> Tensor:
-    """The model's logits, with position ids counted over real tokens; ``prepared``: the attention mask passed as a
-    4-D causal boolean mask (see :func:`takes_prepared_mask`)."""
+def _logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prepared: bool, position_ids: Tensor | None = None
+) -> Tensor:
+    """The model's logits, with ``position_ids`` (None: counted over real tokens); ``prepared``: the attention mask
+    passed as a 4-D causal boolean mask (see :func:`takes_prepared_mask`)."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
     if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        kwargs["position_ids"] = position_ids
+    elif position_ids is not None:
+        raise TypeError(f"{type(model).__name__}.forward takes no position_ids: they cannot be chosen")
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     if prepared:
