@@ -67,19 +67,30 @@ def probe_grad_norms_and_sampling_logps(trainer, probes: Rollout, accepted: torc
     return _measure_probes(trainer, probes, accepted, fold=True)
 
 
-def folds_sampling_logps(trainer, probes: Rollout) -> bool:
-    """Whether the gradient-norm pass can also give these probes' old log-probabilities, exactly as TRL would.
+def folds_sampling_logps(trainer, probes: Rollout, accepted: torch.Tensor) -> bool:
+    """Whether the gradient-norm pass should also give these probes' old log-probabilities: it can do so exactly as
+    TRL would, and one pass costs less than two.
 
-    Not when TRL computed them itself (``old_per_token_logps`` already in the batch: misaligned steps, vLLM's
-    importance-sampling correction), nor when the model has active dropout (the pass runs in eval mode, TRL's
-    forward in the trainer's mode), nor for a model taking extra inputs (multimodal rows: the pass feeds token ids
-    only). ZeRO-3, FSDP and several processes are fine: the fused pass pads every process to the same rows, as
+    It cannot when TRL computed them itself (``old_per_token_logps`` already in the batch: misaligned steps, vLLM's
+    importance-sampling correction), when the model has active dropout (the pass runs in eval mode, TRL's forward
+    in the trainer's mode), or for a model taking extra inputs (multimodal rows: the pass feeds token ids only).
+    ZeRO-3, FSDP and several processes are fine: the fused pass pads every process to the same rows, as
     :func:`probe_grad_norms` does.
+
+    Cost, from the global row counts (so every process decides alike): on a GPU the passes are host-bound and one
+    pass always saves a forward's launches; elsewhere, with a backward ≈ 2 forwards, the fused pass costs
+    3·(a + r) forwards for a accepted rows and r that train unaccepted (GRPO's rejected probes, which ride through
+    its backward), the two passes 3·a + (a + r): fold when 2·r ≤ a.
     """
     batch = probes.batch
     if "old_per_token_logps" in batch or any(key in batch for key in ("pixel_values", "token_type_ids")):
         return False
-    return not _has_dropout(trainer.model)
+    if _has_dropout(trainer.model):
+        return False
+    if trainer.accelerator.device.type == "cuda":
+        return True
+    riding = int((trainer._trains(probes) & ~accepted).sum())
+    return 2 * riding <= int(accepted.sum())
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:

@@ -297,7 +297,7 @@ class _GVMTrainer(GRPOTrainer):
         return probe_grad_norms(self, probes, accepted)
 
     def _folds_sampling_logps(self, probes: Rollout) -> bool:
-        return folds_sampling_logps(self, probes)
+        return folds_sampling_logps(self, probes, self._accepted(probes))
 
     def _attach_sampling_logps(self, probes: Rollout) -> None:
         attach_sampling_logps(self, probes)

@@ -33,10 +33,11 @@ def test_step_cost_quick(step_cost, tmp_path):
         summaries["gvm-grpo"]
     )
     assert summaries["gvm-grpo"]["probe"] == 0 < summaries["gvm-sequential"]["probe"]  # one round per steady step
-    # Probing ahead, the riding probes' old log-probabilities come from the gradient-norm pass's forward: no forward
-    # of their own (sequential: none needed).
-    assert summaries["gvm-grpo"]["probe_logps"] == 0 == summaries["gvm-sequential"]["probe_logps"]
-    assert summaries["gvm-grpo"]["grad_norms"] > 0 and summaries["gvm-raft"]["probe_logps"] == 0
+    # Probing ahead, RAFT++'s riding probes (all accepted) take their old log-probabilities from the gradient-norm
+    # pass's forward: no forward of their own (sequential: none needed). GRPO's fold on a CPU depends on the batch's
+    # accept rate (`folds_sampling_logps`).
+    assert summaries["gvm-raft"]["probe_logps"] == 0 == summaries["gvm-sequential"]["probe_logps"]
+    assert summaries["gvm-raft"]["grad_norms"] > 0 and summaries["gvm-grpo"]["grad_norms"] > 0
     assert summaries["uniform"]["generation"] > 0 and "grad_norms" not in summaries["uniform"]
     assert report["comparison_to_grpo"]["gvm-grpo"]["ratio_step"] > 0
     assert runs["grpo"]["memory"]["cpu_peak_rss_mib"] > 0

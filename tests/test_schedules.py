@@ -122,6 +122,7 @@ def test_folded_old_log_probs_are_trls_own(trainer_cls, config_cls, tmp_path, ch
                                 for i in range(32)])  # prompts of several lengths: left padding
     trainer = make_trainer(trainer_cls, config_cls, tmp_path, char_tokenizer, max_steps=2, gvm_probe_ahead=True,
                            temperature=0.7, learning_rate=1e-2, dataset=ragged)
+    trainer._folds_sampling_logps = lambda probes: True  # whatever the CPU cost rule says of this batch
     separate, checked = [], []
     trainer._attach_sampling_logps = lambda probes: separate.append(probes)
     measure = trainer._probe_grad_norms
@@ -164,8 +165,7 @@ def test_folded_and_separate_log_prob_passes_train_alike(trainer_cls, config_cls
                                gvm_probe_ahead=True, temperature=0.7, learning_rate=1e-2)
         attach, forwards = trainer._attach_sampling_logps, []
         trainer._attach_sampling_logps = lambda probes: forwards.append(1) or attach(probes)
-        if not fold:
-            trainer._folds_sampling_logps = lambda probes: False
+        trainer._folds_sampling_logps = lambda probes, fold=fold: fold  # (the CPU cost rule aside)
         trainer.train()
         logs = [e for e in trainer.state.log_history if "loss" in e]
         runs[fold] = (logs, read_allocations(trainer), [p.detach().clone() for p in trainer.model.parameters()],
@@ -185,6 +185,28 @@ def test_folded_and_separate_log_prob_passes_train_alike(trainer_cls, config_cls
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6, nan_ok=True), key
     for a, b in zip(fused_weights, weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fold_runs_where_one_pass_costs_less(tmp_path, char_tokenizer):
+    """On a CPU the fused pass costs 3·(a + r) forwards, the separate passes 3·a + (a + r), for a accepted probes and
+    r that train unaccepted: fold iff 2·r ≤ a. RAFT++ trains only accepted rows (r = 0): it always folds."""
+    from gvm_trl.measurement import folds_sampling_logps
+
+    trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, max_steps=1, gvm_probe_ahead=True)
+
+    class Probes:
+        def __init__(self, batch):
+            self.batch = batch
+
+    trains = torch.ones(6, dtype=torch.bool)
+    trainer._trains = lambda rollout: trains
+    for accepted_count, folds in ((6, True), (4, True), (3, False), (0, False)):  # GRPO: every probe trains
+        accepted = torch.arange(6) < accepted_count
+        assert folds_sampling_logps(trainer, Probes({}), accepted) is folds, accepted_count
+    accepted = torch.arange(6) < 1
+    trainer._trains = lambda rollout: accepted  # RAFT++: the accepted rows train
+    assert folds_sampling_logps(trainer, Probes({}), accepted)
+    assert not folds_sampling_logps(trainer, Probes({"old_per_token_logps": None}), trains)  # TRL's own
 
 
 def test_on_policy_rows_beside_reused_probes_take_the_current_log_probs(tmp_path, char_tokenizer):
