@@ -232,6 +232,22 @@ def test_quick_few_revisit_task(benchmarks, tmp_path):
     assert set(report["summary"]["comparisons"]) == {"gvm-grpo"}
 
 
+def test_quick_independent_few_revisit_task(benchmarks, tmp_path):
+    convergence, facts = benchmarks["convergence"], benchmarks["facts"]
+    report = convergence.main(["--quick", "--task", "facts-many-independent", "--methods", "grpo-mean", "gvm-grpo",
+                               "--output", str(tmp_path / "independent.json")])
+    assert report["complete"] and "each fact's answer, rationale and level drawn on its own" in report["setup"]
+    task = convergence.TASKS["facts-many-independent"](convergence.parse_args(["--task", "facts-many-independent"]))
+    drawn = task.facts_for(0)
+    assert len(drawn) == 1024 and len({f.key for f in drawn}) == 1024 and all(len(f.key) == 2 for f in drawn)
+    # No factorisation: facts sharing a first character do not share their answer (they all do in facts-many).
+    by_first = {}
+    for fact in drawn:
+        by_first.setdefault(fact.key[0], set()).add(fact.answer)
+    assert sum(len(answers) > 1 for answers in by_first.values()) > 0.9 * len(by_first)
+    assert set(report["summary"]["comparisons"]) == {"gvm-grpo"}
+
+
 def test_quick_letters_with_a_variant(benchmarks, tmp_path):
     output = tmp_path / "letters.json"
     report = benchmarks["convergence"].main(["--quick", "--task", "letters", "--methods", "raft", "--variant",
