@@ -169,6 +169,7 @@ class GVMSetting:
     history_visits: int = 0
     grad_norms: str = "measured"  # gvm_grad_norms
     rate_floor: float | None = None  # gvm_rate_floor_quantile
+    rate_prior: str = "none"  # gvm_rate_prior
 
     @property
     def label(self) -> str:
@@ -181,6 +182,8 @@ class GVMSetting:
             parts.append(f"G={self.grad_norms}")
         if self.rate_floor is not None:
             parts.append(f"floor={self.rate_floor:g}")
+        if self.rate_prior != "none":
+            parts.append(f"prior={self.rate_prior}")
         return "gvm[" + ",".join(parts) + "]"
 
 
@@ -212,7 +215,8 @@ def simulate_gvm(population: Population, budget: int, setting: GVMSetting, repli
         raise ValueError(f"weighting must be lemma1 or mean, got {setting.weighting!r}")
     histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else [None] * replicates
     rule = AllocationRule(budget=budget, num_probes=probes, alpha=alpha, beta=beta, explore_samples=setting.explore,
-                          grad_norms=setting.grad_norms, rate_floor_quantile=setting.rate_floor)
+                          grad_norms=setting.grad_norms, rate_floor_quantile=setting.rate_floor,
+                          rate_prior=setting.rate_prior)
     keys = list(range(m))
     for visit in range(visits):
         current = population if visit == visits - 1 else earlier[visit]

@@ -121,8 +121,9 @@ def option_settings(probes: int) -> list[sim.GVMSetting]:
 
 def lever_settings(probes: int) -> list[sim.GVMSetting]:
     """Issue 17's levers against the starvation bias, with 1/|D_i| (the default weighting): the posterior floor on p
-    (median, and a 0.9 upper bound), Theorem 3 with G ≡ 1, both, and the exploration floor for comparison."""
-    base = [dict(), dict(rate_floor=0.5), dict(rate_floor=0.9), dict(grad_norms="constant"),
+    (median, and a 0.9 upper bound), the prior fitted to the batch, Theorem 3 with G ≡ 1, G ≡ 1 with the floor, and
+    the exploration floor for comparison."""
+    base = [dict(), dict(rate_floor=0.5), dict(rate_floor=0.9), dict(rate_prior="batch"), dict(grad_norms="constant"),
             dict(grad_norms="constant", rate_floor=0.5), dict(explore=1)]
     return [sim.GVMSetting(probes, "mean", **options) for options in base]
 

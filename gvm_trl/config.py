@@ -10,6 +10,7 @@ from trl import GRPOConfig
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack")
 GRAD_NORM_SOURCES = ("measured", "constant")
+RATE_PRIORS = ("none", "batch")
 PROBED_ALLOCATIONS = ("gvm", "dynamic", "knapsack")  # the policies that probe first and plan from the estimates
 DEFAULT_HISTORY_DECAY = 0.7  # chosen on the facts task (seeds 0-7); not yet shown to beat uniform with the same weights
 
@@ -108,6 +109,11 @@ class GVMArguments:
             (and history) gets, instead of p_i = 0 and nothing, the rate at this quantile of its Beta(1, 1 + t)
             posterior after t failed tries (0.5: the posterior median, 0.129 after 4 failed probes; larger: an
             upper confidence bound), and the mean G_i of the batch's measured prompts. `None`: no floor (the paper).
+        gvm_rate_prior (`str`, *optional*, defaults to `"none"`):
+            With `gvm_allocation="gvm"`: `"batch"` pools p across the batch's prompts, each estimate becoming its
+            posterior mean under a Beta prior fitted to the batch by the method of moments (empirical Bayes), so a
+            prompt with nothing accepted keeps a rate above 0 that shrinks with its own failures (and the batch's
+            mean G_i). `"none"`: each prompt's own estimate. Exclusive with `gvm_rate_floor_quantile`.
         gvm_max_empty_batches (`int`, *optional*, defaults to `10`):
             `GVMRAFTTrainer` stops with an error after this many consecutive generation batches in which no
             completion was accepted (nothing to train on); `None` never stops.
@@ -176,6 +182,11 @@ class GVMArguments:
         default=None,
         metadata={"help": "gvm_allocation='gvm': a prompt with nothing accepted gets this quantile of its posterior "
                   "accept rate instead of 0 (None: no floor)."},
+    )
+    gvm_rate_prior: str = field(
+        default="none",
+        metadata={"help": "gvm_allocation='gvm': 'batch' shrinks each p_i towards a Beta prior fitted to the batch.",
+                  "choices": list(RATE_PRIORS)},
     )
     gvm_max_empty_batches: int | None = field(
         default=10, metadata={"help": "RAFT++: error after this many consecutive batches with nothing accepted."}
@@ -278,6 +289,11 @@ class GVMArguments:
         if self.gvm_rate_floor_quantile is not None and not 0.0 < self.gvm_rate_floor_quantile < 1.0:
             fail(f"gvm_rate_floor_quantile must lie in (0, 1) or be None (got {self.gvm_rate_floor_quantile}); 0.5 is "
                  "the posterior median.")
+        if self.gvm_rate_prior not in RATE_PRIORS:
+            fail(f"gvm_rate_prior must be one of {RATE_PRIORS} (got {self.gvm_rate_prior!r}).")
+        if self.gvm_rate_prior != "none" and self.gvm_rate_floor_quantile is not None:
+            fail("gvm_rate_prior and gvm_rate_floor_quantile both replace the rate of a prompt with nothing accepted; "
+                 "set one of them.")
         if not 0.0 <= self.gvm_dynamic_epsilon < 0.5:
             fail(f"gvm_dynamic_epsilon must lie in [0, 0.5) (got {self.gvm_dynamic_epsilon}).")
         policy_options = {
@@ -287,6 +303,7 @@ class GVMArguments:
             "gvm_filter_insufficient": ("gvm", self.gvm_filter_insufficient > 0),
             "gvm_grad_norms": ("gvm", self.gvm_grad_norms != "measured"),
             "gvm_rate_floor_quantile": ("gvm", self.gvm_rate_floor_quantile is not None),
+            "gvm_rate_prior": ("gvm", self.gvm_rate_prior != "none"),
         }
         for name, (policy, is_set) in policy_options.items():
             if is_set and self.gvm_allocation != policy:

@@ -18,7 +18,7 @@ holds the same history; it is saved with each checkpoint (:meth:`state_dict`).
 
 :func:`optimistic_rates` is a lever against the starvation bias (issue 17): a prompt with no accepted probe gets p̃ = 0
 and Theorem 3 gives it nothing, although its posterior still puts mass on p > 0. It replaces those zeros by a quantile
-of, or a Thompson draw from, that posterior.
+of, or a Thompson draw from, that posterior. :func:`pooled_rates` is the other: a Beta prior fitted to the batch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Iterable
 
 from .allocation import _as_nonnegative
 
-__all__ = ["PromptEvidence", "PromptHistory", "optimistic_rates"]
+__all__ = ["PromptEvidence", "PromptHistory", "optimistic_rates", "pooled_rates"]
 
 
 @dataclass
@@ -159,3 +159,34 @@ def optimistic_rates(
         else:
             rates.append(1.0 - (1.0 - level) ** (1.0 / (prior_failures + t)))
     return rates
+
+
+def pooled_rates(accepted: Iterable[float], trials: Iterable[float]) -> list[float]:
+    """Accept rates shrunk towards the batch: the posterior means under a Beta(κm, κ(1 − m)) prior fitted to the
+    batch's prompts by the method of moments (empirical Bayes, as in the beta-binomial model).
+
+    m = Σa_i / Σt_i; the spread of the true rates is the variance of the plain estimates a_i / t_i less their mean
+    binomial noise m(1 − m)/t_i, and κ = m(1 − m)/spread − 1 (the prior's pseudo-count). The rate of prompt i is then
+    (a_i + κm) / (t_i + κ): a prompt with nothing accepted keeps a rate above 0 that shrinks as its own failures
+    (t_i) grow against κ. Where the estimates spread no more than noise would (spread ≤ 0, or one prompt) every
+    prompt gets m; where nothing or everything was accepted, the plain estimates are returned. Hand-written: the
+    dependencies have no beta-binomial fit, and a few lines of moments are all it takes.
+    """
+    accepted_ = _as_nonnegative(accepted, "accepted")
+    trials_ = _as_nonnegative(trials, "trials")
+    if len(accepted_) != len(trials_):
+        raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
+    seen = [(a, t) for a, t in zip(accepted_, trials_) if t > 0]
+    if any(a > t for a, t in seen):
+        raise ValueError("accepted exceeds trials for some prompt")
+    total_a, total_t = sum(a for a, _ in seen), sum(t for _, t in seen)
+    plain = [a / t if t > 0 else 0.0 for a, t in zip(accepted_, trials_)]
+    if not seen or total_a in (0.0, total_t):
+        return plain
+    m = total_a / total_t
+    rates = [a / t for a, t in seen]
+    spread = sum((r - m) ** 2 for r in rates) / len(rates) - sum(m * (1 - m) / t for _, t in seen) / len(seen)
+    if len(seen) < 2 or spread <= 0:
+        return [m if t > 0 else 0.0 for t in trials_]
+    kappa = max(m * (1 - m) / spread - 1.0, 0.0)
+    return [(a + kappa * m) / (t + kappa) if t > 0 else 0.0 for a, t in zip(accepted_, trials_)]

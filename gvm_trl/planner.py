@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .allocation import allocate_budget, dynamic_sampling_allocation, knapsack_allocation, uniform_allocation
-from .estimates import PromptEvidence, PromptHistory, optimistic_rates
+from .estimates import PromptEvidence, PromptHistory, optimistic_rates, pooled_rates
 
 __all__ = ["AllocationRule", "BatchAllocation", "plan_allocation", "uniform_record", "visit_evidence"]
 
@@ -27,7 +27,9 @@ class AllocationRule:
     ``reused_probes``: probes per prompt that also train (Knapsack RL values each prompt's whole group);
     ``grad_norms``: ``"measured"`` G_i, or ``"constant"`` (Theorem 3 with G_i ≡ 1: no gradient-norm pass);
     ``rate_floor_quantile``: q, the rate of a prompt with nothing accepted (probes and history) becomes the q-quantile
-    of its posterior (:func:`~gvm_trl.estimates.optimistic_rates`) instead of 0, and its G_i the batch's mean.
+    of its posterior (:func:`~gvm_trl.estimates.optimistic_rates`) instead of 0, and its G_i the batch's mean;
+    ``rate_prior``: ``"batch"`` shrinks every rate towards a Beta prior fitted to the batch
+    (:func:`~gvm_trl.estimates.pooled_rates`), a prompt with nothing accepted again taking the batch's mean G_i.
     """
 
     budget: int
@@ -44,6 +46,7 @@ class AllocationRule:
     explore_samples: int = 0
     grad_norms: str = "measured"
     rate_floor_quantile: float | None = None
+    rate_prior: str = "none"
 
     @classmethod
     def from_config(cls, args: Any) -> AllocationRule:
@@ -62,6 +65,7 @@ class AllocationRule:
             explore_samples=args.gvm_explore_samples,
             grad_norms=args.gvm_grad_norms,
             rate_floor_quantile=args.gvm_rate_floor_quantile,
+            rate_prior=args.gvm_rate_prior,
         )
 
     @property
@@ -149,12 +153,16 @@ def _theorem3_inputs(
     rule: AllocationRule, counts: PromptEvidence, rates: list[float], grad_norms: list[float]
 ) -> tuple[list[float], list[float]]:
     """The (p_i, G_i) Theorem 3 reads under the rule's levers: G_i ≡ 1, and the posterior floor on p_i for prompts
-    with nothing accepted, whose G_i (never measured) becomes the mean of the batch's measured ones."""
+    with nothing accepted or the batch-fitted prior on every p_i, under which a prompt with nothing accepted (its G_i
+    never measured) takes the mean of the batch's measured G_i."""
     if rule.grad_norms == "constant":
         grad_norms = [1.0] * len(rates)
-    if rule.rate_floor_quantile is None:
+    if rule.rate_floor_quantile is not None:
+        floored = optimistic_rates(counts.accepted, counts.trials, quantile=rule.rate_floor_quantile)
+    elif rule.rate_prior == "batch":
+        floored = pooled_rates(counts.accepted, counts.trials)
+    else:
         return rates, grad_norms
-    floored = optimistic_rates(counts.accepted, counts.trials, quantile=rule.rate_floor_quantile)
     measured = [g for g in grad_norms if g > 0]
     fill = sum(measured) / len(measured) if measured else 0.0
     grad_norms = [g if a > 0 or g > 0 else fill for a, g in zip(counts.accepted, grad_norms)]

@@ -49,10 +49,11 @@ def same_history(a: dict, b: dict) -> bool:
         ("raft", ("--allocation", "knapsack")),
         ("grpo", ("--schedule", "probe-ahead", "--history_decay", "0.5", "--grad_norms", "constant",
                   "--rate_floor_quantile", "0.5")),
+        ("raft", ("--rate_prior", "batch")),
     ],
     ids=["raft", "grpo", "grpo-accumulation", "raft-probe-ahead", "grpo-probe-ahead-history-explore",
          "grpo-probe-ahead-accumulation", "grpo-probe-ahead-history-dynamic", "raft-knapsack",
-         "grpo-probe-ahead-history-constant-norms-rate-floor"],
+         "grpo-probe-ahead-history-constant-norms-rate-floor", "raft-batch-prior"],
 )
 def test_two_processes_match_one(trainer, options, tmp_path):
     """With accumulation, each process splits its (unequal) rows over 4 micro-steps, 2 per optimizer step."""
@@ -63,8 +64,10 @@ def test_two_processes_match_one(trainer, options, tmp_path):
     # Every process computed the allocation the single process did, from globally gathered p and G; in the first
     # generation batch one process's only prompt is always rejected (n_i = 0, no local training rows, unless the
     # exploration floor gives it samples).
-    if "--rate_floor_quantile" in options:  # the floor's posterior rate gives it samples
-        assert single["records"][0]["sizes"][0] > 0 and single["records"][0]["grad_norms"] == [1.0, 1.0]
+    if "--rate_floor_quantile" in options or "--rate_prior" in options:  # a rate above 0 gives it samples
+        assert single["records"][0]["sizes"][0] > 0
+        if "--grad_norms" in options:
+            assert single["records"][0]["grad_norms"] == [1.0, 1.0]
     elif not single["records"][0]["fallback"]:  # (dynamic sampling splits uniformly when nothing is informative)
         assert single["records"][0]["sizes"][0] == (1 if "--explore_samples" in options else 0)
     for result in ranks:

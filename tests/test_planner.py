@@ -189,3 +189,23 @@ def test_rate_floor_counts_the_decayed_history_and_keeps_a_rare_prompts_own_esti
     assert plan.accept_rates[0] == pytest.approx(1 - 0.1 ** (1 / (1 + failures)))
     assert plan.accept_rates[1] == pytest.approx(0.5 / 6)  # accepted before: its own p̃, no floor
     assert plan.grad_norms == pytest.approx([4.0, 4.0])  # its history's G̃, which fills the other's
+
+
+def test_pooled_rates_by_hand():
+    from gvm_trl.estimates import pooled_rates
+
+    # m = 6/12; the plain rates 0, 1/2, 1 spread by 1/6, binomial noise 1/16: κ = (1/4)/(5/48) − 1 = 1.4
+    assert pooled_rates([0, 2, 4], [4, 4, 4]) == pytest.approx([0.7 / 5.4, 2.7 / 5.4, 4.7 / 5.4])
+    assert pooled_rates([1, 1], [4, 4]) == [0.25, 0.25]  # no spread beyond noise: everyone gets m
+    assert pooled_rates([0, 0], [4, 4]) == [0.0, 0.0] and pooled_rates([4, 2], [4, 2]) == [1.0, 1.0]
+    assert pooled_rates([0, 3], [0, 4]) == [0.0, 0.75]  # an unprobed prompt stays at 0
+    with pytest.raises(ValueError, match="exceeds"):
+        pooled_rates([5], [4])
+
+
+def test_batch_prior_plans_theorem_3_on_the_pooled_rates():
+    rule = AllocationRule(budget=12, num_probes=4, rate_prior="batch")
+    plan = plan_allocation(evidence([0, 2, 4], [0.0, 6.0, 4.0]), rule)
+    assert plan.accept_rates == pytest.approx([0.7 / 5.4, 2.7 / 5.4, 4.7 / 5.4])
+    assert plan.grad_norms == [2.0, 3.0, 1.0]  # the unaccepted prompt takes the measured prompts' mean G
+    assert plan.sizes == allocate_budget(plan.accept_rates, [2.0, 3.0, 1.0], 12) and plan.sizes[0] > 0

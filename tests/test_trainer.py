@@ -226,8 +226,9 @@ def test_lora_measures_adapter_gradients(tmp_path, char_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "levers", [{}, {"gvm_grad_norms": "constant", "gvm_rate_floor_quantile": 0.5, "gvm_history_decay": 0.5}],
-    ids=["default", "constant-norms-rate-floor"],
+    "levers", [{}, {"gvm_grad_norms": "constant", "gvm_rate_floor_quantile": 0.5, "gvm_history_decay": 0.5},
+               {"gvm_rate_prior": "batch"}],
+    ids=["default", "constant-norms-rate-floor", "batch-prior"],
 )
 def test_save_and_resume_mid_run(tmp_path, char_tokenizer, levers):
     model_dir = tmp_path / "model"
@@ -506,6 +507,9 @@ def test_dapo_loss_is_the_lemma1_weighted_token_mean(tmp_path, char_tokenizer):
         ({"gvm_allocation": "dynamic", "gvm_grad_norms": "constant"}, "gvm_grad_norms"),
         ({"gvm_rate_floor_quantile": 1.0}, "gvm_rate_floor_quantile"),
         ({"gvm_allocation": "uniform", "gvm_rate_floor_quantile": 0.5}, "gvm_rate_floor_quantile"),
+        ({"gvm_rate_prior": "global"}, "gvm_rate_prior"),
+        ({"gvm_allocation": "knapsack", "gvm_rate_prior": "batch"}, "gvm_rate_prior"),
+        ({"gvm_rate_prior": "batch", "gvm_rate_floor_quantile": 0.5}, "gvm_rate_prior"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field, tmp_path):
