@@ -233,7 +233,7 @@ def test_quick_few_revisit_task(benchmarks, tmp_path):
 
 
 def test_quick_independent_few_revisit_task(benchmarks, tmp_path):
-    convergence, facts = benchmarks["convergence"], benchmarks["facts"]
+    convergence = benchmarks["convergence"]
     report = convergence.main(["--quick", "--task", "facts-many-independent", "--methods", "grpo-mean", "gvm-grpo",
                                "--output", str(tmp_path / "independent.json")])
     assert report["complete"] and "each fact's answer, rationale and level drawn on its own" in report["setup"]
