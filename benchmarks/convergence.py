@@ -105,6 +105,22 @@ import letters
 
 HELDOUT_SEED = 10_000
 DEFAULT_METHODS = ["gvm-raft", "raft-mean", "raft", "gvm-grpo", "grpo-mean", "grpo"]
+# Issue 17's factorial: {uniform, GVM without history, GVM with history} x {none, 1/|D_i|} for both trainers.
+FACTORIAL = (
+    ["gvm-grpo", "gvm-grpo-unweighted", "grpo-mean", "grpo", "gvm-raft", "gvm-raft-unweighted", "raft-mean", "raft"],
+    ["gvm-grpo-no-history=gvm-grpo:gvm_history_decay=0.0",
+     "gvm-grpo-unweighted-no-history=gvm-grpo-unweighted:gvm_history_decay=0.0",
+     "gvm-raft-no-history=gvm-raft:gvm_history_decay=0.0",
+     "gvm-raft-unweighted-no-history=gvm-raft-unweighted:gvm_history_decay=0.0"],
+)
+# Issue 17's levers, each one change to the default GVM-GRPO, against the fair baseline.
+LEVERS = (
+    ["gvm-grpo", "grpo-mean"],
+    ["gvm-grpo-constant-g=gvm-grpo:gvm_grad_norms=constant",
+     "gvm-grpo-floor=gvm-grpo:gvm_rate_floor_quantile=0.5",
+     "gvm-grpo-alpha1e-5=gvm-grpo:gvm_alpha=1e-05",
+     "gvm-grpo-probes2=gvm-grpo:gvm_num_probes=2,gvm_budget_per_prompt=6"],
+)
 FACT_BANDS = {"never": (0.0, 0.0), "rare (< 0.1)": (1e-9, 0.1), "middle (0.1-0.5)": (0.1, 0.5),
               "easy (≥ 0.5)": (0.5, 1.0)}
 
@@ -714,6 +730,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"names in gvm_trl.methods (default {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=BASE:field=value[,field=value]",
                         help="one more run: method BASE with extra config fields (repeatable)")
+    parser.add_argument("--factorial", action="store_true",
+                        help="issue 17's factorial: uniform / GVM without / with history x none / 1/|D_i|, both trainers")
+    parser.add_argument("--levers", action="store_true",
+                        help="issue 17's levers: GVM-GRPO with G = 1, the posterior floor, alpha 1e-5, N' = 2; and "
+                             "grpo-mean")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--prompts-per-step", type=int, help="m: prompts per generation batch")
     parser.add_argument("--num-probes", type=int, help="N′: probes per prompt")
@@ -751,6 +772,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny:
         args.task = "letters"
     task_cls = TASKS[args.task]
+    for flag, (methods, variants) in (("factorial", FACTORIAL), ("levers", LEVERS)):
+        if getattr(args, flag):
+            if args.methods is not None or args.variant:
+                raise SystemExit(f"--{flag} names its own methods and variants: drop --methods/--variant")
+            args.methods, args.variant = list(methods), list(variants)
     if args.methods is None:
         args.methods = DEFAULT_METHODS
     if args.quick:
@@ -773,7 +799,7 @@ def setup_line(args, task) -> str:
 
 
 SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction",
-                              "target_fractions", "against", "merge")
+                              "target_fractions", "against", "merge", "factorial", "levers")
 
 
 def finished_runs(args, task, runs_to_do: list[MethodRun], path: Path | None = None) -> list[dict]:

@@ -289,3 +289,21 @@ def test_merge_joins_the_seeds_of_two_files_and_refuses_other_settings(benchmark
     with pytest.raises(SystemExit, match="learning_rate"):
         convergence.main(["--quick", "--methods", "raft", "--seeds", "0", "--learning-rate", "0.5", "--merge",
                           str(parts[0]), "--output", str(tmp_path / "other.json")])
+
+
+def test_factorial_and_levers_name_valid_runs(benchmarks):
+    """The two method sets of issue 17's report parse into known methods with real config fields, each GVM run
+    compared against the uniform method with its own weighting."""
+    convergence, common = benchmarks["convergence"], benchmarks["common"]
+    args = convergence.parse_args(["--factorial"])
+    runs = common.method_runs(args.methods, args.variant)
+    assert len(runs) == 12 and len({r.label for r in runs}) == 12
+    baselines = {r.label: common.uniform_baseline(r, runs) for r in runs}
+    assert baselines["gvm-raft-unweighted-no-history"].label == "raft"
+    assert baselines["gvm-grpo-no-history"].label == "grpo-mean"
+    levers = common.method_runs(*[getattr(convergence.parse_args(["--levers"]), k) for k in ("methods", "variant")])
+    for run in levers[2:]:
+        run.config(output_dir="/tmp/unused", use_cpu=True, report_to="none", bf16=False, num_generations=4,
+                   per_device_train_batch_size=16)  # every field exists and validates
+    with pytest.raises(SystemExit, match="--factorial"):
+        convergence.parse_args(["--factorial", "--methods", "grpo"])
