@@ -307,3 +307,21 @@ def test_factorial_and_levers_name_valid_runs(benchmarks):
                    per_device_train_batch_size=16)  # every field exists and validates
     with pytest.raises(SystemExit, match="--factorial"):
         convergence.parse_args(["--factorial", "--methods", "grpo"])
+
+
+def test_the_report_script_runs_valid_commands(benchmarks):
+    """benchmarks/fair_evidence.sh (issue 17's report in one command): every convergence.py call parses and names
+    known methods and config fields."""
+    import shlex
+    from pathlib import Path
+
+    convergence, common = benchmarks["convergence"], benchmarks["common"]
+    script = (Path(convergence.__file__).parent / "fair_evidence.sh").read_text().replace("\\\n", " ")
+    calls = [shlex.split(line)[2:] for line in script.splitlines() if line.startswith("python convergence.py")]
+    assert len(calls) == 4
+    for argv in calls:
+        args = convergence.parse_args([a.replace("$results", "/tmp") for a in argv])
+        assert "--resume" in argv and args.seeds
+        for run in common.method_runs(args.methods, args.variant):
+            run.config(output_dir="/tmp/unused", use_cpu=True, report_to="none", bf16=False, num_generations=4,
+                       per_device_train_batch_size=16)
