@@ -30,6 +30,11 @@ Tasks (``--task``):
 - ``arithmetic``: SmolLM2-135M-Instruct (LoRA on CPU) on arithmetic prompts, held-out accuracy by sampling; a CPU
   step costs about a minute, so on CPU this only shows the mechanics.
 
+Each curve point also records the training's cost so far, evaluations left out: ``train_seconds`` (wall) and
+``train_cpu_seconds`` (process CPU time, which a shared machine's load distorts least); every comparison reports,
+per target at ``--target-fractions`` (25/50/75/90 % of the way), the ratio of what each method spends to reach it on
+all three axes.
+
 Report, per probing run (GVM, or a history-only peer: dynamic sampling, Knapsack RL) against its fair baseline — the
 uniform method of its trainer with the same weighting (`raft-mean`/`grpo-mean` for the default 1/|D_i|), else the
 unweighted one (`raft`/`grpo`), named in the report: the target is the start
@@ -41,6 +46,7 @@ start across the completions both runs reach; each with a 95 % bootstrap interva
 accept rate, the share of completions each method spent there and the final P(z | x).
 
     python benchmarks/convergence.py --quick                          # smoke test, facts task, ~20 s
+    bash benchmarks/fair_evidence.sh        # issue 17's whole report (--factorial, --levers, few revisits), --resume
     python benchmarks/convergence.py --seeds $(seq 0 7) --methods gvm-raft raft gvm-grpo grpo \
         --variant gvm-raft-no-history=gvm-raft:gvm_history_decay=0.0 \
         --variant gvm-grpo-no-history=gvm-grpo:gvm_history_decay=0.0 \
