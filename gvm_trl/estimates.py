@@ -131,13 +131,7 @@ def optimistic_rates(
     Theorem 3 also needs G_i for such a prompt (its measured G_i is 0): the caller supplies one (the history's, the
     batch mean, or 1 for "Theorem 3 with G_i ≡ 1").
     """
-    accepted_ = _as_nonnegative(accepted, "accepted")
-    trials_ = _as_nonnegative(trials, "trials")
-    if len(accepted_) != len(trials_):
-        raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
-    for index, (a, t) in enumerate(zip(accepted_, trials_)):
-        if a > t:
-            raise ValueError(f"accepted[{index}] = {a} exceeds trials[{index}] = {t}")
+    accepted_, trials_ = _checked_counts(accepted, trials)
     if rule not in ("quantile", "thompson"):
         raise ValueError(f"rule must be 'quantile' or 'thompson', got {rule!r}")
     if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0.0 < quantile < 1.0:
@@ -172,13 +166,8 @@ def pooled_rates(accepted: Iterable[float], trials: Iterable[float]) -> list[flo
     prompt gets m; where nothing or everything was accepted, the plain estimates are returned. Hand-written: the
     dependencies have no beta-binomial fit, and a few lines of moments are all it takes.
     """
-    accepted_ = _as_nonnegative(accepted, "accepted")
-    trials_ = _as_nonnegative(trials, "trials")
-    if len(accepted_) != len(trials_):
-        raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
+    accepted_, trials_ = _checked_counts(accepted, trials)
     seen = [(a, t) for a, t in zip(accepted_, trials_) if t > 0]
-    if any(a > t for a, t in seen):
-        raise ValueError("accepted exceeds trials for some prompt")
     total_a, total_t = sum(a for a, _ in seen), sum(t for _, t in seen)
     plain = [a / t if t > 0 else 0.0 for a, t in zip(accepted_, trials_)]
     if not seen or total_a in (0.0, total_t):
@@ -190,3 +179,15 @@ def pooled_rates(accepted: Iterable[float], trials: Iterable[float]) -> list[flo
         return [m if t > 0 else 0.0 for t in trials_]
     kappa = max(m * (1 - m) / spread - 1.0, 0.0)
     return [(a + kappa * m) / (t + kappa) if t > 0 else 0.0 for a, t in zip(accepted_, trials_)]
+
+
+def _checked_counts(accepted: Iterable[float], trials: Iterable[float]) -> tuple[list[float], list[float]]:
+    """Per-prompt (accepted, trials) counts as floats: finite, non-negative, as many of each, none accepted > tried."""
+    accepted_ = _as_nonnegative(accepted, "accepted")
+    trials_ = _as_nonnegative(trials, "trials")
+    if len(accepted_) != len(trials_):
+        raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
+    for index, (a, t) in enumerate(zip(accepted_, trials_)):
+        if a > t:
+            raise ValueError(f"accepted[{index}] = {a} exceeds trials[{index}] = {t}")
+    return accepted_, trials_

@@ -158,9 +158,10 @@ def _attach(batch: dict, index: torch.Tensor, scored: torch.Tensor, logps: torch
     rows that train (0 at their padding columns, as TRL's fused head gives), NaN for the others."""
     completion_ids = batch["completion_ids"]
     old = torch.full(completion_ids.shape, float("nan"), device=completion_ids.device)
-    rows = index[scored[index]].to(old.device)
-    if len(rows):
-        picked = logps[: len(index)][scored[index].to(logps.device)][:, -completion_ids.size(1) :].to(old.device)
+    measured = scored[index].nonzero().flatten()  # host-side masks: integer indices keep the device unsynced
+    if len(measured):
+        rows = index[measured].to(old.device)
+        picked = logps[measured.to(logps.device), -completion_ids.size(1) :].to(old.device)
         old[rows] = torch.where(batch["completion_mask"][rows].bool(), picked, 0.0)
     batch["old_per_token_logps"] = old
 

@@ -216,12 +216,9 @@ class ProbeAheadSchedule(RolloutSchedule):
         if self.trainer.accelerator.num_processes > 1:  # every process probes ahead, or none does
             upcoming = upcoming if all(gather_object([bool(upcoming)])) else []
         with self.trainer.stage_timer.stage("phase2", batch.timings):
-            batch.allocated, next_probes = self._generate_allocated_and_probes(batch, all_prompts, upcoming)
+            batch.allocated, next_probes, fold = self._generate_allocated_and_probes(batch, all_prompts, upcoming)
         self._record_visit(batch)
-        if next_probes is not None:
-            self.pending = self._plan(upcoming_keys, next_probes, {}, self._folds_logps(next_probes))
-        else:
-            self.pending = None
+        self.pending = None if next_probes is None else self._plan(upcoming_keys, next_probes, {}, fold)
         return batch
 
     def _folds_logps(self, probes: Rollout) -> bool:
@@ -231,13 +228,14 @@ class ProbeAheadSchedule(RolloutSchedule):
 
     def _generate_allocated_and_probes(
         self, batch: BatchRollouts, all_prompts: list[dict], upcoming: list[dict]
-    ) -> tuple[Rollout | None, Rollout | None]:
-        """The allocated completions of `batch` and the N′ probes of each `upcoming` prompt, in one call."""
+    ) -> tuple[Rollout | None, Rollout | None, bool]:
+        """The allocated completions of `batch` and the N′ probes of each `upcoming` prompt, in one call; and
+        whether the probes' gradient-norm pass is to attach their old log-probabilities (else they have them)."""
         num_processes = self.trainer.accelerator.num_processes
         rows, allocated_slots = self._allocated_rows(batch.allocation, all_prompts)
         probe_rows = [row for row in upcoming for _ in range(self.args.gvm_num_probes)]
         if not rows and not probe_rows:
-            return None, None
+            return None, None, False
         probe_slots = self._probe_slots() if probe_rows else torch.empty(0, dtype=torch.long)
         # Each process generates its allocated rows, then its probe rows; global rows stay process-major.
         slots = torch.cat([allocated_slots.view(num_processes, -1), probe_slots.view(num_processes, -1)], dim=1)
@@ -248,10 +246,11 @@ class ProbeAheadSchedule(RolloutSchedule):
         probes = rollout.part(slice(len(rows), None), "probe") if probe_rows else None
         self._count(allocated)
         self._count(probes)
-        if probes is not None and self.args.gvm_reuse_probes and not self._folds_logps(probes):
+        fold = probes is not None and self._folds_logps(probes)
+        if probes is not None and self.args.gvm_reuse_probes and not fold:
             with self.trainer.stage_timer.stage("probe_logps", batch.timings):
                 self.trainer._attach_sampling_logps(probes)
-        return allocated, probes
+        return allocated, probes, fold
 
 
 def resolve_probe_ahead(args, iterable: bool) -> bool:
