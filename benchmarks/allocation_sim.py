@@ -18,15 +18,18 @@ allocation used (the pooled rate where it is 0), ``mean`` = 1/|D_i| (the pooled 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
 import torch
 
+from gvm_trl import GVMGRPOConfig
 from gvm_trl.allocation import allocate_budget, uniform_allocation
-from gvm_trl.estimates import PromptEvidence, PromptHistory
-from gvm_trl.planner import AllocationRule, plan_allocation, visit_evidence
+from gvm_trl.estimates import PromptHistory
+from gvm_trl.planner import AllocationRule, plan_allocation, probe_evidence, visit_evidence
 from gvm_trl.weighting import prompt_weights
 
 
@@ -195,11 +198,43 @@ class GVMOutcome:
     fallbacks: int  # replicates whose plan fell back to the uniform split (no prompt had an accepted probe)
 
 
+@lru_cache(maxsize=None)
+def allocation_rule(setting: GVMSetting, num_prompts: int, budget: int, alpha: float = 1e-3,
+                    beta: float = 2.0) -> AllocationRule:
+    """The rule a trainer configured with `setting` plans with: built from a real `GVMGRPOConfig` (so its defaults
+    and validation are the trainer's), m prompts of N′ probes per generation batch, for a phase-2 budget of `budget`
+    completions (which need not be a multiple of m: the config takes the nearest per-prompt budget, the rule the
+    exact total)."""
+    config = GVMGRPOConfig(
+        output_dir=tempfile.gettempdir(), use_cpu=True, bf16=False, report_to="none",
+        num_generations=setting.probes, per_device_train_batch_size=num_prompts * setting.probes,
+        gvm_num_probes=setting.probes, gvm_budget_per_prompt=max(round(budget / num_prompts), 0),
+        gvm_weighting=setting.weighting, gvm_alpha=alpha, gvm_beta=beta, gvm_explore_samples=setting.explore,
+        gvm_history_decay=0.0, gvm_grad_norms=setting.grad_norms,  # (the simulation keeps the history itself)
+        gvm_rate_floor_quantile=setting.rate_floor, gvm_rate_prior=setting.rate_prior,
+    )
+    return replace(AllocationRule.from_config(config), budget=budget)
+
+
+def probe_rows(population: Population, draws: Draws, replicate: int, probes: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replicate `replicate`'s probe rows as a trainer sees them: each row's prompt slot, whether it was accepted and
+    its gradient norm (0 if not), every prompt's accepted draws first."""
+    outcomes = np.repeat(np.arange(len(population.row_prompt)), draws.counts[replicate].astype(np.int64))
+    misses = np.repeat(np.arange(population.size), probes - draws.accepted[replicate].astype(np.int64))
+    slots = np.concatenate([population.row_prompt[outcomes], misses])
+    norms = np.concatenate([population.norms[outcomes], np.zeros(len(misses))])
+    accepted = np.arange(len(slots)) < len(outcomes)
+    return torch.from_numpy(slots).long(), torch.from_numpy(accepted), torch.from_numpy(norms)
+
+
 def simulate_gvm(population: Population, budget: int, setting: GVMSetting, replicates: int, rng,
                  alpha: float = 1e-3, beta: float = 2.0, earlier: list[Population] | None = None) -> GVMOutcome:
     """R replicates of a GVM step (after `history_visits` earlier visits when the setting keeps a history), planned
-    and weighted by the trainers' own code: `gvm_trl.planner.plan_allocation` (with its uniform fallback) and
-    `gvm_trl.weighting.prompt_weights` (with its pooled-rate fallback for prompts whose planned rate is 0).
+    and weighted by the trainers' own code: the evidence of `gvm_trl.planner.probe_evidence` from the probe rows,
+    `gvm_trl.planner.plan_allocation` (with its uniform fallback) under the rule a trainer with this setting builds
+    (:func:`allocation_rule`), and `gvm_trl.weighting.prompt_weights` (with its pooled-rate fallback for prompts
+    whose planned rate is 0).
 
     `earlier`: the population at each earlier visit, oldest first (a policy that moved between visits); by default
     the same population every time.
@@ -214,18 +249,16 @@ def simulate_gvm(population: Population, budget: int, setting: GVMSetting, repli
     if setting.weighting not in ("lemma1", "mean"):
         raise ValueError(f"weighting must be lemma1 or mean, got {setting.weighting!r}")
     histories = [PromptHistory(setting.decay) for _ in range(replicates)] if keep_history else [None] * replicates
-    rule = AllocationRule(budget=budget, num_probes=probes, alpha=alpha, beta=beta, explore_samples=setting.explore,
-                          grad_norms=setting.grad_norms, rate_floor_quantile=setting.rate_floor,
-                          rate_prior=setting.rate_prior)
+    rule = allocation_rule(setting, m, budget, alpha, beta)
     keys = list(range(m))
     for visit in range(visits):
         current = population if visit == visits - 1 else earlier[visit]
         probe_draws = draw(current, np.full((replicates, m), probes), rng)
         plans = []
         for r in range(replicates):
-            accepted = probe_draws.accepted[r].tolist()
-            evidence = PromptEvidence(keys, [float(probes)] * m, accepted, probe_draws.norm_sums[r].tolist(), accepted)
-            plans.append(plan_allocation(evidence, rule, histories[r]))
+            slots, accepted, norms = probe_rows(current, probe_draws, r, probes)
+            measured = norms if rule.needs_grad_norms else None
+            plans.append(plan_allocation(probe_evidence(keys, slots, accepted, measured, probes), rule, histories[r]))
         sizes = np.array([plan.sizes for plan in plans], dtype=np.int64)
         phase2 = draw(current, sizes, rng)
         if keep_history and visit < setting.history_visits:

@@ -98,10 +98,10 @@ def main(argv=None) -> dict:
                 start = args.steps * 4 + batch_index * 4
                 keys = list(range(start, start + 4))
                 prompts = [trainer.train_dataset[i] for i in keys]
-                batch = trainer._assemble(trainer.schedule.rollouts(prompts, keys, prompts))
+                batch = trainer.build_generation_batch(prompts, keys)
                 if batch.get("gvm_skip"):
                     continue
-                ours = gradient(model, trainer._compute_loss(model, batch))
+                ours = gradient(model, trainer.compute_loss(model, batch))
                 theirs = gradient(model, weighted_kl_loss(trainer, model, batch, beta))
                 differences.append(((ours - theirs).norm() / theirs.norm()).item())
                 cosines.append(torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item())

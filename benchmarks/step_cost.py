@@ -234,7 +234,7 @@ def build_trainer(config: str, args, output_dir: str, timer: StepTimer):
         options.update(settings, gvm_num_probes=args.num_probes,
                        gvm_budget_per_prompt=args.num_generations - args.num_probes)
         trainer_cls, config_args = METHODS[name].trainer_cls, METHODS[name].config(**options)
-        method = "_generate_training_batch"
+        method = "build_generation_batch"
     prompts = args.batch_size // args.num_generations * (args.steps + 1)
     trainer = timed_trainer_class(trainer_cls, method)(
         model=model,

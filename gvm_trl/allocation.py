@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import heapq
 import math
-import numbers
-import operator
 from typing import Any, Iterable
+
+from .validation import Bounds, as_count, as_nonnegative, as_rates, check_same_length
 
 __all__ = [
     "allocate_budget",
@@ -43,96 +43,17 @@ __all__ = [
 
 RealSequence = Iterable[float]
 
-
-def _as_float_list(values: RealSequence, name: str) -> list[float]:
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a 1-D sequence of real numbers, got {type(values).__name__}")
-    if hasattr(values, "tolist"):
-        values = values.tolist()
-    try:
-        items = list(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a 1-D sequence of real numbers, got {type(values).__name__}") from None
-    out = []
-    for index, item in enumerate(items):
-        if isinstance(item, bool) or not isinstance(item, numbers.Real):
-            raise ValueError(f"{name}[{index}] must be a real number, got {item!r}")
-        out.append(float(item))
-    return out
-
-
-def _as_rates(values: RealSequence, name: str) -> list[float]:
-    rates = _as_float_list(values, name)
-    for index, p in enumerate(rates):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name}[{index}] must lie in [0, 1], got {p}")
-    return rates
-
-
-def _as_nonnegative(values: RealSequence, name: str) -> list[float]:
-    numbers_ = _as_float_list(values, name)
-    for index, x in enumerate(numbers_):
-        if not (math.isfinite(x) and x >= 0.0):
-            raise ValueError(f"{name}[{index}] must be finite and >= 0, got {x}")
-    return numbers_
-
-
-def _check_same_length(**sequences: list[float]) -> None:
-    lengths = {name: len(seq) for name, seq in sequences.items()}
-    if len(set(lengths.values())) > 1:
-        described = ", ".join(f"{name} has {length}" for name, length in lengths.items())
-        raise ValueError(f"lengths differ: {described}")
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_") or (
-        "bool" in str(getattr(value, "dtype", ""))
-    )
-
-
-def _as_count(value: Any, name: str) -> int:
-    """A non-negative integer: int, numpy/torch integer, or an integral float such as 8.0; never bool."""
-    if isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if _is_bool(value):
-        raise ValueError(f"{name} must be a non-negative integer, got bool {value!r}")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}") from None
-        if not (math.isfinite(as_float) and as_float.is_integer()):
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        count = int(as_float)
-    if count < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {count}")
-    return count
-
-
-def _as_real(value: Any, name: str) -> float:
-    if isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if _is_bool(value):
-        raise ValueError(f"{name} must be a real number, got bool {value!r}")
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if math.isnan(result):
-        raise ValueError(f"{name} must not be NaN")
-    return result
+# The admissible ranges of the paper's parameters: the functions below and the config's `gvm_*` fields check these.
+ALPHA_RANGE = Bounds(low=0.0, low_open=True)  # α > 0 of eq. (5)
+BETA_RANGE = Bounds(low=2.0)  # β ≥ 2 of eq. (5)
+FILTER_THRESHOLD_RANGE = Bounds(low=0.0, high=1.0, low_open=True)  # an accept rate above which a prompt is skipped
+FILTER_INSUFFICIENT_RANGE = Bounds(low=0.0)  # an expected accepted count
+DYNAMIC_EPSILON_RANGE = Bounds(low=0.0, high=0.5, high_open=True)  # DAPO's margin of "all-correct or all-wrong"
+INFO_POWER_RANGE = Bounds(low=0.0)  # Knapsack RL's k
 
 
 def _check_regulariser(alpha: Any, beta: Any) -> tuple[float, float]:
-    alpha_ = _as_real(alpha, "alpha")
-    beta_ = _as_real(beta, "beta")
-    if not (math.isfinite(alpha_) and alpha_ > 0.0):
-        raise ValueError(f"alpha must be finite and > 0, got {alpha_}")
-    if not (math.isfinite(beta_) and beta_ >= 2.0):
-        raise ValueError(f"beta must be finite and >= 2, got {beta_}")
-    return alpha_, beta_
+    return ALPHA_RANGE.check(alpha, "alpha"), BETA_RANGE.check(beta, "beta")
 
 
 def _weights(rates: list[float], norms: list[float], alpha: float, beta: float) -> list[float]:
@@ -156,9 +77,9 @@ def allocation_weights(
     on α ≤ 0, β < 2, p outside [0, 1], G negative or not finite, or lengths that differ.
     """
     alpha_, beta_ = _check_regulariser(alpha, beta)
-    rates = _as_rates(accept_rates, "accept_rates")
-    norms = _as_nonnegative(grad_norms, "grad_norms")
-    _check_same_length(accept_rates=rates, grad_norms=norms)
+    rates = as_rates(accept_rates, "accept_rates")
+    norms = as_nonnegative(grad_norms, "grad_norms")
+    check_same_length(accept_rates=rates, grad_norms=norms)
     return _weights(rates, norms, alpha_, beta_)
 
 
@@ -286,27 +207,19 @@ def allocate_budget(
       sums to less than the budget (zero-weight prompts still get 0).
     """
     alpha_, beta_ = _check_regulariser(alpha, beta)
-    rates = _as_rates(accept_rates, "accept_rates")
-    norms = _as_nonnegative(grad_norms, "grad_norms")
-    _check_same_length(accept_rates=rates, grad_norms=norms)
-    budget_ = _as_count(budget, "budget")
-    low = _as_count(min_samples, "min_samples")
+    rates = as_rates(accept_rates, "accept_rates")
+    norms = as_nonnegative(grad_norms, "grad_norms")
+    check_same_length(accept_rates=rates, grad_norms=norms)
+    budget_ = as_count(budget, "budget")
+    low = as_count(min_samples, "min_samples")
     high: float = math.inf
     if max_samples is not None:
-        high = _as_count(max_samples, "max_samples")
+        high = as_count(max_samples, "max_samples")
         if high < 1 or high < low:
             raise ValueError(f"max_samples must be >= 1 and >= min_samples ({low}), got {high}")
-    threshold = None
-    if filter_threshold is not None:
-        threshold = _as_real(filter_threshold, "filter_threshold")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(
-                f"filter_threshold must lie in (0, 1] (None disables it), got {threshold}"
-            )
-    min_expected_accepted = _as_real(filter_insufficient, "filter_insufficient")
-    if not (math.isfinite(min_expected_accepted) and min_expected_accepted >= 0.0):
-        raise ValueError(f"filter_insufficient must be finite and >= 0, got {min_expected_accepted}")
-    explore = _as_count(explore_samples, "explore_samples")
+    threshold = None if filter_threshold is None else FILTER_THRESHOLD_RANGE.check(filter_threshold, "filter_threshold")
+    min_expected_accepted = FILTER_INSUFFICIENT_RANGE.check(filter_insufficient, "filter_insufficient")
+    explore = as_count(explore_samples, "explore_samples")
 
     if not rates:
         return []
@@ -354,10 +267,10 @@ def allocate_budget(
 
 
 def _check_bounds(min_samples: Any, max_samples: Any) -> tuple[int, float]:
-    low = _as_count(min_samples, "min_samples")
+    low = as_count(min_samples, "min_samples")
     if max_samples is None:
         return low, math.inf
-    high = _as_count(max_samples, "max_samples")
+    high = as_count(max_samples, "max_samples")
     if high < 1 or high < low:
         raise ValueError(f"max_samples must be >= 1 and >= min_samples ({low}), got {high}")
     return low, high
@@ -392,11 +305,9 @@ def dynamic_sampling_allocation(
     - min_samples · k > budget (k informative prompts): raises ValueError naming min_samples.
     - max_samples · k < budget: every informative prompt gets max_samples; the result sums to less than the budget.
     """
-    rates = _as_rates(accept_rates, "accept_rates")
-    budget_ = _as_count(budget, "budget")
-    threshold = _as_real(epsilon, "epsilon")
-    if not 0.0 <= threshold < 0.5:
-        raise ValueError(f"epsilon must lie in [0, 0.5) (0 drops only p = 0 and p = 1), got {threshold}")
+    rates = as_rates(accept_rates, "accept_rates")
+    budget_ = as_count(budget, "budget")
+    threshold = DYNAMIC_EPSILON_RANGE.check(epsilon, "epsilon")
     low, high = _check_bounds(min_samples, max_samples)
     informative = [i for i, p in enumerate(rates) if threshold < p < 1.0 - threshold]
     sizes = [0] * len(rates)
@@ -415,10 +326,7 @@ def dynamic_sampling_allocation(
 
 
 def _check_info_power(info_power: Any) -> float:
-    power = _as_real(info_power, "info_power")
-    if not (math.isfinite(power) and power >= 0.0):
-        raise ValueError(f"info_power must be finite and >= 0, got {power}")
-    return power
+    return INFO_POWER_RANGE.check(info_power, "info_power")
 
 
 def knapsack_value(num_samples: int, accept_rate: float, *, info_power: float = 2.0) -> float:
@@ -430,8 +338,8 @@ def knapsack_value(num_samples: int, accept_rate: float, *, info_power: float = 
     (otherwise every advantage is 0), and InfoGain(p) = p(1 − p)^k approximates the gain in success probability one
     update brings; the paper's approximation is k = 2 (``info_power``). V(0, p) = 0; V(n, p) = 0 for p ∈ {0, 1}.
     """
-    n = _as_count(num_samples, "num_samples")
-    p = _as_rates([accept_rate], "accept_rate")[0]
+    n = as_count(num_samples, "num_samples")
+    p = as_rates([accept_rate], "accept_rate")[0]
     power = _check_info_power(info_power)
     if n == 0:
         return 0.0
@@ -461,8 +369,8 @@ def knapsack_allocation(
     left unspent: the result sums to less than ``budget`` and the caller decides (e.g. :func:`uniform_allocation`).
     min_samples · #prompts > budget raises ValueError naming min_samples.
     """
-    rates = _as_rates(accept_rates, "accept_rates")
-    budget_ = _as_count(budget, "budget")
+    rates = as_rates(accept_rates, "accept_rates")
+    budget_ = as_count(budget, "budget")
     low, high = _check_bounds(min_samples, max_samples)
     if low < 1:
         raise ValueError(
@@ -503,8 +411,8 @@ def uniform_allocation(num_prompts: int, budget: int) -> list[int]:
     Each prompt gets budget // num_prompts; the remaining budget % num_prompts units go one each to the
     lowest indices (largest remainder with all remainders equal). num_prompts = 0 gives [].
     """
-    count = _as_count(num_prompts, "num_prompts")
-    budget_ = _as_count(budget, "budget")
+    count = as_count(num_prompts, "num_prompts")
+    budget_ = as_count(budget, "budget")
     if count == 0:
         return []
     base, extra = divmod(budget_, count)
@@ -526,10 +434,10 @@ def variance_bound(
     G_i > 0, p_i > 0 and n_i = 0 contributes +inf. ``sizes`` may be real (continuous allocations).
     """
     alpha_, beta_ = _check_regulariser(alpha, beta)
-    rates = _as_rates(accept_rates, "accept_rates")
-    norms = _as_nonnegative(grad_norms, "grad_norms")
-    sizes_ = _as_nonnegative(sizes, "sizes")
-    _check_same_length(accept_rates=rates, grad_norms=norms, sizes=sizes_)
+    rates = as_rates(accept_rates, "accept_rates")
+    norms = as_nonnegative(grad_norms, "grad_norms")
+    sizes_ = as_nonnegative(sizes, "sizes")
+    check_same_length(accept_rates=rates, grad_norms=norms, sizes=sizes_)
     terms = []
     for p, g, n in zip(rates, norms, sizes_):
         if p == 0.0 or g == 0.0:
@@ -548,13 +456,13 @@ def lemma1_weights(sizes: RealSequence, accept_rates: RealSequence) -> list[floa
 
     Lemma 1's p_i is the true accept rate; a trainer passes its estimate (e.g. the probe rate).
     """
-    sizes_ = _as_nonnegative(sizes, "sizes")
-    rates = _as_rates(accept_rates, "accept_rates")
-    _check_same_length(sizes=sizes_, accept_rates=rates)
+    sizes_ = as_nonnegative(sizes, "sizes")
+    rates = as_rates(accept_rates, "accept_rates")
+    check_same_length(sizes=sizes_, accept_rates=rates)
     return [1.0 / (n * p) if n > 0.0 and p > 0.0 else 0.0 for n, p in zip(sizes_, rates)]
 
 
 def mean_weights(num_accepted: RealSequence) -> list[float]:
     """Algorithm 1's per-prompt factors 1/|D_i| (observed accepted count); 0 where |D_i| = 0."""
-    counts = _as_nonnegative(num_accepted, "num_accepted")
+    counts = as_nonnegative(num_accepted, "num_accepted")
     return [1.0 / d if d > 0.0 else 0.0 for d in counts]

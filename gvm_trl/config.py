@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterator
 
 from trl import GRPOConfig
+
+from .allocation import ALPHA_RANGE, BETA_RANGE, DYNAMIC_EPSILON_RANGE, FILTER_INSUFFICIENT_RANGE, FILTER_THRESHOLD_RANGE
+from .validation import Bounds
 
 WEIGHTINGS = ("lemma1", "mean", "none")
 ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack")
@@ -156,7 +161,9 @@ class GVMArguments:
         metadata={"help": "Per-prompt loss weight.", "choices": list(WEIGHTINGS)},
     )
     gvm_allocation: str = field(
-        default="gvm", metadata={"help": "gvm (Theorem 3) or uniform (baseline).", "choices": list(ALLOCATIONS)}
+        default="gvm",
+        metadata={"help": "How the budget is split: gvm (Theorem 3), uniform (the baseline, no probes), dynamic (DAPO's "
+                  "dynamic sampling) or knapsack (Knapsack RL).", "choices": list(ALLOCATIONS)},
     )
     gvm_probe_ahead: bool | None = field(
         default=None,
@@ -194,11 +201,14 @@ class GVMArguments:
 
     def __post_init__(self):
         super().__post_init__()
+        _check_field_types(self)
         if self.gvm_num_probes is None:
             self.gvm_num_probes = self.num_generations
         if self.gvm_budget_per_prompt is None:
             self.gvm_budget_per_prompt = self.num_generations
         self._validate_gvm_fields()
+        for message in _field_warnings(self):
+            warnings.warn(message, stacklevel=3)
 
     @property
     def num_prompts_per_generation(self) -> int:
@@ -209,6 +219,11 @@ class GVMArguments:
     def gvm_budget(self) -> int:
         """N: the completions allocated over a generation batch's prompts (after its probes)."""
         return self.gvm_budget_per_prompt * self.num_prompts_per_generation
+
+    @property
+    def gvm_reused_probes(self) -> int:
+        """Probes per prompt that also train (`gvm_num_probes` with `gvm_reuse_probes`, else 0)."""
+        return self.gvm_num_probes if self.gvm_reuse_probes else 0
 
     @property
     def gvm_history_decay_in_use(self) -> float:
@@ -223,105 +238,191 @@ class GVMArguments:
     def gvm_uniform_group_size(self) -> int:
         """Completions per prompt of the single round of `gvm_allocation="uniform"`: the probes it would have
         trained on, plus the budget."""
-        return (self.gvm_num_probes if self.gvm_reuse_probes else 0) + self.gvm_budget_per_prompt
+        return self.gvm_reused_probes + self.gvm_budget_per_prompt
 
     def _validate_gvm_fields(self) -> None:
-        def fail(message: str):
+        """The rules between fields (each field's own type and range: :func:`_check_field_types`)."""
+        for message in _field_conflicts(self):
             raise ValueError(message)
 
-        if self.gvm_num_probes < 1:
-            fail(f"gvm_num_probes must be ≥ 1 (got {self.gvm_num_probes}); it is N′, the probes per prompt.")
-        if self.gvm_budget_per_prompt < 0:
-            fail(f"gvm_budget_per_prompt must be ≥ 0 (got {self.gvm_budget_per_prompt}).")
-        if self.gvm_budget_per_prompt == 0 and not self.gvm_reuse_probes:
-            fail("gvm_budget_per_prompt=0 with gvm_reuse_probes=False leaves nothing to train on; raise the budget.")
-        if not self.gvm_alpha > 0:
-            fail(f"gvm_alpha must be > 0 (got {self.gvm_alpha}); the paper uses 1e-3.")
-        if not self.gvm_beta >= 2:
-            fail(f"gvm_beta must be ≥ 2 (got {self.gvm_beta}); the paper uses 2.0.")
-        if self.gvm_min_samples < 0:
-            fail(f"gvm_min_samples must be ≥ 0 (got {self.gvm_min_samples}).")
-        if self.gvm_max_samples is not None and self.gvm_max_samples < max(self.gvm_min_samples, 1):
-            fail(f"gvm_max_samples ({self.gvm_max_samples}) must be ≥ max(gvm_min_samples, 1) or None.")
-        if self.gvm_filter_threshold is not None and not 0 < self.gvm_filter_threshold <= 1:
-            fail(f"gvm_filter_threshold must lie in (0, 1] or be None (got {self.gvm_filter_threshold}).")
-        if self.gvm_filter_insufficient < 0:
-            fail(f"gvm_filter_insufficient must be ≥ 0 (got {self.gvm_filter_insufficient}).")
-        if self.gvm_weighting not in WEIGHTINGS:
-            fail(f"gvm_weighting must be one of {WEIGHTINGS} (got {self.gvm_weighting!r}).")
-        if self.gvm_allocation not in ALLOCATIONS:
-            fail(f"gvm_allocation must be one of {ALLOCATIONS} (got {self.gvm_allocation!r}).")
-        if self.gvm_grad_batch_size is not None and self.gvm_grad_batch_size < 1:
-            fail(f"gvm_grad_batch_size must be ≥ 1 or None (got {self.gvm_grad_batch_size}).")
-        prompts = self.num_prompts_per_generation
-        if prompts % self.world_size:
-            fail(
-                f"A generation batch holds generation_batch_size / num_generations = {prompts} prompts, which must be "
-                f"divisible by the {self.world_size} processes; adjust per_device_train_batch_size, "
-                "steps_per_generation or num_generations."
-            )
-        if prompts == 1:
-            warnings.warn(
-                "A generation batch holds a single prompt (generation_batch_size == num_generations), so GVM has "
-                "nothing to allocate across; raise per_device_train_batch_size or steps_per_generation.",
-                stacklevel=3,
-            )
-        if self.gvm_min_samples > self.gvm_budget_per_prompt:
-            fail(
-                f"gvm_min_samples={self.gvm_min_samples} exceeds gvm_budget_per_prompt={self.gvm_budget_per_prompt}: "
-                "the floors alone would need more than the phase-2 budget; lower gvm_min_samples."
-            )
-        if self.gvm_history_decay is not None and not 0 <= self.gvm_history_decay <= 1:
-            fail(f"gvm_history_decay must lie in [0, 1] (0: no history) or be None (got {self.gvm_history_decay}).")
-        if self.gvm_weighting == "lemma1" and self.gvm_history_decay:
-            warnings.warn(
-                "gvm_weighting='lemma1' with gvm_history_decay: Lemma 1's 1/(n_i p_i) with a history's p_i measured "
-                "unstable (benchmarks/variance.py: up to 67x uniform's gradient error); gvm_weighting='mean' uses the "
-                "history safely.",
-                stacklevel=3,
-            )
-        if self.gvm_explore_samples < 0:
-            fail(f"gvm_explore_samples must be ≥ 0 (got {self.gvm_explore_samples}).")
-        if self.gvm_max_empty_batches is not None and self.gvm_max_empty_batches < 1:
-            fail(f"gvm_max_empty_batches must be ≥ 1 or None (got {self.gvm_max_empty_batches}).")
-        if self.gvm_grad_norms not in GRAD_NORM_SOURCES:
-            fail(f"gvm_grad_norms must be one of {GRAD_NORM_SOURCES} (got {self.gvm_grad_norms!r}).")
-        if self.gvm_rate_floor_quantile is not None and not 0.0 < self.gvm_rate_floor_quantile < 1.0:
-            fail(f"gvm_rate_floor_quantile must lie in (0, 1) or be None (got {self.gvm_rate_floor_quantile}); 0.5 is "
-                 "the posterior median.")
-        if self.gvm_rate_prior not in RATE_PRIORS:
-            fail(f"gvm_rate_prior must be one of {RATE_PRIORS} (got {self.gvm_rate_prior!r}).")
-        if self.gvm_rate_prior != "none" and self.gvm_rate_floor_quantile is not None:
-            fail("gvm_rate_prior and gvm_rate_floor_quantile both replace the rate of a prompt with nothing accepted; "
-                 "set one of them.")
-        if not 0.0 <= self.gvm_dynamic_epsilon < 0.5:
-            fail(f"gvm_dynamic_epsilon must lie in [0, 0.5) (got {self.gvm_dynamic_epsilon}).")
-        policy_options = {
-            "gvm_dynamic_epsilon": ("dynamic", self.gvm_dynamic_epsilon > 0),
-            "gvm_explore_samples": ("gvm", self.gvm_explore_samples > 0),
-            "gvm_filter_threshold": ("gvm", self.gvm_filter_threshold is not None),
-            "gvm_filter_insufficient": ("gvm", self.gvm_filter_insufficient > 0),
-            "gvm_grad_norms": ("gvm", self.gvm_grad_norms != "measured"),
-            "gvm_rate_floor_quantile": ("gvm", self.gvm_rate_floor_quantile is not None),
-            "gvm_rate_prior": ("gvm", self.gvm_rate_prior != "none"),
-        }
-        for name, (policy, is_set) in policy_options.items():
-            if is_set and self.gvm_allocation != policy:
-                fail(
-                    f"{name} applies to gvm_allocation='{policy}' only (got gvm_allocation='{self.gvm_allocation}'); "
-                    "drop the option or choose that allocation."
-                )
-        if self.gvm_allocation == "uniform":
-            estimate_options = {
-                "gvm_probe_ahead=True": self.gvm_probe_ahead is True,
-                "gvm_history_decay": bool(self.gvm_history_decay),
-            }
-            for name, is_set in estimate_options.items():
-                if is_set:
-                    fail(
-                        f"{name} needs probes, which gvm_allocation='uniform' has none of: drop the option or choose "
-                        f"one of {PROBED_ALLOCATIONS}."
-                    )
+
+def _counts(from_: int) -> Bounds:
+    return Bounds(low=from_, finite=False)  # an int field: its type already refuses infinities
+
+
+# The range of each numeric `gvm_*` field, with what a user should know to fix a value outside it; the field's type
+# (and whether None is allowed) is its annotation, its choices its `choices` metadata.
+FIELD_RANGES: dict[str, tuple[Bounds, str]] = {
+    "gvm_num_probes": (_counts(from_=1), "it is N′, the probes per prompt"),
+    "gvm_budget_per_prompt": (_counts(from_=0), "it is N/m, the allocated completions per prompt on average"),
+    "gvm_alpha": (ALPHA_RANGE, "the paper uses 1e-3"),
+    "gvm_beta": (BETA_RANGE, "the paper uses 2.0"),
+    "gvm_min_samples": (_counts(from_=0), "0: no floor"),
+    "gvm_max_samples": (_counts(from_=1), "None: no cap"),
+    "gvm_filter_threshold": (FILTER_THRESHOLD_RANGE, "None: no filter"),
+    "gvm_filter_insufficient": (FILTER_INSUFFICIENT_RANGE, "0: no filter"),
+    "gvm_accept_threshold": (Bounds(), "set it to the reward of a correct answer, e.g. 1.0"),
+    "gvm_grad_batch_size": (_counts(from_=1), "None: sized by the free memory"),
+    "gvm_history_decay": (Bounds(low=0.0, high=1.0), "0: no history; None: the default"),
+    "gvm_explore_samples": (_counts(from_=0), "0: no exploration floor"),
+    "gvm_dynamic_epsilon": (DYNAMIC_EPSILON_RANGE, "0 drops exactly DAPO's zero-variance groups"),
+    "gvm_rate_floor_quantile": (Bounds(low=0.0, high=1.0, low_open=True, high_open=True),
+                                "0.5 is the posterior median; None: no floor"),
+    "gvm_max_empty_batches": (_counts(from_=1), "None: never stop"),
+}
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a real number", str: "a string"}
+
+
+def _check_field_types(args: GVMArguments) -> None:
+    """Every `gvm_*` field against its annotation, range and choices: ints refuse floats, bools and strings; floats
+    take ints; bools take only bools; a refusal names the field and the fix."""
+    hints = typing.get_type_hints(GVMArguments)
+    for spec in fields(GVMArguments):
+        value, (kind, optional) = getattr(args, spec.name), _annotation(hints[spec.name])
+        if value is None and optional:
+            continue
+        accepted = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            accepted = True
+        bounds, hint = FIELD_RANGES.get(spec.name, (None, ""))
+        choices = spec.metadata.get("choices")
+        if not accepted:
+            expected = _TYPE_NAMES[kind] + (" or None" if optional else "")
+            problem = f"must be {expected}, got {value!r} ({type(value).__name__}){_unquoted(value, kind)}"
+        elif bounds is not None and value not in bounds:
+            problem = f"must be {bounds.describe()}{' or None' if optional else ''}, got {value!r}"
+        elif choices is not None and value not in choices:
+            problem = f"must be one of {tuple(choices)}, got {value!r}"
+        else:
+            continue
+        raise ValueError(f"{spec.name} {problem}" + (f" ({hint})." if hint else "."))
+
+
+def _unquoted(value: Any, kind: type) -> str:
+    """The fix for a number or flag given as a string (as a YAML file with quotes gives it)."""
+    if not isinstance(value, str):
+        return ""
+    if kind is bool and value.lower() in ("true", "false"):
+        return f": write {value.lower() == 'true'} without quotes"
+    try:
+        return f": write {kind(value)!r} without quotes" if kind in (int, float) else ""
+    except ValueError:
+        return ""
+
+
+def _annotation(hint: Any) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of a field annotated `T` or `T | None`."""
+    members = [member for member in typing.get_args(hint) if member is not type(None)] or [hint]
+    return members[0], type(None) in typing.get_args(hint)
+
+
+def _field_conflicts(args: GVMArguments) -> Iterator[str]:
+    """What breaks the rules between `gvm_*` fields (and TRL's batch sizes), each message naming the fix."""
+    prompts, budget, cap = args.num_prompts_per_generation, args.gvm_budget, args.gvm_max_samples
+    if args.gvm_budget_per_prompt == 0 and not args.gvm_reuse_probes:
+        yield "gvm_budget_per_prompt=0 with gvm_reuse_probes=False leaves nothing to train on; raise the budget."
+    if prompts % args.world_size:
+        yield (f"A generation batch holds generation_batch_size / num_generations = {prompts} prompts, which must be "
+               f"divisible by the {args.world_size} processes; adjust per_device_train_batch_size, "
+               "steps_per_generation or num_generations.")
+    if args.gvm_min_samples > args.gvm_budget_per_prompt:
+        yield (f"gvm_min_samples={args.gvm_min_samples} exceeds gvm_budget_per_prompt={args.gvm_budget_per_prompt}: "
+               "the floors alone would need more than the phase-2 budget; lower gvm_min_samples.")
+    if cap is not None and cap < args.gvm_min_samples:
+        yield f"gvm_max_samples ({cap}) must be ≥ gvm_min_samples ({args.gvm_min_samples}) or None."
+    if cap is not None and cap * prompts < budget:
+        yield (f"gvm_max_samples={cap} caps the {prompts} prompts of a generation batch at {cap * prompts} "
+               f"completions, less than its budget N = gvm_budget_per_prompt × m = {budget}: raise gvm_max_samples "
+               f"to at least {-(-budget // prompts)} or lower gvm_budget_per_prompt.")
+    if args.gvm_rate_prior != "none" and args.gvm_rate_floor_quantile is not None:
+        yield ("gvm_rate_prior and gvm_rate_floor_quantile both replace the rate of a prompt with nothing accepted; "
+               "set one of them.")
+    for name, (policy, is_set) in _policy_options(args).items():
+        if is_set and args.gvm_allocation != policy:
+            yield (f"{name} applies to gvm_allocation='{policy}' only (got gvm_allocation='{args.gvm_allocation}'); "
+                   "drop the option or choose that allocation.")
+    for name, is_set in _planning_options(args).items():
+        if is_set and args.gvm_allocation == "uniform":
+            yield (f"{name} needs probes and a plan, which gvm_allocation='uniform' has none of: drop the option or "
+                   f"choose one of {PROBED_ALLOCATIONS}.")
+
+
+def _policy_options(args: GVMArguments) -> dict[str, tuple[str, bool]]:
+    """Each option of one allocation policy: (that policy, whether the option is set)."""
+    return {
+        "gvm_dynamic_epsilon": ("dynamic", args.gvm_dynamic_epsilon > 0),
+        "gvm_explore_samples": ("gvm", args.gvm_explore_samples > 0),
+        "gvm_filter_threshold": ("gvm", args.gvm_filter_threshold is not None),
+        "gvm_filter_insufficient": ("gvm", args.gvm_filter_insufficient > 0),
+        "gvm_grad_norms": ("gvm", args.gvm_grad_norms != "measured"),
+        "gvm_rate_floor_quantile": ("gvm", args.gvm_rate_floor_quantile is not None),
+        "gvm_rate_prior": ("gvm", args.gvm_rate_prior != "none"),
+    }
+
+
+def _planning_options(args: GVMArguments) -> dict[str, bool]:
+    """The options of every probing policy (they shape the probes, the estimates or the plan): whether each is set."""
+    return {
+        "gvm_probe_ahead=True": args.gvm_probe_ahead is True,
+        "gvm_history_decay": bool(args.gvm_history_decay),
+        "gvm_min_samples": args.gvm_min_samples > 0,
+        "gvm_max_samples": args.gvm_max_samples is not None,
+    }
+
+
+def _field_warnings(args: GVMArguments) -> Iterator[str]:
+    if args.num_prompts_per_generation == 1:
+        yield ("A generation batch holds a single prompt (generation_batch_size == num_generations), so GVM has "
+               "nothing to allocate across; raise per_device_train_batch_size or steps_per_generation.")
+    if args.gvm_weighting == "lemma1" and args.gvm_history_decay:
+        yield ("gvm_weighting='lemma1' with gvm_history_decay: Lemma 1's 1/(n_i p_i) with a history's p_i measured "
+               "unstable (benchmarks/variance.py: up to 67x uniform's gradient error); gvm_weighting='mean' uses the "
+               "history safely.")
+
+
+def trainer_config(config_class: type, args: Any, model: Any, trainer_name: str, has_peft: bool) -> GVMArguments:
+    """The config a GVM trainer trains with: `args`, or the default config (named after the model) when None;
+    refused by name when it is not a GVM config, or when its KL term needs a reference model that cannot be
+    loaded."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        args = config_class(output_dir=f"{str(model_name).split('/')[-1]}-{trainer_name}")
+    if not isinstance(args, GVMArguments):
+        raise TypeError(
+            f"The {trainer_name} trainer needs a {config_class.__name__}, got {type(args).__name__}: build the config "
+            f"with {config_class.__name__}(...) to get the gvm_* fields."
+        )
+    in_memory = not isinstance(model, str) and not model.config._name_or_path
+    if args.beta != 0.0 and in_memory and not has_peft and not hasattr(model, "peft_config"):
+        raise ValueError(
+            f"beta={args.beta} needs a reference model, which TRL loads from the policy's name or path, but this "
+            "in-memory model has none: save it (model.save_pretrained(path)) and pass the path, or set beta=0.0."
+        )
+    return args
+
+
+def dataset_settings(args: GVMArguments, iterable: bool) -> tuple[bool, float]:
+    """(whether the schedule probes ahead, the history decay in use) for a map-style or an iterable training
+    dataset: the rules an iterable dataset imposes, in one place.
+
+    An iterable dataset has no sampler to look one generation batch ahead with, and no dataset index to key a
+    prompt's history by: probing ahead and the history are off by default there, and refused when asked for.
+    """
+    if iterable and args.gvm_probe_ahead and args.gvm_allocation != "uniform":
+        raise NotImplementedError(
+            "gvm_probe_ahead=True needs a map-style training dataset (datasets.Dataset), whose sampler can look one "
+            "generation batch ahead; convert the iterable dataset, or leave gvm_probe_ahead unset (then an iterable "
+            "dataset runs the sequential schedule)."
+        )
+    if iterable and args.gvm_history_decay:
+        raise NotImplementedError(
+            "gvm_history_decay keys each prompt's history by its dataset index, which an iterable dataset does not "
+            "have; use a map-style dataset (datasets.Dataset) or leave gvm_history_decay unset."
+        )
+    if args.gvm_allocation == "uniform":
+        return False, 0.0
+    probe_ahead = not iterable if args.gvm_probe_ahead is None else args.gvm_probe_ahead
+    return probe_ahead, 0.0 if iterable else args.gvm_history_decay_in_use
 
 
 @dataclass

@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterable
 
-from .allocation import _as_nonnegative
+from .validation import as_nonnegative
 
 __all__ = ["PromptEvidence", "PromptHistory", "optimistic_rates", "pooled_rates"]
 
@@ -183,8 +183,8 @@ def pooled_rates(accepted: Iterable[float], trials: Iterable[float]) -> list[flo
 
 def _checked_counts(accepted: Iterable[float], trials: Iterable[float]) -> tuple[list[float], list[float]]:
     """Per-prompt (accepted, trials) counts as floats: finite, non-negative, as many of each, none accepted > tried."""
-    accepted_ = _as_nonnegative(accepted, "accepted")
-    trials_ = _as_nonnegative(trials, "trials")
+    accepted_ = as_nonnegative(accepted, "accepted")
+    trials_ = as_nonnegative(trials, "trials")
     if len(accepted_) != len(trials_):
         raise ValueError(f"lengths differ: accepted has {len(accepted_)}, trials has {len(trials_)}")
     for index, (a, t) in enumerate(zip(accepted_, trials_)):

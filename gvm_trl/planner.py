@@ -13,10 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .allocation import allocate_budget, dynamic_sampling_allocation, knapsack_allocation, uniform_allocation
 from .estimates import PromptEvidence, PromptHistory, optimistic_rates, pooled_rates
 
-__all__ = ["AllocationRule", "BatchAllocation", "plan_allocation", "uniform_record", "visit_evidence"]
+__all__ = [
+    "AllocationRule",
+    "BatchAllocation",
+    "per_prompt_sums",
+    "plan_allocation",
+    "probe_evidence",
+    "uniform_record",
+    "visit_evidence",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class AllocationRule:
             budget=args.gvm_budget,
             num_probes=args.gvm_num_probes,
             policy=args.gvm_allocation,
-            reused_probes=args.gvm_num_probes if args.gvm_reuse_probes else 0,
+            reused_probes=args.gvm_reused_probes,
             dynamic_epsilon=args.gvm_dynamic_epsilon,
             alpha=args.gvm_alpha,
             beta=args.gvm_beta,
@@ -118,6 +128,33 @@ class BatchAllocation:
                 for i in range(self.num_prompts)
             ],
         }
+
+
+def per_prompt_sums(values: torch.Tensor, slots: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """Float64 per-prompt sums of per-row `values`; rows whose slot is negative (padding) are left out."""
+    valid = slots >= 0
+    totals = torch.zeros(num_prompts, dtype=torch.float64)
+    return totals.index_add_(0, slots[valid], values[valid].double())
+
+
+def probe_evidence(
+    keys: list[int], slots: torch.Tensor, accepted: torch.Tensor, norms: torch.Tensor | None, num_probes: int
+) -> PromptEvidence:
+    """What each prompt's N′ probes showed (Algorithm 2, line 4), from per-row facts: N′ trials, the accepted
+    probes, and the sum and count of the measured gradient norms — the accepted probes' with a norm above 0 (`norms`
+    None: no gradient-norm pass, so none). `slots`: each row's prompt slot in `keys` (-1: a padding row).
+
+    The trainers' schedules and `benchmarks/allocation_sim.py` both build their evidence here."""
+    measured = accepted & (norms > 0) if norms is not None else torch.zeros_like(accepted)
+    norms = torch.zeros(len(accepted)) if norms is None else norms
+    num_prompts = len(keys)
+    return PromptEvidence(
+        keys=list(keys),
+        trials=[float(num_probes)] * num_prompts,
+        accepted=per_prompt_sums(accepted, slots, num_prompts).tolist(),
+        norm_sums=per_prompt_sums(norms * measured, slots, num_prompts).tolist(),
+        norm_counts=per_prompt_sums(measured, slots, num_prompts).tolist(),
+    )
 
 
 def plan_allocation(

@@ -17,7 +17,14 @@ from torch.utils.data import Sampler
 
 from .batching import concat_rows, select_rows
 
-__all__ = ["GenerationBatchSampler", "Rollout", "concat_rollout_batches"]
+__all__ = [
+    "GenerationBatchSampler",
+    "Rollout",
+    "accepted_rows",
+    "concat_rollout_batches",
+    "local_row_index",
+    "total_rewards",
+]
 
 
 class GenerationBatchSampler(Sampler[int]):
@@ -143,14 +150,18 @@ class Rollout:
     ``batch`` is this process's rows as TRL's ``_generate_and_score_completions`` returns them; every one of the
     ``num_processes`` processes holds the same number of them, and the per-row tensors below cover all processes,
     process-major (row g lives on process g // rows_per_process). ``prompts`` is each row's prompt slot in its
-    generation batch (-1: a padding row that only keeps the processes in step). ``logged`` holds TRL's gathered
-    completions-table entries for the rows (prompt, completion, rewards, advantages, extra columns).
+    generation batch (-1: a padding row that only keeps the processes in step). ``accepted``: the rows whose total
+    reward reaches the acceptance threshold (:func:`accepted_rows`); ``trains``: the rows the trainer trains on (GRPO:
+    every real row; RAFT++: the accepted ones). ``logged`` holds TRL's gathered completions-table entries for the rows
+    (prompt, completion, rewards, advantages, extra columns).
     """
 
     batch: dict[str, Any]
     prompts: torch.Tensor
     rewards_per_func: torch.Tensor
     rewards: torch.Tensor
+    accepted: torch.Tensor
+    trains: torch.Tensor
     lengths: torch.Tensor
     truncated: torch.Tensor
     logged: dict[str, Any]
@@ -182,6 +193,8 @@ class Rollout:
             prompts=self.prompts[rows],
             rewards_per_func=self.rewards_per_func[rows],
             rewards=self.rewards[rows],
+            accepted=self.accepted[rows],
+            trains=self.trains[rows],
             lengths=self.lengths[rows],
             truncated=self.truncated[rows],
             logged=logged,
@@ -189,6 +202,34 @@ class Rollout:
             phase=phase,
             num_processes=self.num_processes,
         )
+
+
+def local_row_index(parts: list[Rollout], rank: int) -> torch.Tensor:
+    """Global row indices (into the parts' concatenation) of process `rank`'s rows, in its local order."""
+    offset, rows = 0, []
+    for part in parts:
+        rows.append(offset + torch.arange(len(part.prompts))[part.local_rows(rank)])
+        offset += len(part.prompts)
+    return torch.cat(rows)
+
+
+def total_rewards(
+    rewards: dict[str, list[float]], names: list[str], weights: torch.Tensor, prompts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-function rewards [rows, K] (TRL's logged values, NaN where a function left a row unscored) and each row's
+    total, the `reward_weights`-weighted sum whatever TRL's `multi_objective_aggregation` (NaN for a row no function
+    scored, and for padding rows)."""
+    rewards_per_func = torch.tensor([rewards[name] for name in names], dtype=torch.float32).T
+    rewards_per_func = rewards_per_func.reshape(len(prompts), len(names))
+    totals = (rewards_per_func * weights.cpu()).nansum(dim=1)
+    totals[torch.isnan(rewards_per_func).all(dim=1) | (prompts < 0)] = torch.nan
+    return rewards_per_func, totals
+
+
+def accepted_rows(rewards: torch.Tensor, prompts: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The acceptance rule (``gvm_accept_threshold``): a completion is accepted iff its total reward is at least
+    `threshold`; padding rows (slot -1) and unscored rows (NaN) never are."""
+    return (rewards >= threshold) & (prompts >= 0)
 
 
 def concat_rollout_batches(batches: list[dict[str, Any]], pad_values: dict[str, float]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The three rollout schedules of a generation batch: which completions are drawn, in which generation calls.
+"""The rollout schedules of a generation batch: which completions are drawn, in which generation calls.
 
 - :class:`UniformSchedule` (``gvm_allocation="uniform"``): no probes, one round of N′ + N/m completions per prompt
   (with ``gvm_weighting="none"``, exactly `trl.GRPOTrainer`'s round).
@@ -9,45 +9,97 @@
   It owns the probed batch waiting for its allocated round; the first batch of a run (or after resuming) gets a
   probe round of its own, and the last batch has no successor to probe.
 
-A schedule asks its trainer for four things: ``_generate_rollout`` (TRL's generate-and-score for some rows),
-``_accepted`` (which rows pass ``gvm_accept_threshold``), ``_probe_grad_norms`` (the gradient-norm pass over the
-accepted probes) and, when probing ahead, ``_upcoming_prompts``/``_attach_sampling_logps``. Planning is the pure
-:func:`~gvm_trl.planner.plan_allocation`.
+A schedule reaches its trainer only through a :class:`RolloutPort` (the trainer is one; `gvm_trl.testing` has a
+model-free one for tests) and is handed everything else as plain values: :class:`ScheduleSettings`, the stage timer
+and the prompt history. Planning is the pure :func:`~gvm_trl.planner.plan_allocation` on the evidence of
+:func:`~gvm_trl.planner.probe_evidence`.
 
 Probing ahead with reused probes, the probes train a generation batch after they were drawn, so they need their
 old log-probabilities; their gradient-norm pass runs right after their generation under the same weights, so where
-the rule needs norms and ``_folds_sampling_logps`` holds, that pass's forward gives both (stage ``grad_norms``;
-``probe_logps`` then stays 0). Otherwise (history-only policies, probes not reused, TRL computing them itself,
-dropout) ``_attach_sampling_logps`` runs its own forward (stage ``probe_logps``, inside ``phase2``).
+the rule needs norms and the port says the pass can also give them (:meth:`RolloutPort.folds_old_logps`), one
+forward gives both (stage ``grad_norms``; ``probe_logps`` then stays 0). Otherwise (history-only policies, probes not
+reused, TRL computing them itself, dropout) :meth:`RolloutPort.attach_old_logps` runs its own forward (stage
+``probe_logps``, inside ``phase2``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-from accelerate.utils import gather_object
 
-from .estimates import PromptEvidence
-from .planner import AllocationRule, BatchAllocation, plan_allocation, uniform_record, visit_evidence
+from .estimates import PromptHistory
+from .metrics import StageTimer
+from .planner import AllocationRule, BatchAllocation, per_prompt_sums, plan_allocation, probe_evidence, uniform_record
+from .planner import visit_evidence
 from .rollout import Rollout
-from .weighting import per_prompt_sums
-
-if TYPE_CHECKING:
-    from .trainer import _GVMTrainer
 
 __all__ = [
     "BatchRollouts",
     "ProbeAheadSchedule",
+    "RolloutPort",
     "RolloutSchedule",
+    "ScheduleSettings",
     "SequentialSchedule",
     "UniformSchedule",
+    "build_schedule",
     "deal",
-    "resolve_probe_ahead",
-    "schedule_for",
 ]
+
+
+class RolloutPort(Protocol):
+    """What a schedule asks of the trainer it serves. Every method is collective: all processes call it together."""
+
+    def generate_rollout(self, rows: list[dict], group_size: int, prompts: torch.Tensor, phase: str) -> Rollout:
+        """Generate and score this process's `rows` (`group_size` consecutive rows per prompt) in one call;
+        `prompts` holds every process's rows' prompt slots, process-major (-1: a padding row)."""
+
+    def probe_grad_norms(self, probes: Rollout, *, with_old_logps: bool = False) -> torch.Tensor:
+        """‖∇ ln P(y|x)‖ of the accepted probes, over all processes (0 for the others); `with_old_logps`: the same
+        pass attaches the old log-probabilities of the probes that train (only where :meth:`folds_old_logps`)."""
+
+    def folds_old_logps(self, probes: Rollout) -> bool:
+        """Whether the gradient-norm pass over `probes` can also give their old log-probabilities, and costs less
+        than two passes."""
+
+    def attach_old_logps(self, probes: Rollout) -> None:
+        """Attach the log-probabilities of the probes that train under the weights that drew them
+        (``old_per_token_logps``), for rows trained a generation batch after they were drawn."""
+
+    def upcoming_prompts(self, keys: list[int]) -> tuple[list[dict], list[int]]:
+        """This process's share of the generation batch after the one of `keys`, and every process's keys of it;
+        ([], []) on every process when any has none (the last batch of the run)."""
+
+    def warn_no_accepted_probe(self) -> None:
+        """Tell the user (once) that no probe of a batch reached the acceptance threshold."""
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The plain values a schedule reads: the allocation rule (budget, probes, policy), m, and this process's place."""
+
+    rule: AllocationRule
+    num_prompts: int
+    rank: int = 0
+    num_processes: int = 1
+
+    @classmethod
+    def from_config(cls, args: Any, rank: int = 0, num_processes: int = 1) -> ScheduleSettings:
+        return cls(AllocationRule.from_config(args), args.num_prompts_per_generation, rank, num_processes)
+
+    @property
+    def num_probes(self) -> int:
+        return self.rule.num_probes
+
+    @property
+    def reuses_probes(self) -> bool:
+        return self.rule.reused_probes > 0
+
+    @property
+    def uniform_group_size(self) -> int:
+        """Completions per prompt of the uniform round: the probes it would have trained on, plus the budget."""
+        return self.rule.reused_probes + self.rule.budget // self.num_prompts
 
 
 @dataclass
@@ -74,11 +126,10 @@ def deal(sizes: list[int], num_processes: int) -> list[list[int]]:
 class RolloutSchedule:
     """Draws the rollouts of one generation batch; :meth:`rollouts` is the whole of it."""
 
-    def __init__(self, trainer: _GVMTrainer) -> None:
-        self.trainer = trainer
-        self.args = trainer.args
-        self.rule = AllocationRule.from_config(trainer.args)
-        self.num_prompts = trainer.args.num_prompts_per_generation
+    def __init__(
+        self, port: RolloutPort, settings: ScheduleSettings, timer: StageTimer, history: PromptHistory | None = None
+    ) -> None:
+        self.port, self.settings, self.timer, self.history = port, settings, timer, history
 
     def rollouts(self, prompts: list[dict], keys: list[int], all_prompts: list[dict]) -> BatchRollouts:
         """`prompts`: this process's distinct prompts; `keys`/`all_prompts`: every process's, in order."""
@@ -87,120 +138,113 @@ class RolloutSchedule:
     def reset(self) -> None:
         """Forget anything drawn ahead (a resumed run starts afresh)."""
 
-    # -- the steps the schedules share ---------------------------------------------------------------------------
+    # -- the steps of Algorithm 2 --------------------------------------------------------------------------------
+
+    def _probe_and_plan(self, prompts: list[dict], keys: list[int]) -> BatchRollouts:
+        """Lines 3-5: a probe round for `prompts` (N′ completions each, scored), then the estimates and the plan."""
+        timings: dict[str, float] = {}
+        num_probes = self.settings.num_probes
+        with self.timer.stage("probe", timings):
+            probes = self.port.generate_rollout(
+                [row for row in prompts for _ in range(num_probes)], num_probes, self._probe_slots(), "probe"
+            )
+        self._count(probes)
+        return BatchRollouts(self._plan(keys, probes, timings), probes, None, timings)
+
+    def _plan(
+        self, keys: list[int], probes: Rollout, timings: dict[str, float], with_old_logps: bool = False
+    ) -> BatchAllocation:
+        """Lines 4-5: p_i and G_i from the probes (the gradient-norm pass over the accepted ones, where the rule
+        reads G_i), combined with the prompts' history, then n_i by the rule's policy (Theorem 3 for GVM)."""
+        norms = None
+        if self.settings.rule.needs_grad_norms:
+            with self.timer.stage("grad_norms", timings):
+                norms = self.port.probe_grad_norms(probes, with_old_logps=with_old_logps)
+        with self.timer.stage("allocate", timings):
+            evidence = probe_evidence(keys, probes.prompts, probes.accepted, norms, self.settings.num_probes)
+            allocation = plan_allocation(evidence, self.settings.rule, self.history, probes.step)
+        if allocation.fallback and not any(evidence.accepted):
+            self.port.warn_no_accepted_probe()
+        return allocation
+
+    def _generate_allocated(self, allocation: BatchAllocation, all_prompts: list[dict]) -> Rollout | None:
+        """Line 6: n_i completions of prompt i, dealt over the processes (None when nothing was allocated)."""
+        rows, slots = self._allocated_rows(allocation, all_prompts)
+        if not len(slots):
+            return None
+        allocated = self.port.generate_rollout(rows, 1, slots, "allocated")
+        self._count(allocated)
+        return allocated
+
+    def _record_visit(self, batch: BatchRollouts) -> BatchRollouts:
+        """Count each prompt's accepted allocated rows and fold the visit into the per-prompt history (before the
+        next batch is planned, which reads it)."""
+        allocated, num_prompts = batch.allocated, self.settings.num_prompts
+        accepted = (
+            per_prompt_sums(allocated.accepted, allocated.prompts, num_prompts)
+            if allocated is not None
+            else torch.zeros(num_prompts)
+        )
+        batch.allocated_accepted = [int(a) for a in accepted]
+        if self.history is not None and batch.allocation.num_probes:
+            self.history.record(visit_evidence(batch.allocation, batch.allocated_accepted))
+        return batch
 
     def _probe_slots(self) -> torch.Tensor:
         """Prompt slot of each probe row: process-major, N′ consecutive rows per prompt."""
-        return torch.arange(self.num_prompts).repeat_interleave(self.args.gvm_num_probes)
+        return torch.arange(self.settings.num_prompts).repeat_interleave(self.settings.num_probes)
+
+    def _allocated_rows(self, allocation: BatchAllocation, all_prompts: list[dict]) -> tuple[list[dict], torch.Tensor]:
+        """This process's allocated rows, and every process's row slots (process-major)."""
+        dealt = deal(allocation.sizes, self.settings.num_processes)
+        rows = [all_prompts[max(slot, 0)] for slot in dealt[self.settings.rank]]
+        return rows, torch.tensor([slot for share in dealt for slot in share], dtype=torch.long)
 
     def _count(self, rollout: Rollout | None) -> None:
         """Completions generated over the run, by phase (padding rows not counted)."""
         if rollout is not None:
             key = "probe_completions" if rollout.phase == "probe" else "budget_completions"
-            self.trainer.gvm_state.rollout_totals[key] += int((rollout.prompts >= 0).sum())
-
-    def _probe_and_plan(self, prompts: list[dict], keys: list[int]) -> BatchRollouts:
-        """A probe round for `prompts` (N′ completions each), then its estimates and plan."""
-        timings: dict[str, float] = {}
-        with self.trainer.stage_timer.stage("probe", timings):
-            probes = self.trainer._generate_rollout(
-                [row for row in prompts for _ in range(self.args.gvm_num_probes)],
-                group_size=self.args.gvm_num_probes,
-                prompts=self._probe_slots(),
-                phase="probe",
-            )
-        self._count(probes)
-        return self._plan(keys, probes, timings)
-
-    def _plan(
-        self, keys: list[int], probes: Rollout, timings: dict[str, float], sampling_logps: bool = False
-    ) -> BatchRollouts:
-        """p_i and G_i from the probes (gradient-norm pass over the accepted ones), then n_i (Theorem 3).
-
-        `sampling_logps`: the pass also attaches the old log-probabilities of the probes that train (one forward
-        for both, timed as `grad_norms`); only where the rule needs the norms."""
-        accepted = self.trainer._accepted(probes)
-        norms = torch.zeros(len(accepted))
-        if self.rule.needs_grad_norms:
-            with self.trainer.stage_timer.stage("grad_norms", timings):
-                if sampling_logps:
-                    norms = self.trainer._probe_grad_norms(probes, accepted, sampling_logps=True)
-                else:
-                    norms = self.trainer._probe_grad_norms(probes, accepted)
-        with self.trainer.stage_timer.stage("allocate", timings):
-            measured = accepted & (norms > 0)
-            per_prompt = partial(per_prompt_sums, slots=probes.prompts, num_prompts=self.num_prompts)
-            evidence = PromptEvidence(
-                keys=keys,
-                trials=[float(self.args.gvm_num_probes)] * self.num_prompts,
-                accepted=per_prompt(accepted).tolist(),
-                norm_sums=per_prompt(norms * measured).tolist(),
-                norm_counts=per_prompt(measured).tolist(),
-            )
-            allocation = plan_allocation(evidence, self.rule, self.trainer.gvm_state.prompt_history, probes.step)
-        if allocation.fallback and not any(evidence.accepted):
-            self.trainer._warn_no_accepted_probe()
-        return BatchRollouts(allocation, probes, None, timings)
-
-    def _record_visit(self, batch: BatchRollouts) -> BatchRollouts:
-        """Count each prompt's accepted allocated rows and fold the visit into the per-prompt history (before the
-        next batch is planned, which reads it)."""
-        allocated = batch.allocated
-        accepted = (
-            per_prompt_sums(self.trainer._accepted(allocated), allocated.prompts, self.num_prompts)
-            if allocated is not None
-            else torch.zeros(self.num_prompts)
-        )
-        batch.allocated_accepted = [int(a) for a in accepted]
-        history = self.trainer.gvm_state.prompt_history
-        if history is not None and batch.allocation.num_probes:
-            history.record(visit_evidence(batch.allocation, batch.allocated_accepted))
-        return batch
-
-    def _allocated_rows(self, allocation: BatchAllocation, all_prompts: list[dict]) -> tuple[list[dict], torch.Tensor]:
-        """This process's allocated rows, and every process's row slots (process-major)."""
-        dealt = deal(allocation.sizes, self.trainer.accelerator.num_processes)
-        rows = [all_prompts[max(slot, 0)] for slot in dealt[self.trainer.accelerator.process_index]]
-        return rows, torch.tensor([slot for share in dealt for slot in share], dtype=torch.long)
+            self.timer.totals[key] += int((rollout.prompts >= 0).sum())
 
 
 class UniformSchedule(RolloutSchedule):
     """No probes: one round of N′ + N/m completions per prompt, grouped per prompt as TRL groups them."""
 
     def rollouts(self, prompts, keys, all_prompts):
-        group = self.args.gvm_uniform_group_size
+        group, num_prompts = self.settings.uniform_group_size, self.settings.num_prompts
         timings: dict[str, float] = {}
-        with self.trainer.stage_timer.stage("phase2", timings):
-            rollout = self.trainer._generate_rollout(
+        with self.timer.stage("phase2", timings):
+            rollout = self.port.generate_rollout(
                 [row for row in prompts for _ in range(group)],
-                group_size=group,
-                prompts=torch.arange(self.num_prompts).repeat_interleave(group),
-                phase="allocated",
+                group,
+                torch.arange(num_prompts).repeat_interleave(group),
+                "allocated",
             )
         self._count(rollout)
-        accepted = per_prompt_sums(self.trainer._accepted(rollout), rollout.prompts, self.num_prompts)
+        accepted = per_prompt_sums(rollout.accepted, rollout.prompts, num_prompts)
         batch = BatchRollouts(uniform_record(keys, group, accepted.tolist()), None, rollout, timings)
         return self._record_visit(batch)
 
 
 class SequentialSchedule(RolloutSchedule):
-    """The paper's protocol: probe, measure and plan, then generate the allocated rows."""
+    """The paper's protocol, Algorithm 2 of Yao et al. 2025, one generation batch at a time."""
 
     def rollouts(self, prompts, keys, all_prompts):
+        # Lines 3-4: N′ probe completions per prompt, scored by the reward functions. Lines 4-5: accept rates p_i and
+        # gradient norms G_i of the accepted probes (with the prompts' history), then n_i by Theorem 3, Σ n_i = N.
         batch = self._probe_and_plan(prompts, keys)
-        with self.trainer.stage_timer.stage("phase2", batch.timings):
-            rows, slots = self._allocated_rows(batch.allocation, all_prompts)
-            if len(slots):
-                batch.allocated = self.trainer._generate_rollout(rows, group_size=1, prompts=slots, phase="allocated")
-                self._count(batch.allocated)
+        # Line 6: n_i completions of prompt i.
+        with self.timer.stage("phase2", batch.timings):
+            batch.allocated = self._generate_allocated(batch.allocation, all_prompts)
+        # Lines 7-8, Lemma 1's weights and the update, are the trainer's (`gvm_trl.weighting`, TRL's loss).
         return self._record_visit(batch)
 
 
 class ProbeAheadSchedule(RolloutSchedule):
     """This batch's allocated rows and the next batch's probes in one generation call (module docstring)."""
 
-    def __init__(self, trainer: _GVMTrainer) -> None:
-        super().__init__(trainer)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.pending: BatchRollouts | None = None
 
     def reset(self) -> None:
@@ -210,64 +254,52 @@ class ProbeAheadSchedule(RolloutSchedule):
         batch = self.pending
         if batch is None or batch.allocation.prompt_keys != keys:
             batch = self._probe_and_plan(prompts, keys)
-        upcoming, upcoming_keys = [], []
-        if not self.trainer._is_last_generation_batch():
-            upcoming, upcoming_keys = self.trainer._upcoming_prompts(keys)
-        if self.trainer.accelerator.num_processes > 1:  # every process probes ahead, or none does
-            upcoming = upcoming if all(gather_object([bool(upcoming)])) else []
-        with self.trainer.stage_timer.stage("phase2", batch.timings):
+        upcoming, upcoming_keys = self.port.upcoming_prompts(keys)
+        with self.timer.stage("phase2", batch.timings):
             batch.allocated, next_probes, fold = self._generate_allocated_and_probes(batch, all_prompts, upcoming)
         self._record_visit(batch)
-        self.pending = None if next_probes is None else self._plan(upcoming_keys, next_probes, {}, fold)
+        self.pending = None
+        if next_probes is not None:
+            timings: dict[str, float] = {}
+            self.pending = BatchRollouts(self._plan(upcoming_keys, next_probes, timings, fold), next_probes, None,
+                                         timings)
         return batch
-
-    def _folds_logps(self, probes: Rollout) -> bool:
-        """Whether the probes' gradient-norm pass, right after their generation and under the same weights, also
-        gives the reused probes' old log-probabilities (one forward for both instead of two)."""
-        return self.args.gvm_reuse_probes and self.rule.needs_grad_norms and self.trainer._folds_sampling_logps(probes)
 
     def _generate_allocated_and_probes(
         self, batch: BatchRollouts, all_prompts: list[dict], upcoming: list[dict]
     ) -> tuple[Rollout | None, Rollout | None, bool]:
         """The allocated completions of `batch` and the N′ probes of each `upcoming` prompt, in one call; and
         whether the probes' gradient-norm pass is to attach their old log-probabilities (else they have them)."""
-        num_processes = self.trainer.accelerator.num_processes
+        num_processes, num_probes = self.settings.num_processes, self.settings.num_probes
         rows, allocated_slots = self._allocated_rows(batch.allocation, all_prompts)
-        probe_rows = [row for row in upcoming for _ in range(self.args.gvm_num_probes)]
+        probe_rows = [row for row in upcoming for _ in range(num_probes)]
         if not rows and not probe_rows:
             return None, None, False
         probe_slots = self._probe_slots() if probe_rows else torch.empty(0, dtype=torch.long)
         # Each process generates its allocated rows, then its probe rows; global rows stay process-major.
         slots = torch.cat([allocated_slots.view(num_processes, -1), probe_slots.view(num_processes, -1)], dim=1)
-        rollout = self.trainer._generate_rollout(
-            rows + probe_rows, group_size=1, prompts=slots.flatten(), phase="round"
-        )
+        rollout = self.port.generate_rollout(rows + probe_rows, 1, slots.flatten(), "round")
         allocated = rollout.part(slice(0, len(rows)), "allocated") if rows else None
         probes = rollout.part(slice(len(rows), None), "probe") if probe_rows else None
         self._count(allocated)
         self._count(probes)
-        fold = probes is not None and self._folds_logps(probes)
-        if probes is not None and self.args.gvm_reuse_probes and not fold:
-            with self.trainer.stage_timer.stage("probe_logps", batch.timings):
-                self.trainer._attach_sampling_logps(probes)
+        if probes is None or not self.settings.reuses_probes:
+            return allocated, probes, False
+        fold = self.settings.rule.needs_grad_norms and self.port.folds_old_logps(probes)
+        if not fold:
+            with self.timer.stage("probe_logps", batch.timings):
+                self.port.attach_old_logps(probes)
         return allocated, probes, fold
 
 
-def resolve_probe_ahead(args, iterable: bool) -> bool:
-    """Whether the config's schedule probes ahead (`gvm_probe_ahead=None`: where the dataset allows it)."""
-    if args.gvm_allocation == "uniform":
-        return False
-    if args.gvm_probe_ahead and iterable:
-        raise NotImplementedError(
-            "gvm_probe_ahead=True needs a map-style training dataset (datasets.Dataset), whose sampler can look "
-            "one generation batch ahead; convert the iterable dataset, or leave gvm_probe_ahead unset (then an "
-            "iterable dataset runs the sequential schedule)."
-        )
-    return not iterable if args.gvm_probe_ahead is None else args.gvm_probe_ahead
-
-
-def schedule_for(trainer: _GVMTrainer, probe_ahead: bool) -> RolloutSchedule:
-    """The schedule the config asks for."""
-    if trainer.args.gvm_allocation == "uniform":
-        return UniformSchedule(trainer)
-    return ProbeAheadSchedule(trainer) if probe_ahead else SequentialSchedule(trainer)
+def build_schedule(
+    port: RolloutPort,
+    settings: ScheduleSettings,
+    timer: StageTimer,
+    history: PromptHistory | None,
+    probe_ahead: bool,
+) -> RolloutSchedule:
+    """The schedule of the rule's policy: uniform, or a probing one run sequentially or probing ahead."""
+    if settings.rule.policy == "uniform":
+        return UniformSchedule(port, settings, timer, history)
+    return (ProbeAheadSchedule if probe_ahead else SequentialSchedule)(port, settings, timer, history)

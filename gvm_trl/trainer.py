@@ -1,7 +1,7 @@
 """`GVMGRPOTrainer` and `GVMRAFTTrainer`: TRL's GRPO trainer with GVM's rollout allocation.
 
 Yao et al. 2025, "Optimizing Chain-of-Thought Reasoners via Gradient Variance Minimization in Rejection Sampling
-and RL" (arXiv:2505.02391). Each generation batch of m prompts (:meth:`_GVMTrainer._generate_training_batch`):
+and RL" (arXiv:2505.02391). Each generation batch of m prompts (:meth:`_GVMTrainer.build_generation_batch`):
 
 1. Probe (Algorithm 2, lines 3-4): N′ completions per prompt through TRL's own generation path, scored by the reward
    functions (`gvm_trl.schedules`).
@@ -22,13 +22,13 @@ and RL" (arXiv:2505.02391). Each generation batch of m prompts (:meth:`_GVMTrain
 
 With ``gvm_allocation="uniform"`` there is no probe round: one generation round of N′ + N/m completions per prompt,
 and with ``gvm_weighting="none"`` the trainers compute exactly what `trl.GRPOTrainer` computes (GRPO) or RAFT++.
-Every override that mirrors TRL code or swaps TRL's private state is tagged in `gvm_trl.trl_compat`.
+The schedule reaches the trainer through the five methods of its port (`gvm_trl.schedules.RolloutPort`); every
+override that mirrors TRL code or writes TRL's private state is tagged in `gvm_trl.trl_compat`.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from typing import Any
 
@@ -40,33 +40,41 @@ from trl import GRPOTrainer
 
 from .advantages import grpo_advantages
 from .batching import as_filler, build_micro_batches, select_rows
-from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig
+from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig, dataset_settings, trainer_config
 from .estimates import PromptHistory
 from .grad_norms import plan_per_sample_grad_norms
-from .measurement import (
-    attach_sampling_logps,
-    folds_sampling_logps,
-    probe_grad_norms,
-    probe_grad_norms_and_sampling_logps,
-)
+from .measurement import MeasurementContext, folds_old_logps, grad_norms, grad_norms_and_old_logps, old_logps
 from .metrics import ALLOCATIONS_FILE, GVM_PAPER, AllocationLog, StageTimer, allocation_metrics, model_card_section
-from .rollout import GenerationBatchSampler, Rollout, concat_rollout_batches
-from .schedules import BatchRollouts, ProbeAheadSchedule, resolve_probe_ahead, schedule_for
+from .rollout import (
+    GenerationBatchSampler,
+    Rollout,
+    accepted_rows,
+    concat_rollout_batches,
+    local_row_index,
+    total_rewards,
+)
+from .schedules import BatchRollouts, ScheduleSettings, build_schedule
 from .state import STATE_FILE, GVMState, checkpoint_step, last_complete_checkpoint
 from .trl_compat import (
     GRPO,
-    UNSUPPORTED_ARGUMENTS,
+    append_metrics,
     captured_call_logs,
     check_supported,
     generation_group_size,
+    generation_batches_done,
+    generation_timed_as_step,
+    is_last_generation_batch,
+    is_sequence_level,
     log_training_rows,
     mirrors,
-    refuse,
-    resized_completion_logs,
+    refuse_unsupported_arguments,
+    resize_completion_logs,
+    skip_micro_step,
 )
-from .weighting import SEQUENCE_LEVEL_LOSSES, per_prompt_sums, prompt_weights, weight_scale
+from .weighting import row_weights, weight_scale
 
 __all__ = ["ALLOCATIONS_FILE", "STATE_FILE", "GVMGRPOTrainer", "GVMRAFTTrainer", "last_complete_checkpoint"]
+
 
 class _GVMTrainer(GRPOTrainer):
     """Shared machinery of the two GVM trainers; subclasses choose training rows and advantages."""
@@ -76,47 +84,25 @@ class _GVMTrainer(GRPOTrainer):
     _paper = GVM_PAPER
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, *trainer_args, **trainer_kwargs):
-        args = self._checked_args(model, args, trainer_kwargs)
-        iterable = isinstance(train_dataset, IterableDataset)
-        probe_ahead = resolve_probe_ahead(args, iterable)
+        args = trainer_config(self.config_class, args, model, self._name, "peft_config" in trainer_kwargs)
+        refuse_unsupported_arguments(trainer_kwargs)  # before TRL validates them
+        probe_ahead, history_decay = dataset_settings(args, isinstance(train_dataset, IterableDataset))
         super().__init__(model, reward_funcs, args, train_dataset, *trainer_args, **trainer_kwargs)
         check_supported(self)
-        if args.gvm_allocation == "gvm" and args.gvm_grad_norms == "measured":  # a bad selection fails here, not at the first batch; the generic rule warns
+        settings = ScheduleSettings.from_config(args, self.accelerator.process_index, self.accelerator.num_processes)
+        if settings.rule.needs_grad_norms:  # a bad selection fails here, not at the first batch; the generic rule warns
             self.grad_norm_plan = plan_per_sample_grad_norms(
                 self.accelerator.unwrap_model(self.model), args.gvm_grad_params, setting="gvm_grad_params"
             )
-        decay = 0.0 if iterable else args.gvm_history_decay_in_use
-        self.gvm_state = GVMState(prompt_history=PromptHistory(decay) if decay else None)
+        self.gvm_state = GVMState(prompt_history=PromptHistory(history_decay) if history_decay else None)
         self.stage_timer = StageTimer(self.gvm_state.rollout_totals)
-        self.schedule = schedule_for(self, probe_ahead)
+        self.schedule = build_schedule(self, settings, self.stage_timer, self.gvm_state.prompt_history, probe_ahead)
         self.allocation_log = AllocationLog(args.output_dir)
         self._warned: set[str] = set()
         self._user_metric_names: set[str] = set()
         self._unfilled_old_logps: torch.Tensor | None = None
         self._prepared: tuple[int, Any] | None = None
-        capacity = args.num_prompts_per_generation * args.gvm_num_probes + args.gvm_budget
-        self._logs = resized_completion_logs(self._logs, capacity)
-
-    def _checked_args(self, model, args, trainer_kwargs) -> GVMArguments:
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = self.config_class(output_dir=f"{str(model_name).split('/')[-1]}-{self._name}")
-        if not isinstance(args, GVMArguments):
-            raise TypeError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}: "
-                f"build the config with {self.config_class.__name__}(...) to get the gvm_* fields."
-            )
-        if args.beta != 0.0 and not isinstance(model, str) and not model.config._name_or_path:
-            if trainer_kwargs.get("peft_config") is None and not hasattr(model, "peft_config"):
-                raise ValueError(
-                    f"beta={args.beta} needs a reference model, which TRL loads from the policy's name or path, but "
-                    "this in-memory model has none: save it (model.save_pretrained(path)) and pass the path, or set "
-                    "beta=0.0."
-                )
-        for name in UNSUPPORTED_ARGUMENTS:  # refused before TRL validates them
-            if trainer_kwargs.get(name):
-                refuse(name)
-        return args
+        resize_completion_logs(self, args.num_prompts_per_generation * args.gvm_num_probes + args.gvm_budget)
 
     @property
     def num_prompts_per_generation(self) -> int:
@@ -130,10 +116,6 @@ class _GVMTrainer(GRPOTrainer):
     @property
     def prompt_history(self) -> PromptHistory | None:
         return self.gvm_state.prompt_history
-
-    @property
-    def _probe_ahead(self) -> bool:
-        return isinstance(self.schedule, ProbeAheadSchedule)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train; ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in `output_dir`.
@@ -170,35 +152,19 @@ class _GVMTrainer(GRPOTrainer):
         """Each prompt's dataset index (for an iterable dataset: its position in the stream the trainer consumed),
         found from the sampler's order, so no extra column reaches TRL, reward functions or callbacks."""
         if getattr(self, "_prompt_sampler", None) is None:
-            first = self._generation_batches_done() * len(all_prompts)
+            first = generation_batches_done(self) * len(all_prompts)
             return list(range(first, first + len(all_prompts)))
         return self._prompt_sampler.indices_of(all_prompts, self._dataset_row)
 
-    def _upcoming_prompts(self, keys: list[int]) -> tuple[list[dict], list[int]]:
-        """This process's share of the next generation batch's prompts and every process's keys (none: empty)."""
-        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
-        rows, following = self._prompt_sampler.upcoming(keys, rank, processes, self._dataset_row)
-        return (self.data_collator(rows) if rows else []), following
-
-    def _micro_steps_done(self) -> int:
-        accumulation = self.args.gradient_accumulation_steps
-        return self.state.global_step * accumulation + self._step % accumulation
-
-    def _generation_batches_done(self) -> int:
-        return self._micro_steps_done() // (self.args.steps_per_generation * self.num_iterations)
-
-    def _is_last_generation_batch(self) -> bool:
-        remaining = self.state.max_steps * self.args.gradient_accumulation_steps - self._micro_steps_done()
-        return remaining <= self.args.steps_per_generation * self.num_iterations
-
     # -- one generation batch: Algorithm 2 -------------------------------------------------------------------------
 
-    def _generate_training_batch(self, prompts: list[dict]) -> dict[str, Any]:
+    def build_generation_batch(self, prompts: list[dict], keys: list[int] | None = None) -> dict[str, Any]:
         """This process's training rows of one generation batch: probe, estimate, allocate and generate (the
-        schedule), then weight."""
+        schedule), then advantages and Lemma 1's weights. `prompts`: this process's distinct prompts; `keys`: every
+        process's prompts' dataset indices (default: found in the sampler's order, as training finds them)."""
         all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
-        rollouts = self.schedule.rollouts(prompts, self._prompt_keys(all_prompts), all_prompts)
-        return self._assemble(rollouts)
+        keys = self._prompt_keys(all_prompts) if keys is None else keys
+        return self._assemble(self.schedule.rollouts(prompts, keys, all_prompts))
 
     @mirrors(f"{GRPO}._prepare_inputs", "1521-1551", "f824e7fb07147956",
              "generate every steps_per_generation × num_iterations micro-steps, buffer, hand out one slice per step")
@@ -210,26 +176,17 @@ class _GVMTrainer(GRPOTrainer):
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             prompts = generation_batch[:: self.num_generations]  # TRL's layout repeats each prompt
-            self._buffered_inputs = self._build_micro_batches(self._generate_training_batch(prompts))
+            self._buffered_inputs = self._build_micro_batches(self.build_generation_batch(prompts))
         self._prepared = (self._step, self._buffered_inputs[self._step % self.args.steps_per_generation])
         return self._prepared[1]
 
-    @mirrors(f"{GRPO}.training_step", "1510-1519", "9e18632f7dd8e8d8",
-             "a skipped micro-step still counts `_step` and logs TRL's step_time, with no backward")
     def training_step(self, model, inputs, num_items_in_batch=None):
-        start = time.perf_counter()
-        model.train()  # as Trainer.training_step does first: `_prepare_inputs` reads the mode
-        skip = self._prepare_inputs(inputs).get("gvm_skip")  # generates here when a generation batch starts
-        self._current_train_step_time += time.perf_counter() - start  # TRL's step time includes generation
-        if not skip:
-            return super().training_step(model, inputs, num_items_in_batch)  # TRL times the rest
-        # Nothing was accepted in this generation batch: no backward, so the optimizer sees no gradient and leaves
-        # the weights (and its moments) unchanged. Every process skips together.
-        self._step += 1
-        if self._step % self.current_gradient_accumulation_steps == 0:
-            self._metrics["train"]["step_time"].append(self._current_train_step_time)
-            self._current_train_step_time = 0.0
-        return torch.zeros((), device=self.accelerator.device)
+        with generation_timed_as_step(self):  # TRL's step time includes generation
+            model.train()  # as Trainer.training_step does first: `_prepare_inputs` reads the mode
+            skip = self._prepare_inputs(inputs).get("gvm_skip")  # generates here when a generation batch starts
+        if skip:  # nothing accepted in this generation batch: no backward on any process, the weights stay
+            return skip_micro_step(self)
+        return super().training_step(model, inputs, num_items_in_batch)  # TRL times the rest
 
     def _build_micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         steps = self.args.steps_per_generation
@@ -241,8 +198,8 @@ class _GVMTrainer(GRPOTrainer):
                 return sizes
             return gather(sizes.to(self.accelerator.device)).view(-1, steps).max(dim=0).values
 
-        sequence_level = self.loss_type in SEQUENCE_LEVEL_LOSSES
-        return build_micro_batches(batch, steps, self._pad_values(), sequence_level, max_over_processes)
+        return build_micro_batches(batch, steps, self._pad_values(), is_sequence_level(self.loss_type),
+                                   max_over_processes)
 
     # -- TRL's generation, one call ----------------------------------------------------------------------------------
 
@@ -258,49 +215,60 @@ class _GVMTrainer(GRPOTrainer):
         self._completion_stats = (lengths, torch.tensor(truncated))
         return output
 
-    def _generate_rollout(self, rows: list[dict], group_size: int, prompts: torch.Tensor, phase: str) -> Rollout:
+    def _log_metric(self, name: str, value: float):
+        self._user_metric_names.add(name)
+        super()._log_metric(name, value)
+
+    # -- the schedule's port (`gvm_trl.schedules.RolloutPort`) ----------------------------------------------------
+
+    def generate_rollout(self, rows: list[dict], group_size: int, prompts: torch.Tensor, phase: str) -> Rollout:
         """TRL's generate-and-score for `rows` (`group_size` consecutive rows per prompt), with every process's
         per-row facts; `prompts` holds each global row's prompt slot (-1: padding)."""
-        step = self.state.global_step
         with generation_group_size(self, group_size), captured_call_logs(self, self._user_metric_names) as logged:
             batch = super()._generate_and_score_completions(rows)
             lengths, truncated = self._completion_stats
-        names = self.reward_func_names
-        rewards_per_func = torch.tensor([logged["rewards"][name] for name in names], dtype=torch.float32)
-        rewards_per_func = rewards_per_func.T.reshape(len(prompts), len(names))
-        rewards = (rewards_per_func * self.reward_weights.cpu()).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1) | (prompts < 0)] = torch.nan
+        rewards_per_func, rewards = total_rewards(logged["rewards"], self.reward_func_names, self.reward_weights,
+                                                  prompts)
         if self.accelerator.num_processes > 1:
             lengths = gather(lengths.to(self.accelerator.device)).cpu()
             truncated = gather(truncated.to(self.accelerator.device)).cpu()
         scored = rewards[~torch.isnan(rewards)]
         if scored.numel():
             self.gvm_state.note_rewards(scored.min().item(), scored.max().item())
+        accepted = accepted_rows(rewards, prompts, self.args.gvm_accept_threshold)
         logged = {key: value for key, value in logged.items() if key != "images"}
-        return Rollout(batch, prompts, rewards_per_func, rewards, lengths, truncated, logged, step, phase,
-                       self.accelerator.num_processes)
+        return Rollout(batch, prompts, rewards_per_func, rewards, accepted, self._trains(prompts, accepted), lengths,
+                       truncated, logged, self.state.global_step, phase, self.accelerator.num_processes)
 
-    def _log_metric(self, name: str, value: float):
-        self._user_metric_names.add(name)
-        super()._log_metric(name, value)
+    def probe_grad_norms(self, probes: Rollout, *, with_old_logps: bool = False) -> torch.Tensor:
+        if not with_old_logps:
+            return grad_norms(self._measurement_context(), probes)
+        norms, probes.batch["old_per_token_logps"] = grad_norms_and_old_logps(self._measurement_context(), probes)
+        return norms
 
-    # -- estimates: acceptance and the gradient-norm pass ----------------------------------------------------------
+    def folds_old_logps(self, probes: Rollout) -> bool:
+        return folds_old_logps(self._measurement_context(), probes)
 
-    def _accepted(self, rollout: Rollout) -> torch.Tensor:
-        return (rollout.rewards >= self.args.gvm_accept_threshold) & (rollout.prompts >= 0)
+    def attach_old_logps(self, probes: Rollout) -> None:
+        logps = old_logps(self._measurement_context(), probes)
+        if logps is not None:  # (None: TRL computed them itself)
+            probes.batch["old_per_token_logps"] = logps
 
-    def _probe_grad_norms(self, probes: Rollout, accepted: torch.Tensor, sampling_logps: bool = False) -> torch.Tensor:
-        """The accepted probes' norms; with `sampling_logps`, the same forward attaches the old log-probabilities
-        of the probes that train (only where `_folds_sampling_logps` holds)."""
-        if sampling_logps:
-            return probe_grad_norms_and_sampling_logps(self, probes, accepted)
-        return probe_grad_norms(self, probes, accepted)
+    def upcoming_prompts(self, keys: list[int]) -> tuple[list[dict], list[int]]:
+        rows, following = [], []
+        if not is_last_generation_batch(self):
+            rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+            rows, following = self._prompt_sampler.upcoming(keys, rank, processes, self._dataset_row)
+        if self.accelerator.num_processes > 1 and not all(gather_object([bool(rows)])):
+            rows, following = [], []  # every process probes ahead, or none does
+        return (self.data_collator(rows) if rows else []), following
 
-    def _folds_sampling_logps(self, probes: Rollout) -> bool:
-        return folds_sampling_logps(self, probes, self._accepted(probes))
+    def warn_no_accepted_probe(self) -> None:
+        self._warn_once("fallback", self.gvm_state.fallback_message(type(self).__name__, self.args))
 
-    def _attach_sampling_logps(self, probes: Rollout) -> None:
-        attach_sampling_logps(self, probes)
+    def _measurement_context(self) -> MeasurementContext:
+        return MeasurementContext.from_config(self.args, self.model, self.model_wrapped, self.accelerator,
+                                              self.temperature, self._get_per_token_logps_and_entropies)
 
     # -- weight: the training rows, advantages and Lemma 1 weights ---------------------------------------------------
 
@@ -308,10 +276,10 @@ class _GVMTrainer(GRPOTrainer):
         """Training rows, advantages and weights of one generation batch (this process's share)."""
         reused = rollouts.probes if self.args.gvm_reuse_probes else None
         parts = [p for p in (reused, rollouts.allocated) if p is not None]
-        prompts = torch.cat([p.prompts for p in parts])
-        accepted = torch.cat([self._accepted(p) for p in parts])
-        advantages, trains = self._advantages(parts, prompts, accepted)
-        weights = self._row_weights(rollouts, prompts, accepted, trains)
+        prompts, trains = torch.cat([p.prompts for p in parts]), torch.cat([p.trains for p in parts])
+        accepted = torch.cat([p.accepted for p in parts])
+        weights = row_weights(self.args.gvm_weighting, rollouts.allocation.accept_rates, prompts, accepted, trains,
+                              self.num_prompts_per_generation)
         empty = not trains.any()
         self._log_allocation(rollouts, empty)
         if empty:
@@ -319,15 +287,14 @@ class _GVMTrainer(GRPOTrainer):
             return {"gvm_skip": True}
         self.gvm_state.consecutive_empty = 0
 
-        local = self._local_rows(parts)
+        local = local_row_index(parts, self.accelerator.process_index)
         batch = concat_rollout_batches([p.batch for p in parts], self._pad_values())
         keep = trains[local].nonzero().flatten()
         tokens = batch["completion_mask"].sum(dim=1).cpu()
         if self.args.gvm_weighting != "none":  # every ω_r = 1 otherwise: exactly TRL's loss
-            sequence_level = self.loss_type in SEQUENCE_LEVEL_LOSSES
-            weights = weights * weight_scale(weights[local][keep], tokens[keep].double(), sequence_level,
-                                             self._global_sum)
-        effective = (advantages.double() * weights).float()
+            weights = weights * weight_scale(weights[local][keep], tokens[keep].double(),
+                                             is_sequence_level(self.loss_type), self._global_sum)
+        effective = (self._advantages(parts, prompts).double() * weights).float()
         batch["advantages"] = effective[local].to(self.accelerator.device)
         batch["gvm_weight"] = weights[local].float().to(self.accelerator.device)  # for inspection; TRL ignores it
         log_training_rows(self, parts, trains, effective, batch, keep)
@@ -336,29 +303,12 @@ class _GVMTrainer(GRPOTrainer):
         batch["num_items_in_batch"] = self._global_sum(tokens[keep].sum()).to(self.accelerator.device)
         return batch
 
-    def _row_weights(self, rollouts, prompts, accepted, trains) -> torch.Tensor:
-        """Each training row's per-prompt weight (0 for rows that do not train)."""
-        num_prompts = self.num_prompts_per_generation
-        drawn = per_prompt_sums(torch.ones(len(prompts)), prompts, num_prompts)
-        accepted_count = per_prompt_sums(accepted.double(), prompts, num_prompts)
-        planned_rates = rollouts.allocation.accept_rates
-        weights = prompt_weights(self.args.gvm_weighting, planned_rates, drawn, accepted_count)[prompts.clamp(min=0)]
-        return torch.where(trains, weights, torch.zeros_like(weights))
-
-    def _local_rows(self, parts: list[Rollout]) -> torch.Tensor:
-        """Global row indices (into the parts' concatenation) of this process's rows, in local order."""
-        rank, offset, rows = self.accelerator.process_index, 0, []
-        for part in parts:
-            rows.append(offset + torch.arange(len(part.prompts))[part.local_rows(rank)])
-            offset += len(part.prompts)
-        return torch.cat(rows)
-
-    def _advantages(self, parts, prompts, accepted) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row advantages and which rows train, over the whole generation batch (all processes)."""
+    def _advantages(self, parts: list[Rollout], prompts: torch.Tensor) -> torch.Tensor:
+        """Per-row advantages over the whole generation batch (all processes)."""
         raise NotImplementedError
 
-    def _trains(self, rollout: Rollout) -> torch.Tensor:
-        """Which rows of `rollout` (all processes) will be trained on."""
+    def _trains(self, prompts: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+        """Which rows (all processes) will be trained on."""
         raise NotImplementedError
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -396,14 +346,12 @@ class _GVMTrainer(GRPOTrainer):
 
     def _log_allocation(self, rollouts: BatchRollouts, empty: bool) -> None:
         """The batch's `gvm/` metrics and its line of the allocation log."""
-        allocation, metrics = rollouts.allocation, self._metrics["train"]
-        reused = self.args.gvm_num_probes if self.args.gvm_reuse_probes else 0
-        values = allocation_metrics(allocation, rollouts.timings, reused, self.args.gvm_alpha, self.args.gvm_beta)
-        for name, value in values.items():
-            metrics[name].append(value)
-        metrics["gvm/empty_batches"] = [float(self.gvm_state.empty_batches + empty)]  # running count: its last value
+        allocation = rollouts.allocation
+        values = allocation_metrics(allocation, rollouts.timings, self.args.gvm_reused_probes, self.args.gvm_alpha,
+                                    self.args.gvm_beta)
         if allocation.probe_step is not None:
-            metrics["gvm/probe_age"].append(float(self.state.global_step - allocation.probe_step))
+            values["gvm/probe_age"] = float(self.state.global_step - allocation.probe_step)
+        append_metrics(self, values, running={"gvm/empty_batches": float(self.gvm_state.empty_batches + empty)})
         if self.accelerator.is_main_process:
             self.allocation_log.append(allocation.log_line(self.state.global_step, rollouts.allocated_accepted))
 
@@ -411,9 +359,6 @@ class _GVMTrainer(GRPOTrainer):
         """A generation batch with nothing to train on (RAFT++: nothing accepted): warn once, stop after K in a row."""
         message = self.gvm_state.note_empty_batch(type(self).__name__, self.args)
         self._warn_once("empty", message)
-
-    def _warn_no_accepted_probe(self) -> None:
-        self._warn_once("fallback", self.gvm_state.fallback_message(type(self).__name__, self.args))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -463,16 +408,16 @@ class GVMGRPOTrainer(_GVMTrainer):
     config_class = GVMGRPOConfig
     _name = "GVM-GRPO"
 
-    def _trains(self, rollout):
-        return rollout.prompts >= 0
+    def _trains(self, prompts, accepted):
+        return prompts >= 0
 
-    def _advantages(self, parts, prompts, accepted):
+    def _advantages(self, parts, prompts):
         if len(parts) == 1 and self.args.gvm_allocation == "uniform":
             # One round grouped exactly as TRL groups it: TRL's own advantages (all processes, as it logged them).
-            return torch.tensor(parts[0].logged["advantages"], dtype=torch.float32), prompts >= 0
+            return torch.tensor(parts[0].logged["advantages"], dtype=torch.float32)
         rewards_per_func = torch.cat([p.rewards_per_func for p in parts])
         rewards_per_func[prompts < 0] = torch.nan
-        advantages = grpo_advantages(
+        return grpo_advantages(
             rewards_per_func,
             self.reward_weights.cpu(),
             prompts.clamp(min=0),
@@ -480,7 +425,6 @@ class GVMGRPOTrainer(_GVMTrainer):
             scale=self.scale_rewards,
             aggregation=self.multi_objective_aggregation,
         )
-        return advantages, prompts >= 0
 
 
 class GVMRAFTTrainer(_GVMTrainer):
@@ -497,9 +441,9 @@ class GVMRAFTTrainer(_GVMTrainer):
     config_class = GVMRAFTConfig
     _name = "GVM-RAFT++"
 
-    def _trains(self, rollout):
-        return self._accepted(rollout)
+    def _trains(self, prompts, accepted):
+        return accepted
 
-    def _advantages(self, parts, prompts, accepted):
+    def _advantages(self, parts, prompts):
         rewards = torch.cat([p.rewards for p in parts])
-        return torch.nan_to_num(rewards, nan=0.0).clamp(min=0.0), accepted
+        return torch.nan_to_num(rewards, nan=0.0).clamp(min=0.0)

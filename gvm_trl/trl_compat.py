@@ -6,9 +6,11 @@ TRL version and lines it was written against, and a hash of that function's sour
 hashes the installed TRL's source of every entry, so a TRL upgrade that changes a mirrored function fails there,
 naming the override to re-read, instead of silently diverging for a user.
 
-The code below is the only code that swaps or writes TRL's private state: `num_generations`, `_logs`, `_metrics`
-and `state.num_input_tokens_seen` for the length of one generation call, and TRL's completion, reward and sampling
-metrics and completions table for the rows a generation batch trains on.
+TRL's private state is written only here and in the trainer's overrides of the TRL methods that own it (tagged too):
+the functions below swap `num_generations`, `_logs`, `_metrics` and `state.num_input_tokens_seen` for the length of
+one generation call, write TRL's completion, reward and sampling metrics and completions table for the rows a
+generation batch trains on, append the `gvm/` metrics, and count a skipped micro-step as TRL counts a step; the
+trainer's `_prepare_inputs` fills TRL's generation buffer as TRL's does.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from datasets import IterableDataset
 from trl.trainer.utils import nanmax, nanmin, nanstd
 
 from .batching import build_micro_batches, select_rows
@@ -32,19 +34,23 @@ from .rollout import GenerationBatchSampler
 __all__ = [
     "MIRRORS",
     "Mirror",
+    "append_metrics",
     "captured_call_logs",
+    "check_supported",
+    "generation_batches_done",
     "generation_group_size",
+    "generation_timed_as_step",
+    "is_last_generation_batch",
+    "is_sequence_level",
     "log_sampling_metrics",
     "log_training_rows",
     "mirrors",
-    "resized_completion_logs",
-    "check_supported",
     "refuse",
+    "refuse_unsupported_arguments",
+    "resize_completion_logs",
+    "skip_micro_step",
     "source_hash",
 ]
-
-TRL_VERSION = "1.16.0"
-
 
 @dataclass(frozen=True)
 class Mirror:
@@ -144,8 +150,8 @@ def captured_call_logs(trainer, user_metric_names: set[str]):
 
 @mirrors(f"{GRPO}.__init__", "1088-1095 of 302-1241", "18f01b7a46c9544b",
          "TRL sizes its completions table (`_logs`) for one generation batch")
-def resized_completion_logs(logs: dict[str, Any], capacity: int) -> dict[str, Any]:
-    """TRL's completions table (`trainer._logs`) with room for `capacity` rows: a GVM generation batch can train on
+def resize_completion_logs(trainer, capacity: int) -> None:
+    """Give TRL's completions table (`trainer._logs`) room for `capacity` rows: a GVM generation batch can train on
     more rows than TRL's (probes plus allocated completions)."""
 
     def resized(container):
@@ -155,7 +161,68 @@ def resized_completion_logs(logs: dict[str, Any], capacity: int) -> dict[str, An
         grown.update({name: deque(values, maxlen=capacity) for name, values in container.items()})
         return grown
 
-    return {key: resized(value) for key, value in logs.items()}
+    trainer._logs = {key: resized(value) for key, value in trainer._logs.items()}
+
+
+@mirrors(f"{GRPO}._compute_loss", "3153-3185 of 3020-3290", "80295546bbdbf6f7",
+         "which loss types average per sequence (grpo, sapo, dr_grpo, luspo) rather than over the batch's tokens")
+def is_sequence_level(loss_type: str) -> bool:
+    """Whether TRL's `loss_type` aggregates per sequence (each row counts alike) rather than per token."""
+    return loss_type in ("grpo", "sapo", "luspo", "dr_grpo")
+
+
+@mirrors(f"{GRPO}.log", "3302-3381", "1e7772819cc8cf09",
+         "log() averages each `_metrics[mode]` list over the logging steps")
+def append_metrics(trainer, values: dict[str, float], running: dict[str, float] | None = None) -> None:
+    """Add one generation batch's values to TRL's train metrics (averaged per logging step); a `running` metric
+    (a count over the run) keeps only its latest value."""
+    metrics = trainer._metrics["train"]
+    for name, value in values.items():
+        metrics[name].append(value)
+    for name, value in (running or {}).items():
+        metrics[name] = [value]
+
+
+@mirrors(f"{GRPO}._prepare_inputs", "1521-1551", "f824e7fb07147956",
+         "TRL generates a batch every steps_per_generation × num_iterations micro-steps, counted by `_step`")
+def generation_batches_done(trainer) -> int:
+    """Generation batches the run has drawn so far (a resumed run counts those before its checkpoint)."""
+    return _micro_steps_done(trainer) // (trainer.args.steps_per_generation * trainer.num_iterations)
+
+
+def is_last_generation_batch(trainer) -> bool:
+    """Whether the generation batch starting now is the run's last (`max_steps` ends within it)."""
+    remaining = trainer.state.max_steps * trainer.args.gradient_accumulation_steps - _micro_steps_done(trainer)
+    return remaining <= trainer.args.steps_per_generation * trainer.num_iterations
+
+
+def _micro_steps_done(trainer) -> int:
+    accumulation = trainer.args.gradient_accumulation_steps
+    return trainer.state.global_step * accumulation + trainer._step % accumulation
+
+
+@contextmanager
+@mirrors(f"{GRPO}.training_step", "1510-1519", "9e18632f7dd8e8d8",
+         "TRL's step_time counts what runs inside training_step, generation included")
+def generation_timed_as_step(trainer):
+    """Count the block's seconds into TRL's step time, as TRL's `training_step` counts its generation."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        trainer._current_train_step_time += time.perf_counter() - start
+
+
+@mirrors(f"{GRPO}.training_step", "1510-1519", "9e18632f7dd8e8d8",
+         "a skipped micro-step still counts `_step` and logs TRL's step_time, with no backward")
+def skip_micro_step(trainer) -> torch.Tensor:
+    """A micro-step with nothing to train on: counted as TRL counts a step (its `_step`, its `step_time` at the end
+    of an accumulation window), with no backward, so the optimizer sees no gradient; returns a zero loss."""
+    trainer._step += 1
+    if trainer._step % trainer.current_gradient_accumulation_steps == 0:
+        trainer._metrics["train"]["step_time"].append(trainer._current_train_step_time)
+        trainer._current_train_step_time = 0.0
+    return torch.zeros((), device=trainer.accelerator.device)
 
 
 @mirrors(f"{GRPO}._generate_and_score_completions", "2290-2310, 2820-2858 of 2324-2936", "1fa48922792dcd5c",
@@ -228,6 +295,13 @@ def log_sampling_metrics(trainer, batch: dict | None) -> None:
 UNSUPPORTED_ARGUMENTS = ("tools", "environment_factory", "rollout_func")
 
 
+def refuse_unsupported_arguments(trainer_kwargs: dict) -> None:
+    """Refuse, by name, the `trl.GRPOTrainer` arguments the GVM trainers do not support (before TRL reads them)."""
+    for name in UNSUPPORTED_ARGUMENTS:
+        if trainer_kwargs.get(name):
+            refuse(name)
+
+
 def check_supported(trainer) -> None:
     """Refuse, by name, what the GVM trainers do not support (read from the built `trl.GRPOTrainer`)."""
     unsupported = {
@@ -239,11 +313,6 @@ def check_supported(trainer) -> None:
     for name, present in unsupported.items():
         if present:
             refuse(name)
-    if trainer.args.gvm_history_decay and isinstance(trainer.train_dataset, IterableDataset):
-        raise NotImplementedError(
-            "gvm_history_decay keys each prompt's history by its dataset index, which an iterable dataset "
-            "does not have; use a map-style dataset (datasets.Dataset) or leave gvm_history_decay unset."
-        )
     if trainer._dist.is_zero3 and not trainer.args.ds3_gather_for_generation and trainer.args.gvm_allocation == "gvm":
         # The norm hooks read the measured parameters whole; ZeRO-3's layer-by-layer gathering frees them first.
         raise NotImplementedError(

@@ -14,19 +14,9 @@ from typing import Callable
 import torch
 
 from .allocation import lemma1_weights, mean_weights
+from .planner import per_prompt_sums
 
-__all__ = ["SEQUENCE_LEVEL_LOSSES", "per_prompt_sums", "prompt_weights", "weight_scale"]
-
-# Loss types whose aggregation averages per sequence: their weights are normalised per row, the others' per token.
-SEQUENCE_LEVEL_LOSSES = ("grpo", "sapo", "luspo", "dr_grpo")
-
-
-def per_prompt_sums(values: torch.Tensor, slots: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """Float64 per-prompt sums of per-row `values`; rows whose slot is negative (padding) are left out."""
-    valid = slots >= 0
-    totals = torch.zeros(num_prompts, dtype=torch.float64)
-    return totals.index_add_(0, slots[valid], values[valid].double())
-
+__all__ = ["prompt_weights", "row_weights", "weight_scale"]
 
 def prompt_weights(
     mode: str, planned_rates: list[float], drawn: torch.Tensor, accepted: torch.Tensor
@@ -48,6 +38,23 @@ def prompt_weights(
     pooled = torch.maximum(accepted, floor) / drawn.clamp(min=1)
     rates = torch.where(rates > 0, rates, pooled)
     return torch.tensor(lemma1_weights(drawn.tolist(), rates.tolist()), dtype=torch.float64)
+
+
+def row_weights(
+    mode: str,
+    planned_rates: list[float],
+    prompts: torch.Tensor,
+    accepted: torch.Tensor,
+    trains: torch.Tensor,
+    num_prompts: int,
+) -> torch.Tensor:
+    """Each row's factor ω_r of a generation batch (0 for rows that do not train): its prompt's
+    :func:`prompt_weights`, counting every row drawn for the prompt (reused probes included) and its accepted rows.
+    `prompts`: each row's prompt slot (-1: padding); `planned_rates`: the estimates the allocation used."""
+    drawn = per_prompt_sums(torch.ones(len(prompts)), prompts, num_prompts)
+    accepted_count = per_prompt_sums(accepted.double(), prompts, num_prompts)
+    weights = prompt_weights(mode, planned_rates, drawn, accepted_count)[prompts.clamp(min=0)]
+    return torch.where(trains, weights, torch.zeros_like(weights))
 
 
 def weight_scale(

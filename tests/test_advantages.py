@@ -17,15 +17,20 @@ GROUP, PROMPTS = 4, 2
 
 
 def trl_advantages(tmp_path, tokenizer, rewards_per_func, weights, **options) -> torch.Tensor:
-    """TRL's `_generate_and_score_completions` on one generation batch whose rewards are `rewards_per_func`."""
-    functions = [lambda completions, **kw: [0.0] * len(completions) for _ in range(rewards_per_func.shape[1])]
-    for i, f in enumerate(functions):
-        f.__name__ = f"reward_{i}"
+    """TRL's `_generate_and_score_completions` on one generation batch whose rewards are `rewards_per_func`: each
+    reward function returns its column, in row order (None where NaN: what TRL reads as unscored)."""
+
+    def column(k):
+        def reward(completions, **kw):
+            return [None if math.isnan(v) else v for v in rewards_per_func[:, k].tolist()]
+
+        reward.__name__ = f"reward_{k}"
+        return reward
+
     args = config(GRPOConfig, tmp_path, per_device_train_batch_size=GROUP * PROMPTS, num_generations=GROUP,
                   reward_weights=weights, **options)
-    trainer = GRPOTrainer(model=make_tiny_llama(tokenizer), reward_funcs=functions, args=args,
-                          train_dataset=prompt_dataset(), processing_class=tokenizer)
-    trainer._calculate_rewards = lambda *a, **k: rewards_per_func.clone()
+    trainer = GRPOTrainer(model=make_tiny_llama(tokenizer), reward_funcs=[column(k) for k in range(rewards_per_func.shape[1])],
+                          args=args, train_dataset=prompt_dataset(), processing_class=tokenizer)
     rows = [trainer.train_dataset[i] for i in range(PROMPTS) for _ in range(GROUP)]
     trainer.model.train()
     return trainer._generate_and_score_completions(rows)["advantages"]

@@ -21,16 +21,51 @@ def prompts_per_step(trainer) -> list[list[int]]:
     return [[p["index"] for p in record["prompts"]] for record in read_allocations(trainer)]
 
 
-def count_generation_calls(trainer) -> list[int]:
-    """Rows of every generation call the trainer makes (TRL's `_generate`), filled in as it trains."""
-    calls, generate = [], trainer._generate
+class RecordingPort:
+    """The trainer's port to its schedule, recording what the schedule asks: the rows of every generation call,
+    every gradient-norm pass (whether it attached old log-probabilities) and every separate log-probability pass.
+    `folds` overrides the fold decision (the CPU cost rule aside); `check_norms` sees every gradient-norm pass."""
 
-    def counting(prompts):
-        calls.append(len(prompts))
-        return generate(prompts)
+    def __init__(self, trainer, folds=None, check_norms=None):
+        self.port, self.folds, self.check_norms = trainer.schedule.port, folds, check_norms
+        self.calls, self.norm_passes, self.logps_passes = [], [], []
+        trainer.schedule.port = self
 
-    trainer._generate = counting
-    return calls
+    def __getattr__(self, name):
+        return getattr(self.port, name)
+
+    def generate_rollout(self, rows, *args, **kwargs):
+        self.calls.append(len(rows))
+        return self.port.generate_rollout(rows, *args, **kwargs)
+
+    def probe_grad_norms(self, probes, *, with_old_logps=False):
+        self.norm_passes.append(with_old_logps)
+        if self.check_norms is not None:
+            return self.check_norms(probes, with_old_logps)
+        return self.port.probe_grad_norms(probes, with_old_logps=with_old_logps)
+
+    def folds_old_logps(self, probes):
+        return self.port.folds_old_logps(probes) if self.folds is None else self.folds
+
+    def attach_old_logps(self, probes):
+        self.logps_passes.append(probes)
+        return self.port.attach_old_logps(probes)
+
+
+class CheckedSchedule:
+    """The trainer's schedule, with `check(rollouts)` run on every generation batch it returns."""
+
+    def __init__(self, trainer, check):
+        self.schedule, self.check = trainer.schedule, check
+        trainer.schedule = self
+
+    def __getattr__(self, name):
+        return getattr(self.schedule, name)
+
+    def rollouts(self, *args):
+        rollouts = self.schedule.rollouts(*args)
+        self.check(rollouts)
+        return rollouts
 
 
 @pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
@@ -63,13 +98,10 @@ def test_one_generation_round_per_batch(tmp_path, char_tokenizer):
         }
         trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / schedule, char_tokenizer, max_steps=3,
                                **options)
-        calls = count_generation_calls(trainer)
-        norm_passes = []
-        measure = trainer._probe_grad_norms
-        trainer._probe_grad_norms = lambda *a, **k: norm_passes.append(1) or measure(*a, **k)
+        port = RecordingPort(trainer)
         trainer.train()
-        assert calls == rows, schedule
-        assert len(norm_passes) == {"sequential": 3, "probe-ahead": 3, "uniform": 0}[schedule]
+        assert port.calls == rows, schedule
+        assert len(port.norm_passes) == {"sequential": 3, "probe-ahead": 3, "uniform": 0}[schedule]
         assert trainer.rollout_totals["probe_completions"] == (0 if schedule == "uniform" else 3 * 8)
         assert getattr(trainer.schedule, "pending", None) is None  # nothing left probed at the end
 
@@ -80,9 +112,7 @@ def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_pat
     drawn_by = copy.deepcopy(trainer.model)  # the weights of step 0, which draw the second batch's probes
     checked = []
 
-    original = trainer._assemble
-
-    def check_then_assemble(rollouts):
+    def check(rollouts):
         probes = rollouts.probes
         if probes is not None and probes.step == 0 and trainer.state.global_step == 1:
             batch = probes.batch
@@ -93,16 +123,15 @@ def test_reused_probes_carry_the_log_probs_of_the_weights_that_drew_them(tmp_pat
                 then, _, _ = trainer._get_per_token_logps_and_entropies(drawn_by, ids, mask, width)
                 now, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width)
             # RAFT++ trains only the accepted probes: they, and only they, carry log-probabilities.
-            accepted = trainer._accepted(probes)
+            accepted = probes.accepted
             assert torch.isnan(batch["old_per_token_logps"][~accepted]).all()
             loss_mask = batch["completion_mask"].bool() & accepted.unsqueeze(1)
             assert loss_mask.any()
             assert torch.allclose(batch["old_per_token_logps"][loss_mask], then[loss_mask], atol=1e-5)
             assert not torch.allclose(batch["old_per_token_logps"][loss_mask], now[loss_mask], atol=1e-4)
             checked.append(True)
-        return original(rollouts)
 
-    trainer._assemble = check_then_assemble
+    CheckedSchedule(trainer, check)
     trainer.train()
     assert checked == [True]
     assert [r["probe_step"] for r in read_allocations(trainer)] == [0, 0]
@@ -116,24 +145,19 @@ def test_folded_old_log_probs_are_trls_own(trainer_cls, config_cls, tmp_path, ch
     and to the separate pass it replaces, which does not run; the norms equal the separate pass's."""
     from datasets import Dataset
 
-    from gvm_trl.measurement import attach_sampling_logps, probe_grad_norms
-
     ragged = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Q{i}: {i}+1" + "?" * (1 + i % 7)}]}
                                 for i in range(32)])  # prompts of several lengths: left padding
     trainer = make_trainer(trainer_cls, config_cls, tmp_path, char_tokenizer, max_steps=2, gvm_probe_ahead=True,
                            temperature=0.7, learning_rate=1e-2, dataset=ragged)
-    trainer._folds_sampling_logps = lambda probes: True  # whatever the CPU cost rule says of this batch
-    separate, checked = [], []
-    trainer._attach_sampling_logps = lambda probes: separate.append(probes)
-    measure = trainer._probe_grad_norms
+    checked = []
 
-    def measure_and_check(probes, accepted, sampling_logps=False):
+    def measure_and_check(probes, with_old_logps):
         unfused = copy.deepcopy(probes)
-        norms = measure(probes, accepted, sampling_logps=sampling_logps)
-        if not sampling_logps:
+        norms = trainer.probe_grad_norms(probes, with_old_logps=with_old_logps)
+        if not with_old_logps:
             return norms
         batch = probes.batch
-        trains = trainer._trains(probes)
+        trains = probes.trains
         assert torch.isnan(batch["old_per_token_logps"][~trains]).all()
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -143,15 +167,15 @@ def test_folded_old_log_probs_are_trls_own(trainer_cls, config_cls, tmp_path, ch
                 trainer.model, ids[trains], mask[trains], batch["completion_ids"].size(1))
         fused = batch["old_per_token_logps"][trains]
         assert (fused - trl).abs().max() <= 1e-6
-        attach_sampling_logps(trainer, unfused)
+        trainer.attach_old_logps(unfused)
         assert (fused - unfused.batch["old_per_token_logps"][trains]).abs().max() <= 1e-6
-        torch.testing.assert_close(norms, probe_grad_norms(trainer, unfused, accepted), rtol=1e-5, atol=0)
+        torch.testing.assert_close(norms, trainer.probe_grad_norms(unfused), rtol=1e-5, atol=0)
         checked.append(int(trains.sum()))
         return norms
 
-    trainer._probe_grad_norms = measure_and_check
+    port = RecordingPort(trainer, folds=True, check_norms=measure_and_check)  # whatever the CPU cost rule says
     trainer.train()
-    assert len(checked) == 1 and checked[0] > 0 and separate == []
+    assert len(checked) == 1 and checked[0] > 0 and port.logps_passes == []
     assert trainer.rollout_totals["time_probe_logps"] == 0 < trainer.rollout_totals["time_grad_norms"]
 
 
@@ -163,13 +187,11 @@ def test_folded_and_separate_log_prob_passes_train_alike(trainer_cls, config_cls
     for fold in (True, False):
         trainer = make_trainer(trainer_cls, config_cls, tmp_path / str(fold), char_tokenizer, max_steps=3,
                                gvm_probe_ahead=True, temperature=0.7, learning_rate=1e-2)
-        attach, forwards = trainer._attach_sampling_logps, []
-        trainer._attach_sampling_logps = lambda probes: forwards.append(1) or attach(probes)
-        trainer._folds_sampling_logps = lambda probes, fold=fold: fold  # (the CPU cost rule aside)
+        port = RecordingPort(trainer, folds=fold)  # (the CPU cost rule aside)
         trainer.train()
         logs = [e for e in trainer.state.log_history if "loss" in e]
         runs[fold] = (logs, read_allocations(trainer), [p.detach().clone() for p in trainer.model.parameters()],
-                      len(forwards), trainer.rollout_totals["time_probe_logps"])
+                      len(port.logps_passes), trainer.rollout_totals["time_probe_logps"])
     (fused_logs, fused_alloc, fused_weights, fused_forwards, fused_time) = runs[True]
     (logs, alloc, weights, forwards, seconds) = runs[False]
     assert fused_forwards == fused_time == 0 and forwards == 2 and seconds > 0
@@ -190,23 +212,20 @@ def test_folded_and_separate_log_prob_passes_train_alike(trainer_cls, config_cls
 def test_the_fold_runs_where_one_pass_costs_less(tmp_path, char_tokenizer):
     """On a CPU the fused pass costs 3·(a + r) forwards, the separate passes 3·a + (a + r), for a accepted probes and
     r that train unaccepted: fold iff 2·r ≤ a. RAFT++ trains only accepted rows (r = 0): it always folds."""
-    from gvm_trl.measurement import folds_sampling_logps
+    from types import SimpleNamespace
 
     trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, max_steps=1, gvm_probe_ahead=True)
 
-    class Probes:
-        def __init__(self, batch):
-            self.batch = batch
+    def probes(accepted, trains, batch=None):
+        return SimpleNamespace(batch={} if batch is None else batch, accepted=accepted, trains=trains)
 
-    trains = torch.ones(6, dtype=torch.bool)
-    trainer._trains = lambda rollout: trains
+    every = torch.ones(6, dtype=torch.bool)
     for accepted_count, folds in ((6, True), (4, True), (3, False), (0, False)):  # GRPO: every probe trains
         accepted = torch.arange(6) < accepted_count
-        assert folds_sampling_logps(trainer, Probes({}), accepted) is folds, accepted_count
+        assert trainer.folds_old_logps(probes(accepted, every)) is folds, accepted_count
     accepted = torch.arange(6) < 1
-    trainer._trains = lambda rollout: accepted  # RAFT++: the accepted rows train
-    assert folds_sampling_logps(trainer, Probes({}), accepted)
-    assert not folds_sampling_logps(trainer, Probes({"old_per_token_logps": None}), trains)  # TRL's own
+    assert trainer.folds_old_logps(probes(accepted, accepted))  # RAFT++: the accepted rows train
+    assert not trainer.folds_old_logps(probes(every, every, {"old_per_token_logps": None}))  # TRL's own
 
 
 def test_on_policy_rows_beside_reused_probes_take_the_current_log_probs(tmp_path, char_tokenizer):
@@ -348,16 +367,16 @@ def test_exploration_floor_samples_prompts_whose_probes_all_failed(tmp_path, cha
 
 
 def test_logged_completions_and_metrics_describe_the_training_rows(tmp_path, char_tokenizer):
-    trainer = make_trainer(GVMRAFTTrainer, GVMRAFTConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16,
-                           max_steps=1, gvm_probe_ahead=False)
     captured = {}
-    build = trainer._build_micro_batches
 
-    def capture(batch):
-        captured.update(batch)
-        return build(batch)
+    class Capturing(GVMRAFTTrainer):
+        def build_generation_batch(self, *args, **kwargs):
+            batch = super().build_generation_batch(*args, **kwargs)
+            captured.update(batch)
+            return batch
 
-    trainer._build_micro_batches = capture
+    trainer = make_trainer(Capturing, GVMRAFTConfig, tmp_path, char_tokenizer, per_device_train_batch_size=16,
+                           max_steps=1, gvm_probe_ahead=False)
     trainer.train()
     logs = trainer._logs
     rows = len(captured["advantages"])
@@ -410,10 +429,9 @@ def test_history_only_peers_allocate_from_the_probes_without_a_gradient_pass(all
 
     trainer = make_trainer(GVMGRPOTrainer, GVMGRPOConfig, tmp_path, char_tokenizer, max_steps=3,
                            gvm_allocation=allocation, gvm_history_decay=0.0, gvm_probe_ahead=False)
-    passes = []
-    trainer._probe_grad_norms = lambda *a, **k: passes.append(1)
+    port = RecordingPort(trainer)
     trainer.train()
-    assert passes == [] and "gvm/grad_norm" not in last_logs(trainer)
+    assert port.norm_passes == [] and "gvm/grad_norm" not in last_logs(trainer)
     budget, probes = trainer.args.gvm_budget, trainer.args.gvm_num_probes
     for record in read_allocations(trainer):
         rates = [p["accept_rate"] for p in record["prompts"]]

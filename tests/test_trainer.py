@@ -328,7 +328,7 @@ def generation_batch(trainer, start=0):
     keys = list(range(start, start + trainer.num_prompts_per_generation))
     rows = [trainer.train_dataset[i] for i in keys]
     trainer.model.train()
-    return trainer._assemble(trainer.schedule.rollouts(rows, keys, rows))
+    return trainer.build_generation_batch(rows, keys)
 
 
 def decoded_index(trainer, prompt_ids) -> int:

@@ -203,7 +203,7 @@ def test_iterable_dataset_matches_trl_and_trains_with_gvm(tmp_path, char_tokeniz
     assert off_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-7)
     trainer, (changed, _) = run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "on", char_tokenizer, **options,
                                 gvm_accept_threshold=0.5)
-    assert changed and not trainer._probe_ahead  # an iterable dataset runs the sequential schedule
+    assert changed and type(trainer.schedule).__name__ == "SequentialSchedule"  # an iterable dataset runs the sequential schedule
     assert trainer.prompt_history is None  # ... and keeps no history (it has no prompt index to key one by)
     with pytest.raises(NotImplementedError, match="gvm_history_decay keys each prompt"):
         run(GVMGRPOTrainer, GVMGRPOConfig, tmp_path / "refused-history", char_tokenizer, **options,

@@ -24,34 +24,34 @@ def graded(prompts, completions, **kwargs):
     return [(sum(map(ord, c[0]["content"])) % 7) / 6 + 0.1 * len(c[0]["content"]) for c in completions]
 
 
-def record_generations(trainer) -> list:
-    """The prompts and completions of every generation call `trainer` makes, filled in as it trains."""
-    calls, generate = [], trainer._generate
+def recording(trainer_cls):
+    """`trainer_cls` recording the prompts and completions of every generation call (TRL's `_generate`) in
+    `self.calls`."""
 
-    def recording(prompts):
-        output = generate(prompts)
-        calls.append(([p[-1]["content"] for p in prompts], output[1]))
-        return output
+    class Recording(trainer_cls):
+        def _generate(self, prompts):
+            output = super()._generate(prompts)
+            self.calls.append(([p[-1]["content"] for p in prompts], output[1]))
+            return output
 
-    trainer._generate = recording
-    return calls
+    return Recording
 
 
 def train(trainer_cls, config_cls, tmp_path, tokenizer, **options):
     args = config(config_cls, tmp_path, max_steps=3, **options)
-    trainer = trainer_cls(
+    trainer = recording(trainer_cls)(
         model=make_tiny_llama(tokenizer),
         reward_funcs=graded,
         args=args,
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
     )
+    trainer.calls = []
     initial = [p.detach().clone() for p in trainer.model.parameters()]
-    calls = record_generations(trainer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert any(not torch.equal(a, b) for a, b in zip(initial, trainer.model.parameters())), "nothing was trained"
-    return trainer, calls, losses
+    return trainer, trainer.calls, losses
 
 
 CASES = {

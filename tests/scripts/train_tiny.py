@@ -64,6 +64,39 @@ class PauseAfterCheckpoint(TrainerCallback):
             time.sleep(120)
 
 
+class GatherCountingPort:
+    """The trainer's port, counting after each gradient-norm pass the parameter shards it left gathered."""
+
+    def __init__(self, trainer, counts: list):
+        self.trainer, self.counts = trainer, counts
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+    def probe_grad_norms(self, *args, **kwargs):
+        norms = self.trainer.probe_grad_norms(*args, **kwargs)
+        self.counts.append(count_gathered_shards(self.trainer.model))
+        return norms
+
+
+class RecordingSchedule:
+    """The trainer's schedule, recording every generation batch's plan."""
+
+    def __init__(self, schedule, records: list):
+        self.schedule, self.records = schedule, records
+
+    def __getattr__(self, name):
+        return getattr(self.schedule, name)
+
+    def rollouts(self, *args):
+        rollouts = self.schedule.rollouts(*args)
+        allocation = rollouts.allocation
+        self.records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
+                             "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step,
+                             "fallback": allocation.fallback})
+        return rollouts
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="raft")
@@ -145,22 +178,8 @@ def main():
         trainer.add_callback(PauseAfterCheckpoint(options.pause_after_checkpoint))
     records, left_gathered = [], []
     if options.trainer != "trl":
-        original, measure = trainer._log_allocation, trainer._probe_grad_norms
-
-        def keep_record(rollouts, empty):
-            allocation = rollouts.allocation
-            records.append({"sizes": allocation.sizes, "accept_rates": allocation.accept_rates,
-                            "grad_norms": allocation.grad_norms, "probe_step": allocation.probe_step,
-                            "fallback": allocation.fallback})
-            original(rollouts, empty)
-
-        def measure_and_count_gathered(*args, **kwargs):
-            norms = measure(*args, **kwargs)
-            left_gathered.append(count_gathered_shards(trainer.model))
-            return norms
-
-        trainer._log_allocation = keep_record
-        trainer._probe_grad_norms = measure_and_count_gathered
+        trainer.schedule.port = GatherCountingPort(trainer, left_gathered)
+        trainer.schedule = RecordingSchedule(trainer.schedule, records)
     trainer.train(resume_from_checkpoint=options.resume)
     checksum = weights_checksum(trainer)
     result = {

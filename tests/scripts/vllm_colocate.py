@@ -86,38 +86,46 @@ def attach_recorders(trainer, requests: list | None = None) -> dict:
     returned, phase, and the server requests it sent when `requests` collects them); every allocation; and whether
     the importance-sampling ratio reached the loss. Returns the dict the records go to."""
     records = {"syncs": [], "rounds": [], "allocations": [], "importance_sampling": []}
-    sync, generate_rollout = trainer.vllm_generation.sync_weights, trainer._generate_rollout
-    log_allocation, compute_loss = trainer._log_allocation, trainer._compute_loss
+    sync, compute_loss, schedule = trainer.vllm_generation.sync_weights, trainer.compute_loss, trainer.schedule
 
     def record_sync():
         records["syncs"].append(trainer.state.global_step)
         return sync()
 
-    def record_round(rows, group_size, prompts, phase):
-        sent = len(requests) if requests is not None else 0
-        rollout = generate_rollout(rows, group_size, prompts, phase)
-        records["rounds"].append({
-            "step": trainer.state.global_step, "rows": len(rows), "group_size": group_size, "phase": phase,
-            "returned": len(rollout.batch["completion_ids"]),
-            "requests": requests[sent:] if requests is not None else [],
-        })
-        return rollout
+    class RecordingPort:
+        def __getattr__(self, name):
+            return getattr(trainer, name)
 
-    def record_allocation(rollouts, empty):
-        allocation = rollouts.allocation
-        records["allocations"].append({"sizes": allocation.sizes, "probe_step": allocation.probe_step})
-        log_allocation(rollouts, empty)
+        def generate_rollout(self, rows, group_size, prompts, phase):
+            sent = len(requests) if requests is not None else 0
+            rollout = trainer.generate_rollout(rows, group_size, prompts, phase)
+            records["rounds"].append({
+                "step": trainer.state.global_step, "rows": len(rows), "group_size": group_size, "phase": phase,
+                "returned": len(rollout.batch["completion_ids"]),
+                "requests": requests[sent:] if requests is not None else [],
+            })
+            return rollout
 
-    def record_ratio(model, inputs):
+    class RecordingSchedule:
+        def __getattr__(self, name):
+            return getattr(schedule, name)
+
+        def rollouts(self, *args):
+            rollouts = schedule.rollouts(*args)
+            allocation = rollouts.allocation
+            records["allocations"].append({"sizes": allocation.sizes, "probe_step": allocation.probe_step})
+            return rollouts
+
+    def record_ratio(model, inputs, *args, **kwargs):
         ratio = inputs.get("importance_sampling_ratio")
         finite = None if ratio is None else [bool(torch.isfinite(ratio).all()), list(ratio.shape)]
         records["importance_sampling"].append(finite)
-        return compute_loss(model, inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.vllm_generation.sync_weights = record_sync
-    trainer._generate_rollout = record_round
-    trainer._log_allocation = record_allocation
-    trainer._compute_loss = record_ratio
+    schedule.port = RecordingPort()
+    trainer.schedule = RecordingSchedule()
+    trainer.compute_loss = record_ratio
     return records
 
 
