@@ -38,7 +38,10 @@ def group_normalized_advantages(
     """(r − mean_group) / (std + 1e-4), TRL's ``sum_then_normalize`` path; ``scale`` is TRL's ``scale_rewards``.
 
     ``"group"`` divides by each group's std, ``"batch"`` by the std of every scored row, ``"none"`` not at all.
-    NaN rewards (unscorable rows) stay out of the statistics and get advantage 0.
+    NaN rewards (unscorable rows) stay out of the statistics and get advantage 0. A NaN advantage (an infinite reward
+    makes its group's mean and std, and so every advantage of the group, NaN) becomes 0, as TRL 1.16 does with
+    ``torch.nan_to_num(advantages, nan=0.0)`` (grpo_trainer.py line 2810): infinities left by ``"none"`` become the
+    largest finite floats, also as in TRL.
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}.")
@@ -49,7 +52,7 @@ def group_normalized_advantages(
         centred = centred / (group_stds + _EPS)
     elif scale == "batch":
         centred = centred / (_batch_std(rewards) + _EPS)
-    return centred.float()
+    return torch.nan_to_num(centred.float(), nan=0.0)
 
 
 def grpo_advantages(

@@ -12,6 +12,9 @@ Variance Minimization in Rejection Sampling and RL" (arXiv:2505.02391):
   policy: prompts whose estimate says all-correct or all-wrong get nothing, the rest share the budget equally.
 - :func:`knapsack_allocation` — Knapsack RL's rule (Li et al. 2025, arXiv:2509.25849): maximise
   Σ_i P(non-zero GRPO gradient | n_i, p_i) · p_i(1 − p_i)^k over integer n_i in [low, high] (greedy, exact here).
+- :func:`reinforce_ada_round`, :func:`reinforce_ada_finished`, :func:`reinforce_ada_group` — Reinforce-Ada
+  (Xiong et al. 2025, arXiv:2510.04996): rounds of sampling until each prompt can fill a balanced group, then the
+  fixed-size group it trains on.
 - :func:`variance_bound` — the objective of eq. (5): Σ_i 1/(1 + α/p_i^β) · G_i² / (p_i n_i).
 - :func:`lemma1_weights` — the per-prompt factors 1/(n_i p_i) of the unbiased estimator of Lemma 1, eq. (4).
 - :func:`mean_weights` — Algorithm 1's practical factors 1/|D_i| (observed accepted count).
@@ -37,6 +40,9 @@ __all__ = [
     "knapsack_value",
     "lemma1_weights",
     "mean_weights",
+    "reinforce_ada_finished",
+    "reinforce_ada_group",
+    "reinforce_ada_round",
     "uniform_allocation",
     "variance_bound",
 ]
@@ -466,3 +472,71 @@ def mean_weights(num_accepted: RealSequence) -> list[float]:
     """Algorithm 1's per-prompt factors 1/|D_i| (observed accepted count); 0 where |D_i| = 0."""
     counts = as_nonnegative(num_accepted, "num_accepted")
     return [1.0 / d if d > 0.0 else 0.0 for d in counts]
+
+
+REINFORCE_ADA_EXITS = ("balanced", "positive")
+
+
+def reinforce_ada_finished(accepted: int, rejected: int, *, group_size: int, exit_rule: str) -> bool:
+    """Reinforce-Ada's exit rule (Xiong et al. 2025, arXiv:2510.04996, Algorithm 1): a prompt stops being sampled
+    once its drawn rows can fill a fixed-size update group of n = `group_size` with signal — ``"balanced"``
+    (Reinforce-Ada-balance): at least ⌊n/2⌋ accepted and n − ⌊n/2⌋ rejected rows; ``"positive"``
+    (Reinforce-Ada-pos): at least one accepted row."""
+    accepted_, rejected_ = as_count(accepted, "accepted"), as_count(rejected, "rejected")
+    n = _check_reinforce_ada(group_size, exit_rule)
+    if exit_rule == "positive":
+        return accepted_ >= 1
+    return accepted_ >= n // 2 and rejected_ >= n - n // 2
+
+
+def reinforce_ada_round(
+    accepted: RealSequence,
+    rejected: RealSequence,
+    round_index: int,
+    *,
+    round_size: int = 8,
+    max_rounds: int = 4,
+    group_size: int = 4,
+    exit_rule: str = "balanced",
+) -> list[int]:
+    """Completions to draw for each prompt in round `round_index` (0-based) of Reinforce-Ada's successive
+    elimination, given what its earlier rounds drew (`accepted`/`rejected` per prompt): `round_size` for each prompt
+    not yet finished (:func:`reinforce_ada_finished`), 0 for the finished ones and for every prompt from round
+    `max_rounds` on, so no prompt is drawn more than `round_size` · `max_rounds` times. The defaults are the paper's
+    code's (`round_repeat=8`, `max_rounds=4`, `n=4`, balanced)."""
+    accepted_, rejected_ = as_nonnegative(accepted, "accepted"), as_nonnegative(rejected, "rejected")
+    check_same_length(accepted=accepted_, rejected=rejected_)
+    size, rounds, index = as_count(round_size, "round_size"), as_count(max_rounds, "max_rounds"), as_count(
+        round_index, "round_index")
+    if size < 1 or rounds < 1:
+        raise ValueError(f"round_size and max_rounds must be >= 1, got {size} and {rounds}")
+    if index >= rounds:
+        return [0] * len(accepted_)
+    return [0 if reinforce_ada_finished(int(a), int(r), group_size=group_size, exit_rule=exit_rule) else size
+            for a, r in zip(accepted_, rejected_)]
+
+
+def reinforce_ada_group(outcomes: Iterable[bool], *, group_size: int = 4) -> list[int]:
+    """The fixed-size update group Reinforce-Ada trains on, from one prompt's drawn rows in draw order (`outcomes`:
+    whether each was accepted): the indices of min(n, rows) rows holding ⌊n/2⌋ accepted ones where there are that
+    many, else as close to it as the rows allow, the earliest drawn of each kind — what the paper's code keeps,
+    under either exit rule and for a prompt that never finished (under ``"positive"`` that one has no accepted
+    row, so its group is all rejected rows)."""
+    flags = [bool(o) for o in outcomes]
+    n = _check_reinforce_ada(group_size, "balanced")
+    positives = [i for i, accepted in enumerate(flags) if accepted]
+    negatives = [i for i, accepted in enumerate(flags) if not accepted]
+    take = min(n, len(flags))
+    kept_positives = min(len(positives), n // 2)
+    kept_negatives = min(len(negatives), take - kept_positives)
+    kept_positives += min(len(positives) - kept_positives, take - kept_positives - kept_negatives)
+    return sorted(positives[:kept_positives] + negatives[:kept_negatives])
+
+
+def _check_reinforce_ada(group_size: Any, exit_rule: str) -> int:
+    n = as_count(group_size, "group_size")
+    if n < 1:
+        raise ValueError(f"group_size must be >= 1, got {n}")
+    if exit_rule not in REINFORCE_ADA_EXITS:
+        raise ValueError(f"exit_rule must be one of {REINFORCE_ADA_EXITS}, got {exit_rule!r}")
+    return n

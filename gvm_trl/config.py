@@ -7,6 +7,9 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset
 from trl import GRPOConfig
 
 from .allocation import ALPHA_RANGE, BETA_RANGE, DYNAMIC_EPSILON_RANGE, FILTER_INSUFFICIENT_RANGE, FILTER_THRESHOLD_RANGE
@@ -399,6 +402,59 @@ def trainer_config(config_class: type, args: Any, model: Any, trainer_name: str,
             "in-memory model has none: save it (model.save_pretrained(path)) and pass the path, or set beta=0.0."
         )
     return args
+
+
+def check_train_dataset(args: GVMArguments, dataset: Any) -> None:
+    """Refuse, by name, a training dataset the trainers could not train on, where TRL says nothing or fails deep in a
+    step: no `prompt` column, fewer prompts than one generation batch holds (TRL's sampler then yields no batch and
+    trains 0 steps), or an empty prompt (generation cannot start from no tokens). An iterable dataset has no length
+    and is read lazily: its prompts are checked as they arrive (:func:`check_prompts`)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"train_dataset has no 'prompt' column (its columns: {columns}); the trainers read each row's prompt "
+            "from it: rename yours, e.g. dataset.rename_column('question', 'prompt')."
+        )
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return
+    prompts = args.num_prompts_per_generation
+    if len(dataset) < prompts:
+        raise ValueError(
+            f"train_dataset has {len(dataset)} rows, fewer than the {prompts} prompts of one generation batch "
+            f"(generation_batch_size / num_generations = {args.generation_batch_size} / {args.num_generations}), so "
+            "training would run 0 steps: add prompts, or lower per_device_train_batch_size or steps_per_generation."
+        )
+    index = _first_empty_prompt(dataset.with_format("arrow")["prompt"]) if isinstance(dataset, Dataset) else None
+    if index is not None:
+        _refuse_empty_prompt(index, dataset[index])
+
+
+def _first_empty_prompt(column: pa.ChunkedArray) -> int | None:
+    """The index of the first missing, blank (text) or message-less (conversational) prompt, read in Arrow so that
+    a dataset of millions of rows is checked in a fraction of a second."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        empty = pc.equal(pc.list_value_length(column), 0)
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        empty = pc.equal(pc.utf8_trim_whitespace(column), "")
+    else:
+        return None
+    empty = pc.or_kleene(empty, pc.is_null(column))
+    return int(pc.index(empty, True).as_py()) if pc.any(empty).as_py() else None
+
+
+def check_prompts(rows: list[dict]) -> None:
+    """:func:`check_train_dataset`'s empty-prompt rule, for rows as the dataloader delivers them."""
+    for index, row in enumerate(rows):
+        prompt = row.get("prompt")
+        if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+            _refuse_empty_prompt(index, row, "of a generation batch")
+
+
+def _refuse_empty_prompt(index: int, row: dict, where: str = "of train_dataset") -> None:
+    raise ValueError(
+        f"Row {index} {where} has an empty prompt ({row.get('prompt')!r}); generation cannot start from no tokens. "
+        "Drop such rows, e.g. dataset.filter(lambda row: len(row['prompt']) > 0 and str(row['prompt']).strip())."
+    )
 
 
 def dataset_settings(args: GVMArguments, iterable: bool) -> tuple[bool, float]:

@@ -8,11 +8,13 @@ through :func:`read_allocation_log` rather than parsing it by hand.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import textwrap
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -20,6 +22,7 @@ import torch
 
 from .allocation import uniform_allocation, variance_bound
 from .planner import BatchAllocation
+from .state import write_atomically
 
 __all__ = [
     "ALLOCATIONS_FILE",
@@ -102,10 +105,17 @@ def group_reward_std(prompts: torch.Tensor, rewards: torch.Tensor, num_prompts: 
 
 
 def allocation_metrics(
-    allocation: BatchAllocation, timings: dict[str, float], reused_probes: int, alpha: float, beta: float
+    allocation: BatchAllocation,
+    timings: dict[str, float],
+    reused_probes: int,
+    alpha: float,
+    beta: float,
+    *,
+    step: int | None = None,
+    nonfinite: int = 0,
 ) -> dict[str, float]:
-    """The `gvm/` metrics of one generation batch (the running ones, `gvm/empty_batches` and `gvm/probe_age`, are the
-    trainer's: they need the run's state)."""
+    """The `gvm/` metrics of one generation batch trained at optimizer step `step` (the running count,
+    `gvm/empty_batches`, is the trainer's); `nonfinite`: the infinite rewards its rows were scored with."""
     sizes, rates, norms = allocation.sizes, allocation.accept_rates, allocation.grad_norms
     num_prompts = allocation.num_prompts
     metrics = {
@@ -117,7 +127,11 @@ def allocation_metrics(
         "gvm/probe_completions": float(allocation.num_probes * num_prompts),
         "gvm/budget_completions": float(sum(sizes)),
         "gvm/uniform_fallback": float(allocation.fallback),
+        "gvm/budget_unspent": float(allocation.unspent),
+        "gvm/nonfinite_rewards": float(nonfinite),
     }
+    if allocation.probe_step is not None and step is not None:
+        metrics["gvm/probe_age"] = float(step - allocation.probe_step)
     metrics.update({f"gvm/time_{name}": seconds for name, seconds in timings.items()})
     if norms is not None:
         metrics["gvm/grad_norm"] = sum(norms) / num_prompts
@@ -138,26 +152,51 @@ class AllocationLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
 
-    def truncate_from(self, step: int) -> None:
-        """Drop the lines of steps ≥ `step`: a run resumed from the checkpoint of `step` redoes them."""
+    def start(self, resumed_step: int | None) -> str | None:
+        """Ready the log for a run. A run resumed from the checkpoint of step `resumed_step` redoes the steps from
+        there: their lines are dropped (a torn last line too, with a warning). A fresh run never mixes with an
+        earlier run's log: that one is kept, renamed `gvm_allocations.<k>.jsonl` (the lowest free k, named in a
+        warning; returned), and the new run starts an empty log."""
         if not os.path.exists(self.path):
-            return
-        kept = [line for line in read_allocation_log(self.path) if line["step"] < step]
-        with open(self.path, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(line) + "\n" for line in kept)
+            return None
+        if resumed_step is not None:
+            kept = [line for line in read_allocation_log(self.path) if line["step"] < resumed_step]
+            write_atomically(self.path, "".join(json.dumps(line) + "\n" for line in kept))
+            return None
+        stem, suffix = os.path.splitext(self.path)
+        archive = next(f"{stem}.{k}{suffix}" for k in itertools.count(1) if not os.path.exists(f"{stem}.{k}{suffix}"))
+        os.replace(self.path, archive)
+        warnings.warn(f"{self.path} held an earlier run's allocations (this run does not resume it): kept as "
+                      f"{archive}; this run writes a new log.", stacklevel=3)
+        return archive
 
 
 def read_allocation_log(path: str) -> list[dict[str, Any]]:
-    """The lines of an allocation log; `path` is the file or the run's output directory."""
+    """The lines of an allocation log; `path` is the file or the run's output directory. A torn last line (a kill
+    while it was appended) is dropped with a warning; a torn line before it is an error naming the line."""
     if os.path.isdir(path):
         path = os.path.join(path, ALLOCATIONS_FILE)
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != lines[-1][0]:
+                raise ValueError(f"{path} line {number} is not valid JSON, and later lines follow it: the log was "
+                                 "edited or corrupted; restore it or delete the file.") from None
+            warnings.warn(f"{path}: its last line is torn (a kill while it was written); dropped.", stacklevel=2)
+    return records
 
 
-def model_card_section(trainer_name: str, fields: dict[str, Any], paper_id: str) -> str:
-    """The model card's "GVM settings" section: the `gvm_*` fields a model was trained with."""
+def model_card_section(trainer_name: str, args: Any, history: Any = None) -> str:
+    """The model card's "GVM settings" section: the `gvm_*` fields a model was trained with (the history decay as
+    used: 0 where no history was kept)."""
+    fields = {name: getattr(args, name) for name in vars(args) if name.startswith("gvm_")}
+    fields["gvm_history_decay"] = history.decay if history is not None else 0.0
     settings = "\n".join(f"| `{name}` | `{value}` |" for name, value in fields.items())
+    paper_id = GVM_PAPER["id"]
     return (
         f"\n## GVM settings\n\nTrained with `{trainer_name}` from [gvm-trl](https://github.com/gvm-trl/gvm-trl): GVM "
         "allocates each generation batch's rollout budget over its prompts to minimise the variance of the gradient "

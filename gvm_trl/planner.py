@@ -25,6 +25,7 @@ __all__ = [
     "plan_allocation",
     "probe_evidence",
     "uniform_record",
+    "unspent_budget_warning",
     "visit_evidence",
 ]
 
@@ -108,6 +109,11 @@ class BatchAllocation:
     @property
     def num_prompts(self) -> int:
         return len(self.sizes)
+
+    @property
+    def unspent(self) -> int:
+        """Completions of the budget the plan does not spend (a cap on n_i with too few prompts left to take them)."""
+        return max(self.budget - sum(self.sizes), 0)
 
     def log_line(self, step: int, allocated_accepted: list[int]) -> dict[str, Any]:
         """The JSONL line of this generation batch, with the accepted count of each prompt's allocated rows."""
@@ -240,6 +246,16 @@ def _policy_sizes(rule: AllocationRule, rates: list[float], grad_norms: list[flo
         )
         return [max(group - reused, 0) for group in groups]
     raise ValueError(f"Unknown allocation policy {rule.policy!r}; choose gvm, dynamic or knapsack.")
+
+
+def unspent_budget_warning(allocation: BatchAllocation, max_samples: int | None) -> str:
+    """What a user is told (once) when a plan leaves part of the budget unspent."""
+    return (
+        f"{allocation.unspent} of the {allocation.budget} completions of a generation batch's budget were not "
+        f"allocated: only {sum(size > 0 for size in allocation.sizes)} prompts could take completions, each capped at "
+        f"gvm_max_samples={max_samples} (gvm/budget_unspent logs it per batch). Raise gvm_max_samples, or lower "
+        "gvm_budget_per_prompt, to spend the budget you set."
+    )
 
 
 def uniform_record(keys: list[int], group_size: int, accepted: list[float]) -> BatchAllocation:

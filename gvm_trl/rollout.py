@@ -23,6 +23,7 @@ __all__ = [
     "accepted_rows",
     "concat_rollout_batches",
     "local_row_index",
+    "nonfinite_reward_warnings",
     "total_rewards",
 ]
 
@@ -227,9 +228,26 @@ def total_rewards(
 
 
 def accepted_rows(rewards: torch.Tensor, prompts: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The acceptance rule (``gvm_accept_threshold``): a completion is accepted iff its total reward is at least
-    `threshold`; padding rows (slot -1) and unscored rows (NaN) never are."""
-    return (rewards >= threshold) & (prompts >= 0)
+    """The acceptance rule (``gvm_accept_threshold``): a completion is accepted iff its total reward is finite and at
+    least `threshold`; padding rows (slot -1), unscored rows (NaN) and infinite rewards never are (an infinite reward
+    says nothing a finite one would not, and would make every estimate and weight it touches infinite)."""
+    return torch.isfinite(rewards) & (rewards >= threshold) & (prompts >= 0)
+
+
+def nonfinite_reward_warnings(rewards_per_func: torch.Tensor, names: list[str]) -> dict[str, str]:
+    """For each reward function that returned ±inf on some rows: a warning naming it, the count and what happens."""
+    counts = torch.isinf(rewards_per_func).sum(dim=0).tolist()
+    return {
+        name: (
+            f"The reward function {name!r} returned {count} infinite reward(s) in one generation call. They are "
+            "treated as TRL treats them: a GRPO group holding one gets advantage 0 for every row (TRL's "
+            "nan_to_num), and the row is never accepted (GVM's estimates, RAFT++'s training rows); "
+            "gvm/nonfinite_rewards counts them. Return finite rewards (clip them), or None for a row that cannot "
+            "be scored."
+        )
+        for name, count in zip(names, counts)
+        if count
+    }
 
 
 def concat_rollout_batches(batches: list[dict[str, Any]], pad_values: dict[str, float]) -> dict[str, Any]:

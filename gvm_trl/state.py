@@ -1,22 +1,39 @@
-"""What a GVM run carries from one generation batch to the next, checkpointed as one unit (`gvm_state.json`)."""
+"""What a GVM run carries from one generation batch to the next, checkpointed as one unit (`gvm_state.json`).
+
+A checkpoint is complete or it is not a checkpoint: the trainer writes the state atomically right after the model,
+so before the optimizer, before Trainer's completeness marker (`trainer_state.json`, written last), before the Hub
+upload and before older checkpoints are rotated away; resuming reads it back or refuses by name
+(:func:`resume_checkpoint`), and `resume_from_checkpoint=True` skips, with a warning, checkpoints a kill left
+incomplete.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from transformers.utils import logging
+from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE_FILE
 
 from .estimates import PromptHistory
 
-logger = logging.get_logger(__name__)
-
-__all__ = ["STATE_FILE", "GVMState", "checkpoint_step", "last_complete_checkpoint"]
+__all__ = [
+    "STATE_FILE",
+    "GVMState",
+    "checkpoint_step",
+    "is_checkpoint_folder",
+    "last_complete_checkpoint",
+    "read_state",
+    "resume_checkpoint",
+    "state_problem",
+    "write_atomically",
+]
 
 STATE_FILE = "gvm_state.json"
+_STATE_KEYS = {"empty_batches", "consecutive_empty", "prompt_history"}
 
 
 @dataclass
@@ -70,6 +87,8 @@ class GVMState:
         return f"rewards seen so far range over [{low:.4g}, {high:.4g}]"
 
     def save(self, folder: str) -> None:
+        """Write the state to `folder` atomically (a temporary file, flushed to disk, then renamed): a kill leaves
+        the previous file or the new one, never a torn one."""
         state = {
             "empty_batches": self.empty_batches,
             "consecutive_empty": self.consecutive_empty,
@@ -77,17 +96,11 @@ class GVMState:
             "rollout_totals": dict(self.rollout_totals),
             "reward_range": [_finite_or_none(value) for value in self.reward_range],
         }
-        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump(state, handle)
+        write_atomically(os.path.join(folder, STATE_FILE), json.dumps(state))
 
-    def load(self, folder: str) -> bool:
-        """Restore from `folder`'s state file (False: there is none). Checkpoints written before the rollout totals
-        and reward range were saved load with those starting afresh."""
-        path = os.path.join(folder, STATE_FILE)
-        if not os.path.exists(path):
-            return False
-        with open(path, encoding="utf-8") as handle:
-            state = json.load(handle)
+    def load(self, folder: str) -> None:
+        """Restore from `folder`'s state file (:func:`read_state`: refused by name when missing or torn)."""
+        state = read_state(folder)
         self.empty_batches = state["empty_batches"]
         self.consecutive_empty = state["consecutive_empty"]
         self.rollout_totals.clear()  # in place: the stage timer adds to this dict
@@ -101,7 +114,58 @@ class GVMState:
                     "resume with gvm_history_decay=0, or start a new run."
                 )
             self.prompt_history.load_state_dict(state["prompt_history"])
-        return True
+
+
+def write_atomically(path: str, text: str) -> None:
+    """`text` into `path` through a temporary file in the same folder, fsynced, then renamed over it (and the
+    folder fsynced, so the rename itself survives a power loss)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_state(folder: str) -> dict:
+    """The GVM state saved in checkpoint `folder`, or a ValueError naming the file, what is wrong and the fix."""
+    problem = state_problem(folder)
+    if problem is not None:
+        raise ValueError(
+            f"Cannot resume from {folder}: {problem}, so the GVM state (prompt history, counters, totals) would "
+            "silently restart. Resume with resume_from_checkpoint=True (the newest complete checkpoint in "
+            "output_dir), or pass an earlier checkpoint."
+        )
+    with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def state_problem(folder: str) -> str | None:
+    """Why checkpoint `folder` cannot be resumed with its GVM state (None: it can): Trainer's completeness marker
+    (trainer_state.json, written last) or the GVM state file (written before it) missing or torn."""
+    for name in (TRAINER_STATE_FILE, STATE_FILE):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"it has no {name} (its saving was interrupted, or another trainer wrote it)"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                content = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"its {name} is torn (not valid JSON)"
+        if name == STATE_FILE and not _STATE_KEYS <= set(content):
+            return f"its {name} lacks {sorted(_STATE_KEYS - set(content))}"
+    return None
+
+
+def is_checkpoint_folder(path: str | None) -> bool:
+    """Whether `path` is a `checkpoint-N` folder (what Trainer saves a checkpoint into)."""
+    prefix, _, number = os.path.basename(os.path.normpath(path or "")).partition("-")
+    return prefix == "checkpoint" and number.isdigit()
 
 
 def checkpoint_step(checkpoint: str) -> int:
@@ -110,23 +174,41 @@ def checkpoint_step(checkpoint: str) -> int:
 
 
 def last_complete_checkpoint(output_dir: str) -> str:
-    """The highest-numbered `checkpoint-N` in `output_dir` whose `trainer_state.json` (written last) exists.
+    """The highest-numbered `checkpoint-N` in `output_dir` that can be resumed with its GVM state
+    (:func:`state_problem`); each newer one skipped is named in a warning with the reason.
 
-    Trainer picks the highest-numbered one, which after a crash during saving may lack its state files.
+    Trainer picks the highest-numbered one, which after a kill during saving may lack its state files.
     """
-    checkpoints = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        prefix, _, number = name.partition("-")
-        if prefix == "checkpoint" and number.isdigit():
-            checkpoints.append((int(number), os.path.join(output_dir, name)))
-    for _, path in sorted(checkpoints, reverse=True):
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            return path
-        logger.warning(f"Skipping {path}: it has no trainer_state.json (its saving was interrupted).")
-    raise ValueError(
-        f"resume_from_checkpoint=True found no complete checkpoint in {output_dir!r}; pass a checkpoint path, or "
-        "drop resume_from_checkpoint to start from scratch."
+    checkpoints = sorted(
+        (checkpoint_step(name), os.path.join(output_dir, name))
+        for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+        if is_checkpoint_folder(name)
     )
+    skipped = []
+    for _, path in reversed(checkpoints):
+        problem = state_problem(path)
+        if problem is None:
+            if skipped:
+                warnings.warn(f"Resuming from {path}, the newest complete checkpoint, instead of {'; '.join(skipped)}.",
+                              stacklevel=3)
+            return path
+        skipped.append(f"{path} ({problem})")
+    raise ValueError(
+        f"resume_from_checkpoint=True found no complete checkpoint in {output_dir!r}"
+        + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+        + "; pass a checkpoint path, or drop resume_from_checkpoint to start from scratch."
+    )
+
+
+def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint `Trainer.train(resume_from_checkpoint=...)` resumes from: True picks the newest complete one in
+    `output_dir`; a path must be complete (:func:`read_state` says why not); None or False starts afresh."""
+    if resume_from_checkpoint is True:
+        return last_complete_checkpoint(output_dir)
+    if not resume_from_checkpoint:
+        return None
+    read_state(resume_from_checkpoint)
+    return resume_from_checkpoint
 
 
 def _finite_or_none(value: float) -> float | None:

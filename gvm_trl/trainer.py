@@ -35,26 +35,29 @@ from typing import Any
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import IterableDataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from .advantages import grpo_advantages
 from .batching import as_filler, build_micro_batches, select_rows
-from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig, dataset_settings, trainer_config
+from .config import GVMArguments, GVMGRPOConfig, GVMRAFTConfig, check_prompts, check_train_dataset, dataset_settings
+from .config import trainer_config
 from .estimates import PromptHistory
 from .grad_norms import plan_per_sample_grad_norms
 from .measurement import MeasurementContext, folds_old_logps, grad_norms, grad_norms_and_old_logps, old_logps
 from .metrics import ALLOCATIONS_FILE, GVM_PAPER, AllocationLog, StageTimer, allocation_metrics, model_card_section
+from .planner import unspent_budget_warning
 from .rollout import (
     GenerationBatchSampler,
     Rollout,
     accepted_rows,
     concat_rollout_batches,
     local_row_index,
+    nonfinite_reward_warnings,
     total_rewards,
 )
 from .schedules import BatchRollouts, ScheduleSettings, build_schedule
-from .state import STATE_FILE, GVMState, checkpoint_step, last_complete_checkpoint
+from .state import STATE_FILE, GVMState, checkpoint_step, is_checkpoint_folder, last_complete_checkpoint
+from .state import resume_checkpoint
 from .trl_compat import (
     GRPO,
     append_metrics,
@@ -84,8 +87,9 @@ class _GVMTrainer(GRPOTrainer):
     _paper = GVM_PAPER
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, *trainer_args, **trainer_kwargs):
-        args = trainer_config(self.config_class, args, model, self._name, "peft_config" in trainer_kwargs)
+        args = trainer_config(self.config_class, args, model, self._name, trainer_kwargs.get("peft_config") is not None)
         refuse_unsupported_arguments(trainer_kwargs)  # before TRL validates them
+        check_train_dataset(args, train_dataset)
         probe_ahead, history_decay = dataset_settings(args, isinstance(train_dataset, IterableDataset))
         super().__init__(model, reward_funcs, args, train_dataset, *trainer_args, **trainer_kwargs)
         check_supported(self)
@@ -118,15 +122,15 @@ class _GVMTrainer(GRPOTrainer):
         return self.gvm_state.prompt_history
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """Trainer.train; ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in `output_dir`.
-
-        Trainer picks the highest-numbered one, which after a crash during saving may lack its state files.
-        """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        """Trainer.train. ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint in `output_dir`, a
+        path must hold its GVM state (`gvm_trl.state.resume_checkpoint`), and a fresh run keeps an earlier run's
+        allocation log aside instead of appending to it."""
+        checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if self.accelerator.is_main_process:
+            self.allocation_log.start(None if checkpoint is None else checkpoint_step(checkpoint))
         self.schedule.reset()  # a resumed run probes its first batch again
         self._prepared = None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(checkpoint, *args, **kwargs)
 
     # -- the prompts: TRL's order, each prompt's dataset index known ---------------------------------------------
 
@@ -162,6 +166,7 @@ class _GVMTrainer(GRPOTrainer):
         """This process's training rows of one generation batch: probe, estimate, allocate and generate (the
         schedule), then advantages and Lemma 1's weights. `prompts`: this process's distinct prompts; `keys`: every
         process's prompts' dataset indices (default: found in the sampler's order, as training finds them)."""
+        check_prompts(prompts)
         all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
         keys = self._prompt_keys(all_prompts) if keys is None else keys
         return self._assemble(self.schedule.rollouts(prompts, keys, all_prompts))
@@ -229,10 +234,12 @@ class _GVMTrainer(GRPOTrainer):
             lengths, truncated = self._completion_stats
         rewards_per_func, rewards = total_rewards(logged["rewards"], self.reward_func_names, self.reward_weights,
                                                   prompts)
+        for name, message in nonfinite_reward_warnings(rewards_per_func, self.reward_func_names).items():
+            self._warn_once(f"nonfinite:{name}", message)
         if self.accelerator.num_processes > 1:
             lengths = gather(lengths.to(self.accelerator.device)).cpu()
             truncated = gather(truncated.to(self.accelerator.device)).cpu()
-        scored = rewards[~torch.isnan(rewards)]
+        scored = rewards[torch.isfinite(rewards)]
         if scored.numel():
             self.gvm_state.note_rewards(scored.min().item(), scored.max().item())
         accepted = accepted_rows(rewards, prompts, self.args.gvm_accept_threshold)
@@ -282,8 +289,8 @@ class _GVMTrainer(GRPOTrainer):
                               self.num_prompts_per_generation)
         empty = not trains.any()
         self._log_allocation(rollouts, empty)
-        if empty:
-            self._note_empty_batch()
+        if empty:  # RAFT++ with nothing accepted: warn once, stop after gvm_max_empty_batches in a row
+            self._warn_once("empty", self.gvm_state.note_empty_batch(type(self).__name__, self.args))
             return {"gvm_skip": True}
         self.gvm_state.consecutive_empty = 0
 
@@ -346,19 +353,16 @@ class _GVMTrainer(GRPOTrainer):
 
     def _log_allocation(self, rollouts: BatchRollouts, empty: bool) -> None:
         """The batch's `gvm/` metrics and its line of the allocation log."""
-        allocation = rollouts.allocation
-        values = allocation_metrics(allocation, rollouts.timings, self.args.gvm_reused_probes, self.args.gvm_alpha,
-                                    self.args.gvm_beta)
-        if allocation.probe_step is not None:
-            values["gvm/probe_age"] = float(self.state.global_step - allocation.probe_step)
+        allocation, args = rollouts.allocation, self.args
+        scored = [r.rewards_per_func for r in (rollouts.probes, rollouts.allocated) if r is not None]
+        nonfinite = sum(int(torch.isinf(r).sum()) for r in scored)
+        values = allocation_metrics(allocation, rollouts.timings, args.gvm_reused_probes, args.gvm_alpha, args.gvm_beta,
+                                    step=self.state.global_step, nonfinite=nonfinite)
         append_metrics(self, values, running={"gvm/empty_batches": float(self.gvm_state.empty_batches + empty)})
+        if allocation.unspent:
+            self._warn_once("unspent", unspent_budget_warning(allocation, args.gvm_max_samples))
         if self.accelerator.is_main_process:
             self.allocation_log.append(allocation.log_line(self.state.global_step, rollouts.allocated_accepted))
-
-    def _note_empty_batch(self) -> None:
-        """A generation batch with nothing to train on (RAFT++: nothing accepted): warn once, stop after K in a row."""
-        message = self.gvm_state.note_empty_batch(type(self).__name__, self.args)
-        self._warn_once("empty", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -367,29 +371,24 @@ class _GVMTrainer(GRPOTrainer):
 
     # -- checkpoints and the model card ----------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            step_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.gvm_state.save(os.path.join(self._get_output_dir(trial=trial), step_folder))
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Trainer's; into a checkpoint folder it also writes the GVM state, atomically, right after the model: before
+        the optimizer, Trainer's completeness marker (trainer_state.json), the Hub upload and checkpoint rotation."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save and is_checkpoint_folder(output_dir):
+            self.gvm_state.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        self.gvm_state.load(checkpoint)
-        if self.accelerator.is_main_process:  # the resumed run logs the steps after the checkpoint again
-            self.allocation_log.truncate_from(checkpoint_step(checkpoint))
+        if checkpoint is not None:
+            self.gvm_state.load(checkpoint)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, plus the GVM settings this model was trained with."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        fields = {name: getattr(self.args, name) for name in vars(self.args) if name.startswith("gvm_")}
-        fields["gvm_history_decay"] = self.prompt_history.decay if self.prompt_history is not None else 0.0
-        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as handle:
-            handle.write(model_card_section(type(self).__name__, fields, GVM_PAPER["id"]))
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as handle:
+                handle.write(model_card_section(type(self).__name__, self.args, self.prompt_history))
 
 
 class GVMGRPOTrainer(_GVMTrainer):
@@ -445,5 +444,5 @@ class GVMRAFTTrainer(_GVMTrainer):
         return accepted
 
     def _advantages(self, parts, prompts):
-        rewards = torch.cat([p.rewards for p in parts])
-        return torch.nan_to_num(rewards, nan=0.0).clamp(min=0.0)
+        rewards, accepted = torch.cat([p.rewards for p in parts]), torch.cat([p.accepted for p in parts])
+        return torch.where(accepted, rewards, torch.zeros_like(rewards)).clamp(min=0.0)

@@ -109,11 +109,42 @@ def test_allocation_log_drops_the_steps_a_resumed_run_redoes(tmp_path):
     log = AllocationLog(str(tmp_path))
     for step in range(5):
         log.append({"step": step, "prompts": []})
-    log.truncate_from(3)
+    log.start(resumed_step=3)
     assert [line["step"] for line in read_allocation_log(str(tmp_path))] == [0, 1, 2]
     log.append({"step": 3, "prompts": []})
     assert [line["step"] for line in read_allocation_log(log.path)] == [0, 1, 2, 3]
-    AllocationLog(str(tmp_path / "none")).truncate_from(0)  # no log yet: nothing to drop
+    assert AllocationLog(str(tmp_path / "none")).start(resumed_step=0) is None  # no log yet: nothing to drop
+
+
+def test_allocation_log_torn_last_line_is_dropped_on_resume_with_a_warning(tmp_path):
+    log = AllocationLog(str(tmp_path))
+    for step in range(3):
+        log.append({"step": step, "prompts": []})
+    with open(log.path, "a") as handle:
+        handle.write('{"step": 3, "pro')  # a kill mid-append
+    with pytest.warns(UserWarning, match="last line is torn"):
+        log.start(resumed_step=3)
+    assert [line["step"] for line in read_allocation_log(log.path)] == [0, 1, 2]
+
+
+def test_allocation_log_torn_line_before_the_last_is_an_error_naming_it(tmp_path):
+    log = AllocationLog(str(tmp_path))
+    log.append({"step": 0, "prompts": []})
+    with open(log.path, "a") as handle:
+        handle.write('{"step": 1, "pro\n{"step": 2, "prompts": []}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_allocation_log(log.path)
+
+
+def test_a_fresh_run_keeps_an_earlier_runs_allocation_log_aside(tmp_path):
+    log = AllocationLog(str(tmp_path))
+    for run in range(2):
+        log.append({"step": 0, "prompts": [], "run": run})
+        with pytest.warns(UserWarning, match=r"gvm_allocations\.%d\.jsonl" % (run + 1)):
+            archived = log.start(resumed_step=None)
+        assert read_allocation_log(archived) == [{"step": 0, "prompts": [], "run": run}]
+    assert not (tmp_path / "gvm_allocations.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gvm_allocations.1.jsonl", "gvm_allocations.2.jsonl"]
 
 
 def test_sampler_locates_a_batch_by_its_rows():

@@ -268,9 +268,10 @@ def test_state_from_a_checkpoint_without_totals_still_loads(tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps({  # written before the totals and reward range were saved
         "empty_batches": 2, "consecutive_empty": 1, "prompt_history": {"decay": 0.7, "prompts": {"3": [4, 1, 2, 1]}},
     }))
+    (tmp_path / "trainer_state.json").write_text("{}")
     state = GVMState(prompt_history=PromptHistory(0.7))
     totals = state.rollout_totals
-    assert state.load(str(tmp_path))
+    state.load(str(tmp_path))
     assert (state.empty_batches, state.consecutive_empty, dict(state.rollout_totals)) == (2, 1, {})
     assert state.rollout_totals is totals  # the stage timer keeps adding to the same dict
     assert state.reward_range == [math.inf, -math.inf]
