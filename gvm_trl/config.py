@@ -13,10 +13,11 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from .allocation import ALPHA_RANGE, BETA_RANGE, DYNAMIC_EPSILON_RANGE, FILTER_INSUFFICIENT_RANGE, FILTER_THRESHOLD_RANGE
+from .allocation import REINFORCE_ADA_EXITS
 from .validation import Bounds
 
 WEIGHTINGS = ("lemma1", "mean", "none")
-ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack")
+ALLOCATIONS = ("gvm", "uniform", "dynamic", "knapsack", "reinforce-ada")
 GRAD_NORM_SOURCES = ("measured", "constant")
 RATE_PRIORS = ("none", "batch")
 PROBED_ALLOCATIONS = ("gvm", "dynamic", "knapsack")  # the policies that probe first and plan from the estimates
@@ -84,6 +85,12 @@ class GVMArguments:
             - `"knapsack"`: Knapsack RL's budgets (Li et al. 2025, arXiv:2509.25849): the split that maximises
               Σ_i P(a group of n_i holds an accepted and a rejected completion) · p_i(1 − p_i)², reused probes
               counted in each group.
+            - `"reinforce-ada"`: Reinforce-Ada (Xiong et al. 2025, arXiv:2510.04996): rounds of
+              `gvm_ada_round_size` completions of every prompt not yet able to fill a balanced update group of
+              `gvm_ada_group_size` rows (`gvm_ada_exit`), at most `gvm_ada_max_rounds`; each prompt then trains on
+              that fixed-size group, its advantage baseline over every row drawn. No probes, no plan and no
+              history; `gvm_weighting` must be `"none"` (its published loss), and `gvm_num_probes` /
+              `gvm_budget_per_prompt` do not apply.
             `"dynamic"` and `"knapsack"` probe and keep the history exactly as `"gvm"` does, but need no gradient
             norms. When no prompt can be allocated to (no accepted probe; for `"dynamic"`/`"knapsack"` also every
             estimate 0 or 1) the budget is split uniformly (`gvm/uniform_fallback`).
@@ -122,6 +129,18 @@ class GVMArguments:
             posterior mean under a Beta prior fitted to the batch by the method of moments (empirical Bayes), so a
             prompt with nothing accepted keeps a rate above 0 that shrinks with its own failures (and the batch's
             mean G_i). `"none"`: each prompt's own estimate. Exclusive with `gvm_rate_floor_quantile`.
+        gvm_ada_round_size (`int`, *optional*, defaults to `8`):
+            With `gvm_allocation="reinforce-ada"`: completions of each unfinished prompt per round (the paper's
+            `round_repeat`).
+        gvm_ada_max_rounds (`int`, *optional*, defaults to `4`):
+            With `gvm_allocation="reinforce-ada"`: the most rounds (a prompt gets at most round size × rounds).
+        gvm_ada_group_size (`int`, *optional*):
+            With `gvm_allocation="reinforce-ada"`: n, the fixed size of each prompt's update group (the paper's
+            `rollout.n`, 4 in its script). Defaults to `num_generations`.
+        gvm_ada_exit (`str`, *optional*, defaults to `"balanced"`):
+            With `gvm_allocation="reinforce-ada"`: when a prompt stops being sampled: `"balanced"`
+            (Reinforce-Ada-balance, the paper's best: ⌊n/2⌋ accepted and n − ⌊n/2⌋ rejected rows drawn) or
+            `"positive"` (Reinforce-Ada-pos: one accepted row).
         gvm_max_empty_batches (`int`, *optional*, defaults to `10`):
             `GVMRAFTTrainer` stops with an error after this many consecutive generation batches in which no
             completion was accepted (nothing to train on); `None` never stops.
@@ -198,6 +217,21 @@ class GVMArguments:
         metadata={"help": "gvm_allocation='gvm': 'batch' shrinks each p_i towards a Beta prior fitted to the batch.",
                   "choices": list(RATE_PRIORS)},
     )
+    gvm_ada_round_size: int = field(
+        default=8, metadata={"help": "gvm_allocation='reinforce-ada': completions per unfinished prompt per round."}
+    )
+    gvm_ada_max_rounds: int = field(
+        default=4, metadata={"help": "gvm_allocation='reinforce-ada': the most sampling rounds per generation batch."}
+    )
+    gvm_ada_group_size: int | None = field(
+        default=None,
+        metadata={"help": "gvm_allocation='reinforce-ada': rows of each prompt's update group (default: num_generations)."},
+    )
+    gvm_ada_exit: str = field(
+        default="balanced",
+        metadata={"help": "gvm_allocation='reinforce-ada': a prompt's exit rule, balanced or positive.",
+                  "choices": list(REINFORCE_ADA_EXITS)},
+    )
     gvm_max_empty_batches: int | None = field(
         default=10, metadata={"help": "RAFT++: error after this many consecutive batches with nothing accepted."}
     )
@@ -205,10 +239,16 @@ class GVMArguments:
     def __post_init__(self):
         super().__post_init__()
         _check_field_types(self)
-        if self.gvm_num_probes is None:
-            self.gvm_num_probes = self.num_generations
-        if self.gvm_budget_per_prompt is None:
-            self.gvm_budget_per_prompt = self.num_generations
+        unused = [name for name in ("gvm_num_probes", "gvm_budget_per_prompt") if getattr(self, name) is not None]
+        if self.gvm_allocation == "reinforce-ada" and unused:
+            raise ValueError(f"{' and '.join(unused)} do not apply to gvm_allocation='reinforce-ada', which draws "
+                             "gvm_ada_round_size completions per unfinished prompt and round: drop them.")
+        if self.gvm_allocation != "reinforce-ada" and self.gvm_ada_group_size is not None:
+            raise ValueError(f"gvm_ada_group_size applies to gvm_allocation='reinforce-ada' only (got "
+                             f"gvm_allocation='{self.gvm_allocation}'); drop the option or choose that allocation.")
+        for name in ("gvm_num_probes", "gvm_budget_per_prompt", "gvm_ada_group_size"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.num_generations)
         self._validate_gvm_fields()
         for message in _field_warnings(self):
             warnings.warn(message, stacklevel=3)
@@ -224,6 +264,13 @@ class GVMArguments:
         return self.gvm_budget_per_prompt * self.num_prompts_per_generation
 
     @property
+    def gvm_completions_per_batch(self) -> int:
+        """The most completions one generation batch can draw: its probes and budget, or Reinforce-Ada's rounds."""
+        if self.gvm_allocation == "reinforce-ada":
+            return self.num_prompts_per_generation * self.gvm_ada_round_size * self.gvm_ada_max_rounds
+        return self.num_prompts_per_generation * self.gvm_num_probes + self.gvm_budget
+
+    @property
     def gvm_reused_probes(self) -> int:
         """Probes per prompt that also train (`gvm_num_probes` with `gvm_reuse_probes`, else 0)."""
         return self.gvm_num_probes if self.gvm_reuse_probes else 0
@@ -233,7 +280,7 @@ class GVMArguments:
         """The history decay this config trains with on a map-style dataset (0: no history)."""
         if self.gvm_history_decay is not None:
             return self.gvm_history_decay
-        if self.gvm_allocation == "uniform" or self.gvm_weighting == "lemma1":
+        if self.gvm_allocation in ("uniform", "reinforce-ada") or self.gvm_weighting == "lemma1":
             return 0.0
         return DEFAULT_HISTORY_DECAY
 
@@ -272,6 +319,9 @@ FIELD_RANGES: dict[str, tuple[Bounds, str]] = {
     "gvm_rate_floor_quantile": (Bounds(low=0.0, high=1.0, low_open=True, high_open=True),
                                 "0.5 is the posterior median; None: no floor"),
     "gvm_max_empty_batches": (_counts(from_=1), "None: never stop"),
+    "gvm_ada_round_size": (_counts(from_=1), "the paper uses 8"),
+    "gvm_ada_max_rounds": (_counts(from_=1), "the paper uses 4"),
+    "gvm_ada_group_size": (_counts(from_=1), "the paper uses 4; None: num_generations"),
 }
 _TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a real number", str: "a string"}
 
@@ -345,9 +395,16 @@ def _field_conflicts(args: GVMArguments) -> Iterator[str]:
             yield (f"{name} applies to gvm_allocation='{policy}' only (got gvm_allocation='{args.gvm_allocation}'); "
                    "drop the option or choose that allocation.")
     for name, is_set in _planning_options(args).items():
-        if is_set and args.gvm_allocation == "uniform":
-            yield (f"{name} needs probes and a plan, which gvm_allocation='uniform' has none of: drop the option or "
-                   f"choose one of {PROBED_ALLOCATIONS}.")
+        if is_set and args.gvm_allocation in ("uniform", "reinforce-ada"):
+            yield (f"{name} needs probes and a plan, which gvm_allocation='{args.gvm_allocation}' has none of: drop "
+                   f"the option or choose one of {PROBED_ALLOCATIONS}.")
+    if args.gvm_allocation == "reinforce-ada" and args.gvm_weighting != "none":
+        yield (f"gvm_weighting='{args.gvm_weighting}' does not apply to gvm_allocation='reinforce-ada', which trains "
+               "a fixed-size group per prompt with its published unweighted loss: set gvm_weighting='none'.")
+    most = args.gvm_ada_round_size * args.gvm_ada_max_rounds
+    if args.gvm_allocation == "reinforce-ada" and args.gvm_ada_group_size > most:
+        yield (f"gvm_ada_group_size={args.gvm_ada_group_size} exceeds the {most} completions a prompt can get "
+               "(gvm_ada_round_size × gvm_ada_max_rounds): raise those or lower the group size.")
 
 
 def _policy_options(args: GVMArguments) -> dict[str, tuple[str, bool]]:
@@ -360,6 +417,9 @@ def _policy_options(args: GVMArguments) -> dict[str, tuple[str, bool]]:
         "gvm_grad_norms": ("gvm", args.gvm_grad_norms != "measured"),
         "gvm_rate_floor_quantile": ("gvm", args.gvm_rate_floor_quantile is not None),
         "gvm_rate_prior": ("gvm", args.gvm_rate_prior != "none"),
+        "gvm_ada_round_size": ("reinforce-ada", args.gvm_ada_round_size != 8),
+        "gvm_ada_max_rounds": ("reinforce-ada", args.gvm_ada_max_rounds != 4),
+        "gvm_ada_exit": ("reinforce-ada", args.gvm_ada_exit != "balanced"),
     }
 
 
@@ -475,7 +535,7 @@ def dataset_settings(args: GVMArguments, iterable: bool) -> tuple[bool, float]:
             "gvm_history_decay keys each prompt's history by its dataset index, which an iterable dataset does not "
             "have; use a map-style dataset (datasets.Dataset) or leave gvm_history_decay unset."
         )
-    if args.gvm_allocation == "uniform":
+    if args.gvm_allocation in ("uniform", "reinforce-ada"):
         return False, 0.0
     probe_ahead = not iterable if args.gvm_probe_ahead is None else args.gvm_probe_ahead
     return probe_ahead, 0.0 if iterable else args.gvm_history_decay_in_use

@@ -5,7 +5,8 @@ vanilla algorithms run through the same code: uniform allocation (one generation
 pass) and no per-prompt weight, so ``"grpo"`` computes what `trl.GRPOTrainer` computes and ``"raft"`` is RAFT++.
 A GVM number is compared fairly against the baseline with the same weighting: ``"grpo-mean"``/``"raft-mean"``
 (uniform allocation, Algorithm 1's 1/|D_i|, GVM's default). The history-only peers ``"dynamic-*"`` (DAPO's dynamic
-sampling) and ``"knapsack-*"`` (Knapsack RL) use GVM's probes, history and weighting but not Theorem 3, and
+sampling) and ``"knapsack-*"`` (Knapsack RL) use GVM's probes, history and weighting but not Theorem 3;
+``"reinforce-ada-*"`` (Reinforce-Ada) samples in rounds and trains unweighted fixed-size groups; and
 ``"gvm-*-paper"`` is the paper's exact protocol.
 """
 
@@ -62,6 +63,9 @@ def _family(algorithm: str, label: str, trainer_cls: type, config_cls: type, van
          f"{label} with Knapsack RL's budgets from the same probes and history"),
         (f"gvm-{algorithm}-unweighted", {"gvm_allocation": "gvm", "gvm_weighting": "none"},
          f"GVM-{label} allocation without Lemma 1 weights (how the official code trains)"),
+        (f"reinforce-ada-{algorithm}", {"gvm_allocation": "reinforce-ada", "gvm_weighting": "none"},
+         f"{label} with Reinforce-Ada's adaptive rounds (balanced exit, 8 per round, at most 4 rounds, groups of "
+         "num_generations rows) and its unweighted loss: fair against the unweighted uniform baseline"),
         (f"gvm-{algorithm}-paper", _PAPER,
          f"GVM-{label} as the paper states it: a probe round before each allocation, estimates from the probes "
          "alone, Lemma 1's 1/(n_i p_i)"),

@@ -113,9 +113,11 @@ def allocation_metrics(
     *,
     step: int | None = None,
     nonfinite: int = 0,
+    rounds: int = 0,
 ) -> dict[str, float]:
     """The `gvm/` metrics of one generation batch trained at optimizer step `step` (the running count,
-    `gvm/empty_batches`, is the trainer's); `nonfinite`: the infinite rewards its rows were scored with."""
+    `gvm/empty_batches`, is the trainer's); `nonfinite`: the infinite rewards its rows were scored with; `rounds`: the
+    generation calls that drew its rows (its probes included, drawn with the previous batch's when probing ahead)."""
     sizes, rates, norms = allocation.sizes, allocation.accept_rates, allocation.grad_norms
     num_prompts = allocation.num_prompts
     metrics = {
@@ -129,6 +131,7 @@ def allocation_metrics(
         "gvm/uniform_fallback": float(allocation.fallback),
         "gvm/budget_unspent": float(allocation.unspent),
         "gvm/nonfinite_rewards": float(nonfinite),
+        "gvm/generation_rounds": float(rounds),
     }
     if allocation.probe_step is not None and step is not None:
         metrics["gvm/probe_age"] = float(step - allocation.probe_step)

@@ -40,7 +40,9 @@ class AllocationRule:
     ``rate_floor_quantile``: q, the rate of a prompt with nothing accepted (probes and history) becomes the q-quantile
     of its posterior (:func:`~gvm_trl.estimates.optimistic_rates`) instead of 0, and its G_i the batch's mean;
     ``rate_prior``: ``"batch"`` shrinks every rate towards a Beta prior fitted to the batch
-    (:func:`~gvm_trl.estimates.pooled_rates`), a prompt with nothing accepted again taking the batch's mean G_i.
+    (:func:`~gvm_trl.estimates.pooled_rates`), a prompt with nothing accepted again taking the batch's mean G_i;
+    ``ada_*``: Reinforce-Ada's completions per unfinished prompt and round, its most rounds, the size of each prompt's
+    update group and its exit rule (policy ``"reinforce-ada"``, run by its own schedule rather than planned here).
     """
 
     budget: int
@@ -58,6 +60,10 @@ class AllocationRule:
     grad_norms: str = "measured"
     rate_floor_quantile: float | None = None
     rate_prior: str = "none"
+    ada_round_size: int = 8
+    ada_max_rounds: int = 4
+    ada_group_size: int = 4
+    ada_exit: str = "balanced"
 
     @classmethod
     def from_config(cls, args: Any) -> AllocationRule:
@@ -77,6 +83,10 @@ class AllocationRule:
             grad_norms=args.gvm_grad_norms,
             rate_floor_quantile=args.gvm_rate_floor_quantile,
             rate_prior=args.gvm_rate_prior,
+            ada_round_size=args.gvm_ada_round_size,
+            ada_max_rounds=args.gvm_ada_max_rounds,
+            ada_group_size=args.gvm_ada_group_size,
+            ada_exit=args.gvm_ada_exit,
         )
 
     @property

@@ -4,6 +4,8 @@
   (with ``gvm_weighting="none"``, exactly `trl.GRPOTrainer`'s round).
 - :class:`SequentialSchedule`: the paper's protocol (Algorithm 2): a probe round, the estimates and the plan, then the
   allocated completions.
+- :class:`ReinforceAdaSchedule` (``gvm_allocation="reinforce-ada"``): Reinforce-Ada's rounds, sampling each prompt
+  until it can fill a balanced fixed-size update group (or a cap), no probes and no plan.
 - :class:`ProbeAheadSchedule`: one generation round per batch: this batch's allocated completions and the *next*
   batch's probes in the same call, under the same weights (as SPEED, arXiv 2506.09016, hides its screening round).
   It owns the probed batch waiting for its allocated round; the first batch of a run (or after resuming) gets a
@@ -24,11 +26,13 @@ reused, TRL computing them itself, dropout) :meth:`RolloutPort.attach_old_logps`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
+from .allocation import reinforce_ada_group, reinforce_ada_round
 from .estimates import PromptHistory
 from .metrics import StageTimer
 from .planner import AllocationRule, BatchAllocation, per_prompt_sums, plan_allocation, probe_evidence, uniform_record
@@ -38,6 +42,7 @@ from .rollout import Rollout
 __all__ = [
     "BatchRollouts",
     "ProbeAheadSchedule",
+    "ReinforceAdaSchedule",
     "RolloutPort",
     "RolloutSchedule",
     "ScheduleSettings",
@@ -105,13 +110,23 @@ class ScheduleSettings:
 @dataclass
 class BatchRollouts:
     """One generation batch's plan and rollouts: its probes (None: no probe round), its allocated rows (None: none
-    were allocated) and the seconds of each stage that produced them."""
+    were allocated), every round of a multi-round policy (Reinforce-Ada), the seconds of each stage that produced
+    them and the generation calls they took."""
 
     allocation: BatchAllocation
     probes: Rollout | None
     allocated: Rollout | None
     timings: dict[str, float] = field(default_factory=dict)
     allocated_accepted: list[int] = field(default_factory=list)
+    rounds: list[Rollout] = field(default_factory=list)
+    generation_rounds: int = 0
+
+    def parts(self, reuse_probes: bool) -> list[Rollout]:
+        """The rollouts whose rows enter the update: every round of a multi-round policy; else the probes (when
+        they are reused) and the allocated rows."""
+        if self.rounds:
+            return list(self.rounds)
+        return [p for p in (self.probes if reuse_probes else None, self.allocated) if p is not None]
 
 
 def deal(sizes: list[int], num_processes: int) -> list[list[int]]:
@@ -149,7 +164,7 @@ class RolloutSchedule:
                 [row for row in prompts for _ in range(num_probes)], num_probes, self._probe_slots(), "probe"
             )
         self._count(probes)
-        return BatchRollouts(self._plan(keys, probes, timings), probes, None, timings)
+        return BatchRollouts(self._plan(keys, probes, timings), probes, None, timings, generation_rounds=1)
 
     def _plan(
         self, keys: list[int], probes: Rollout, timings: dict[str, float], with_old_logps: bool = False
@@ -167,9 +182,10 @@ class RolloutSchedule:
             self.port.warn_no_accepted_probe()
         return allocation
 
-    def _generate_allocated(self, allocation: BatchAllocation, all_prompts: list[dict]) -> Rollout | None:
-        """Line 6: n_i completions of prompt i, dealt over the processes (None when nothing was allocated)."""
-        rows, slots = self._allocated_rows(allocation, all_prompts)
+    def _generate_allocated(self, sizes: list[int], all_prompts: list[dict]) -> Rollout | None:
+        """Line 6: n_i = `sizes[i]` completions of prompt i, dealt over the processes, in one generation call (None
+        when nothing was allocated)."""
+        rows, slots = self._allocated_rows(sizes, all_prompts)
         if not len(slots):
             return None
         allocated = self.port.generate_rollout(rows, 1, slots, "allocated")
@@ -194,9 +210,9 @@ class RolloutSchedule:
         """Prompt slot of each probe row: process-major, N′ consecutive rows per prompt."""
         return torch.arange(self.settings.num_prompts).repeat_interleave(self.settings.num_probes)
 
-    def _allocated_rows(self, allocation: BatchAllocation, all_prompts: list[dict]) -> tuple[list[dict], torch.Tensor]:
+    def _allocated_rows(self, sizes: list[int], all_prompts: list[dict]) -> tuple[list[dict], torch.Tensor]:
         """This process's allocated rows, and every process's row slots (process-major)."""
-        dealt = deal(allocation.sizes, self.settings.num_processes)
+        dealt = deal(sizes, self.settings.num_processes)
         rows = [all_prompts[max(slot, 0)] for slot in dealt[self.settings.rank]]
         return rows, torch.tensor([slot for share in dealt for slot in share], dtype=torch.long)
 
@@ -222,7 +238,8 @@ class UniformSchedule(RolloutSchedule):
             )
         self._count(rollout)
         accepted = per_prompt_sums(rollout.accepted, rollout.prompts, num_prompts)
-        batch = BatchRollouts(uniform_record(keys, group, accepted.tolist()), None, rollout, timings)
+        batch = BatchRollouts(uniform_record(keys, group, accepted.tolist()), None, rollout, timings,
+                              generation_rounds=1)
         return self._record_visit(batch)
 
 
@@ -235,7 +252,8 @@ class SequentialSchedule(RolloutSchedule):
         batch = self._probe_and_plan(prompts, keys)
         # Line 6: n_i completions of prompt i.
         with self.timer.stage("phase2", batch.timings):
-            batch.allocated = self._generate_allocated(batch.allocation, all_prompts)
+            batch.allocated = self._generate_allocated(batch.allocation.sizes, all_prompts)
+        batch.generation_rounds += batch.allocated is not None
         # Lines 7-8, Lemma 1's weights and the update, are the trainer's (`gvm_trl.weighting`, TRL's loss).
         return self._record_visit(batch)
 
@@ -257,6 +275,7 @@ class ProbeAheadSchedule(RolloutSchedule):
         upcoming, upcoming_keys = self.port.upcoming_prompts(keys)
         with self.timer.stage("phase2", batch.timings):
             batch.allocated, next_probes, fold = self._generate_allocated_and_probes(batch, all_prompts, upcoming)
+        batch.generation_rounds += batch.allocated is not None or next_probes is not None
         self._record_visit(batch)
         self.pending = None
         if next_probes is not None:
@@ -271,7 +290,7 @@ class ProbeAheadSchedule(RolloutSchedule):
         """The allocated completions of `batch` and the N′ probes of each `upcoming` prompt, in one call; and
         whether the probes' gradient-norm pass is to attach their old log-probabilities (else they have them)."""
         num_processes, num_probes = self.settings.num_processes, self.settings.num_probes
-        rows, allocated_slots = self._allocated_rows(batch.allocation, all_prompts)
+        rows, allocated_slots = self._allocated_rows(batch.allocation.sizes, all_prompts)
         probe_rows = [row for row in upcoming for _ in range(num_probes)]
         if not rows and not probe_rows:
             return None, None, False
@@ -292,6 +311,48 @@ class ProbeAheadSchedule(RolloutSchedule):
         return allocated, probes, fold
 
 
+class ReinforceAdaSchedule(RolloutSchedule):
+    """Reinforce-Ada (Xiong et al. 2025, arXiv:2510.04996, Algorithm 1): rounds of `round_size` completions of every
+    prompt its exit rule has not yet finished, at most `max_rounds`; each prompt then trains on a fixed-size group of
+    its drawn rows (:func:`~gvm_trl.allocation.reinforce_ada_group`), while its advantage baseline reads every row
+    drawn (the paper's global statistics: the rows outside the group stay in the batch with `trains` false). No probes
+    and no plan: the policy's cost is its rounds (`gvm/generation_rounds`) and their completions."""
+
+    def rollouts(self, prompts, keys, all_prompts):
+        rule, num_prompts = self.settings.rule, self.settings.num_prompts
+        accepted, drawn, rounds, timings = [0] * num_prompts, [0] * num_prompts, [], {}
+        with self.timer.stage("phase2", timings):
+            for index in range(rule.ada_max_rounds):
+                sizes = reinforce_ada_round(
+                    accepted, [d - a for d, a in zip(drawn, accepted)], index, round_size=rule.ada_round_size,
+                    max_rounds=rule.ada_max_rounds, group_size=rule.ada_group_size, exit_rule=rule.ada_exit,
+                )
+                if not any(sizes):
+                    break
+                rollout = self._generate_allocated(sizes, all_prompts)
+                rounds.append(rollout)
+                drawn = [d + n for d, n in zip(drawn, sizes)]
+                accepted = [a + int(c) for a, c in zip(accepted, per_prompt_sums(rollout.accepted, rollout.prompts,
+                                                                                 num_prompts))]
+        allocation = BatchAllocation(list(keys), sum(drawn), drawn, [a / d if d else 0.0 for a, d in
+                                     zip(accepted, drawn)], None, 0, None)
+        return BatchRollouts(allocation, None, None, timings, accepted, self._update_groups(rounds), len(rounds))
+
+    def _update_groups(self, rounds: list[Rollout]) -> list[Rollout]:
+        """The rounds with `trains` narrowed to each prompt's update group (its rows in draw order: round by
+        round, then by global row)."""
+        prompts = torch.cat([r.prompts for r in rounds]) if rounds else torch.zeros(0, dtype=torch.long)
+        accepted = torch.cat([r.accepted for r in rounds]) if rounds else torch.zeros(0, dtype=torch.bool)
+        selected = torch.zeros(len(prompts), dtype=torch.bool)
+        for slot in range(self.settings.num_prompts):
+            rows = (prompts == slot).nonzero().flatten()
+            chosen = reinforce_ada_group(accepted[rows].tolist(), group_size=self.settings.rule.ada_group_size)
+            selected[rows[chosen]] = True
+        starts = [0, *itertools.accumulate(len(r.prompts) for r in rounds)]
+        return [replace(r, trains=r.trains & selected[start : start + len(r.prompts)])
+                for r, start in zip(rounds, starts)]
+
+
 def build_schedule(
     port: RolloutPort,
     settings: ScheduleSettings,
@@ -299,7 +360,10 @@ def build_schedule(
     history: PromptHistory | None,
     probe_ahead: bool,
 ) -> RolloutSchedule:
-    """The schedule of the rule's policy: uniform, or a probing one run sequentially or probing ahead."""
+    """The schedule of the rule's policy: uniform, Reinforce-Ada's rounds, or a probing one run sequentially or
+    probing ahead."""
     if settings.rule.policy == "uniform":
         return UniformSchedule(port, settings, timer, history)
+    if settings.rule.policy == "reinforce-ada":
+        return ReinforceAdaSchedule(port, settings, timer, history)
     return (ProbeAheadSchedule if probe_ahead else SequentialSchedule)(port, settings, timer, history)

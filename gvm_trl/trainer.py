@@ -106,7 +106,7 @@ class _GVMTrainer(GRPOTrainer):
         self._user_metric_names: set[str] = set()
         self._unfilled_old_logps: torch.Tensor | None = None
         self._prepared: tuple[int, Any] | None = None
-        resize_completion_logs(self, args.num_prompts_per_generation * args.gvm_num_probes + args.gvm_budget)
+        resize_completion_logs(self, args.gvm_completions_per_batch)
 
     @property
     def num_prompts_per_generation(self) -> int:
@@ -281,8 +281,7 @@ class _GVMTrainer(GRPOTrainer):
 
     def _assemble(self, rollouts: BatchRollouts) -> dict[str, Any]:
         """Training rows, advantages and weights of one generation batch (this process's share)."""
-        reused = rollouts.probes if self.args.gvm_reuse_probes else None
-        parts = [p for p in (reused, rollouts.allocated) if p is not None]
+        parts = rollouts.parts(self.args.gvm_reuse_probes)
         prompts, trains = torch.cat([p.prompts for p in parts]), torch.cat([p.trains for p in parts])
         accepted = torch.cat([p.accepted for p in parts])
         weights = row_weights(self.args.gvm_weighting, rollouts.allocation.accept_rates, prompts, accepted, trains,
@@ -354,10 +353,10 @@ class _GVMTrainer(GRPOTrainer):
     def _log_allocation(self, rollouts: BatchRollouts, empty: bool) -> None:
         """The batch's `gvm/` metrics and its line of the allocation log."""
         allocation, args = rollouts.allocation, self.args
-        scored = [r.rewards_per_func for r in (rollouts.probes, rollouts.allocated) if r is not None]
-        nonfinite = sum(int(torch.isinf(r).sum()) for r in scored)
+        nonfinite = sum(int(torch.isinf(r.rewards_per_func).sum()) for r in rollouts.parts(reuse_probes=True))
         values = allocation_metrics(allocation, rollouts.timings, args.gvm_reused_probes, args.gvm_alpha, args.gvm_beta,
-                                    step=self.state.global_step, nonfinite=nonfinite)
+                                    step=self.state.global_step, nonfinite=nonfinite,
+                                    rounds=rollouts.generation_rounds)
         append_metrics(self, values, running={"gvm/empty_batches": float(self.gvm_state.empty_batches + empty)})
         if allocation.unspent:
             self._warn_once("unspent", unspent_budget_warning(allocation, args.gvm_max_samples))

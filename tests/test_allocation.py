@@ -699,3 +699,69 @@ def test_knapsack_is_deterministic_and_type_blind(p, budget):
 def test_budget_policies_reject_bad_input(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+# -- Reinforce-Ada ------------------------------------------------------------------------------------------------------
+
+from gvm_trl.allocation import reinforce_ada_finished, reinforce_ada_group, reinforce_ada_round  # noqa: E402
+
+
+def brute_force_group(outcomes: list[bool], n: int) -> list[int]:
+    """Every subset of min(n, rows) rows: the accepted count closest to ⌊n/2⌋, then the earliest rows of each kind."""
+    take = min(n, len(outcomes))
+    best = None
+    for subset in itertools.combinations(range(len(outcomes)), take):
+        accepted = sum(outcomes[i] for i in subset)
+        positives = [i for i in subset if outcomes[i]]
+        negatives = [i for i in subset if not outcomes[i]]
+        key = (abs(accepted - n // 2), positives, negatives)
+        if best is None or key < best[0]:
+            best = (key, list(subset))
+    return best[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.booleans(), max_size=10), st.integers(1, 6))
+def test_reinforce_ada_group_is_the_closest_to_balanced_earliest_subset(outcomes, n):
+    assert reinforce_ada_group(outcomes, group_size=n) == brute_force_group(outcomes, n)
+
+
+def test_reinforce_ada_group_by_hand():
+    assert reinforce_ada_group([True, True, True, False, True, False, False], group_size=4) == [0, 1, 3, 5]
+    assert reinforce_ada_group([False] * 6, group_size=4) == [0, 1, 2, 3]  # a prompt that never finished
+    assert reinforce_ada_group([True] * 5 + [False], group_size=4) == [0, 1, 2, 5]
+    assert reinforce_ada_group([True, False], group_size=4) == [0, 1]  # fewer rows than the group
+
+
+@pytest.mark.parametrize("accepted, rejected, balanced, positive", [
+    (0, 8, False, False), (1, 7, False, True), (2, 1, False, True), (2, 2, True, True), (5, 9, True, True),
+])
+def test_reinforce_ada_exit_rules(accepted, rejected, balanced, positive):
+    assert reinforce_ada_finished(accepted, rejected, group_size=4, exit_rule="balanced") is balanced
+    assert reinforce_ada_finished(accepted, rejected, group_size=4, exit_rule="positive") is positive
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6), st.integers(0, 2**31 - 1),
+       st.sampled_from(["balanced", "positive"]))
+def test_reinforce_ada_rounds_stop_at_the_exit_or_the_cap(rates, seed, exit_rule):
+    """Simulated rounds: a prompt is drawn 8 at a time exactly until its exit rule holds, never past 4 rounds."""
+    rng = np.random.default_rng(seed)
+    accepted, rejected = [0] * len(rates), [0] * len(rates)
+    for index in range(6):
+        sizes = reinforce_ada_round(accepted, rejected, index, exit_rule=exit_rule)
+        for i, size in enumerate(sizes):
+            done = reinforce_ada_finished(accepted[i], rejected[i], group_size=4, exit_rule=exit_rule)
+            assert size == (0 if done or index >= 4 else 8)
+            hits = int(rng.binomial(size, rates[i]))
+            accepted[i], rejected[i] = accepted[i] + hits, rejected[i] + size - hits
+    assert all(a + r <= 32 for a, r in zip(accepted, rejected))
+
+
+def test_reinforce_ada_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="exit_rule"):
+        reinforce_ada_finished(1, 1, group_size=4, exit_rule="both")
+    with pytest.raises(ValueError, match="round_size"):
+        reinforce_ada_round([0], [0], 0, round_size=0)
+    with pytest.raises(ValueError, match="group_size"):
+        reinforce_ada_group([True], group_size=0)

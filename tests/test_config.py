@@ -100,3 +100,31 @@ def test_iterable_dataset_rules_live_in_one_function(tmp_path):
     for option in ({"gvm_probe_ahead": True}, {"gvm_history_decay": 0.5}):
         with pytest.raises(NotImplementedError, match=f"{next(iter(option))}.*map-style"):
             dataset_settings(config(GVMGRPOConfig, tmp_path, **option), iterable=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"gvm_allocation": "reinforce-ada"}, "gvm_weighting='mean' does not apply to gvm_allocation='reinforce-ada'"),
+    ({"gvm_allocation": "reinforce-ada", "gvm_weighting": "none", "gvm_num_probes": 4},
+     "gvm_num_probes do not apply to gvm_allocation='reinforce-ada'"),
+    ({"gvm_allocation": "reinforce-ada", "gvm_weighting": "none", "gvm_history_decay": 0.5},
+     "gvm_history_decay needs probes and a plan"),
+    ({"gvm_allocation": "reinforce-ada", "gvm_weighting": "none", "gvm_probe_ahead": True},
+     "gvm_probe_ahead=True needs probes and a plan"),
+    ({"gvm_allocation": "reinforce-ada", "gvm_weighting": "none", "gvm_ada_group_size": 40},
+     "gvm_ada_group_size=40 exceeds the 32 completions"),
+    ({"gvm_ada_round_size": 4}, "gvm_ada_round_size applies to gvm_allocation='reinforce-ada' only"),
+    ({"gvm_ada_group_size": 4}, "gvm_ada_group_size applies to gvm_allocation='reinforce-ada' only"),
+    ({"gvm_allocation": "reinforce-ada", "gvm_weighting": "none", "gvm_ada_exit": "both"},
+     "gvm_ada_exit must be one of"),
+])
+def test_reinforce_ada_options_are_checked(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(GVMGRPOConfig, tmp_path, **options)
+
+
+def test_reinforce_ada_defaults_are_the_papers(tmp_path):
+    args = config(GVMGRPOConfig, tmp_path, gvm_allocation="reinforce-ada", gvm_weighting="none")
+    assert (args.gvm_ada_round_size, args.gvm_ada_max_rounds, args.gvm_ada_exit) == (8, 4, "balanced")
+    assert args.gvm_ada_group_size == args.num_generations == 4  # the paper's script: n = 4
+    assert dataset_settings(args, iterable=False) == (False, 0.0)
+    assert args.gvm_completions_per_batch == 2 * 8 * 4

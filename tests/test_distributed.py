@@ -50,10 +50,11 @@ def same_history(a: dict, b: dict) -> bool:
         ("grpo", ("--schedule", "probe-ahead", "--history_decay", "0.5", "--grad_norms", "constant",
                   "--rate_floor_quantile", "0.5")),
         ("raft", ("--rate_prior", "batch")),
+        ("grpo", ("--allocation", "reinforce-ada")),
     ],
     ids=["raft", "grpo", "grpo-accumulation", "raft-probe-ahead", "grpo-probe-ahead-history-explore",
          "grpo-probe-ahead-accumulation", "grpo-probe-ahead-history-dynamic", "raft-knapsack",
-         "grpo-probe-ahead-history-constant-norms-rate-floor", "raft-batch-prior"],
+         "grpo-probe-ahead-history-constant-norms-rate-floor", "raft-batch-prior", "grpo-reinforce-ada"],
 )
 def test_two_processes_match_one(trainer, options, tmp_path):
     """With accumulation, each process splits its (unequal) rows over 4 micro-steps, 2 per optimizer step."""
@@ -68,6 +69,8 @@ def test_two_processes_match_one(trainer, options, tmp_path):
         assert single["records"][0]["sizes"][0] > 0
         if "--grad_norms" in options:
             assert single["records"][0]["grad_norms"] == [1.0, 1.0]
+    elif "reinforce-ada" in options:  # never accepted: sampled in every round, 8 completions each, up to the cap
+        assert single["records"][0]["sizes"][0] == 32
     elif not single["records"][0]["fallback"]:  # (dynamic sampling splits uniformly when nothing is informative)
         assert single["records"][0]["sizes"][0] == (1 if "--explore_samples" in options else 0)
     for result in ranks:

@@ -464,3 +464,36 @@ def test_history_only_peers_allocate_from_the_probes_without_a_gradient_pass(all
 def test_policy_options_are_refused_where_they_cannot_apply(options, name, tmp_path):
     with pytest.raises(ValueError, match=name):
         config(GVMGRPOConfig, tmp_path, **options)
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", TRAINERS)
+def test_reinforce_ada_trains_what_its_own_functions_choose(trainer_cls, config_cls, tmp_path, char_tokenizer):
+    """Each generation batch: rounds of 8 per prompt its exit rule has not finished (replayed with
+    `reinforce_ada_round`), then the rows `reinforce_ada_group` picks train (RAFT++: those of them accepted); the
+    allocation log and `gvm/generation_rounds` say what was drawn."""
+    from gvm_trl.allocation import reinforce_ada_group, reinforce_ada_round
+
+    trainer = make_trainer(trainer_cls, config_cls, tmp_path, char_tokenizer, max_steps=2,
+                           gvm_allocation="reinforce-ada", gvm_weighting="none", gvm_ada_max_rounds=3)
+    batches = []
+    CheckedSchedule(trainer, batches.append)
+    trainer.train()
+    for batch, record in zip(batches, read_allocations(trainer)):
+        m = len(batch.allocation.sizes)
+        accepted, rejected = [0] * m, [0] * m
+        for index, rollout in enumerate(batch.rounds):
+            sizes = reinforce_ada_round(accepted, rejected, index, max_rounds=3, group_size=4)
+            assert [int((rollout.prompts == i).sum()) for i in range(m)] == sizes
+            for slot, ok in zip(rollout.prompts.tolist(), rollout.accepted.tolist()):
+                accepted[slot], rejected[slot] = accepted[slot] + ok, rejected[slot] + (not ok)
+        assert [p["num_samples"] for p in record["prompts"]] == [a + r for a, r in zip(accepted, rejected)]
+        prompts, outcomes = torch.cat([r.prompts for r in batch.rounds]), torch.cat([r.accepted for r in batch.rounds])
+        trains = torch.cat([r.trains for r in batch.rounds])
+        for slot in range(m):
+            rows = (prompts == slot).nonzero().flatten()
+            chosen = rows[reinforce_ada_group(outcomes[rows].tolist(), group_size=4)]
+            expected = chosen if trainer_cls is GVMGRPOTrainer else chosen[outcomes[chosen]]
+            assert trains.nonzero().flatten()[prompts[trains] == slot].tolist() == expected.tolist()
+    log = last_logs(trainer)
+    assert log["gvm/generation_rounds"] == len(batches[-1].rounds) and log["gvm/probe_completions"] == 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

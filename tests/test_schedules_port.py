@@ -11,7 +11,9 @@ import torch
 from gvm_trl.estimates import PromptEvidence, PromptHistory
 from gvm_trl.metrics import StageTimer
 from gvm_trl.planner import AllocationRule, plan_allocation
-from gvm_trl.schedules import ProbeAheadSchedule, ScheduleSettings, SequentialSchedule, UniformSchedule, build_schedule
+from gvm_trl.allocation import reinforce_ada_finished, reinforce_ada_group
+from gvm_trl.schedules import ProbeAheadSchedule, ReinforceAdaSchedule, ScheduleSettings, SequentialSchedule, UniformSchedule
+from gvm_trl.schedules import build_schedule
 from gvm_trl.testing import FakeRolloutPort
 
 RATES = [0.0, 0.3, 0.7, 1.0]
@@ -152,3 +154,42 @@ def test_the_fake_port_accepts_at_its_rates():
     rows = [{"key": 0, "rate": 0.25}] * 4000
     rollout = port.generate_rollout(rows, 1, torch.zeros(4000, dtype=torch.long), "probe")
     assert rollout.accepted.float().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+def ada_schedule(port, exit_rule="balanced"):
+    rule = AllocationRule(budget=16, num_probes=4, policy="reinforce-ada", ada_exit=exit_rule)
+    return ReinforceAdaSchedule(port, ScheduleSettings(rule, num_prompts=4), StageTimer(defaultdict(float)))
+
+
+@pytest.mark.parametrize("exit_rule", ["balanced", "positive"])
+def test_reinforce_ada_samples_in_rounds_until_each_prompt_exits_then_trains_a_fixed_group(exit_rule):
+    """Rates 0, 0.3, 0.7, 1: each round draws 8 of every prompt its exit rule has not finished (replayed by hand from
+    the rows), at most 4 rounds; each prompt trains on the group `reinforce_ada_group` picks from its drawn rows."""
+    port = FakeRolloutPort()
+    (batch,) = run(ada_schedule(port, exit_rule), batches(1))
+    accepted, rejected = [0] * 4, [0] * 4
+    for index, rollout in enumerate(batch.rounds):
+        expected = [0 if reinforce_ada_finished(a, r, group_size=4, exit_rule=exit_rule) else 8
+                    for a, r in zip(accepted, rejected)]
+        assert Counter(rollout.prompts.tolist()) == {i: n for i, n in enumerate(expected) if n}
+        for slot, ok in zip(rollout.prompts.tolist(), rollout.accepted.tolist()):
+            accepted[slot], rejected[slot] = accepted[slot] + ok, rejected[slot] + (not ok)
+    assert port.rounds == [("allocated", len(r.prompts)) for r in batch.rounds] and len(batch.rounds) <= 4
+    assert batch.generation_rounds == len(batch.rounds)
+    assert batch.allocation.sizes == [a + r for a, r in zip(accepted, rejected)]
+    assert batch.allocated_accepted == accepted
+    assert batch.allocation.sizes[0] == 32  # never accepted: drawn in every round
+    prompts = torch.cat([r.prompts for r in batch.rounds])
+    outcomes = torch.cat([r.accepted for r in batch.rounds])
+    trains = torch.cat([r.trains for r in batch.rounds])
+    for slot in range(4):
+        rows = (prompts == slot).nonzero().flatten()
+        chosen = reinforce_ada_group(outcomes[rows].tolist(), group_size=4)
+        assert trains[rows].nonzero().flatten().tolist() == chosen and len(chosen) == 4
+    assert port.norm_passes == [] and port.logps_passes == 0 and port.warnings == 0
+
+
+def test_reinforce_ada_stops_drawing_once_every_prompt_exits():
+    port = FakeRolloutPort()
+    (batch,) = run(ada_schedule(port, "positive"), batches(1, rates=[1.0] * 4))
+    assert len(batch.rounds) == 1 and batch.allocation.sizes == [8] * 4

@@ -119,7 +119,8 @@ def main():
     parser.add_argument("--grad_norms", choices=["measured", "constant"], default="measured", help="gvm_grad_norms")
     parser.add_argument("--rate_floor_quantile", type=float, help="gvm_rate_floor_quantile")
     parser.add_argument("--rate_prior", choices=["none", "batch"], default="none", help="gvm_rate_prior")
-    parser.add_argument("--allocation", choices=["gvm", "dynamic", "knapsack"], default="gvm", help="gvm_allocation")
+    parser.add_argument("--allocation", choices=["gvm", "dynamic", "knapsack", "reinforce-ada"], default="gvm",
+                        help="gvm_allocation (reinforce-ada trains unweighted, as it must)")
     parser.add_argument("--sample", action="store_true", help="sample completions (default: greedy) and score them "
                         "with a reward that varies within each group")
     parser.add_argument("--gvm_off", action="store_true",
@@ -166,6 +167,8 @@ def main():
             gvm_rate_floor_quantile=options.rate_floor_quantile,
             gvm_rate_prior=options.rate_prior,
         )
+        if options.allocation == "reinforce-ada":
+            settings.update(gvm_weighting="none")
         if options.gvm_off:
             settings.update(gvm_allocation="uniform", gvm_weighting="none", gvm_num_probes=2, gvm_budget_per_prompt=2,
                             gvm_probe_ahead=None)
