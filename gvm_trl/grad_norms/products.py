@@ -6,6 +6,7 @@ either the Gram ("ghost norm") identity or by materialising it, whichever :func:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,15 +46,15 @@ class _Outer:
 
     ``left`` is [B, T, m], or [B, T] token ids standing for one-hot rows (embeddings); ``right`` is [B, T, n].
     Positions outside ``valid`` are ignored (masked with ``where``: padding may hold NaN). ``left_key``/``right_key``
-    name a side shared between layers, whose Gram is then computed once.
+    name a side shared between layers (:meth:`_SharedInputs.capture`), whose Gram is then computed once.
     """
 
     left: Tensor
     right: Tensor
     m: int
     valid: Tensor | None
-    left_key: int | None = None
-    right_key: int | None = None
+    left_key: Hashable | None = None
+    right_key: Hashable | None = None
 
     @property
     def ids(self) -> bool:
@@ -147,21 +148,26 @@ class _Shared:
 
 
 class _SharedInputs:
-    """Activations captured by the hooks, deduplicated: layers reading one tensor (q/k/v, gate/up) share it and its
-    Gram a·aᵀ. An entry lives while a record still needs it; holding the source tensor keeps its id unique."""
+    """Activations captured by the hooks, deduplicated: layers reading one input (q/k/v, gate/up) share it and its
+    Gram a·aᵀ. An entry lives while a record still needs it.
+
+    Keyed on the memory the input reads (address, shape, strides, dtype, device, version), not on the tensor
+    object: models may hand each layer its own view of one tensor, and a record's factors are fresh views anyway.
+    Holding the source keeps the address from being reused while the entry lives; the version counter keeps an
+    input modified in place between two reads from being shared."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, _Shared] = {}
+        self._entries: dict[Hashable, _Shared] = {}
 
-    def capture(self, source: Tensor) -> tuple[int, Tensor]:
-        key = id(source)
+    def capture(self, source: Tensor) -> tuple[Hashable, Tensor]:
+        key = _memory_key(source)
         entry = self._entries.get(key)
-        if entry is None or entry.source is not source:
+        if entry is None:
             entry = self._entries[key] = _Shared(source, source.detach())
         entry.pending += 1
         return key, entry.detached
 
-    def release(self, key: int | None) -> None:
+    def release(self, key: Hashable | None) -> None:
         entry = self._entries.get(key) if key is not None else None
         if entry is not None:
             entry.pending -= 1
@@ -171,7 +177,7 @@ class _SharedInputs:
     def clear(self) -> None:
         self._entries.clear()
 
-    def gram(self, x: Tensor, key: int | None, valid: Tensor | None, rows: slice, dtype: torch.dtype) -> _Gram:
+    def gram(self, x: Tensor, key: Hashable | None, valid: Tensor | None, rows: slice, dtype: torch.dtype) -> _Gram:
         """Gram of ``x`` [B, T, k] restricted to ``rows``; whole and cached for shared inputs if the batch fits."""
         batch, length, width = x.shape
         entry = self._entries.get(key) if key is not None else None
@@ -181,6 +187,14 @@ class _SharedInputs:
             factor = _masked(x, valid, dtype)
             entry.gram = factor @ factor.mT
         return _Gram(whole=entry.gram[rows])
+
+
+def _memory_key(x: Tensor) -> Hashable:
+    try:
+        address = x.data_ptr()
+    except RuntimeError:  # no storage (a wrapper subclass): the object itself
+        return id(x)
+    return address, x.shape, x.stride(), x.dtype, x.device, x._version
 
 
 @dataclass
@@ -379,12 +393,14 @@ def _mask_pairs(gram: Tensor, unpaired: Tensor | None, layers: int) -> Tensor:
     return gram.unflatten(0, (layers, -1)).masked_fill_(unpaired, 0).flatten(0, 1)
 
 
-def _ghost_side(rec: _Outer) -> tuple[Tensor, Tensor]:
-    """(shared side, own side) of a weight's factors: the side read from a possibly shared input (the same tensor
-    object for every layer reading it, :class:`_SharedInputs`), and the output gradient."""
+def _ghost_side(rec: _Outer) -> tuple[Hashable, Tensor, Tensor]:
+    """(key, shared side, own side) of a weight's factors: the side read from a possibly shared input (keyed by
+    :class:`_SharedInputs`, so every layer reading one input gets one key), and the output gradient."""
     if rec.left_key is not None:
-        return rec.left, rec.right
-    return rec.right, rec.left
+        return rec.left_key, rec.left, rec.right
+    if rec.right_key is not None:
+        return rec.right_key, rec.right, rec.left
+    return id(rec.right), rec.right, rec.left
 
 
 def batchable(rec: _Record, method: Method) -> bool:
@@ -409,15 +425,15 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
     ``_BATCHED_ELEMENTS``.
     """
     total = torch.zeros(batch, dtype=torch.float64, device=device)
-    shared: dict[int, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's identity
+    shared: dict[Hashable, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's key
     summed: dict[tuple, list[_Summed]] = {}
     for rec in records:
         if isinstance(rec, _Summed):
             signature = (tuple((f.shape, f.dtype) for f in rec.factors), id(rec.valid))
             summed.setdefault(signature, []).append(rec)
             continue
-        side, own = _ghost_side(rec)
-        shared.setdefault(id(side), (side, rec.valid, []))[2].append(own)
+        key, side, own = _ghost_side(rec)
+        shared.setdefault(key, (side, rec.valid, []))[2].append(own)
     groups: dict[tuple, list[tuple[Tensor, Tensor | None, list[Tensor]]]] = {}
     for side, valid, owns in shared.values():
         signature = (side.shape, side.dtype, tuple((o.shape, o.dtype) for o in owns), id(valid))
