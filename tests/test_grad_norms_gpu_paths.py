@@ -56,3 +56,74 @@ def test_gate_up_and_qkv_share_on_every_layer(monkeypatch):
     assert sum(s[0] for s in shapes) == layers * rows * (inputs + outputs)
     want = reference_norms(model, *batch, lambda n: "_proj" in n)
     assert max_rel_err(got, want) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# B7: the low-precision Gram kernel, and what its fallback may catch
+
+
+class KernelLog:
+    """A stand-in for bmm(out_dtype=float32): fp32 products of the low-precision factors; ``fail`` raises instead,
+    on the support probe (1×1×1) or on the real calls."""
+
+    def __init__(self, fail: Exception | None = None, on_probe: bool = False):
+        self.fail, self.on_probe, self.calls = fail, on_probe, []
+
+    def __call__(self, a, b, *, out_dtype):
+        probe = a.numel() == 1
+        self.calls.append("probe" if probe else tuple(a.shape))
+        if self.fail is not None and probe == self.on_probe:
+            raise self.fail
+        return torch.bmm(a.to(out_dtype), b.to(out_dtype))
+
+
+def _low_precision_kernel(monkeypatch, kernel: KernelLog) -> None:
+    monkeypatch.setattr(products, "LOW_PRECISION_DEVICES", ("cpu",))
+    monkeypatch.setattr(products, "low_precision_bmm", kernel)
+    monkeypatch.setattr(products, "_LOW_PRECISION_SUPPORT", {})
+
+
+def _bf16_norms(method: str = "ghost") -> torch.Tensor:
+    return per_sample_grad_norms(tiny_model("llama").to(torch.bfloat16), *make_batch("left"), params="all",
+                                 method=method)
+
+
+def test_low_precision_gram_kernel_is_used_where_supported(monkeypatch):
+    want = _bf16_norms()
+    kernel = KernelLog()
+    _low_precision_kernel(monkeypatch, kernel)
+    got = _bf16_norms()
+    assert kernel.calls[0] == "probe" and len(kernel.calls) > 1  # probed once, then every batched Gram
+    assert kernel.calls.count("probe") == 1
+    torch.testing.assert_close(got, want)  # same fp32 products of the same bf16 factors
+
+
+@pytest.mark.parametrize("missing", [TypeError("bmm() got an unexpected keyword argument 'out_dtype'"),
+                                     NotImplementedError("Could not run 'aten::bmm.dtype' with arguments"),
+                                     RuntimeError("out_dtype is not supported for this dtype")])
+def test_missing_out_dtype_support_falls_back_to_fp32(monkeypatch, missing):
+    want = _bf16_norms()
+    kernel = KernelLog(missing, on_probe=True)
+    _low_precision_kernel(monkeypatch, kernel)
+    torch.testing.assert_close(_bf16_norms(), want)
+    assert kernel.calls == ["probe"]  # decided once: never tried on real factors
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")])
+def test_errors_of_the_real_gram_are_never_swallowed(monkeypatch, error):
+    """An out-of-memory error (a RuntimeError) or any failure of a supported kernel surfaces; it is not retried
+    with fp32 copies of the factors, twice their size."""
+    kernel = KernelLog(error)
+    _low_precision_kernel(monkeypatch, kernel)
+    fallbacks = []
+    original = products._compute_dtype
+    monkeypatch.setattr(products, "_compute_dtype", lambda x: fallbacks.append(x.ndim) or original(x))
+    with pytest.raises(type(error), match=str(error)):
+        _bf16_norms()
+    assert len(kernel.calls) == 2 and kernel.calls[0] == "probe"  # the first real Gram raised, and that was all
+    assert 3 not in fallbacks  # no [L·B, T, n] factor was cast for an fp32 retry
+    kernel = KernelLog(torch.OutOfMemoryError("CUDA out of memory"), on_probe=True)
+    _low_precision_kernel(monkeypatch, kernel)
+    with pytest.raises(torch.OutOfMemoryError):  # not even on the 1-element probe
+        _bf16_norms()

@@ -356,21 +356,41 @@ def _dense_outer_dot(dense: Tensor, rec: _Outer) -> Tensor:
 
 # Largest stacked intermediate of :func:`batched_self_squares` (factors and Grams of a group of layers), in elements.
 _BATCHED_ELEMENTS = 1 << 27
-# Gram products of bf16/fp16 factors on a GPU: multiplied in that precision with fp32 accumulation and output
+# Gram products of bf16/fp16 factors on these devices: multiplied in that precision with fp32 accumulation and output
 # (cuBLAS ``out_dtype``), instead of casting the factors to fp32 first. Error against float64: README.
 LOW_PRECISION_GRAMS = True
+LOW_PRECISION_DEVICES = ("cuda",)
+# The kernel, called as (x, xᵀ, out_dtype=torch.float32); a module attribute so that its use can be tested anywhere.
+low_precision_bmm = torch.bmm
+_LOW_PRECISION_SUPPORT: dict[tuple, bool] = {}
 
 
 def _gram(x: Tensor) -> Tensor:
-    """x·xᵀ over the last two dims, float32 (float64 for float64 x); low-precision factors on a GPU multiply in
-    their own precision with fp32 accumulation where torch offers it (``LOW_PRECISION_GRAMS``)."""
-    if LOW_PRECISION_GRAMS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.bmm(x, x.mT, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # torch without bmm(out_dtype=...)
-            pass
+    """x·xᵀ over the last two dims, float32 (float64 for float64 x); low-precision factors multiply in their own
+    precision with fp32 accumulation where the kernel offers it (``LOW_PRECISION_GRAMS``)."""
+    if LOW_PRECISION_GRAMS and x.dtype in (torch.bfloat16, torch.float16) and _low_precision_supported(x):
+        return low_precision_bmm(x, x.mT, out_dtype=torch.float32)
     x = x.to(_compute_dtype(x))
     return x @ x.mT
+
+
+def _low_precision_supported(x: Tensor) -> bool:
+    """Whether :data:`low_precision_bmm` takes ``out_dtype`` for ``x``'s device and dtype, tried once on a 1×1×1
+    input. Deciding on a probe keeps the real call out of any ``except``: an out-of-memory error there (a
+    ``RuntimeError``) must surface, not be retried with fp32 copies twice the size."""
+    if x.device.type not in LOW_PRECISION_DEVICES:
+        return False
+    key = (x.device.type, x.dtype, low_precision_bmm)
+    if key not in _LOW_PRECISION_SUPPORT:
+        probe = torch.ones(1, 1, 1, dtype=x.dtype, device=x.device)
+        try:
+            supported = low_precision_bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # no out_dtype argument, or no kernel for it (NotImplementedError)
+            supported = False
+        _LOW_PRECISION_SUPPORT[key] = supported
+    return _LOW_PRECISION_SUPPORT[key]
 
 
 def _stacked(tensors: list[Tensor], invalid: Tensor | None) -> Tensor:
