@@ -439,7 +439,7 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
     """Σ over ``records`` (single-use, :func:`batchable`) of ‖G_b‖², float64 [B], in a few batched kernels.
 
     Weights reading one input (q/k/v, gate/up) share its Gram: Σ_k ‖Σ_t g^k_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)
-    (Σ_k g^k_t·g^k_s), their output gradients' Grams summed. Layers of equal shapes are stacked, so each group of
+    (Σ_k g^k_t·g^k_s), the Gram of their output gradients concatenated. Layers of equal shapes are stacked, so each group of
     them costs one Gram product per factor, one product and one sum; 1-D parameters (biases, norm weights) are
     stacked likewise and reduced as Σ_t Π_k factors. Groups are split where the stacked tensors would exceed
     ``_BATCHED_ELEMENTS``.
@@ -461,7 +461,7 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
     for members in groups.values():
         side, valid, owns = members[0]
         length = side.shape[1]
-        per_layer = batch * (length * (side.shape[-1] + sum(o.shape[-1] for o in owns)) + 2 * length * length)
+        per_layer = batch * (length * (side.shape[-1] + 2 * sum(o.shape[-1] for o in owns)) + 2 * length * length)
         # Entry (t, s) of a Gram reads rows t and s only: masking the [T, T] Grams (where padding may have left NaN)
         # instead of the wider factors touches less memory.
         unpaired = None if valid is None else ~(valid[:, :, None] & valid[:, None, :])
@@ -470,11 +470,10 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
             chunk = members[start : start + step]
             layers = len(chunk)
             gram_side = _masked_gram(_stacked([m[0] for m in chunk], None), unpaired)
-            gram_own = None
-            for k in range(len(owns)):
-                gram = _gram(_stacked([m[2][k] for m in chunk], None).flatten(0, 1))
-                gram_own = gram if gram_own is None else gram_own.add_(gram)
-            gram_own = _mask_pairs(gram_own, unpaired, layers)
+            # Σ_k g^k_t·g^k_s is the Gram of the output gradients side by side: one product for all of them.
+            owns_side_by_side = [_stacked([m[2][k] for m in chunk], None) for k in range(len(owns))]
+            own = owns_side_by_side[0] if len(owns) == 1 else torch.cat(owns_side_by_side, -1)
+            gram_own = _mask_pairs(_gram(own.flatten(0, 1)), unpaired, layers)
             products = (gram_side * gram_own).sum(-1).sum(-1, dtype=torch.float64)
             total += products.reshape(layers, batch).sum(0)
     for members in summed.values():
