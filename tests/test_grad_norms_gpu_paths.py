@@ -31,29 +31,36 @@ def _gram_spy(monkeypatch) -> list[torch.Size]:
 # B8: layers reading one input share its Gram
 
 
+def _gram_widths(shapes: list[torch.Size]) -> int:
+    """Σ over the Grams computed of matrices × factor width: proportional to their FLOPs at one length."""
+    return sum(s[0] * s[-1] for s in shapes)
+
+
 def test_qkv_share_their_input_gram(monkeypatch):
-    """q/k/v read one input: one Gram of it per layer (stacked over layers), plus one per output gradient."""
-    model = tiny_model("llama")
+    """q/k/v read one input: one Gram of it per layer (stacked over layers), and one of their output gradients side
+    by side."""
+    model = tiny_model("llama")  # hidden 32: q 32 wide, k and v 16
     batch = make_batch("left")
     pattern = r"self_attn\.(q|k|v)_proj\.weight"
     shapes = _gram_spy(monkeypatch)
     got = per_sample_grad_norms(model, *batch, params=pattern)
     layers, rows = len(model.model.layers), batch[0].shape[0]
-    assert sum(s[0] for s in shapes) == layers * rows * (1 + 3)  # was (3 + 3): no input Gram was shared
+    assert _gram_widths(shapes) == layers * rows * (32 + (32 + 16 + 16))  # was 3 × 32 for the input: not shared
     want = reference_norms(model, *batch, lambda n: any(f"{p}_proj" in n for p in "qkv"))
     assert max_rel_err(got, want) < 1e-4
 
 
 def test_gate_up_and_qkv_share_on_every_layer(monkeypatch):
-    """All weights of a Llama: per layer one Gram each of the attention input, o_proj's, the MLP input and
+    """All weights of a Llama's layers: per layer one Gram each of the attention input, o_proj's, the MLP input and
     down_proj's input; the norms stay those of the per-sample loop."""
-    model = tiny_model("llama")
+    model = tiny_model("llama")  # hidden 32, MLP 64
     batch = make_batch("both")
     shapes = _gram_spy(monkeypatch)
     got = per_sample_grad_norms(model, *batch, params=r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
     layers, rows = len(model.model.layers), batch[0].shape[0]
-    inputs, outputs = 4, 7  # (qkv, o, gate/up, down) inputs; q, k, v, o, gate, up, down output gradients
-    assert sum(s[0] for s in shapes) == layers * rows * (inputs + outputs)
+    inputs = 32 + 32 + 32 + 64  # q/k/v, o, gate/up, down
+    outputs = (32 + 16 + 16) + 32 + (64 + 64) + 32
+    assert _gram_widths(shapes) == layers * rows * (inputs + outputs)  # inputs were 32·3 + 32 + 32·2 + 64
     want = reference_norms(model, *batch, lambda n: "_proj" in n)
     assert max_rel_err(got, want) < 1e-4
 
@@ -127,3 +134,52 @@ def test_errors_of_the_real_gram_are_never_swallowed(monkeypatch, error):
     _low_precision_kernel(monkeypatch, kernel)
     with pytest.raises(torch.OutOfMemoryError):  # not even on the 1-element probe
         _bf16_norms()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# B4: the prepared-mask guard rejects a wrong mask in low precision
+
+
+def _non_causal(real: torch.Tensor) -> torch.Tensor:
+    """Every query sees every real key: the bug the guard must catch."""
+    own = torch.eye(real.shape[1], dtype=torch.bool)
+    return (real[:, None, :] | own)[:, None]
+
+
+def _padding_blind(real: torch.Tensor) -> torch.Tensor:
+    """Causal, but padding keys are seen."""
+    length = real.shape[1]
+    return torch.ones(length, length, dtype=torch.bool).tril_().expand(real.shape[0], 1, length, length)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_prepared_mask_guard_rejects_wrong_masks(arch, dtype, monkeypatch):
+    import gvm_trl.grad_norms.recorder as recorder
+
+    model = tiny_model(arch).to(dtype)
+    assert recorder._probe_prepared_mask(model) == ()  # the right mask is accepted in every dtype
+    for wrong in (_non_causal, _padding_blind):
+        monkeypatch.setattr(recorder, "_causal_mask", wrong)
+        assert recorder._probe_prepared_mask(model) is None, wrong.__name__
+
+
+def test_hybrid_models_take_a_mask_per_layer_kind():
+    """NemotronH mixes Mamba-2, attention and MoE blocks: transformers' mapping of layer kind to mask (a 4-D mask
+    for attention, the 2-D one for the recurrent mixers) skips its mask preparation, whose host reads cost 3 syncs
+    per forward; a wrong 4-D part is still caught."""
+    from test_grad_norms_architectures import tiny
+
+    from gvm_trl.grad_norms.recorder import _probe_prepared_mask, prepared_mask_kinds
+
+    model = tiny("nemotron_h")
+    assert prepared_mask_kinds(model) == ("full_attention", "linear_attention")
+    assert prepared_mask_kinds(tiny("gemma2")) is None  # sliding windows: its own mask
+    import gvm_trl.grad_norms.recorder as recorder
+
+    original = recorder._causal_mask
+    try:
+        recorder._causal_mask = _non_causal
+        assert _probe_prepared_mask(model) is None
+    finally:
+        recorder._causal_mask = original

@@ -29,7 +29,7 @@ from .products import (
     batchable,
     batched_self_squares,
 )
-from .rules import CHANNELWISE, GENERIC, Call, Rule, Target, generic_records, shared_sensitivities
+from .rules import _CHECK_EPS, CHANNELWISE, GENERIC, Call, Rule, Target, generic_records, shared_sensitivities
 
 try:  # transformers is a dependency of the package, but keep this module importable on its own.
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -253,7 +253,7 @@ class Recorder:
         a row's activations is that row's own); the scored tokens' tempered log-probabilities, detached, go to
         ``self.scores``."""
         with self.forward_context():
-            logits = _logits(self.model, input_ids, attention_mask, takes_prepared_mask(self.model), position_ids)
+            logits = _logits(self.model, input_ids, attention_mask, prepared_mask_kinds(self.model), position_ids)
         if not self.head_gathered:
             logits = logits.gather(1, self.batch.head_index[..., None].expand(-1, -1, logits.shape[-1]))
         targets = self.batch.targets
@@ -573,10 +573,16 @@ def _head_chunks(logits: Tensor) -> list[slice]:
 
 
 def _logits(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prepared: bool, position_ids: Tensor | None = None
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prepared: tuple[str, ...] | None,
+    position_ids: Tensor | None = None,
+    mask: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """The model's logits, with ``position_ids`` (None: counted over real tokens); ``prepared``: the attention mask
-    passed as a 4-D causal boolean mask (see :func:`takes_prepared_mask`)."""
+    """The model's logits, with ``position_ids`` (None: counted over real tokens); ``prepared``: None for the 2-D
+    padding mask, else the layer kinds of a prepared mask (see :func:`prepared_mask_kinds`), whose full-attention
+    part ``mask`` builds (default :func:`_causal_mask`)."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
     if _accepts(model, "position_ids"):
         if position_ids is None:
@@ -586,10 +592,18 @@ def _logits(
         raise TypeError(f"{type(model).__name__}.forward takes no position_ids: they cannot be chosen")
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
-    if prepared:
-        kwargs["attention_mask"] = _causal_mask(attention_mask)
+    if prepared is not None:
+        kwargs["attention_mask"] = _prepared_mask(attention_mask, prepared, mask or _causal_mask)
     output = model(**kwargs)
     return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _prepared_mask(real: Tensor, kinds: tuple[str, ...], causal: Callable[[Tensor], Tensor]) -> Tensor | dict:
+    """One [B, 1, T, T] mask (``kinds`` empty), or transformers' mapping of layer kind to mask for models mixing
+    kinds: the 4-D mask for full attention, the 2-D padding mask for recurrent (linear-attention) layers."""
+    if not kinds:
+        return causal(real)
+    return {kind: causal(real) if kind == "full_attention" else real.long() for kind in kinds}
 
 
 def _causal_mask(real: Tensor) -> Tensor:
@@ -601,53 +615,79 @@ def _causal_mask(real: Tensor) -> Tensor:
     return ((causal & real[:, None, :]) | own)[:, None]
 
 
-_PREPARED_MASK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+def _bidirectional_mask(real: Tensor) -> Tensor:
+    """[B, 1, T, T] boolean: every query sees every real key (and itself). Its effect on the logits is the scale
+    against which :func:`_probe_prepared_mask` judges a difference."""
+    own = torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
+    return (real[:, None, :] | own)[:, None]
+
+
+_PREPARED_MASK: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...] | None] = weakref.WeakKeyDictionary()
+# Layer kinds whose masks depend on more than causality and padding (a window, chunks): left to the model.
+_WINDOWED_KINDS = ("sliding_attention", "chunked_attention")
 
 
 def takes_prepared_mask(model: nn.Module) -> bool:
-    """Whether ``model`` computes the same logits at real positions from a prepared 4-D causal mask as from its 2-D
-    padding mask. transformers then skips its own mask preparation, which reads the mask on the host twice per
-    forward (``_ignore_causal_mask_sdpa``) — two host syncs. Tried once per model, on a small left- and
-    right-padded probe batch in eval mode; only for transformers models using SDPA (other attention kernels take
-    other mask formats). Sliding-window layers, Mamba mixers reading the 2-D mask and the like fail the comparison
-    and keep the 2-D mask."""
+    """Whether ``model`` computes the same logits at real positions from a prepared mask (:func:`_prepared_mask`)
+    as from its 2-D padding mask. transformers then skips its own mask preparation, which reads the mask on the host
+    (``_ignore_causal_mask_sdpa`` twice, a recurrent layer's all-ones check once) — host syncs on every forward.
+    Tried once per model, on a small left- and right-padded probe batch in eval mode; only for transformers models
+    using SDPA (other attention kernels take other mask formats). Sliding-window and chunked layers keep the 2-D
+    mask (windows longer than the probe would pass it), and so does any model the comparison fails."""
+    return prepared_mask_kinds(model) is not None
+
+
+def prepared_mask_kinds(model: nn.Module) -> tuple[str, ...] | None:
+    """None: the model prepares its own mask; else the layer kinds of the prepared mask (empty: one 4-D tensor)."""
     if model not in _PREPARED_MASK:
         _PREPARED_MASK[model] = _probe_prepared_mask(model)
     return _PREPARED_MASK[model]
 
 
-def _probe_prepared_mask(model: nn.Module) -> bool:
+def _probe_prepared_mask(model: nn.Module) -> tuple[str, ...] | None:
+    """The prepared mask's layer kinds if, on a probe batch, it gives the model's own logits up to rounding.
+
+    The tolerance is ``_CHECK_EPS`` units of the logits' precision at their largest magnitude (0.125·max in bf16,
+    0.016·max in fp16, 2e-6·max in fp32), capped at a quarter of what a non-causal mask changes: a correct mask
+    gives the very same computation (in practice a difference of exactly 0), a wrong one changes logits by a
+    sizeable share of the attention's effect."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "is_encoder_decoder", False):
-        return False
-    # Windows longer than the probe would pass it: any layer that is not full causal attention keeps the 2-D mask.
+        return None
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        if any(kind != "full_attention" for kind in layer_types):
-            return False
+        if any(kind in _WINDOWED_KINDS for kind in layer_types):
+            return None
+        mixed = set(layer_types) - {"full_attention"}
+        kinds = tuple(k for k in ("full_attention", "linear_attention") if k in set(layer_types)) if mixed else ()
     elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return False
+        return None
+    else:
+        kinds = ()
     if getattr(config, "attention_chunk_size", None) is not None:
-        return False
+        return None
     embedding = embeddings(model, output=False)
     weight = getattr(embedding, "weight", None)
     if type(weight) is not nn.Parameter or weight.device.type == "meta" or weight.ndim != 2:
-        return False  # sharded (FSDP, ZeRO-3) or not materialised: keep the model's own mask preparation
+        return None  # sharded (FSDP, ZeRO-3) or not materialised: keep the model's own mask preparation
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, weight.shape[0], (3, 9), generator=generator).to(weight.device)
     real = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [1, 1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool,
                         device=weight.device)
     try:
         with torch.inference_mode(False), torch.no_grad(), measurement_mode(model, []), _hooks_silenced(model):
-            own = _logits(model, ids, real, prepared=False)
-            prepared = _logits(model, ids, real, prepared=True)
+            own = _logits(model, ids, real, None)
+            prepared = _logits(model, ids, real, kinds)
+            wrong = _logits(model, ids, real, kinds, mask=_bidirectional_mask)
     except Exception:  # noqa: BLE001 - a model that cannot take the prepared mask keeps its own
-        return False
-    if not isinstance(prepared, Tensor) or prepared.shape != own.shape:
-        return False
-    own, prepared = own.double()[real], prepared.double()[real]
-    tolerance = 16 * torch.finfo(weight.dtype).eps * float(own.abs().max()) + 1e-12
-    return bool(torch.isfinite(prepared).all()) and float((own - prepared).abs().max()) <= tolerance * 64
+        return None
+    if not all(isinstance(x, Tensor) and x.shape == own.shape for x in (prepared, wrong)):
+        return None
+    own, prepared, wrong = (x.double()[real] for x in (own, prepared, wrong))
+    rounding = _CHECK_EPS * torch.finfo(weight.dtype).eps * own.abs().max()
+    tolerance = torch.minimum(rounding, (own - wrong).abs().max() / 4)
+    accepted = torch.isfinite(prepared).all() & ((own - prepared).abs().max() <= tolerance)
+    return kinds if bool(accepted) else None
 
 
 @contextlib.contextmanager
