@@ -183,3 +183,64 @@ def test_hybrid_models_take_a_mask_per_layer_kind():
         assert _probe_prepared_mask(model) is None
     finally:
         recorder._causal_mask = original
+
+
+# --------------------------------------------------------------------------------------------------------------
+# B9: at most two host syncs per call, whatever the architecture
+
+
+def _archs():
+    from test_grad_norms_architectures import ARCHS
+
+    return ARCHS
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_at_most_two_host_syncs_per_call(arch):
+    """The input checks and micro-batch spans (one read), and the per-call checks of the generic rule and of
+    scaled embeddings (one read at the end, where there are any): Gemma's scaled embedding, MoE experts and
+    routers, Mamba mixers, a hybrid; in one micro-batch or several."""
+    import warnings
+
+    from test_grad_norms_architectures import reference, tiny
+
+    from gvm_trl.grad_norms.counting import count
+
+    model = tiny(arch)
+    batch = make_batch("left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_sample_grad_norms(model, *batch, params="all")  # planning-time checks happen once, here
+        for size in (None, 1):
+            norms = []
+            counts = count(lambda: norms.append(per_sample_grad_norms(model, *batch, params="all",
+                                                                      micro_batch_size=size)))
+            assert counts.syncs <= 2, (size, dict(counts.sync_ops))
+    assert max_rel_err(norms[0], reference(model, batch)) < 1e-4
+
+
+def test_a_failed_per_call_embedding_check_remeasures_by_the_generic_rule():
+    """An embedding that is c·W[ids] on the planning probe (ids < 16) but not on real ids: the call's deferred
+    check fails, the call is measured again with the module on the generic rule (exact), and later calls start
+    there; on a sharded model the re-run (rank-local forwards) would desynchronise collectives, so it raises."""
+    import warnings
+
+    from test_grad_norms_architectures import CustomLM, HighIdsDoubledEmbedding
+
+    from gvm_trl.grad_norms.counting import count
+
+    batch = make_batch("left")
+    model = CustomLM(HighIdsDoubledEmbedding)
+    want = reference_norms(model, *batch, lambda n: n.startswith("embed"))
+    with pytest.warns(UserWarning, match=r"embed\.weight.*embedding rule"):
+        got = per_sample_grad_norms(model, *batch, params=r"^embed\.")
+    assert max_rel_err(got, want) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # measured by the generic rule now, without a new fallback
+        counts = count(lambda: per_sample_grad_norms(model, *batch, params=r"^embed\."))
+    assert counts.syncs == 2
+    sharded = CustomLM(HighIdsDoubledEmbedding)
+    sharded.embed.weight.ds_shape = sharded.embed.weight.shape  # as DeepSpeed ZeRO-3 marks its partitions
+    with pytest.raises(RuntimeError, match=r"embed\.weight.*sharded model"):
+        per_sample_grad_norms(sharded, *batch, params=r"^embed\.")
+    assert max_rel_err(per_sample_grad_norms(sharded, *batch, params=r"^embed\."), want) < 1e-4

@@ -222,6 +222,27 @@ def _measure(
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    while True:  # again only after a module failed a fast rule's per-call check: then it is on the generic rule
+        measured = _measure_once(model, input_ids, attention_mask, loss_mask, score_mask, temperature, position_ids,
+                                 forward_context, params, micro_batch_size, method, setting)
+        if measured is not None:
+            return measured
+
+
+def _measure_once(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    loss_mask: Tensor,
+    score_mask: Tensor | None,
+    temperature: float,
+    position_ids: Tensor | None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None,
+    params: ParamSelection,
+    micro_batch_size: int | None,
+    method: Method,
+    setting: str,
+) -> tuple[Tensor, Tensor | None] | None:
     resolved = resolve(model, params, setting)
     device, out_device = _model_device(model), input_ids.device
     recorder = Recorder(model, resolved.targets, method, setting, temperature, forward_context)
@@ -248,6 +269,8 @@ def _measure(
                 )
                 if scores is not None:
                     scores[rows] = scored
+            if recorder.settle_checks():  # where per-call checks were made: the pass's second host sync
+                return None
     norms = squares.clamp(min=0).sqrt().to(device=out_device, dtype=torch.float32)
     return norms, None if scores is None else scores.to(out_device)
 

@@ -29,7 +29,20 @@ from .products import (
     batchable,
     batched_self_squares,
 )
-from .rules import _CHECK_EPS, CHANNELWISE, GENERIC, Call, Rule, Target, generic_records, shared_sensitivities
+from .rules import (
+    _CHECK_EPS,
+    CHANNELWISE,
+    EMBEDDING,
+    GENERIC,
+    Call,
+    DeferredCheck,
+    Rule,
+    Target,
+    generic_records,
+    mixing_samples_error,
+    reject_embedding,
+    shared_sensitivities,
+)
 
 try:  # transformers is a dependency of the package, but keep this module importable on its own.
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -126,6 +139,7 @@ class Recorder:
         has_embeddings = self.input_embeddings is not None
         self.checkpointed_layers = _checkpointed_layers(model, list(targets)) if has_embeddings else []
         self.inputs = _SharedInputs()
+        self.checks: list[DeferredCheck] = []  # of every micro-batch of a call, read at its end
         self.replaying = False
         self._in_forward = False
         self._fallbacks: set[str] = set()
@@ -163,7 +177,43 @@ class Recorder:
             for handle in handles:
                 handle.remove()
             self.inputs.clear()
+            self.checks.clear()
             self._start(None, None)
+
+    def settle_checks(self) -> bool:
+        """Read the call's deferred checks in one transfer (the pass's second host sync, only where there are any)
+        and act on the failed ones: a module mixing samples raises; an embedding whose output was not c·W[ids]
+        goes to the generic rule for good, and True asks the caller to measure the call again (unless the model is
+        sharded: a re-run on one process would desynchronise the collectives of its forward, so that raises)."""
+        checks, self.checks[:] = list(self.checks), []
+        if not checks:
+            return False
+        device = checks[0].passed.device
+        passed = torch.stack([c.passed.to(device) for c in checks]).to(torch.float64)
+        figures = torch.stack([c.figure.to(device, torch.float64) for c in checks])
+        values = torch.cat([passed, figures]).tolist()
+        failed = [(c, f) for c, p, f in zip(checks, values[: len(checks)], values[len(checks) :]) if not p]
+        for check, figure in failed:
+            if check.rule is GENERIC:
+                raise mixing_samples_error(check, figure, self.setting)
+        for check, _ in failed:
+            reject_embedding(check.module)
+        if failed and self.sharded:
+            names = sorted({t.name for check, _ in failed for t in check.targets})
+            raise RuntimeError(
+                f"{names} did not compute what the embedding rule assumes (c·W[ids]) in this call of a sharded "
+                f"model; they are measured by the generic rule from the next call on, or narrow {self.setting} to "
+                "exclude them"
+            )
+        for check, _ in failed:
+            self._warn_fallback(check.module, EMBEDDING, check.targets)
+        return bool(failed)
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters sharded across processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions)."""
+        return self.swapping or any(hasattr(m._parameters[t.path], "ds_shape") for m, ts in self.targets.items()
+                                    for t in ts)
 
     @contextlib.contextmanager
     def replay_mode(self) -> Iterator[None]:
@@ -383,7 +433,7 @@ class Recorder:
         self.registered[module] += 1
         for hooked in frame.hooked:  # this call's re-run covers every use of these parameters inside it
             hooked.skip.update(t.key for t in foreign)
-        call = Call(module, args, kwargs, leaves, graded, self.batch, self.inputs)
+        call = Call(module, args, kwargs, leaves, graded, self.batch, self.inputs, self.checks)
         hooked = _HookedCall(call, [], list(foreign))
         plain = isinstance(output, Tensor) and len(graded) == 1
         for rule, targets in _by_rule(static).items():
@@ -416,7 +466,7 @@ class Recorder:
         if generic:
             single = {t.key for t in generic if self._uses(t.key) == 1}
             with self.replay_mode():
-                records = generic_records(call, generic, grads, single, self.setting)
+                records = generic_records(call, generic, grads, single)
             for target, record in zip(generic, records):
                 self._add(target.key, record)
 
