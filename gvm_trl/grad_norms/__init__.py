@@ -131,6 +131,7 @@ def per_sample_grad_norms(
     micro_batch_size: int | None = None,
     method: Method = "auto",
     setting: str = "params",
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Tensor:
     """‖∇_θ Σ_t loss_mask[b,t]·log p_θ(input_ids[b,t] | input_ids[b,<t])‖₂ for every row b: float32 [B].
 
@@ -150,6 +151,10 @@ def per_sample_grad_norms(
             (:func:`.products._choose_method`); ``"ghost"``/``"materialize"`` force one (for embeddings:
             token-equality Gram / segment sums).
         setting: the name ``params`` has in the caller's configuration, for error messages.
+        forward_context: a context manager factory entered around the model's forward only (e.g. the trainer's
+            ``accelerator.autocast``, as the training forward runs); the backward and the norm products run
+            outside it, and modules re-run after the forward (checks, the generic rule) in the autocast their
+            call ran under.
 
     The model runs in eval mode (no dropout), with position ids counted over real tokens as in generation, so
     padding does not change a row's norm. It is left as found: no hooks, the same ``.grad`` (none is created),
@@ -159,8 +164,8 @@ def per_sample_grad_norms(
     Every selected parameter is measured exactly: by a fast rule where one applies, by the slower generic rule
     otherwise (see the module docstring; :func:`plan_per_sample_grad_norms` says which, and warns).
     """
-    norms, _ = _measure(model, input_ids, attention_mask, loss_mask, None, params=params,
-                        micro_batch_size=micro_batch_size, method=method, setting=setting)
+    norms, _ = _measure(model, input_ids, attention_mask, loss_mask, None, forward_context=forward_context,
+                        params=params, micro_batch_size=micro_batch_size, method=method, setting=setting)
     return norms
 
 

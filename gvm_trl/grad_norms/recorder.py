@@ -38,6 +38,8 @@ from .rules import (
     DeferredCheck,
     Rule,
     Target,
+    autocast_as,
+    autocast_state,
     generic_records,
     mixing_samples_error,
     reject_embedding,
@@ -258,9 +260,12 @@ class Recorder:
             with _UseTracer(self):
                 log_prob = self._log_prob(input_ids, attention_mask, position_ids)
             self._in_forward = False
-            if log_prob.requires_grad:
-                log_prob.backward()
-            self._reduce()
+            # Autocast covers the forward only (a caller's too): the backward takes the forward's dtypes, the
+            # products stay in fp32, and re-runs enter the autocast of their own call.
+            with autocast_as((), input_ids.device.type):
+                if log_prob.requires_grad:
+                    log_prob.backward()
+                self._reduce()
             self._warn_unused()
             if scores is not None:
                 # Head position l of row b reads column head_index[b, l] (distinct per row) and scores the token
@@ -433,7 +438,9 @@ class Recorder:
         self.registered[module] += 1
         for hooked in frame.hooked:  # this call's re-run covers every use of these parameters inside it
             hooked.skip.update(t.key for t in foreign)
-        call = Call(module, args, kwargs, leaves, graded, self.batch, self.inputs, self.checks)
+        device_type = leaves[graded[0]].device.type
+        call = Call(module, args, kwargs, leaves, graded, self.batch, self.inputs, self.checks,
+                    autocast_state(device_type))
         hooked = _HookedCall(call, [], list(foreign))
         plain = isinstance(output, Tensor) and len(graded) == 1
         for rule, targets in _by_rule(static).items():

@@ -16,9 +16,10 @@ Checks made on every call are computed on the device and read once at the end of
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,7 +72,8 @@ class DeferredCheck:
 class Call:
     """A hooked call of a module in the measured forward: its inputs and its output's pytree leaves, of which
     ``graded`` (indices) are the floating-point ones that receive gradients; ``checks`` collects its
-    :class:`DeferredCheck`s."""
+    :class:`DeferredCheck`s; ``autocast`` is the autocast it ran under (:func:`autocast_state`), in which every
+    re-run of the module (checks, replays) runs too."""
 
     module: nn.Module
     args: tuple
@@ -81,6 +83,7 @@ class Call:
     batch: Batch
     inputs: _SharedInputs
     checks: list[DeferredCheck] = field(default_factory=list)
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
 
     @property
     def output(self) -> Tensor:
@@ -88,6 +91,28 @@ class Call:
 
     def first_input(self) -> Any:
         return self.args[0] if self.args else next(iter(self.kwargs.values()), None)
+
+
+def autocast_state(device_type: str) -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocasts on now, for the CPU and ``device_type``: (device type, dtype) each."""
+    return tuple((kind, torch.get_autocast_dtype(kind)) for kind in dict.fromkeys(("cpu", device_type))
+                 if torch.is_autocast_enabled(kind))
+
+
+@contextlib.contextmanager
+def autocast_as(state: tuple[tuple[str, torch.dtype], ...], device_type: str) -> Iterator[None]:
+    """Exactly the autocasts of ``state`` on (for the CPU and ``device_type``), every other off: a module re-run
+    after its forward (during the backward, or after it) computes in the precision it was called in, e.g. a bf16
+    input against fp32 weights under bf16 autocast, which outside autocast fails (``expected m1 and m2 to have the
+    same dtype``) or computes something else."""
+    wanted = dict(state)
+    with contextlib.ExitStack() as stack:
+        for kind in dict.fromkeys(("cpu", device_type, *wanted)):
+            if kind in wanted:
+                stack.enter_context(torch.autocast(kind, dtype=wanted[kind]))
+            elif torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 class Rule:
@@ -298,8 +323,9 @@ class ChannelwiseRule(Rule):
         for target in targets:
             u = captured["sensitivity"].pop(target.path, None)
             if u is None:
-                u = _tangent(call.module, target.path, captured["args"], captured["kwargs"],
-                             torch.ones_like(call.module._parameters[target.path]))
+                with autocast_as(call.autocast, grad.device.type):
+                    u = _tangent(call.module, target.path, captured["args"], captured["kwargs"],
+                                 torch.ones_like(call.module._parameters[target.path]))
             out.append(_Summed((call.batch.rows(u)[0], grads), valid))
         return out
 
@@ -391,14 +417,16 @@ def shared_sensitivities(calls: list[tuple[Call, dict]]) -> None:
         for path in _CHANNELWISE_PATHS.get(call.module, ()):
             token = sensitivity_group(call.module, path)
             if token is not None and path not in captured["sensitivity"]:
-                groups.setdefault((token, path, args[0].shape, args[0].dtype), []).append((call, captured))
-    for (_, path, shape, _), members in groups.items():
+                key = (token, path, args[0].shape, args[0].dtype, args[0].device, call.autocast)
+                groups.setdefault(key, []).append((call, captured))
+    for (_, path, _, _, device, autocast), members in groups.items():
         if len(members) < 2:
             continue
         module = members[0][0].module
         stacked = torch.stack([captured["args"][0] for _, captured in members])
         ones = torch.ones_like(module._parameters[path])
-        u = _tangent(module, path, (stacked.flatten(0, 1),), {}, ones)
+        with autocast_as(autocast, device.type):
+            u = _tangent(module, path, (stacked.flatten(0, 1),), {}, ones)
         if u is None or u.shape != stacked.flatten(0, 1).shape:
             continue
         u = u.reshape(stacked.shape)
@@ -560,7 +588,7 @@ class _Replay:
         index = slice(rows.start, rows.stop)
         inputs = [x[index] for _, _, x in self.sliced]
         cotangents = [c[index] for c in self.cotangents]
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_as(self.call.autocast, self.cotangents[0].device.type):
             if type(self.call.module) not in _VMAP_UNSUPPORTED:
                 try:
                     with warnings.catch_warnings():  # ops without a batching rule run in a loop inside vmap
