@@ -87,16 +87,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .memory import MEMORY_SHARE, budget, memory_model
 from .planning import GradNormPlan, ParameterRule, ParamSelection, embeddings, resolve, warn_generic
 from .products import Method
 from .recorder import Recorder, measurement_mode
 
 __all__ = [
+    "MEMORY_SHARE",
     "GradNormPlan",
     "ParameterRule",
     "per_sample_grad_norms",
     "per_sample_grad_norms_and_log_probs",
     "plan_per_sample_grad_norms",
+    "rows_that_fit",
 ]
 
 _METHODS = ("auto", "ghost", "materialize")
@@ -145,8 +148,9 @@ def per_sample_grad_norms(
             input embedding matrix, the official GVM code's choice), ``"lm_head"`` (the output embedding matrix; with
             tied embeddings both names mean the shared matrix, with both its contributions), otherwise a regular
             expression searched in parameter names (any alias of a tied parameter) or a predicate ``(name, param)``.
-        micro_batch_size: rows per forward/backward (``None``: all at once on a CPU; on a GPU as many as an
-            estimate of the pass's memory fits in the free memory, so one micro-batch where the batch fits).
+        micro_batch_size: rows per forward/backward (``None``: all at once on a CPU; on a GPU as many as
+            :func:`rows_that_fit` finds room for, so one micro-batch where the batch fits; processes of a sharded
+            model must pass one number they agreed on).
         method: ``"auto"`` chooses ghost or materialised norms per layer and length
             (:func:`.products._choose_method`); ``"ghost"``/``"materialize"`` force one (for embeddings:
             token-equality Gram / segment sums).
@@ -257,7 +261,11 @@ def _measure_once(
             input_ids, attention_mask, loss_mask, device, score_mask, position_ids
         )
         batch = input_ids.shape[0]
-        step = micro_batch_size or _rows_that_fit(resolved.targets, input_ids.shape, device)
+        step = micro_batch_size
+        if step is None:
+            step = batch if device.type == "cpu" else rows_that_fit(
+                model, params, input_ids.shape, device, method=method, forward_context=forward_context,
+                setting=setting)
         # Micro-batches of similar lengths carry less padding.
         order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
         spans = _micro_batch_spans(attention_mask[order], loss_mask[order], step,
@@ -280,25 +288,42 @@ def _measure_once(
     return norms, None if scores is None else scores.to(out_device)
 
 
-# Share of the free accelerator memory a micro-batch may take when the caller sets no micro_batch_size.
-_MEMORY_SHARE = 0.6
+def rows_that_fit(
+    model: nn.Module,
+    params: ParamSelection,
+    shape: tuple[int, int],
+    device: torch.device | str | None = None,
+    *,
+    free_bytes: int | None = None,
+    processes_on_device: int = 1,
+    method: Method = "auto",
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    setting: str = "params",
+) -> int:
+    """Rows of a ``shape`` = (rows, width) batch that one micro-batch of :func:`per_sample_grad_norms` with these
+    ``params`` (``method``, ``forward_context``) can measure in the free memory of ``device``: between 1 and rows.
 
+    What a micro-batch keeps is fitted once per selection on four small probe passes of the pass itself
+    (:mod:`.memory`: activations every layer above the lowest measured parameter saves, measured or not, the
+    head's logits and their gradient, what the hooks keep); it may fill ``MEMORY_SHARE`` (0.6) of this process's
+    part of the free memory. ``free_bytes`` None reads it on a CUDA device: ``torch.cuda.mem_get_info``'s free
+    memory divided among the ``processes_on_device`` processes sharing the device, plus this process's
+    reserved-but-unallocated cache (PyTorch's, which ``mem_get_info`` counts as used). Given, ``free_bytes`` is
+    the device's free memory as this process sees it (also divided among ``processes_on_device``), which lets the
+    sizing run anywhere, e.g. with a fake figure per rank in a test. On a CPU without ``free_bytes``: all rows.
 
-def _rows_that_fit(targets: dict[nn.Module, list], shape: torch.Size, device: torch.device) -> int:
-    """Rows per micro-batch when the caller sets none: all of them on a CPU; on a GPU as many as an estimate of the
-    pass's memory per row fits in ``_MEMORY_SHARE`` of the free memory (one micro-batch where the batch fits).
-
-    Per token, the estimate counts the inputs and output gradients kept for each measured matrix twice (kept
-    references and what autograd saves), the head's logits and their fp32 gradient, and a Gram row per use."""
-    batch, width = shape
-    if device.type != "cuda" or batch <= 1:
-        return max(batch, 1)
-    free, _ = torch.cuda.mem_get_info(device)
-    element = next((p.element_size() for m in targets for p in m.parameters(recurse=False)), 2)
-    matrices = [t.shape for ts in targets.values() for t in ts if len(t.shape) == 2]
-    widest = max((max(s) for s in matrices), default=0)
-    per_token = sum(2 * element * (m + n) + 8 * width for m, n in matrices) + widest * (8 + 2 * element)
-    return max(1, min(batch, int(_MEMORY_SHARE * free // max(per_token * width, 1))))
+    Processes must agree on the micro-batch when the model is sharded (FSDP, ZeRO-3: its forwards are collectives,
+    and unequal numbers of them deadlock): take the minimum of every process's answer. The first call for a
+    selection runs the probe passes, collectives too there, so every process calls it at the same point.
+    """
+    rows, width = shape
+    device = _model_device(model) if device is None else torch.device(device)
+    if rows <= 1 or (free_bytes is None and device.type != "cuda"):
+        return max(rows, 1)
+    if processes_on_device < 1:
+        raise ValueError(f"processes_on_device must be positive, got {processes_on_device}")
+    memory = memory_model(model, params, method=method, setting=setting, forward_context=forward_context)
+    return max(1, min(rows, memory.rows(budget(device, free_bytes, processes_on_device), width)))
 
 
 def _micro_batch_spans(

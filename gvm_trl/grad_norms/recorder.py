@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layout import Batch
+from .memory import MemoryAccount
 from .planning import embeddings
 from .products import (
     Method,
@@ -123,8 +124,10 @@ class Recorder:
         setting: str,
         temperature: float = 1.0,
         forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        account: MemoryAccount | None = None,
     ) -> None:
         self.model, self.targets, self.method, self.setting = model, targets, method, setting
+        self.account = account  # counts what a micro-batch keeps (memory probes only)
         self.temperature, self.forward_context = temperature, forward_context or contextlib.nullcontext
         self.owners: dict[int, list[nn.Module]] = defaultdict(list)
         self.names: dict[int, str] = {}
@@ -257,7 +260,7 @@ class Recorder:
         self._start(Batch.build(input_ids, attention_mask, loss_mask, head_length, score_mask), squares)
         try:
             self._in_forward = True
-            with _UseTracer(self):
+            with _UseTracer(self), self.account.saving() if self.account else contextlib.nullcontext():
                 log_prob = self._log_prob(input_ids, attention_mask, position_ids)
             self._in_forward = False
             # Autocast covers the forward only (a caller's too): the backward takes the forward's dtypes, the
@@ -309,6 +312,8 @@ class Recorder:
         ``self.scores``."""
         with self.forward_context():
             logits = _logits(self.model, input_ids, attention_mask, prepared_mask_kinds(self.model), position_ids)
+        if self.account is not None:
+            self.account.keep_gradient(logits)
         if not self.head_gathered:
             logits = logits.gather(1, self.batch.head_index[..., None].expand(-1, -1, logits.shape[-1]))
         targets = self.batch.targets
@@ -458,6 +463,8 @@ class Recorder:
         tensors = [leaves[i] for i in graded]
         if not hooked.generic:
             call.args, call.kwargs, call.leaves = (), {}, []  # fast rules keep only their captures (not the logits)
+        if self.account is not None:
+            self.account.add(hooked)
         if len(tensors) == 1:
             tensors[0].register_hook(lambda grad: self._on_grad(hooked, (grad,)))
         else:
@@ -467,6 +474,8 @@ class Recorder:
     def _on_grad(self, hooked: _HookedCall, grads) -> None:
         """Fast rules only keep the gradient (reduced after the backward); the generic rule re-runs its module now."""
         call = hooked.call
+        if self.account is not None:
+            self.account.add(grads)
         if hooked.fast:
             self.pending.append((hooked, grads[0]))
         generic = [t for t in hooked.generic if t.key not in hooked.skip]
@@ -483,6 +492,8 @@ class Recorder:
     def _add(self, key: int, record: _Record | None) -> None:
         if record is not None:
             self.records[key].append(record)
+            if self.account is not None:
+                self.account.add(record)
         self.received[key] += 1
 
     def _finalize(self, key: int) -> None:
