@@ -550,3 +550,61 @@ def test_memory_estimate_on_every_architecture(arch, params, monkeypatch):
         measured = _measured_bytes(model, _full_rows(*shape), params, monkeypatch)
         estimate = memory_model(model, params).bytes(*shape)
     assert measured <= estimate <= 1.5 * measured, estimate / measured
+
+
+# --------------------------------------------------------------------------------------------------------------
+# B10: the evaluation forks the RNG of the model's devices only
+
+
+def _fork_spy(monkeypatch) -> list[list[int]]:
+    import contextlib
+
+    forked = []
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, enabled=True, **kwargs):
+        forked.append(list(devices))
+        state = torch.get_rng_state()
+        yield
+        torch.set_rng_state(state)
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    return forked
+
+
+def test_evaluation_forks_no_gpu_for_a_model_on_the_cpu(monkeypatch, char_tokenizer):
+    """With 8 GPUs visible, seeding the evaluation of a CPU model forked all 8 (a CUDA context on each, per rank)."""
+    import datasets
+
+    from gvm_trl.evaluation import dataset_accuracy
+    from gvm_trl.testing import make_tiny_llama
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    forked = _fork_spy(monkeypatch)
+    data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1?"}]], "answer": ["2"]})
+    dataset_accuracy(make_tiny_llama(char_tokenizer), char_tokenizer, data, max_new_tokens=2)
+    assert forked == [[]]
+
+
+def test_evaluation_forks_and_seeds_the_models_gpus_only(monkeypatch):
+    """A model on cuda:3 (and cuda:5, split by device_map) of 8: those two generators, seeded, nothing else."""
+    from types import SimpleNamespace
+
+    from gvm_trl.evaluation import _seeded
+
+    class Generator:
+        def __init__(self):
+            self.seeds = []
+
+        def manual_seed(self, seed):
+            self.seeds.append(seed)
+
+    generators = [Generator() for _ in range(8)]
+    monkeypatch.setattr(torch.cuda, "default_generators", generators, raising=False)
+    forked = _fork_spy(monkeypatch)
+    split = SimpleNamespace(parameters=lambda: [SimpleNamespace(device=torch.device("cuda", i)) for i in (5, 3, 3)])
+    with _seeded(11, split):
+        pass
+    assert forked == [[3, 5]]
+    assert [g.seeds for g in generators] == [[], [], [], [11], [], [11], [], []]
