@@ -608,3 +608,66 @@ def test_evaluation_forks_and_seeds_the_models_gpus_only(monkeypatch):
         pass
     assert forked == [[3, 5]]
     assert [g.seeds for g in generators] == [[], [], [], [11], [], [11], [], []]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# B10: a model split by device_map sums on each parameter's own device
+
+
+class OneDevicePerOp:
+    """A dispatch mode raising where an op (other than a copy) reads tensors of two devices, as CUDA refuses
+    cuda:0 with cuda:1; the meta device, standing in for a second device here, would let it through."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func._overloadpacket.__name__ not in ("_to_copy", "copy_"):
+                    devices = {t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.ndim}
+                    if len(devices) > 1:
+                        raise RuntimeError(f"{func} reads tensors on {sorted(map(str, devices))}")
+                return func(*args, **kwargs)
+
+        return Mode()
+
+
+def _outer(device: str, seed: int) -> products._Outer:
+    g = torch.Generator().manual_seed(seed)
+    left, right = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 6, generator=g)
+    return products._Outer(left.to(device), right.to(device), 4, None, right_key=("input", seed))
+
+
+def test_batched_squares_sum_per_device_and_move_the_sums():
+    """Records of layers on a second device (meta here) are reduced there; only their [B] sums move."""
+    on_cpu, on_meta = [_outer("cpu", 0), _outer("cpu", 1)], [_outer("meta", 2)]
+    with OneDevicePerOp():
+        total = products.batched_self_squares(on_cpu + on_meta, 3, torch.device("meta"))
+    assert total.device.type == "meta" and total.shape == (3,)
+
+
+def test_uses_of_one_parameter_on_two_devices_meet_on_one():
+    """A parameter used on two devices (tied embedding and head under device_map): its cross term is formed on
+    the first use's device, every sum moved to the output's."""
+    from gvm_trl.grad_norms.recorder import Recorder
+
+    recorder = Recorder(tiny_model("llama"), {}, "ghost", "params")
+    recorder.squares = torch.zeros(3, dtype=torch.float64, device="meta")
+    recorder.records[7] = [_outer("meta", 0), _outer("cpu", 1)]
+    with OneDevicePerOp():
+        recorder._finalize(7)
+    assert recorder.squares.device.type == "meta"
+
+
+def test_masks_follow_the_tensor_they_mask():
+    from gvm_trl.grad_norms.layout import Batch
+
+    ids, real, counted = make_batch("left")
+    batch = Batch.build(ids, real.bool(), counted.bool(), 8)
+    hidden = torch.zeros(*ids.shape, 4, device="meta")
+    layout = batch.layout(hidden)
+    assert layout.mask.device.type == "meta" and batch.layout(hidden).mask is layout.mask  # copied once
+    assert batch.rows(hidden)[1].device.type == "meta"
+    assert batch.layout(torch.zeros(*ids.shape, 4)).mask is batch.valid

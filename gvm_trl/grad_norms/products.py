@@ -103,6 +103,25 @@ class _Summed:
 _Record = _Outer | _Dense | _Squares | _Summed
 
 
+def record_device(rec: _Record) -> torch.device:
+    """Where a record's factors are (its module's device)."""
+    if isinstance(rec, _Outer):
+        return rec.right.device
+    return (rec.factors[-1] if isinstance(rec, _Summed) else rec.value).device
+
+
+def on_device(rec: _Record, device: torch.device) -> _Record:
+    """``rec`` with its tensors on ``device`` (itself where they are there already)."""
+    if record_device(rec) == device:
+        return rec
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    if isinstance(rec, _Outer):
+        return _Outer(move(rec.left), move(rec.right), rec.m, move(rec.valid))
+    if isinstance(rec, _Summed):
+        return _Summed(tuple(map(move, rec.factors)), move(rec.valid))
+    return type(rec)(move(rec.value))
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -439,24 +458,25 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
     """Σ over ``records`` (single-use, :func:`batchable`) of ‖G_b‖², float64 [B], in a few batched kernels.
 
     Weights reading one input (q/k/v, gate/up) share its Gram: Σ_k ‖Σ_t g^k_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)
-    (Σ_k g^k_t·g^k_s), the Gram of their output gradients concatenated. Layers of equal shapes are stacked, so each group of
-    them costs one Gram product per factor, one product and one sum; 1-D parameters (biases, norm weights) are
-    stacked likewise and reduced as Σ_t Π_k factors. Groups are split where the stacked tensors would exceed
-    ``_BATCHED_ELEMENTS``.
+    (Σ_k g^k_t·g^k_s), the Gram of their output gradients concatenated. Layers of equal shapes (on one device) are
+    stacked, so each group of them costs one Gram product per factor, one product and one sum; 1-D parameters
+    (biases, norm weights) are stacked likewise and reduced as Σ_t Π_k factors. Groups are split where the stacked
+    tensors would exceed ``_BATCHED_ELEMENTS``. Each group is reduced on its own device (a model split by
+    ``device_map``) and only its [B] sums move to ``device``.
     """
     total = torch.zeros(batch, dtype=torch.float64, device=device)
     shared: dict[Hashable, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's key
     summed: dict[tuple, list[_Summed]] = {}
     for rec in records:
         if isinstance(rec, _Summed):
-            signature = (tuple((f.shape, f.dtype) for f in rec.factors), id(rec.valid))
+            signature = (tuple((f.shape, f.dtype) for f in rec.factors), rec.factors[0].device, id(rec.valid))
             summed.setdefault(signature, []).append(rec)
             continue
         key, side, own = _ghost_side(rec)
         shared.setdefault(key, (side, rec.valid, []))[2].append(own)
     groups: dict[tuple, list[tuple[Tensor, Tensor | None, list[Tensor]]]] = {}
     for side, valid, owns in shared.values():
-        signature = (side.shape, side.dtype, tuple((o.shape, o.dtype) for o in owns), id(valid))
+        signature = (side.shape, side.dtype, side.device, tuple((o.shape, o.dtype) for o in owns), id(valid))
         groups.setdefault(signature, []).append((side, valid, owns))
     for members in groups.values():
         side, valid, owns = members[0]
@@ -475,7 +495,7 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
             own = owns_side_by_side[0] if len(owns) == 1 else torch.cat(owns_side_by_side, -1)
             gram_own = _mask_pairs(_gram(own.flatten(0, 1)), unpaired, layers)
             products = (gram_side * gram_own).sum(-1).sum(-1, dtype=torch.float64)
-            total += products.reshape(layers, batch).sum(0)
+            total += products.reshape(layers, batch).sum(0).to(device)
     for members in summed.values():
         valid = members[0].valid
         invalid = None if valid is None else ~valid
@@ -488,5 +508,5 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
             for k in range(len(chunk[0].factors)):
                 factor = _stacked([m.factors[k] for m in chunk], invalid).to(dtype)
                 product = factor if product is None else product * factor
-            total += _sum_rows(product.sum(2).square().transpose(0, 1))
+            total += _sum_rows(product.sum(2).square().transpose(0, 1)).to(device)
     return total

@@ -29,6 +29,8 @@ from .products import (
     _SharedInputs,
     batchable,
     batched_self_squares,
+    on_device,
+    record_device,
 )
 from .rules import (
     _CHECK_EPS,
@@ -314,13 +316,16 @@ class Recorder:
             logits = _logits(self.model, input_ids, attention_mask, prepared_mask_kinds(self.model), position_ids)
         if self.account is not None:
             self.account.keep_gradient(logits)
+        device = logits.device  # the last device of a model split by device_map
         if not self.head_gathered:
-            logits = logits.gather(1, self.batch.head_index[..., None].expand(-1, -1, logits.shape[-1]))
-        targets = self.batch.targets
+            index = self.batch.head_index.to(device)
+            logits = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+        targets = self.batch.targets.to(device)
         if logits.shape[:2] != targets.shape:
             raise RuntimeError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
         if self.batch.scored is not None:
-            self.scores = tempered_log_probs(logits.detach(), self.batch.tokens, self.temperature)
+            tokens = self.batch.tokens.to(device)
+            self.scores = tempered_log_probs(logits.detach(), tokens, self.temperature).to(self.batch.valid.device)
         logits, targets = logits.flatten(0, 1), targets.flatten()
         if logits.dtype in (torch.float32, torch.float64):
             return -nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
@@ -344,8 +349,9 @@ class Recorder:
         if hidden.ndim != 3 or hidden.shape[:2] != self.batch.valid.shape:
             return None
         self.head_gathered = True
-        index = self.batch.head_index[..., None].expand(-1, -1, hidden.shape[-1])
-        return (torch.where(self.batch.head_valid[..., None], hidden.gather(1, index), 0), *args[1:])
+        index = self.batch.head_index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        head_valid = self.batch.head_valid.to(hidden.device)
+        return (torch.where(head_valid[..., None], hidden.gather(1, index), 0), *args[1:])
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if self.replaying or self.batch is None:
@@ -499,11 +505,12 @@ class Recorder:
     def _finalize(self, key: int) -> None:
         """Add ‖Σ_k G_k‖² = Σ_k ‖G_k‖² + 2Σ_{k<l}⟨G_k, G_l⟩ of one parameter to the squares."""
         records = self.records.pop(key, [])
+        device = self.squares.device
         with torch.no_grad():
             for i, rec in enumerate(records):
-                self.squares += _self_square(rec, self.method, self.inputs)
-                for other in records[i + 1 :]:
-                    self.squares += 2 * _cross(rec, other, self.method)
+                self.squares += _self_square(rec, self.method, self.inputs).to(device)
+                for other in records[i + 1 :]:  # uses on other devices (device_map) meet on this one's
+                    self.squares += 2 * _cross(rec, on_device(other, record_device(rec)), self.method).to(device)
         for rec in records:
             if isinstance(rec, _Outer):
                 self.inputs.release(rec.left_key)

@@ -169,7 +169,7 @@ class LinearRule(Rule):
             if target.path == "bias":
                 out.append(_bias_record(grad, call.batch))
                 continue
-            activations, _ = call.batch.rows(captured["input"])
+            activations, _ = call.batch.rows(captured["input"].to(grads.device))  # read before a device_map move
             out.append(self._outer(grads, activations, valid, captured["key"]))
         return out
 
@@ -220,7 +220,7 @@ class EmbeddingRule(Rule):
     def records(self, call, targets, captured, grad):
         module, ids = call.module, captured["ids"]
         grads, valid = call.batch.rows(grad)
-        ids = ids.reshape(grads.shape[:2])
+        ids = ids.to(grads.device).reshape(grads.shape[:2])
         if module.padding_idx is not None:
             not_padding = ids != module.padding_idx
             valid = not_padding if valid is None else valid & not_padding
@@ -522,7 +522,7 @@ def generic_records(
         return [None] * len(targets)
     replay = _Replay(call, [i for i, _ in graded], [g for _, g in graded], [t.path for t in targets])
     rows_per_chunk = max(1, _REPLAY_ELEMENTS // max(replay.elements_per_sample, 1))
-    squares = [torch.zeros(size, dtype=torch.float64, device=batch.valid.device) for _ in targets]
+    squares = [torch.zeros(size, dtype=torch.float64, device=graded[0][1].device) for _ in targets]
     dense: list[list[Tensor]] = [[] for _ in targets]
     mismatches = []
     for start in range(0, size, rows_per_chunk):
