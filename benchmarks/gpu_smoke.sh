@@ -9,8 +9,8 @@
 #    fp32 weights under bf16 autocast with generic re-runs (within 3 % of fp32); the bf16 Gram kernel
 #    (bmm out_dtype) against fp32 Grams; ≤ 2 host syncs per call; the prepared-mask guard in bf16.
 # 2. grad_norms (benchmarks/grad_norms.py --device cuda --no-flops, ≤ 80 s): batch 64, 128 completion tokens,
-#    against the official one-sample loop (target ≥ 10×) and one plain forward+backward (target c/d ≤ 1.0); the pass
-#    sizes its micro-batch from free memory. FLOPs, ops and syncs are counted on a CPU (grad_norms.py --count).
+#    against the official one-sample loop (target ≥ 10×) and one plain forward+backward (target c/d ≤ 1.0); the
+#    pass sizes its micro-batch from free memory. FLOPs, ops and syncs are counted on a CPU (grad_norms.py --count).
 # 3. step_cost (benchmarks/step_cost.py --device cuda, ≤ 150 s): a random Qwen2-0.5B-shaped model and the parity
 #    stand-in verifier; plain trl.GRPOTrainer, GVM-GRPO and GVM-RAFT++ probing ahead at 32 completions per step
 #    (4 prompts × G = 8; N′ = 4), ≤ 128 tokens, three workers at once (≤ 3 × 25 GB), 4 steps (2 timed).

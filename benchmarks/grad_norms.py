@@ -541,7 +541,7 @@ def against(args) -> dict:
 
 
 CHECK_PRESETS = {
-    # Qwen2-0.5B's structure and vocabulary, bf16; ``tight_gib`` is a free-memory figure small enough to split the batch.
+    # Qwen2-0.5B's structure and vocabulary, bf16; ``tight_gib``: a free-memory figure that splits the batch.
     "cuda": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, batch=64,
                  prompt=32, completion=384, dtype="bfloat16", tight_gib=8.0, autocast_batch=8, autocast_completion=128),
     "quick": dict(arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048, batch=12,

@@ -15,10 +15,11 @@ what the module computes, so subclasses are covered — and otherwise by the gen
   transformers' ``Conv1D`` (W transposed), G = Σ_t a_t g_tᵀ. Either materialise G (cost ∝ T·d_in·d_out), or use
   the Gram ("ghost norm") identity ‖G‖²_F = Σ_{t,s} (a_t·a_s)(g_t·g_s) (cost ∝ T²·(d_in + d_out));
   :func:`.products._choose_method` picks per layer and length whichever costs less (mixed ghost norm, as in the
-  book-keeping method of Bu et al. 2022). Layers reading one input (q/k/v, gate/up) share its Gram. Biases:
-  G = Σ_t g_t.
+  book-keeping method of Bu et al. 2022). Layers reading one input (q/k/v, gate/up: the same memory, whichever
+  view each gets) share its Gram, and their output gradients side by side make one more. Biases: G = Σ_t g_t.
 * ``embedding``: any ``nn.Embedding`` whose output is c·W[ids] for one scalar c (c = 1 for the base class;
-  subclasses such as Gemma's scaled embedding are checked on a probe at planning and on each call):
+  subclasses such as Gemma's scaled embedding are checked on a probe at planning, and c is fitted and checked on
+  the device on each call; a call failing the check is measured again with the module on the generic rule):
   G = c Σ_t e_{id_t} g_tᵀ, so ‖G‖² = c² Σ_{t,s} [id_t = id_s](g_t·g_s) (token-equality ghost norm,
   ``method="ghost"``), or — otherwise — sum the g_t of equal ids per sample (a segment sum over unique (sample, id)
   pairs) and square, O(T·d).
@@ -33,13 +34,14 @@ what the module computes, so subclasses are covered — and otherwise by the gen
   every sample the module is re-run on that sample's slice of its inputs (those leading with the batch, or with the
   flattened batch × positions as MoE experts see tokens) and the VJP w.r.t. just its generic parameters is taken,
   with ``torch.func.vmap`` over samples where the module allows it and a loop where it has data-dependent control
-  flow (MoE routing). Re-run outputs must equal the recorded ones at real positions (else the module mixes samples:
-  an error, never a guess). Exact for any module that treats samples independently; it costs one extra forward
-  and backward of the module per sample (batched under vmap) and each sample's dense gradient of its generic
-  parameters, so it grows with batch × their size. Measured on CPU (``benchmarks/grad_norms.py --generic``,
-  1 thread, batch 8): every decoder-layer parameter of a Llama forced onto it costs 1.03× (hidden 64) and 1.12×
-  (hidden 256, 4 layers) the fast pass, as vmap batches the re-runs; a Qwen3-MoE's experts and routers (26% and 49%
-  of its parameters) make the pass 1.2× and 2.6× slower than leaving them out, routing forcing a per-sample loop.
+  flow (MoE routing), in the autocast the call ran under. Re-run outputs must equal the recorded ones at real
+  positions (else the module mixes samples: an error, never a guess). Exact for any module that treats samples
+  independently; it costs one extra forward and backward of the module per sample (batched under vmap) and each
+  sample's dense gradient of its generic parameters, so it grows with batch × their size. Measured on CPU
+  (``benchmarks/grad_norms.py --generic``, 1 thread, batch 8): every decoder-layer parameter of a Llama forced onto
+  it costs 1.03× (hidden 64) and 1.12× (hidden 256, 4 layers) the fast pass, as vmap batches the re-runs; a
+  Qwen3-MoE's experts and routers (26% and 49% of its parameters) make the pass 1.2× and 2.6× slower than leaving
+  them out, routing forcing a per-sample loop.
 
 Parameters read outside their own module's forward (a Mamba mixer calling ``causal_conv1d_fn(x,
 self.conv1d.weight, ...)`` without calling ``self.conv1d``) are seen by a ``TorchFunctionMode`` during the forward
@@ -52,13 +54,17 @@ the cross terms computed from the same factors, e.g. for a tied head (a_s, g_s a
 (ids id_t, gradients e_t): ⟨G_head, G_emb⟩ = Σ_{t,s} g_s[id_t] (a_s·e_t). Dropping it is wrong (measured: 2e-3
 relative error at random init, more on trained models).
 
-**Cost on a GPU** (issue 18): every ATen op is a kernel launch paid on the host, and every read of a device value a
-host sync. The hooks therefore only keep references; after the backward, the single-use matrices are reduced in a
-few stacked kernels across layers (:func:`.products.batched_self_squares`: layers reading one input share its Gram,
-layers of equal shapes are stacked), 1-D parameters likewise; every check and rule choice is made once per module
-(at planning); the pass reads the device once per call (input checks and micro-batch spans together), and hands a
-transformers model using SDPA a prepared causal mask where that gives the same logits (transformers' own mask
-preparation reads the mask twice). Counted on Qwen2-0.5B's structure: ``benchmarks/grad_norms.py --count``.
+**Cost on a GPU** (issues 18, 26): every ATen op is a kernel launch paid on the host, and every read of a device
+value a host sync. The hooks therefore only keep references; after the backward, the single-use matrices are
+reduced in a few stacked kernels across layers (:func:`.products.batched_self_squares`: layers reading one input
+share its Gram, layers of equal shapes are stacked), 1-D parameters likewise; every check needing a host value and
+every rule choice is made once per module (at planning), and the checks each call must still make (the generic
+rule's re-run outputs, a scaled embedding's c) are computed on the device and read together at the end. So a call
+reads the device at most twice: the input checks and micro-batch spans before the forward, those checks after
+it (only where there are any). A transformers model using SDPA gets a prepared mask (per layer kind for hybrid
+models) where that gives the same logits: transformers' own mask preparation reads the mask on the host. Counted
+on Qwen2-0.5B's structure: ``benchmarks/grad_norms.py --count``. Memory: :func:`rows_that_fit`. A model split by
+``device_map`` reduces each layer's records on its own device and moves only [B] sums.
 
 Autograd never reaches further down than needed: all parameters are frozen during the call and gradients start
 from detached, grad-requiring copies of the outputs of the lowest measured modules, so ``params="lm_head"`` costs a

@@ -116,8 +116,9 @@ def autocast_as(state: tuple[tuple[str, torch.dtype], ...], device_type: str) ->
 
 
 class Rule:
-    """A layer kind. ``checked``: :meth:`capture` verifies on each call that the module computes what the rule
-    assumes, and returns None where it does not (that call is then measured by the generic rule)."""
+    """A layer kind. ``checked``: the rule verifies that the module computes what it assumes, where it can once per
+    module, else on each call with a :class:`DeferredCheck`; :meth:`capture` returns None where a call's verdict is
+    known to fail (that call is then measured by the generic rule)."""
 
     name: ClassVar[str]
     checked: ClassVar[bool] = False
