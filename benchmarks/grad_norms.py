@@ -27,6 +27,16 @@ allocation before the call.
     python benchmarks/grad_norms.py --count [--quick]      # ops, host syncs, FLOPs per call; predicted H200 time
     python benchmarks/grad_norms.py --gram-precision       # error of bf16/TF32 Gram factors against float64
     python benchmarks/grad_norms.py --against DIR          # CPU c/d of an older grad_norms package vs this one
+    python benchmarks/grad_norms.py --checks --device cuda # issue 26's GPU-only paths, pass/fail (gpu_smoke.sh)
+
+A ``--quick`` run writes to a temporary folder unless ``--output`` is given: its figures are a smoke test's, never
+a result to keep.
+
+``--checks`` runs on one device what only a GPU takes (``--quick``: the same code on CPU-sized shapes): a
+micro-batch sized from free memory for ``embed_tokens``, LoRA and all parameters (its peak within the free memory
+it was sized for, and a tighter figure splitting the batch with the same norms); fp32 weights under bf16 autocast
+with generic re-runs (within 3 % of fp32); the bf16 Gram kernel against fp32 Grams; host syncs per call (≤ 2);
+the prepared-mask guard in the model's dtype. It exits 1 when a check fails.
 
 ``--against DIR`` times (wall clock, and the process's CPU time, which other processes' load disturbs less: one
 thread), interleaved in one process on the CPU preset, the pass of an older copy of the package
@@ -98,7 +108,8 @@ def build_model(cfg: dict, tied: bool, device: str) -> torch.nn.Module:
     )
     config = LlamaConfig(**common) if cfg["arch"] == "llama" else Qwen2Config(**common)
     cls = LlamaForCausalLM if cfg["arch"] == "llama" else Qwen2ForCausalLM
-    return cls(config).to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
+    with torch.device(device):  # initialised where it runs: seconds for a 0.5B model on a GPU, not half a minute
+        return cls(config).to(dtype=getattr(torch, cfg["dtype"])).eval()
 
 
 def make_batch(cfg: dict, completion: int, batch: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -529,6 +540,186 @@ def against(args) -> dict:
     return {"config": cfg, "threads": args.threads, "repeats": args.repeats, "results": results}
 
 
+CHECK_PRESETS = {
+    # Qwen2-0.5B's structure and vocabulary, bf16; ``tight_gib``: a free-memory figure that splits the batch.
+    "cuda": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, batch=64,
+                 prompt=32, completion=384, dtype="bfloat16", tight_gib=8.0, autocast_batch=8, autocast_completion=128),
+    "quick": dict(arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048, batch=12,
+                  prompt=16, completion=48, dtype="float32", tight_gib=None, autocast_batch=4, autocast_completion=24),
+}
+
+
+class OwnForwardLinear(torch.nn.Linear):
+    """An nn.Linear subclass with its own forward: measured by the generic rule, which re-runs it."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def built(cfg: dict, device: str, dtype: str, tied: bool = True) -> torch.nn.Module:
+    return build_model(dict(cfg, dtype=dtype), tied, device)
+
+
+def check(name: str, fn: Callable[[], dict], results: dict) -> None:
+    """Run one check; a crash is recorded as a failure and the next check still runs."""
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - the verdict file reports it
+        result = {"pass": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    results[name] = result
+    print(f"  {name}: {'pass' if result['pass'] else 'FAIL'} {json.dumps(result)[:600]}", flush=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_sizing(cfg: dict, device: str, selection: str) -> dict:
+    """A micro-batch sized from free memory (B2, B5, B6): the pass's real peak stays within the free memory it was
+    sized for, and a tighter figure splits the batch with the same norms."""
+    from peft import LoraConfig, get_peft_model
+
+    from gvm_trl.grad_norms import MEMORY_SHARE, rows_that_fit
+    from gvm_trl.grad_norms.memory import budget, memory_model
+
+    model = built(cfg, device, cfg["dtype"])
+    params = selection
+    if selection == "lora":
+        model, params = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"])), "trainable"
+    batch = make_batch(cfg, cfg["completion"], cfg["batch"], device)
+    shape = tuple(batch["input_ids"].shape)
+    memory = memory_model(model, params)
+    result = {"selection": selection, "shape": shape, "probe_bytes": {f"{r}x{t}": b for (r, t), b in
+                                                                        memory.probes.items()}}
+    if device == "cuda":
+        available = budget(torch.device(device), None, 1) / MEMORY_SHARE
+        rows = rows_that_fit(model, params, shape, device)
+        seconds, peak, whole = timed(lambda: per_sample_grad_norms(model, **batch, params=params), device)
+        result["auto"] = {"free_gib": round(available / 2**30, 2), "rows": rows, "seconds": round(seconds, 3),
+                          "estimate_gib": round(memory.bytes(rows, shape[1]) / 2**30, 3),
+                          "peak_gib": round(peak / 1024, 3), "peak_within_free": peak * 2**20 <= available}
+        free = int(cfg["tight_gib"] * 2**30)
+    else:  # no free-memory figure on a CPU: one that holds about a third of the batch
+        whole = per_sample_grad_norms(model, **batch, params=params)
+        free = round(memory.bytes(max(1, shape[0] // 3), shape[1]) / MEMORY_SHARE)
+    rows = rows_that_fit(model, params, shape, device, free_bytes=free)
+    seconds, peak, split = timed(lambda: per_sample_grad_norms(model, **batch, params=params, micro_batch_size=rows),
+                                 device)
+    difference = ((split.double() - whole.double()).abs() / whole.double()).max().item()
+    estimate = memory.bytes(rows, shape[1])
+    result["tight"] = {"free_gib": round(free / 2**30, 4), "rows": rows, "seconds": round(seconds, 3),
+                       "estimate_gib": round(estimate / 2**30, 4), "peak_gib": round(peak / 1024, 4),
+                       "peak_over_estimate": round(peak * 2**20 / estimate, 3),
+                       "max_rel_diff_vs_one_call": difference}
+    within = peak * 2**20 <= free if device == "cuda" else True  # a CPU's RSS peak includes the allocator's slack
+    result["pass"] = bool(1 <= rows < shape[0] and estimate <= MEMORY_SHARE * free and within and difference < 3e-2
+                          and result.get("auto", {}).get("peak_within_free", True))
+    return result
+
+
+def autocast_fp32_weights(cfg: dict, device: str) -> dict:
+    """fp32 weights under bf16 autocast (B3), generic re-runs included: norms within 3 % of the fp32 ones."""
+    model = built(cfg, device, "float32")
+    for layer in model.model.layers[-2:]:
+        old = layer.mlp.down_proj
+        layer.mlp.down_proj = OwnForwardLinear(old.in_features, old.out_features, bias=False, device=device)
+        layer.mlp.down_proj.weight = old.weight
+    batch = make_batch(cfg, cfg["autocast_completion"], cfg["autocast_batch"], device)
+
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16)
+
+    fp32 = per_sample_grad_norms(model, **batch, params="all")
+    bf16 = per_sample_grad_norms(model, **batch, params="all", forward_context=autocast)
+    with autocast():
+        ambient = per_sample_grad_norms(model, **batch, params="all")
+    gap = ((bf16.double() / fp32.double()) - 1).abs().max().item()
+    same = ((ambient.double() - bf16.double()).abs() / bf16.double()).max().item()
+    return {"max_rel_gap_to_fp32": gap, "ambient_vs_forward_context": same, "pass": gap < 3e-2 and same < 1e-6}
+
+
+def gram_kernel(cfg: dict, device: str) -> dict:
+    """The bf16 Gram (B7): whether bmm(out_dtype=float32) runs here, and the norms with it against fp32 Grams."""
+    import gvm_trl.grad_norms.products as products
+
+    model = built(cfg, device, "bfloat16")
+    batch = make_batch(cfg, cfg["autocast_completion"], cfg["autocast_batch"], device)
+    probe = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=device)
+    supported = products._low_precision_supported(probe)
+    low = per_sample_grad_norms(model, **batch, params="all")
+    products.LOW_PRECISION_GRAMS = False
+    try:
+        fp32 = per_sample_grad_norms(model, **batch, params="all")
+    finally:
+        products.LOW_PRECISION_GRAMS = True
+    difference = ((low.double() - fp32.double()).abs() / fp32.double()).max().item()
+    expected = device == "cuda"
+    return {"out_dtype_supported": supported, "max_rel_diff_vs_fp32_grams": difference,
+            "pass": supported == expected and difference < 1e-2}
+
+
+def host_syncs(cfg: dict, device: str) -> dict:
+    """Host syncs per call (B9), counted after a first call: at most 2, in one micro-batch or several."""
+    from gvm_trl.grad_norms.counting import count
+
+    model = built(cfg, device, cfg["dtype"])
+    batch = make_batch(cfg, cfg["autocast_completion"], cfg["autocast_batch"], device)
+    per_sample_grad_norms(model, **batch, params="all")
+    counted = {size or "all": count(lambda s=size: per_sample_grad_norms(model, **batch, params="all",
+                                                                         micro_batch_size=s)).as_dict(top=0)
+               for size in (None, 2)}
+    figures = {k: {"host_syncs": v["host_syncs"], "sync_ops": v["sync_ops"], "ops": v["ops"]}
+               for k, v in counted.items()}
+    return {"per_micro_batch_size": figures, "pass": all(v["host_syncs"] <= 2 for v in figures.values())}
+
+
+def prepared_mask(cfg: dict, device: str) -> dict:
+    """The prepared-mask guard in the model's dtype (B4): the causal mask is taken, a non-causal one refused."""
+    import gvm_trl.grad_norms.recorder as recorder
+
+    model = built(cfg, device, cfg["dtype"])
+    taken = recorder._probe_prepared_mask(model) is not None
+    original = recorder._causal_mask
+    recorder._causal_mask = lambda real: (real[:, None, :] | torch.eye(real.shape[1], dtype=torch.bool,
+                                                                        device=real.device))[:, None]
+    try:
+        refused = recorder._probe_prepared_mask(model) is None
+    finally:
+        recorder._causal_mask = original
+    return {"causal_taken": taken, "non_causal_refused": refused, "pass": taken and refused}
+
+
+def gpu_checks(args) -> dict:
+    """Issue 26's GPU-only paths on one device (``--quick``: CPU-sized, the same code)."""
+    import transformers
+
+    cfg = dict(CHECK_PRESETS["quick" if args.quick else "cuda"])
+    results = {}
+    for selection in ("embed_tokens", "lora", "all"):
+        check(f"memory_sizing_{selection}", lambda s=selection: memory_sizing(cfg, args.device, s), results)
+    check("autocast_fp32_weights", lambda: autocast_fp32_weights(cfg, args.device), results)
+    check("bf16_gram_kernel", lambda: gram_kernel(cfg, args.device), results)
+    check("host_syncs", lambda: host_syncs(cfg, args.device), results)
+    check("prepared_mask", lambda: prepared_mask(cfg, args.device), results)
+    return {"config": cfg, "device": args.device, "device_name": torch.cuda.get_device_name() if
+            args.device == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "checks": results,
+            "pass": all(r["pass"] for r in results.values())}
+
+
+def output_path(args, default: str) -> Path:
+    """``--output``, else ``benchmarks/results/<default>``; a ``--quick`` run's figures mean nothing, so without
+    ``--output`` it writes to a temporary folder and never over a committed result."""
+    if args.output:
+        return Path(args.output)
+    if args.quick:
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "gvm_trl_benchmarks" / f"quick_{default}"
+    return Path("benchmarks/results") / default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -544,35 +735,29 @@ def main() -> None:
     parser.add_argument("--count", action="store_true", help="count ops, host syncs and FLOPs per call (CPU)")
     parser.add_argument("--gram-precision", action="store_true", help="norm error with bf16/TF32 Gram factors")
     parser.add_argument("--against", metavar="DIR", help="CPU c/d of DIR/old_grad_norms vs this package")
-    parser.add_argument("--output", help="default: benchmarks/results/grad_norms.json (or grad_norms_generic.json)")
+    parser.add_argument("--checks", action="store_true", help="issue 26's GPU-only paths on --device, pass/fail "
+                        "(with --quick: CPU-sized)")
+    parser.add_argument("--output", help="default: benchmarks/results/grad_norms.json (or the mode's own file); "
+                        "--quick writes to a temporary folder instead, never over a committed result")
     args = parser.parse_args()
-    for flag, run, default in (("gram_precision", gram_precision, "grad_norms_gram_precision.json"),
-                               ("against", against, "grad_norms_cpu_before_after.json")):
-        if getattr(args, flag):
-            torch.set_num_threads(args.threads)
-            out = Path(args.output or f"benchmarks/results/{default}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(run(args), indent=2))
-            print(f"wrote {out}")
-            return
-    if args.count:
-        torch.set_num_threads(args.threads)
-        out = Path(args.output or "benchmarks/results/grad_norms_count.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(count_mode(args), indent=2))
-        print(f"wrote {out}")
-        return
-    if args.generic:
-        torch.set_num_threads(args.threads)
-        out = Path(args.output or "benchmarks/results/grad_norms_generic.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(generic_cost(args), indent=2))
-        print(f"wrote {out}")
-        return
-    args.output = args.output or "benchmarks/results/grad_norms.json"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     torch.set_num_threads(args.threads)
+    for flag, run, default in (("gram_precision", gram_precision, "grad_norms_gram_precision.json"),
+                               ("against", against, "grad_norms_cpu_before_after.json"),
+                               ("count", count_mode, "grad_norms_count.json"),
+                               ("generic", generic_cost, "grad_norms_generic.json"),
+                               ("checks", gpu_checks, f"grad_norms_checks_{args.device}.json")):
+        if getattr(args, flag):
+            out = output_path(args, default)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            report = run(args)
+            out.write_text(json.dumps(report, indent=2))
+            print(f"wrote {out}")
+            if flag == "checks" and not report["pass"]:
+                raise SystemExit(1)
+            return
+    args.output = str(output_path(args, "grad_norms.json"))
     cfg = dict(PRESETS["quick" if args.quick else args.device])
     cfg["batch"] = args.batch or cfg["batch"]
     cfg["completions"] = args.completions or cfg["completions"]

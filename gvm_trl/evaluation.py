@@ -249,10 +249,15 @@ def vllm_generate_completions(
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's generators for the block and restore their previous state afterwards (e.g. a trainer's)."""
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-        torch.manual_seed(seed)
+def _seeded(seed: int, model: torch.nn.Module) -> Iterator[None]:
+    """Seed the CPU generator and those of the CUDA devices holding ``model`` for the block, and restore their
+    previous state afterwards (e.g. a trainer's). Only those devices: forking every visible GPU's generator, as
+    ``torch.manual_seed`` seeds them, opens a CUDA context on each of them, from every rank."""
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
@@ -311,7 +316,7 @@ def evaluate_model(
         if _is_vllm_engine(model):
             completions = vllm_generate_completions(model, tokenizer, prompts, seed=seed, **sampling)
         else:
-            with _seeded(seed):
+            with _seeded(seed, model):
                 completions = generate_completions(model, tokenizer, prompts, batch_size=batch_size, **sampling)
         benchmark_records = score_completions(name, dataset, completions)
         accuracy[name] = sum(r["accuracy"] for r in benchmark_records) / len(benchmark_records)
@@ -344,7 +349,7 @@ def dataset_accuracy(
     Used for a training task's held-out slice, e.g. the arithmetic demo's reward before and after training.
     """
     prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in dataset["prompt"]]
-    with _seeded(seed):
+    with _seeded(seed, model):
         completions = generate_completions(
             model,
             tokenizer,

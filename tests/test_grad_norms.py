@@ -680,14 +680,15 @@ def test_head_log_probs_match_cross_entropy(dtype, monkeypatch):
 
 def test_micro_batch_from_free_gpu_memory(monkeypatch):
     """Without micro_batch_size: every row on a CPU; on a GPU as many rows as the estimate fits in free memory."""
-    from gvm_trl.grad_norms import _rows_that_fit
-    from gvm_trl.grad_norms.planning import resolve
+    from gvm_trl.grad_norms import rows_that_fit
 
-    targets = resolve(tiny_model("qwen2", tied=True), "all", "params").targets
+    model = tiny_model("qwen2", tied=True)
     shape = torch.Size([64, 160])
-    assert _rows_that_fit(targets, shape, torch.device("cpu")) == 64
+    assert rows_that_fit(model, "all", shape, torch.device("cpu")) == 64
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     rows = {}
     for free in (1 << 20, 1 << 26, 1 << 40):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
-        rows[free] = _rows_that_fit(targets, shape, torch.device("cuda"))
+        rows[free] = rows_that_fit(model, "all", shape, torch.device("cuda"))
     assert rows[1 << 20] == 1 and 1 < rows[1 << 26] < 64 and rows[1 << 40] == 64

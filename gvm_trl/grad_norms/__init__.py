@@ -15,10 +15,11 @@ what the module computes, so subclasses are covered — and otherwise by the gen
   transformers' ``Conv1D`` (W transposed), G = Σ_t a_t g_tᵀ. Either materialise G (cost ∝ T·d_in·d_out), or use
   the Gram ("ghost norm") identity ‖G‖²_F = Σ_{t,s} (a_t·a_s)(g_t·g_s) (cost ∝ T²·(d_in + d_out));
   :func:`.products._choose_method` picks per layer and length whichever costs less (mixed ghost norm, as in the
-  book-keeping method of Bu et al. 2022). Layers reading one input (q/k/v, gate/up) share its Gram. Biases:
-  G = Σ_t g_t.
+  book-keeping method of Bu et al. 2022). Layers reading one input (q/k/v, gate/up: the same memory, whichever
+  view each gets) share its Gram, and their output gradients side by side make one more. Biases: G = Σ_t g_t.
 * ``embedding``: any ``nn.Embedding`` whose output is c·W[ids] for one scalar c (c = 1 for the base class;
-  subclasses such as Gemma's scaled embedding are checked on a probe at planning and on each call):
+  subclasses such as Gemma's scaled embedding are checked on a probe at planning, and c is fitted and checked on
+  the device on each call; a call failing the check is measured again with the module on the generic rule):
   G = c Σ_t e_{id_t} g_tᵀ, so ‖G‖² = c² Σ_{t,s} [id_t = id_s](g_t·g_s) (token-equality ghost norm,
   ``method="ghost"``), or — otherwise — sum the g_t of equal ids per sample (a segment sum over unique (sample, id)
   pairs) and square, O(T·d).
@@ -33,13 +34,14 @@ what the module computes, so subclasses are covered — and otherwise by the gen
   every sample the module is re-run on that sample's slice of its inputs (those leading with the batch, or with the
   flattened batch × positions as MoE experts see tokens) and the VJP w.r.t. just its generic parameters is taken,
   with ``torch.func.vmap`` over samples where the module allows it and a loop where it has data-dependent control
-  flow (MoE routing). Re-run outputs must equal the recorded ones at real positions (else the module mixes samples:
-  an error, never a guess). Exact for any module that treats samples independently; it costs one extra forward
-  and backward of the module per sample (batched under vmap) and each sample's dense gradient of its generic
-  parameters, so it grows with batch × their size. Measured on CPU (``benchmarks/grad_norms.py --generic``,
-  1 thread, batch 8): every decoder-layer parameter of a Llama forced onto it costs 1.03× (hidden 64) and 1.12×
-  (hidden 256, 4 layers) the fast pass, as vmap batches the re-runs; a Qwen3-MoE's experts and routers (26% and 49%
-  of its parameters) make the pass 1.2× and 2.6× slower than leaving them out, routing forcing a per-sample loop.
+  flow (MoE routing), in the autocast the call ran under. Re-run outputs must equal the recorded ones at real
+  positions (else the module mixes samples: an error, never a guess). Exact for any module that treats samples
+  independently; it costs one extra forward and backward of the module per sample (batched under vmap) and each
+  sample's dense gradient of its generic parameters, so it grows with batch × their size. Measured on CPU
+  (``benchmarks/grad_norms.py --generic``, 1 thread, batch 8): every decoder-layer parameter of a Llama forced onto
+  it costs 1.03× (hidden 64) and 1.12× (hidden 256, 4 layers) the fast pass, as vmap batches the re-runs; a
+  Qwen3-MoE's experts and routers (26% and 49% of its parameters) make the pass 1.2× and 2.6× slower than leaving
+  them out, routing forcing a per-sample loop.
 
 Parameters read outside their own module's forward (a Mamba mixer calling ``causal_conv1d_fn(x,
 self.conv1d.weight, ...)`` without calling ``self.conv1d``) are seen by a ``TorchFunctionMode`` during the forward
@@ -52,13 +54,17 @@ the cross terms computed from the same factors, e.g. for a tied head (a_s, g_s a
 (ids id_t, gradients e_t): ⟨G_head, G_emb⟩ = Σ_{t,s} g_s[id_t] (a_s·e_t). Dropping it is wrong (measured: 2e-3
 relative error at random init, more on trained models).
 
-**Cost on a GPU** (issue 18): every ATen op is a kernel launch paid on the host, and every read of a device value a
-host sync. The hooks therefore only keep references; after the backward, the single-use matrices are reduced in a
-few stacked kernels across layers (:func:`.products.batched_self_squares`: layers reading one input share its Gram,
-layers of equal shapes are stacked), 1-D parameters likewise; every check and rule choice is made once per module
-(at planning); the pass reads the device once per call (input checks and micro-batch spans together), and hands a
-transformers model using SDPA a prepared causal mask where that gives the same logits (transformers' own mask
-preparation reads the mask twice). Counted on Qwen2-0.5B's structure: ``benchmarks/grad_norms.py --count``.
+**Cost on a GPU** (issues 18, 26): every ATen op is a kernel launch paid on the host, and every read of a device
+value a host sync. The hooks therefore only keep references; after the backward, the single-use matrices are
+reduced in a few stacked kernels across layers (:func:`.products.batched_self_squares`: layers reading one input
+share its Gram, layers of equal shapes are stacked), 1-D parameters likewise; every check needing a host value and
+every rule choice is made once per module (at planning), and the checks each call must still make (the generic
+rule's re-run outputs, a scaled embedding's c) are computed on the device and read together at the end. So a call
+reads the device at most twice: the input checks and micro-batch spans before the forward, those checks after
+it (only where there are any). A transformers model using SDPA gets a prepared mask (per layer kind for hybrid
+models) where that gives the same logits: transformers' own mask preparation reads the mask on the host. Counted
+on Qwen2-0.5B's structure: ``benchmarks/grad_norms.py --count``. Memory: :func:`rows_that_fit`. A model split by
+``device_map`` reduces each layer's records on its own device and moves only [B] sums.
 
 Autograd never reaches further down than needed: all parameters are frozen during the call and gradients start
 from detached, grad-requiring copies of the outputs of the lowest measured modules, so ``params="lm_head"`` costs a
@@ -87,16 +93,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .memory import MEMORY_SHARE, budget, memory_model
 from .planning import GradNormPlan, ParameterRule, ParamSelection, embeddings, resolve, warn_generic
 from .products import Method
 from .recorder import Recorder, measurement_mode
 
 __all__ = [
+    "MEMORY_SHARE",
     "GradNormPlan",
     "ParameterRule",
     "per_sample_grad_norms",
     "per_sample_grad_norms_and_log_probs",
     "plan_per_sample_grad_norms",
+    "rows_that_fit",
 ]
 
 _METHODS = ("auto", "ghost", "materialize")
@@ -131,6 +140,7 @@ def per_sample_grad_norms(
     micro_batch_size: int | None = None,
     method: Method = "auto",
     setting: str = "params",
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Tensor:
     """‖∇_θ Σ_t loss_mask[b,t]·log p_θ(input_ids[b,t] | input_ids[b,<t])‖₂ for every row b: float32 [B].
 
@@ -144,12 +154,17 @@ def per_sample_grad_norms(
             input embedding matrix, the official GVM code's choice), ``"lm_head"`` (the output embedding matrix; with
             tied embeddings both names mean the shared matrix, with both its contributions), otherwise a regular
             expression searched in parameter names (any alias of a tied parameter) or a predicate ``(name, param)``.
-        micro_batch_size: rows per forward/backward (``None``: all at once on a CPU; on a GPU as many as an
-            estimate of the pass's memory fits in the free memory, so one micro-batch where the batch fits).
+        micro_batch_size: rows per forward/backward (``None``: all at once on a CPU; on a GPU as many as
+            :func:`rows_that_fit` finds room for, so one micro-batch where the batch fits; processes of a sharded
+            model must pass one number they agreed on).
         method: ``"auto"`` chooses ghost or materialised norms per layer and length
             (:func:`.products._choose_method`); ``"ghost"``/``"materialize"`` force one (for embeddings:
             token-equality Gram / segment sums).
         setting: the name ``params`` has in the caller's configuration, for error messages.
+        forward_context: a context manager factory entered around the model's forward only (e.g. the trainer's
+            ``accelerator.autocast``, as the training forward runs); the backward and the norm products run
+            outside it, and modules re-run after the forward (checks, the generic rule) in the autocast their
+            call ran under.
 
     The model runs in eval mode (no dropout), with position ids counted over real tokens as in generation, so
     padding does not change a row's norm. It is left as found: no hooks, the same ``.grad`` (none is created),
@@ -159,8 +174,8 @@ def per_sample_grad_norms(
     Every selected parameter is measured exactly: by a fast rule where one applies, by the slower generic rule
     otherwise (see the module docstring; :func:`plan_per_sample_grad_norms` says which, and warns).
     """
-    norms, _ = _measure(model, input_ids, attention_mask, loss_mask, None, params=params,
-                        micro_batch_size=micro_batch_size, method=method, setting=setting)
+    norms, _ = _measure(model, input_ids, attention_mask, loss_mask, None, forward_context=forward_context,
+                        params=params, micro_batch_size=micro_batch_size, method=method, setting=setting)
     return norms
 
 
@@ -222,6 +237,27 @@ def _measure(
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    while True:  # again only after a module failed a fast rule's per-call check: then it is on the generic rule
+        measured = _measure_once(model, input_ids, attention_mask, loss_mask, score_mask, temperature, position_ids,
+                                 forward_context, params, micro_batch_size, method, setting)
+        if measured is not None:
+            return measured
+
+
+def _measure_once(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    loss_mask: Tensor,
+    score_mask: Tensor | None,
+    temperature: float,
+    position_ids: Tensor | None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None,
+    params: ParamSelection,
+    micro_batch_size: int | None,
+    method: Method,
+    setting: str,
+) -> tuple[Tensor, Tensor | None] | None:
     resolved = resolve(model, params, setting)
     device, out_device = _model_device(model), input_ids.device
     recorder = Recorder(model, resolved.targets, method, setting, temperature, forward_context)
@@ -231,7 +267,11 @@ def _measure(
             input_ids, attention_mask, loss_mask, device, score_mask, position_ids
         )
         batch = input_ids.shape[0]
-        step = micro_batch_size or _rows_that_fit(resolved.targets, input_ids.shape, device)
+        step = micro_batch_size
+        if step is None:
+            step = batch if device.type == "cpu" else rows_that_fit(
+                model, params, input_ids.shape, device, method=method, forward_context=forward_context,
+                setting=setting)
         # Micro-batches of similar lengths carry less padding.
         order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
         spans = _micro_batch_spans(attention_mask[order], loss_mask[order], step,
@@ -248,29 +288,48 @@ def _measure(
                 )
                 if scores is not None:
                     scores[rows] = scored
+            if recorder.settle_checks():  # where per-call checks were made: the pass's second host sync
+                return None
     norms = squares.clamp(min=0).sqrt().to(device=out_device, dtype=torch.float32)
     return norms, None if scores is None else scores.to(out_device)
 
 
-# Share of the free accelerator memory a micro-batch may take when the caller sets no micro_batch_size.
-_MEMORY_SHARE = 0.6
+def rows_that_fit(
+    model: nn.Module,
+    params: ParamSelection,
+    shape: tuple[int, int],
+    device: torch.device | str | None = None,
+    *,
+    free_bytes: int | None = None,
+    processes_on_device: int = 1,
+    method: Method = "auto",
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    setting: str = "params",
+) -> int:
+    """Rows of a ``shape`` = (rows, width) batch that one micro-batch of :func:`per_sample_grad_norms` with these
+    ``params`` (``method``, ``forward_context``) can measure in the free memory of ``device``: between 1 and rows.
 
+    What a micro-batch keeps is fitted once per selection on four small probe passes of the pass itself
+    (:mod:`.memory`: activations every layer above the lowest measured parameter saves, measured or not, the
+    head's logits and their gradient, what the hooks keep); it may fill ``MEMORY_SHARE`` (0.6) of this process's
+    part of the free memory. ``free_bytes`` None reads it on a CUDA device: ``torch.cuda.mem_get_info``'s free
+    memory divided among the ``processes_on_device`` processes sharing the device, plus this process's
+    reserved-but-unallocated cache (PyTorch's, which ``mem_get_info`` counts as used). Given, ``free_bytes`` is
+    the device's free memory as this process sees it (also divided among ``processes_on_device``), which lets the
+    sizing run anywhere, e.g. with a fake figure per rank in a test. On a CPU without ``free_bytes``: all rows.
 
-def _rows_that_fit(targets: dict[nn.Module, list], shape: torch.Size, device: torch.device) -> int:
-    """Rows per micro-batch when the caller sets none: all of them on a CPU; on a GPU as many as an estimate of the
-    pass's memory per row fits in ``_MEMORY_SHARE`` of the free memory (one micro-batch where the batch fits).
-
-    Per token, the estimate counts the inputs and output gradients kept for each measured matrix twice (kept
-    references and what autograd saves), the head's logits and their fp32 gradient, and a Gram row per use."""
-    batch, width = shape
-    if device.type != "cuda" or batch <= 1:
-        return max(batch, 1)
-    free, _ = torch.cuda.mem_get_info(device)
-    element = next((p.element_size() for m in targets for p in m.parameters(recurse=False)), 2)
-    matrices = [t.shape for ts in targets.values() for t in ts if len(t.shape) == 2]
-    widest = max((max(s) for s in matrices), default=0)
-    per_token = sum(2 * element * (m + n) + 8 * width for m, n in matrices) + widest * (8 + 2 * element)
-    return max(1, min(batch, int(_MEMORY_SHARE * free // max(per_token * width, 1))))
+    Processes must agree on the micro-batch when the model is sharded (FSDP, ZeRO-3: its forwards are collectives,
+    and unequal numbers of them deadlock): take the minimum of every process's answer. The first call for a
+    selection runs the probe passes, collectives too there, so every process calls it at the same point.
+    """
+    rows, width = shape
+    device = _model_device(model) if device is None else torch.device(device)
+    if rows <= 1 or (free_bytes is None and device.type != "cuda"):
+        return max(rows, 1)
+    if processes_on_device < 1:
+        raise ValueError(f"processes_on_device must be positive, got {processes_on_device}")
+    memory = memory_model(model, params, method=method, setting=setting, forward_context=forward_context)
+    return max(1, min(rows, memory.rows(budget(device, free_bytes, processes_on_device), width)))
 
 
 def _micro_batch_spans(

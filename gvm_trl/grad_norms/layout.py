@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ class Batch:
     targets: Tensor
     scored: Tensor | None = None
     tokens: Tensor | None = None
+    _valid_by_device: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -56,16 +57,25 @@ class Batch:
     def size(self) -> int:
         return self.valid.shape[0]
 
+    def valid_on(self, device: torch.device) -> Tensor:
+        """``valid`` on ``device``, copied once per micro-batch (layers of a model split by ``device_map``)."""
+        if device == self.valid.device:
+            return self.valid
+        if device not in self._valid_by_device:
+            self._valid_by_device[device] = self.valid.to(device)
+        return self._valid_by_device[device]
+
     def layout(self, x: Tensor) -> Layout | None:
-        """How ``x`` splits into samples, or None where its leading dimension is not the batch.
+        """How ``x`` splits into samples, or None where its leading dimension is not the batch; the mask is on
+        ``x``'s device.
 
         The head's positions need no mask: its input is zeroed and its output gradient is 0 where nothing counts.
         """
         batch, length, head_length = self.size, self.valid.shape[1], self.head_valid.shape[1]
         if x.ndim >= 3 and x.shape[0] == batch and x.shape[1] == length:
-            return Layout(False, self.valid)
+            return Layout(False, self.valid_on(x.device))
         if x.ndim >= 1 and x.shape[0] == batch * length:
-            return Layout(True, self.valid)
+            return Layout(True, self.valid_on(x.device))
         if x.ndim >= 1 and head_length > 1 and x.shape[0] == batch * head_length:
             return Layout(True, None)
         if x.ndim >= 1 and x.shape[0] == batch:

@@ -29,8 +29,8 @@ class ParameterRule:
     """How one use of a selected parameter is measured.
 
     ``rule`` is ``"linear"``, ``"conv1d"``, ``"embedding"``, ``"channelwise"`` (fast rules) or ``"generic"``.
-    ``checked``: the fast rule verifies on each call that the module computes what it assumes, and that call is
-    measured by the generic rule where it does not (with a warning).
+    ``checked``: the fast rule verifies that the module computes what it assumes (once per module where it can, else
+    on each call), and a call where it does not is measured by the generic rule (with a warning).
     """
 
     parameter: str

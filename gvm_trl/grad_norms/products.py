@@ -6,6 +6,7 @@ either the Gram ("ghost norm") identity or by materialising it, whichever :func:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,15 +46,15 @@ class _Outer:
 
     ``left`` is [B, T, m], or [B, T] token ids standing for one-hot rows (embeddings); ``right`` is [B, T, n].
     Positions outside ``valid`` are ignored (masked with ``where``: padding may hold NaN). ``left_key``/``right_key``
-    name a side shared between layers, whose Gram is then computed once.
+    name a side shared between layers (:meth:`_SharedInputs.capture`), whose Gram is then computed once.
     """
 
     left: Tensor
     right: Tensor
     m: int
     valid: Tensor | None
-    left_key: int | None = None
-    right_key: int | None = None
+    left_key: Hashable | None = None
+    right_key: Hashable | None = None
 
     @property
     def ids(self) -> bool:
@@ -102,6 +103,25 @@ class _Summed:
 _Record = _Outer | _Dense | _Squares | _Summed
 
 
+def record_device(rec: _Record) -> torch.device:
+    """Where a record's factors are (its module's device)."""
+    if isinstance(rec, _Outer):
+        return rec.right.device
+    return (rec.factors[-1] if isinstance(rec, _Summed) else rec.value).device
+
+
+def on_device(rec: _Record, device: torch.device) -> _Record:
+    """``rec`` with its tensors on ``device`` (itself where they are there already)."""
+    if record_device(rec) == device:
+        return rec
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    if isinstance(rec, _Outer):
+        return _Outer(move(rec.left), move(rec.right), rec.m, move(rec.valid))
+    if isinstance(rec, _Summed):
+        return _Summed(tuple(map(move, rec.factors)), move(rec.valid))
+    return type(rec)(move(rec.value))
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -147,21 +167,26 @@ class _Shared:
 
 
 class _SharedInputs:
-    """Activations captured by the hooks, deduplicated: layers reading one tensor (q/k/v, gate/up) share it and its
-    Gram a·aᵀ. An entry lives while a record still needs it; holding the source tensor keeps its id unique."""
+    """Activations captured by the hooks, deduplicated: layers reading one input (q/k/v, gate/up) share it and its
+    Gram a·aᵀ. An entry lives while a record still needs it.
+
+    Keyed on the memory the input reads (address, shape, strides, dtype, device, version), not on the tensor
+    object: models may hand each layer its own view of one tensor, and a record's factors are fresh views anyway.
+    Holding the source keeps the address from being reused while the entry lives; the version counter keeps an
+    input modified in place between two reads from being shared."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, _Shared] = {}
+        self._entries: dict[Hashable, _Shared] = {}
 
-    def capture(self, source: Tensor) -> tuple[int, Tensor]:
-        key = id(source)
+    def capture(self, source: Tensor) -> tuple[Hashable, Tensor]:
+        key = _memory_key(source)
         entry = self._entries.get(key)
-        if entry is None or entry.source is not source:
+        if entry is None:
             entry = self._entries[key] = _Shared(source, source.detach())
         entry.pending += 1
         return key, entry.detached
 
-    def release(self, key: int | None) -> None:
+    def release(self, key: Hashable | None) -> None:
         entry = self._entries.get(key) if key is not None else None
         if entry is not None:
             entry.pending -= 1
@@ -171,7 +196,7 @@ class _SharedInputs:
     def clear(self) -> None:
         self._entries.clear()
 
-    def gram(self, x: Tensor, key: int | None, valid: Tensor | None, rows: slice, dtype: torch.dtype) -> _Gram:
+    def gram(self, x: Tensor, key: Hashable | None, valid: Tensor | None, rows: slice, dtype: torch.dtype) -> _Gram:
         """Gram of ``x`` [B, T, k] restricted to ``rows``; whole and cached for shared inputs if the batch fits."""
         batch, length, width = x.shape
         entry = self._entries.get(key) if key is not None else None
@@ -181,6 +206,14 @@ class _SharedInputs:
             factor = _masked(x, valid, dtype)
             entry.gram = factor @ factor.mT
         return _Gram(whole=entry.gram[rows])
+
+
+def _memory_key(x: Tensor) -> Hashable:
+    try:
+        address = x.data_ptr()
+    except RuntimeError:  # no storage (a wrapper subclass): the object itself
+        return id(x)
+    return address, x.shape, x.stride(), x.dtype, x.device, x._version
 
 
 @dataclass
@@ -342,21 +375,41 @@ def _dense_outer_dot(dense: Tensor, rec: _Outer) -> Tensor:
 
 # Largest stacked intermediate of :func:`batched_self_squares` (factors and Grams of a group of layers), in elements.
 _BATCHED_ELEMENTS = 1 << 27
-# Gram products of bf16/fp16 factors on a GPU: multiplied in that precision with fp32 accumulation and output
+# Gram products of bf16/fp16 factors on these devices: multiplied in that precision with fp32 accumulation and output
 # (cuBLAS ``out_dtype``), instead of casting the factors to fp32 first. Error against float64: README.
 LOW_PRECISION_GRAMS = True
+LOW_PRECISION_DEVICES = ("cuda",)
+# The kernel, called as (x, xᵀ, out_dtype=torch.float32); a module attribute so that its use can be tested anywhere.
+low_precision_bmm = torch.bmm
+_LOW_PRECISION_SUPPORT: dict[tuple, bool] = {}
 
 
 def _gram(x: Tensor) -> Tensor:
-    """x·xᵀ over the last two dims, float32 (float64 for float64 x); low-precision factors on a GPU multiply in
-    their own precision with fp32 accumulation where torch offers it (``LOW_PRECISION_GRAMS``)."""
-    if LOW_PRECISION_GRAMS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.bmm(x, x.mT, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # torch without bmm(out_dtype=...)
-            pass
+    """x·xᵀ over the last two dims, float32 (float64 for float64 x); low-precision factors multiply in their own
+    precision with fp32 accumulation where the kernel offers it (``LOW_PRECISION_GRAMS``)."""
+    if LOW_PRECISION_GRAMS and x.dtype in (torch.bfloat16, torch.float16) and _low_precision_supported(x):
+        return low_precision_bmm(x, x.mT, out_dtype=torch.float32)
     x = x.to(_compute_dtype(x))
     return x @ x.mT
+
+
+def _low_precision_supported(x: Tensor) -> bool:
+    """Whether :data:`low_precision_bmm` takes ``out_dtype`` for ``x``'s device and dtype, tried once on a 1×1×1
+    input. Deciding on a probe keeps the real call out of any ``except``: an out-of-memory error there (a
+    ``RuntimeError``) must surface, not be retried with fp32 copies twice the size."""
+    if x.device.type not in LOW_PRECISION_DEVICES:
+        return False
+    key = (x.device.type, x.dtype, low_precision_bmm)
+    if key not in _LOW_PRECISION_SUPPORT:
+        probe = torch.ones(1, 1, 1, dtype=x.dtype, device=x.device)
+        try:
+            supported = low_precision_bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # no out_dtype argument, or no kernel for it (NotImplementedError)
+            supported = False
+        _LOW_PRECISION_SUPPORT[key] = supported
+    return _LOW_PRECISION_SUPPORT[key]
 
 
 def _stacked(tensors: list[Tensor], invalid: Tensor | None) -> Tensor:
@@ -379,12 +432,14 @@ def _mask_pairs(gram: Tensor, unpaired: Tensor | None, layers: int) -> Tensor:
     return gram.unflatten(0, (layers, -1)).masked_fill_(unpaired, 0).flatten(0, 1)
 
 
-def _ghost_side(rec: _Outer) -> tuple[Tensor, Tensor]:
-    """(shared side, own side) of a weight's factors: the side read from a possibly shared input (the same tensor
-    object for every layer reading it, :class:`_SharedInputs`), and the output gradient."""
+def _ghost_side(rec: _Outer) -> tuple[Hashable, Tensor, Tensor]:
+    """(key, shared side, own side) of a weight's factors: the side read from a possibly shared input (keyed by
+    :class:`_SharedInputs`, so every layer reading one input gets one key), and the output gradient."""
     if rec.left_key is not None:
-        return rec.left, rec.right
-    return rec.right, rec.left
+        return rec.left_key, rec.left, rec.right
+    if rec.right_key is not None:
+        return rec.right_key, rec.right, rec.left
+    return id(rec.right), rec.right, rec.left
 
 
 def batchable(rec: _Record, method: Method) -> bool:
@@ -403,29 +458,30 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
     """Σ over ``records`` (single-use, :func:`batchable`) of ‖G_b‖², float64 [B], in a few batched kernels.
 
     Weights reading one input (q/k/v, gate/up) share its Gram: Σ_k ‖Σ_t g^k_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)
-    (Σ_k g^k_t·g^k_s), their output gradients' Grams summed. Layers of equal shapes are stacked, so each group of
-    them costs one Gram product per factor, one product and one sum; 1-D parameters (biases, norm weights) are
-    stacked likewise and reduced as Σ_t Π_k factors. Groups are split where the stacked tensors would exceed
-    ``_BATCHED_ELEMENTS``.
+    (Σ_k g^k_t·g^k_s), the Gram of their output gradients concatenated. Layers of equal shapes (on one device) are
+    stacked, so each group of them costs one Gram product per factor, one product and one sum; 1-D parameters
+    (biases, norm weights) are stacked likewise and reduced as Σ_t Π_k factors. Groups are split where the stacked
+    tensors would exceed ``_BATCHED_ELEMENTS``. Each group is reduced on its own device (a model split by
+    ``device_map``) and only its [B] sums move to ``device``.
     """
     total = torch.zeros(batch, dtype=torch.float64, device=device)
-    shared: dict[int, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's identity
+    shared: dict[Hashable, tuple[Tensor, Tensor | None, list[Tensor]]] = {}  # by the shared side's key
     summed: dict[tuple, list[_Summed]] = {}
     for rec in records:
         if isinstance(rec, _Summed):
-            signature = (tuple((f.shape, f.dtype) for f in rec.factors), id(rec.valid))
+            signature = (tuple((f.shape, f.dtype) for f in rec.factors), rec.factors[0].device, id(rec.valid))
             summed.setdefault(signature, []).append(rec)
             continue
-        side, own = _ghost_side(rec)
-        shared.setdefault(id(side), (side, rec.valid, []))[2].append(own)
+        key, side, own = _ghost_side(rec)
+        shared.setdefault(key, (side, rec.valid, []))[2].append(own)
     groups: dict[tuple, list[tuple[Tensor, Tensor | None, list[Tensor]]]] = {}
     for side, valid, owns in shared.values():
-        signature = (side.shape, side.dtype, tuple((o.shape, o.dtype) for o in owns), id(valid))
+        signature = (side.shape, side.dtype, side.device, tuple((o.shape, o.dtype) for o in owns), id(valid))
         groups.setdefault(signature, []).append((side, valid, owns))
     for members in groups.values():
         side, valid, owns = members[0]
         length = side.shape[1]
-        per_layer = batch * (length * (side.shape[-1] + sum(o.shape[-1] for o in owns)) + 2 * length * length)
+        per_layer = batch * (length * (side.shape[-1] + 2 * sum(o.shape[-1] for o in owns)) + 2 * length * length)
         # Entry (t, s) of a Gram reads rows t and s only: masking the [T, T] Grams (where padding may have left NaN)
         # instead of the wider factors touches less memory.
         unpaired = None if valid is None else ~(valid[:, :, None] & valid[:, None, :])
@@ -434,13 +490,12 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
             chunk = members[start : start + step]
             layers = len(chunk)
             gram_side = _masked_gram(_stacked([m[0] for m in chunk], None), unpaired)
-            gram_own = None
-            for k in range(len(owns)):
-                gram = _gram(_stacked([m[2][k] for m in chunk], None).flatten(0, 1))
-                gram_own = gram if gram_own is None else gram_own.add_(gram)
-            gram_own = _mask_pairs(gram_own, unpaired, layers)
+            # Σ_k g^k_t·g^k_s is the Gram of the output gradients side by side: one product for all of them.
+            owns_side_by_side = [_stacked([m[2][k] for m in chunk], None) for k in range(len(owns))]
+            own = owns_side_by_side[0] if len(owns) == 1 else torch.cat(owns_side_by_side, -1)
+            gram_own = _mask_pairs(_gram(own.flatten(0, 1)), unpaired, layers)
             products = (gram_side * gram_own).sum(-1).sum(-1, dtype=torch.float64)
-            total += products.reshape(layers, batch).sum(0)
+            total += products.reshape(layers, batch).sum(0).to(device)
     for members in summed.values():
         valid = members[0].valid
         invalid = None if valid is None else ~valid
@@ -453,5 +508,5 @@ def batched_self_squares(records: list[_Record], batch: int, device: torch.devic
             for k in range(len(chunk[0].factors)):
                 factor = _stacked([m.factors[k] for m in chunk], invalid).to(dtype)
                 product = factor if product is None else product * factor
-            total += _sum_rows(product.sum(2).square().transpose(0, 1))
+            total += _sum_rows(product.sum(2).square().transpose(0, 1)).to(device)
     return total

@@ -5,18 +5,22 @@ planning), what a call's forward hook keeps (:meth:`Rule.capture`) and how a cal
 from that and the output gradient (:meth:`Rule.records`). A new layer kind is one new class in :data:`RULES`.
 
 Fast rules match by what a module computes, never by its class name: ``nn.Linear``/``Conv1D`` subclasses that keep
-the base ``forward``; any ``nn.Embedding`` whose output is the looked-up rows times one scalar (checked on each
-call: Gemma's scaled embedding gets the scale); and 1-D parameters of leaf modules whose output channel i depends
-on p_i only (checked on each call). A call that fails its rule's check, and every parameter no fast rule matches,
-is measured by :func:`generic_records`.
+the base ``forward``; any ``nn.Embedding`` whose output is the looked-up rows times one scalar (checked at planning
+and on each call: Gemma's scaled embedding gets the scale); and 1-D parameters of leaf modules whose output channel
+i depends on p_i only (checked once per module). Every parameter no fast rule matches is measured by
+:func:`generic_records`.
+
+Checks made on every call are computed on the device and read once at the end of the pass with the others
+(:class:`DeferredCheck`): a host read inside the pass would be a host sync per module and micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -52,10 +56,24 @@ class Target:
     shape: tuple[int, ...]
 
 
+@dataclass(eq=False)
+class DeferredCheck:
+    """A check of one call, computed on the device: ``passed`` (0-dim bool) and ``figure`` (0-dim float64, what a
+    failure reports), read with the pass's other checks in one transfer at its end."""
+
+    passed: Tensor
+    figure: Tensor
+    module: nn.Module
+    rule: Rule
+    targets: list[Target]
+
+
 @dataclass
 class Call:
     """A hooked call of a module in the measured forward: its inputs and its output's pytree leaves, of which
-    ``graded`` (indices) are the floating-point ones that receive gradients."""
+    ``graded`` (indices) are the floating-point ones that receive gradients; ``checks`` collects its
+    :class:`DeferredCheck`s; ``autocast`` is the autocast it ran under (:func:`autocast_state`), in which every
+    re-run of the module (checks, replays) runs too."""
 
     module: nn.Module
     args: tuple
@@ -64,6 +82,8 @@ class Call:
     graded: list[int]
     batch: Batch
     inputs: _SharedInputs
+    checks: list[DeferredCheck] = field(default_factory=list)
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
 
     @property
     def output(self) -> Tensor:
@@ -73,9 +93,32 @@ class Call:
         return self.args[0] if self.args else next(iter(self.kwargs.values()), None)
 
 
+def autocast_state(device_type: str) -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocasts on now, for the CPU and ``device_type``: (device type, dtype) each."""
+    return tuple((kind, torch.get_autocast_dtype(kind)) for kind in dict.fromkeys(("cpu", device_type))
+                 if torch.is_autocast_enabled(kind))
+
+
+@contextlib.contextmanager
+def autocast_as(state: tuple[tuple[str, torch.dtype], ...], device_type: str) -> Iterator[None]:
+    """Exactly the autocasts of ``state`` on (for the CPU and ``device_type``), every other off: a module re-run
+    after its forward (during the backward, or after it) computes in the precision it was called in, e.g. a bf16
+    input against fp32 weights under bf16 autocast, which outside autocast fails (``expected m1 and m2 to have the
+    same dtype``) or computes something else."""
+    wanted = dict(state)
+    with contextlib.ExitStack() as stack:
+        for kind in dict.fromkeys(("cpu", device_type, *wanted)):
+            if kind in wanted:
+                stack.enter_context(torch.autocast(kind, dtype=wanted[kind]))
+            elif torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
 class Rule:
-    """A layer kind. ``checked``: :meth:`capture` verifies on each call that the module computes what the rule
-    assumes, and returns None where it does not (that call is then measured by the generic rule)."""
+    """A layer kind. ``checked``: the rule verifies that the module computes what it assumes, where it can once per
+    module, else on each call with a :class:`DeferredCheck`; :meth:`capture` returns None where a call's verdict is
+    known to fail (that call is then measured by the generic rule)."""
 
     name: ClassVar[str]
     checked: ClassVar[bool] = False
@@ -127,7 +170,7 @@ class LinearRule(Rule):
             if target.path == "bias":
                 out.append(_bias_record(grad, call.batch))
                 continue
-            activations, _ = call.batch.rows(captured["input"])
+            activations, _ = call.batch.rows(captured["input"].to(grads.device))  # read before a device_map move
             out.append(self._outer(grads, activations, valid, captured["key"]))
         return out
 
@@ -149,7 +192,9 @@ class EmbeddingRule(Rule):
     """``nn.Embedding``: G = c Σ_t e_{id_t} g_tᵀ for output c·W[ids] (c = 1 unless a subclass scales it).
 
     Rows at ``padding_idx`` get no gradient. ``scale_grad_by_freq`` rescales by counts within the batch and is
-    left to the generic rule.
+    left to the generic rule. A subclass is probed at planning (:func:`probe_embedding`); on each call c is fitted
+    on the device and the fit checked by a :class:`DeferredCheck` (a failure re-measures the call with the
+    module on the generic rule).
     """
 
     name = "embedding"
@@ -164,39 +209,41 @@ class EmbeddingRule(Rule):
         ids = call.first_input()
         if not isinstance(ids, Tensor) or ids.is_floating_point():
             return None
-        scale = 1.0
+        scale = None
         if self.is_checked(call.module):
-            scale = embedding_scale(call.module, ids, call.output)
-            if scale is None:
+            fitted = embedding_scale(call.module, ids, call.output)
+            if fitted is None:
                 return None
+            scale, passed, error = fitted
+            call.checks.append(DeferredCheck(passed, error, call.module, self, targets))
         return {"ids": ids, "scale": scale}
 
     def records(self, call, targets, captured, grad):
         module, ids = call.module, captured["ids"]
         grads, valid = call.batch.rows(grad)
-        ids = ids.reshape(grads.shape[:2])
+        ids = ids.to(grads.device).reshape(grads.shape[:2])
         if module.padding_idx is not None:
             not_padding = ids != module.padding_idx
             valid = not_padding if valid is None else valid & not_padding
-        if captured["scale"] != 1.0:
+        if captured["scale"] is not None:
             grads = grads * captured["scale"]
         return [_Outer(ids, grads, targets[0].shape[0], valid)]
 
 
-def embedding_scale(module: nn.Embedding, ids: Tensor, output: Any) -> float | None:
-    """The scalar c with ``output == c · module.weight[ids]``, or None where the output is not of that form."""
+def embedding_scale(module: nn.Embedding, ids: Tensor, output: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The least-squares scalar c of ``output ≈ c · module.weight[ids]``, whether the fit is exact up to rounding,
+    and its largest error relative to the output: 0-dim tensors on the device (no host read). None where the output
+    does not have the shape of the looked-up rows."""
     weight = module.weight
     if not isinstance(output, Tensor) or output.shape != (*ids.shape, weight.shape[-1]):
         return None
     with torch.no_grad():
         rows, values = F.embedding(ids, weight).double(), output.double()
-        norm = rows.square().sum()
-        if not norm > 0:
-            return None
-        scale = (rows * values).sum() / norm
+        scale = (rows * values).sum() / rows.square().sum()
         error = (values - scale * rows).abs().max()
-        bound = _CHECK_EPS * torch.finfo(output.dtype).eps * values.abs().max()
-        return float(scale) if bool(error <= bound) else None
+        size = values.abs().max()
+        passed = (error <= _CHECK_EPS * torch.finfo(output.dtype).eps * size) & (size > 0)
+        return scale, passed, error / size
 
 
 _EMBEDDING_PROBES: weakref.WeakKeyDictionary[nn.Module, bool | None] = weakref.WeakKeyDictionary()
@@ -204,10 +251,16 @@ _EMBEDDING_PROBES: weakref.WeakKeyDictionary[nn.Module, bool | None] = weakref.W
 
 def probe_embedding(module: nn.Embedding) -> bool | None:
     """Whether an ``nn.Embedding`` subclass computes c·W[ids] on a few ids (tried once per module); None where that
-    cannot be tried at planning (weights sharded, on the meta device, or renormalised in place by ``max_norm``)."""
+    cannot be tried at planning (weights sharded, on the meta device, or renormalised in place by ``max_norm``).
+    A call failing the check later sets it to False for the module's lifetime (:func:`reject_embedding`)."""
     if module not in _EMBEDDING_PROBES:
         _EMBEDDING_PROBES[module] = _probe_embedding(module)
     return _EMBEDDING_PROBES[module]
+
+
+def reject_embedding(module: nn.Module) -> None:
+    """From now on ``module`` is measured by the generic rule: a call's output was not c·W[ids]."""
+    _EMBEDDING_PROBES[module] = False
 
 
 def _probe_embedding(module: nn.Embedding) -> bool | None:
@@ -222,7 +275,8 @@ def _probe_embedding(module: nn.Embedding) -> bool | None:
             output = module.forward(ids)
     except Exception:  # noqa: BLE001 - a forward that cannot run on a probe is checked on real calls instead
         return None
-    return embedding_scale(module, ids, output) is not None
+    fitted = embedding_scale(module, ids, output)
+    return fitted is not None and bool(fitted[1])
 
 
 class ChannelwiseRule(Rule):
@@ -270,8 +324,9 @@ class ChannelwiseRule(Rule):
         for target in targets:
             u = captured["sensitivity"].pop(target.path, None)
             if u is None:
-                u = _tangent(call.module, target.path, captured["args"], captured["kwargs"],
-                             torch.ones_like(call.module._parameters[target.path]))
+                with autocast_as(call.autocast, grad.device.type):
+                    u = _tangent(call.module, target.path, captured["args"], captured["kwargs"],
+                                 torch.ones_like(call.module._parameters[target.path]))
             out.append(_Summed((call.batch.rows(u)[0], grads), valid))
         return out
 
@@ -363,14 +418,16 @@ def shared_sensitivities(calls: list[tuple[Call, dict]]) -> None:
         for path in _CHANNELWISE_PATHS.get(call.module, ()):
             token = sensitivity_group(call.module, path)
             if token is not None and path not in captured["sensitivity"]:
-                groups.setdefault((token, path, args[0].shape, args[0].dtype), []).append((call, captured))
-    for (_, path, shape, _), members in groups.items():
+                key = (token, path, args[0].shape, args[0].dtype, args[0].device, call.autocast)
+                groups.setdefault(key, []).append((call, captured))
+    for (_, path, _, _, device, autocast), members in groups.items():
         if len(members) < 2:
             continue
         module = members[0][0].module
         stacked = torch.stack([captured["args"][0] for _, captured in members])
         ones = torch.ones_like(module._parameters[path])
-        u = _tangent(module, path, (stacked.flatten(0, 1),), {}, ones)
+        with autocast_as(autocast, device.type):
+            u = _tangent(module, path, (stacked.flatten(0, 1),), {}, ones)
         if u is None or u.shape != stacked.flatten(0, 1).shape:
             continue
         u = u.reshape(stacked.shape)
@@ -448,7 +505,7 @@ def rule_for(module: nn.Module, attr: str, shape: tuple[int, ...]) -> Rule:
 
 
 def generic_records(
-    call: Call, targets: list[Target], grads: Sequence[Tensor | None], single: set[int], setting: str
+    call: Call, targets: list[Target], grads: Sequence[Tensor | None], single: set[int]
 ) -> list[_Record | None]:
     """Exact per-sample gradients of ``targets`` from one call of any module that treats samples independently.
 
@@ -466,17 +523,20 @@ def generic_records(
         return [None] * len(targets)
     replay = _Replay(call, [i for i, _ in graded], [g for _, g in graded], [t.path for t in targets])
     rows_per_chunk = max(1, _REPLAY_ELEMENTS // max(replay.elements_per_sample, 1))
-    squares = [torch.zeros(size, dtype=torch.float64, device=batch.valid.device) for _ in targets]
+    squares = [torch.zeros(size, dtype=torch.float64, device=graded[0][1].device) for _ in targets]
     dense: list[list[Tensor]] = [[] for _ in targets]
+    mismatches = []
     for start in range(0, size, rows_per_chunk):
         rows = range(start, min(start + rows_per_chunk, size))
         outputs, gradients = replay.run(rows)
-        replay.check(rows, outputs, setting, targets)
+        mismatches.append(replay.mismatch(rows, outputs))
         for k, (target, g) in enumerate(zip(targets, gradients)):
             if target.key in single:
                 squares[k][start : start + len(rows)] = g.to(torch.float64).square().flatten(1).sum(1)
             else:
                 dense[k].append(g)
+    passed, figure = (torch.stack(values) for values in zip(*mismatches))
+    call.checks.append(DeferredCheck(passed.all(), figure.max(), call.module, GENERIC, targets))
     return [_Squares(s) if t.key in single else _Dense(torch.cat(d)) for t, s, d in zip(targets, squares, dense)]
 
 
@@ -529,7 +589,7 @@ class _Replay:
         index = slice(rows.start, rows.stop)
         inputs = [x[index] for _, _, x in self.sliced]
         cotangents = [c[index] for c in self.cotangents]
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_as(self.call.autocast, self.cotangents[0].device.type):
             if type(self.call.module) not in _VMAP_UNSUPPORTED:
                 try:
                     with warnings.catch_warnings():  # ops without a batching rule run in a loop inside vmap
@@ -545,10 +605,12 @@ class _Replay:
         grads = [torch.stack([s[1][k] for s in per_sample]) for k in range(len(self.params))]
         return outputs, grads
 
-    def check(self, rows: range, outputs: list[Tensor], setting: str, targets: list[Target]) -> None:
-        """The re-run outputs equal the recorded ones at real positions, or the module does not treat samples
-        independently (or an input's batch-sized leading dimension is not the batch): raise rather than guess."""
+    def mismatch(self, rows: range, outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Whether the re-run outputs equal the recorded ones at real positions, and their largest relative
+        difference (0-dim tensors, no host read). Where they differ the module does not treat samples
+        independently (or an input's batch-sized leading dimension is not the batch)."""
         index = slice(rows.start, rows.stop)
+        passed, figure = [], []
         for replayed, recorded, layout in zip(outputs, self.recorded, self.layouts):
             recorded = recorded[index]
             if layout.mask is not None:
@@ -558,25 +620,27 @@ class _Replay:
             difference = torch.linalg.vector_norm((replayed.to(dtype) - recorded.to(dtype)).flatten())
             scale = torch.linalg.vector_norm(recorded.to(dtype).flatten())
             tolerance = 1e-3 if torch.finfo(recorded.dtype).bits > 16 else 5e-2
-            if not bool(difference <= tolerance * scale + torch.finfo(dtype).tiny):
-                names = sorted({t.name for t in targets})
-                raise RuntimeError(
-                    f"the generic per-sample rule could not reproduce the output of {type(self.call.module).__name__} "
-                    f"from one sample's inputs (relative difference {float(difference / scale):.1e}): the module "
-                    f"mixes samples, or an input's leading dimension only looks like the batch; narrow {setting} to "
-                    f"exclude {names[:3]}"
-                )
+            passed.append(difference <= tolerance * scale + torch.finfo(dtype).tiny)
+            figure.append((difference / scale).double())
+        return torch.stack(passed).all(), torch.stack(figure).max()
+
+
+def mixing_samples_error(check: DeferredCheck, relative: float, setting: str) -> RuntimeError:
+    """The error for a module whose generic re-run did not reproduce its output."""
+    names = sorted({t.name for t in check.targets})
+    return RuntimeError(
+        f"the generic per-sample rule could not reproduce the output of {type(check.module).__name__} from one "
+        f"sample's inputs (relative difference {relative:.1e}): the module mixes samples, or an input's leading "
+        f"dimension only looks like the batch; narrow {setting} to exclude {names[:3]}"
+    )
 
 
 def _finite_padding(x: Tensor, layout: Layout, batch: Batch) -> Tensor:
     """``x`` with NaN at padding positions set to 0 (it would turn their zero gradients into NaN); real positions
-    and everything else are untouched, so the module computes what it computed in the forward."""
+    and everything else are untouched, so the module computes what it computed in the forward. Always one
+    ``where``: asking whether there is any NaN would be a host sync."""
     if layout.mask is None or not x.is_floating_point():
         return x
-    nan = torch.isnan(x)
-    if not bool(nan.any()):
-        return x
     per_sample = batch.per_sample(x, layout)
-    keep = broadcast_mask(layout.mask, per_sample) | ~batch.per_sample(nan, layout)
+    keep = broadcast_mask(layout.mask, per_sample) | ~torch.isnan(per_sample)
     return torch.where(keep, per_sample, 0).reshape(x.shape)
-
