@@ -11,21 +11,29 @@ and return what they compute: the caller attaches it.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather
+from accelerate.utils import gather, gather_object
 from trl.distributed import DistributedBackend
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 
 from .batching import select_rows, trim_padding_columns
-from .grad_norms import per_sample_grad_norms, per_sample_grad_norms_and_log_probs
+from .grad_norms import per_sample_grad_norms, per_sample_grad_norms_and_log_probs, rows_that_fit
 from .rollout import Rollout
 from .trl_compat import GRPO, UTILS, mirrors
 
-__all__ = ["MeasurementContext", "folds_old_logps", "grad_norms", "grad_norms_and_old_logps", "old_logps"]
+__all__ = [
+    "MeasurementContext",
+    "folds_old_logps",
+    "grad_micro_batch_size",
+    "grad_norms",
+    "grad_norms_and_old_logps",
+    "old_logps",
+]
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,8 @@ class MeasurementContext:
     (what DeepSpeed and FSDP gather from); ``temperature``: TRL's sampling temperature; ``grad_params`` and
     ``grad_batch_size``: `gvm_grad_params`/`gvm_grad_batch_size`; ``train_batch_size``: the per-device micro-batch
     (TRL's forward's, and the pass's on a CPU); ``gather_zero3``: `ds3_gather_for_generation`; ``per_token_logps``:
-    TRL's ``_get_per_token_logps_and_entropies`` (bound to its trainer).
+    TRL's ``_get_per_token_logps_and_entropies`` (bound to its trainer); ``free_bytes``: this process's free
+    accelerator memory, read on a GPU when None (a test injects a figure per rank to run the sizing on a CPU).
     """
 
     model: torch.nn.Module
@@ -50,6 +59,7 @@ class MeasurementContext:
     gather_zero3: bool
     gradient_checkpointing_kwargs: dict | None
     per_token_logps: Callable[..., tuple[torch.Tensor, Any, Any]]
+    free_bytes: Callable[[], int] | None = None
 
     @classmethod
     def from_config(cls, args: Any, model, wrapped_model, accelerator, temperature: float, per_token_logps):
@@ -164,12 +174,34 @@ def old_logps(context: MeasurementContext, probes: Rollout) -> torch.Tensor | No
     return logps
 
 
-def grad_micro_batch_size(context: MeasurementContext) -> int | None:
-    """`gvm_grad_batch_size`, else on a GPU as many rows as fit in its free memory (None: the pass decides), else
-    the per-device train batch size (a CPU has no free-memory figure to size by)."""
+def grad_micro_batch_size(context: MeasurementContext, model: torch.nn.Module, shape: torch.Size) -> int:
+    """Rows per micro-batch of the pass over a `shape` batch: `gvm_grad_batch_size`; else, where the free memory is
+    known (a GPU, or a figure injected as `free_bytes`), as many rows as fit this process's share of it
+    (:func:`~gvm_trl.grad_norms.rows_that_fit`, the device shared with the other processes on it), the smallest
+    over the processes — a sharded forward is a collective, so every process must run as many micro-batches; else
+    the per-device train batch size (a CPU reports no free memory). Every process calls it at the same point."""
     if context.grad_batch_size is not None:
         return context.grad_batch_size
-    return None if context.accelerator.device.type == "cuda" else context.train_batch_size
+    device = context.accelerator.device
+    if context.free_bytes is None and device.type != "cuda":
+        return context.train_batch_size
+    rows = rows_that_fit(
+        model, context.grad_params, tuple(shape), device,
+        free_bytes=None if context.free_bytes is None else context.free_bytes(),
+        processes_on_device=_processes_on_device(context), forward_context=context.accelerator.autocast,
+        setting="gvm_grad_params",
+    )
+    if context.num_processes > 1:
+        rows = int(gather(torch.tensor([rows], device=device)).min())
+    return rows
+
+
+def _processes_on_device(context: MeasurementContext) -> int:
+    """How many processes of the run share this process's device (same host, same device)."""
+    if context.num_processes == 1:
+        return 1
+    place = (socket.gethostname(), str(context.accelerator.device))
+    return sum(other == place for other in gather_object([place]))
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:
@@ -217,12 +249,14 @@ def _run_pass(
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     completion = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)
-    options = dict(params=context.grad_params, micro_batch_size=grad_micro_batch_size(context),
-                   setting="gvm_grad_params")
     gathered = unwrap_model_for_generation(
         context.wrapped_model, context.accelerator, gather_deepspeed3_params=context.gather_zero3
     )
     with gathered as model, context.dist.summon_full_params(context.wrapped_model, recurse=False):
+        # Both passes run the forward in the accelerator's autocast, as TRL's training forward does.
+        options = dict(params=context.grad_params, setting="gvm_grad_params",
+                       micro_batch_size=grad_micro_batch_size(context, model, input_ids.shape),
+                       forward_context=context.accelerator.autocast)
         if not fold:
             return per_sample_grad_norms(model, input_ids, attention_mask, completion, **options), None
         width = input_ids.size(1)
@@ -234,7 +268,6 @@ def _run_pass(
             completion * scores.to(completion.device)[:, None],
             temperature=context.temperature,
             position_ids=torch.arange(width, device=input_ids.device).expand(len(counts), width),
-            forward_context=context.accelerator.autocast,
             **options,
         )
 

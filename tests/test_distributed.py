@@ -230,3 +230,20 @@ def test_grad_norms_under_fsdp2_match_unsharded(params, tmp_path):
         assert min(result["expected"]) > 0
         assert result["max_rel_error"] < 1e-5
         assert result["still_sharded"] and result["grads"] == 0
+
+
+def test_unequal_free_memory_gives_every_process_the_same_micro_batch(tmp_path):
+    """Issue 26, B1: rank 0 reports a terabyte free, rank 1 one byte. Each sizes its share of the gradient-norm pass
+    from its own figure, and the two agree on the smaller micro-batch, so both run the same number of forwards (under
+    FSDP or ZeRO-3 unequal counts deadlock); the norms are the single-micro-batch ones."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    script = Path(__file__).parent / "scripts" / "measure_two_processes.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2]
+    assert [r["micro_batch"] for r in ranks] == [1, 1]  # the smaller of what each could fit
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] >= 6  # one forward per row, the same count on both
+    assert ranks[0]["norms"] == ranks[1]["norms"] and len(ranks[0]["norms"]) == 12 and min(ranks[0]["norms"]) > 0
+    assert ranks[0]["norms"] == pytest.approx(ranks[0]["reference"], rel=1e-5)
