@@ -68,7 +68,7 @@ __all__ = [
 
 
 _INTEGER_RE = re.compile(r"-?\d{1,400}")
-_GROUP_WINDOW = MAX_ANSWER_CHARS + 300  # a box further back than this cannot join the last one
+_GROUP_WINDOW = 2 * MAX_ANSWER_CHARS + 300  # a box further back than this cannot join the last one (extraction.py)
 
 
 def _boxed_integer_verdict(completion: Any, gold: Any) -> bool | None:
