@@ -33,17 +33,21 @@ Model output is hostile input. Nothing calls ``eval``/``sympify``/``parse_expr``
 is latex2sympy2_extended's ANTLR grammar (its one ``parse_expr`` call only reads the ``variable_values``
 argument, which is never passed; its number tokens, which it would hand to ``sympify``, are read by
 ``sympy.Rational`` instead, ``answers/symbolic.py``), each parse gets a fresh converter, and leaves
-containing relations, ``:=``, ``\in`` or ``\operatorname`` are refused. SymPy runs in a persistent worker
-*subprocess* that never imports the trainer, with a 4 GiB address-space limit; it is killed when a call
-overruns its ``timeout`` and restarted on demand, so pathological input cannot hang or exhaust the
-trainer from any thread. Answers are capped at ``MAX_ANSWER_CHARS``, expressions whose size bound
-exceeds 5000 digits are refused before evaluation, written-out matrix products are bounded, and
-grading never raises; anything unparseable is simply not equivalent. Everything that needs no SymPy
-(integers, decimals, fractions, strings, structure, intervals) is decided in-process in microseconds,
-and a final ``\boxed{integer}`` against an integer gold takes a shortcut that reads nothing else.
+containing relations, ``:=``, ``\in`` or ``\operatorname`` are refused. SymPy runs in persistent worker
+*subprocesses* that never import the trainer, each with a 4 GiB address-space limit; one is killed when a
+call overruns its ``timeout`` and restarted on demand, so pathological input cannot hang or exhaust the
+trainer from any thread, and ``grade_answers`` checks a batch's expensive rows on several at once, so a batch
+stalls for about one timeout per ``workers`` such rows rather than one per row. Answers are capped at
+``MAX_ANSWER_CHARS`` the same way at every length of completion (measured on the raw text before anything is
+parsed, ``answers/extraction.py``), expressions whose size bound exceeds 5000 digits are refused before
+evaluation, written-out matrix products are bounded, and grading never raises; anything unparseable is
+simply not equivalent. Everything that needs no SymPy (integers, decimals, fractions, strings, structure,
+intervals) is decided in-process in microseconds, and a final ``\boxed{integer}`` against an integer gold
+takes a shortcut that reads nothing else.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import re
 import threading
@@ -123,17 +127,24 @@ def _cached_or_defer(payload: list, timeout: float) -> tuple[bool, float]:
     return result, 0.0
 
 
+SPREAD_AFTER_S = 0.25  # a batch's SymPy rows take one more worker when none has finished for this long
+
+
 def grade_answers(completions: Sequence[Any], golds: Sequence[Any], *, timeout: float = 5.0,
                   workers: int | None = None) -> list[bool]:
-    """``[grade_answer(c, g, timeout=timeout) for c, g in zip(completions, golds)]``, with the rows that need
-    SymPy checked at the same time, up to *workers* at once, each against its own *timeout*.
+    """``[grade_answer(c, g, timeout=timeout) for c, g in zip(completions, golds)]``, with the rows whose SymPy
+    checks are slow checked at the same time, up to *workers* at once, each against its own *timeout*.
 
     Every row is first graded here without SymPy (most are decided in microseconds); a row that reaches a
     symbolic check whose result is not cached is set aside and graded again from the start by a thread that
-    holds a SymPy worker of ``symbolic.POOL`` for it, so a batch with k expensive rows stalls for about
-    ceil(k / workers) timeouts rather than k. *workers* defaults to ``symbolic.default_pool_size()``
-    (``GVM_VERIFIER_WORKERS``, else min(4, CPUs per local rank)); 1 grades them one after another here.
-    The verdicts are those of ``grade_answer``; only the time a row waits for its turn is not counted.
+    holds a SymPy worker of ``symbolic.POOL`` for it. One such thread starts; whenever no row has finished for
+    ``SPREAD_AFTER_S`` seconds, as many more join (1, 2, 4, ... up to *workers*), each taking the next rows on
+    workers of their own. So fast checks stay on one warm worker (more workers on a busy CPU only split its
+    caches and its time), and a batch with k rows that each need their whole timeout stalls for about
+    ceil(k / workers) timeouts (and under a second of spreading) rather than k.
+    *workers* defaults to ``symbolic.default_pool_size()`` (``GVM_VERIFIER_WORKERS``, else min(4, CPUs per
+    local rank)); 1 grades the rows one after another here. The verdicts are those of ``grade_answer``: only
+    the time a row waits for its turn is not counted.
     """
     completions, golds = list(completions), list(golds)
     if len(completions) != len(golds):
@@ -148,36 +159,54 @@ def grade_answers(completions: Sequence[Any], golds: Sequence[Any], *, timeout: 
         except Exception:  # noqa: BLE001 - as grade_answer
             verdicts[i] = False
     size = symbolic.default_pool_size() if workers is None else max(int(workers), 1)
-    threads = min(size, len(pending))
-    if threads > 1:
-        symbolic.POOL.start(threads)
-        order = iter(list(pending))
-        lock = threading.Lock()
-
-        def grade_rows() -> None:
-            while True:
-                with lock:
-                    i = next(order, None)
-                if i is None:
-                    return
-                worker = symbolic.POOL.acquire(threads)
-                if worker is None:
-                    return  # no worker can start: the rows left are graded below, in the calling thread
-                try:
-                    backend = functools.partial(symbolic.symbolic_remote, worker=worker)
-                    verdicts[i] = _grade_or_false(completions[i], golds[i], timeout, backend)
-                finally:
-                    symbolic.POOL.release(worker)
-
-        pool = [threading.Thread(target=grade_rows, name=f"gvm-grade-{k}", daemon=True) for k in range(threads)]
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
+    if len(pending) > 1 and size > 1:
+        _grade_concurrently(pending, completions, golds, verdicts, timeout, min(size, len(pending)))
     for i in pending:
-        if verdicts[i] is None:
+        if verdicts[i] is None:  # one at a time here: a single row, one worker, or no worker could start
             verdicts[i] = grade_answer(completions[i], golds[i], timeout=timeout)
     return [bool(v) for v in verdicts]
+
+
+def _grade_concurrently(rows: list[int], completions: list, golds: list, verdicts: list, timeout: float,
+                        size: int) -> None:
+    """Grade *rows* on threads that each hold a worker of ``symbolic.POOL`` per row, doubling the threads while
+    rows are queued and none has finished for ``SPREAD_AFTER_S``; a row left None had no worker that could start."""
+    symbolic.POOL.start(size)  # the others import SymPy meanwhile (once per process), in case they are needed
+    queued = collections.deque(rows)
+    state = threading.Condition()
+    finished = [0]
+
+    def grade_rows() -> None:
+        while True:
+            with state:
+                if not queued:
+                    return
+                i = queued.popleft()
+            worker = symbolic.POOL.acquire(size)
+            try:
+                if worker is not None:
+                    backend = functools.partial(symbolic.symbolic_remote, worker=worker)
+                    verdicts[i] = _grade_or_false(completions[i], golds[i], timeout, backend)
+            finally:
+                if worker is not None:
+                    symbolic.POOL.release(worker)
+                with state:
+                    finished[0] += 1
+                    state.notify_all()
+
+    threads: list[threading.Thread] = []
+    while True:
+        for _ in range(min(max(len(threads), 1), size - len(threads)) if not threads or stalled else 0):
+            threads.append(threading.Thread(target=grade_rows, name=f"gvm-grade-{len(threads)}", daemon=True))
+            threads[-1].start()
+        with state:
+            if finished[0] == len(rows):
+                break
+            before = finished[0]
+            state.wait(SPREAD_AFTER_S)
+            stalled = finished[0] == before and bool(queued)
+    for thread in threads:
+        thread.join()
 
 
 def _grade_or_false(completion: Any, gold: Any, timeout: float, backend: Callable) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from gvm_trl.answers import symbolic
+from gvm_trl.rewards import SPREAD_AFTER_S as SPREAD_S
 from gvm_trl.rewards import grade_answer, grade_answers, make_math_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,16 @@ def test_a_batch_of_slow_rows_stalls_about_one_timeout_not_one_per_row(slow_pool
     assert time.monotonic() - began >= 1.0  # one after another, 8 rows would take at least 8 s
 
 
+def test_fast_symbolic_rows_stay_on_one_worker(slow_pool, tmp_path):
+    """Checks that finish quickly are not spread: more workers would only split the parse caches and the CPU."""
+    slow_pool.setenv("SLOW_WORKER_SECONDS", "0.01")
+    started(4)
+    for marker in tmp_path.iterdir():
+        marker.unlink()
+    assert grade_answers(*radical_rows(12, offset=20), timeout=5.0, workers=4) == [True] * 12
+    assert [int(m.name) for m in tmp_path.iterdir()] == [symbolic.WORKER.pid]
+
+
 def test_a_worker_killed_mid_batch_is_replaced_and_the_batch_still_grades(slow_pool, tmp_path):
     slow_pool.setenv("SLOW_WORKER_SECONDS", "0.4")
     members = started(4)
@@ -133,14 +144,17 @@ def test_a_worker_killed_mid_batch_is_replaced_and_the_batch_still_grades(slow_p
     assert killed[0] not in now and None not in now and len(now) == 4
 
 
-def test_an_overrunning_worker_is_killed_reaped_and_replaced(slow_pool):
+def test_an_overrunning_worker_is_killed_reaped_and_replaced_by_a_standby_started_meanwhile(slow_pool):
     slow_pool.setenv("SLOW_WORKER_SECONDS", "30")
     pids = [w.pid for w in started(2)]
     completions, golds = radical_rows(2, offset=40)
-    assert grade_answers(completions, golds, timeout=0.5, workers=2) == [False, False]
+    began = time.monotonic()
+    assert grade_answers(completions, golds, timeout=1.0, workers=2) == [False, False]
     for pid in pids:
-        assert wait_until(lambda: reaped(pid), 5.0)
-    assert all(w.pid not in pids for w in symbolic.POOL.members()[:2])
+        assert wait_until(lambda p=pid: reaped(p), 5.0)
+    for worker in symbolic.POOL.members()[:2]:
+        assert worker.pid not in pids
+        assert worker._spawned < began + 1.0 + SPREAD_S  # its replacement began importing before the deadline
 
 
 def test_pool_size_defaults_to_cpus_per_local_rank_capped_at_four(monkeypatch):
@@ -209,7 +223,8 @@ def test_batch_verdicts_equal_one_row_at_a_time():
     serial = [grade_answer(c, g) for c, g in rows]
     symbolic.CACHE.clear()  # the batch asks the workers again rather than reading the serial results
     assert grade_answers(completions, golds, workers=3) == serial
-    assert make_math_reward(workers=2)(completions, golds) == [1.0 if v else 0.0 for v in serial]
+    symbolic.CACHE.clear()
+    assert make_math_reward(workers=2)(completions[:40], golds[:40]) == [1.0 if v else 0.0 for v in serial[:40]]
 
 
 def test_cheap_rows_never_wait_for_a_worker(monkeypatch):
@@ -308,3 +323,42 @@ def test_pool_processes_end_with_the_interpreter(tmp_path, how):
     pids = [pid for pid in lines["pids"] if pid]
     assert len(pids) == (2 if how == "spawn" else 3)
     assert wait_until(lambda: not any(alive(pid) for pid in pids), 5.0), [p for p in pids if alive(p)]
+
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import importlib, json, os, sys, types
+    package = types.ModuleType("gvm_trl")
+    package.__path__ = [os.path.join(sys.argv[1], "gvm_trl")]
+    sys.modules["gvm_trl"] = package
+    rewards = importlib.import_module("gvm_trl.rewards")
+    symbolic = importlib.import_module("gvm_trl.answers.symbolic")
+    symbolic.WORKER_BOOT = os.environ["SLOW_BOOT"]
+    os.sched_getaffinity = lambda pid: set(range(int(os.environ["MACHINE_CPUS"])))  # a machine of that size
+    rows = ([r"\\\\boxed{\\\\sqrt{%d}}" % (2 * k * k) for k in range(3, 9)], [r"%d\\\\sqrt{2}" % k for k in range(3, 9)])
+    verdicts = rewards.make_math_reward()(*rows)
+    size = symbolic.default_pool_size()
+    print(json.dumps({"size": size, "verdicts": verdicts, "pids": [w.pid for w in symbolic.POOL.members()]}))
+    """
+)
+
+
+def test_each_rank_of_a_multi_process_run_grades_with_a_small_pool_of_its_own(tmp_path):
+    """Two processes as ``accelerate launch`` / ``torchrun`` start them on one 6-CPU machine (LOCAL_WORLD_SIZE=2):
+    each sizes its pool to its share of the CPUs (3), grades with its own workers, and leaves none behind."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SLOW_BOOT": SLOW_BOOT, "SLOW_WORKER_SECONDS": "0.3",
+           "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2", "MACHINE_CPUS": "6"}
+    env.pop(symbolic.POOL_SIZE_ENV, None)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(REPO)], stdout=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    results = [json.loads(rank.communicate(timeout=120)[0]) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks)
+    pids = [set(filter(None, r["pids"])) for r in results]
+    for result, own in zip(results, pids):
+        assert result["size"] == 3
+        assert result["verdicts"] == [1.0] * 6
+        assert len(own) == result["size"]  # a batch of 6 SymPy rows used every worker of the pool, no more
+    assert not pids[0] & pids[1]
+    assert wait_until(lambda: not any(alive(pid) for pid in pids[0] | pids[1]), 5.0)

@@ -3,8 +3,10 @@ r"""The SymPy side of grading: latex2sympy2_extended + SymPy in persistent, kill
 Requests are JSON lists (``["leaf", a, b]``, ``["eq", l1, r1, l2, r2]``) answered "1"/"0". A worker is
 started with ``python -c WORKER_BOOT <package dir>``, which loads this package (``gvm_trl.answers``) under a
 private name without importing ``gvm_trl`` itself, so the worker never imports the trainer. It runs with a
-4 GiB address-space limit, is killed when a request overruns its time and restarted on demand, answers a
-request again on a fresh process when its own dies mid-request, and exits when its parent process is gone.
+4 GiB address-space limit, is killed when a request overruns its time and replaced (by a standby process that
+started importing while the request ran past half its time, so the next request need not wait for SymPy to
+load), answers a request again on a fresh process when its own dies mid-request, and exits when its parent
+process is gone.
 
 ``WORKER`` serves ``grade_answer``; ``POOL`` lends ``WORKER`` and a few more such workers to the threads of
 ``rewards.grade_answers``, so that the rows of a batch that need SymPy are checked at the same time, each
@@ -33,6 +35,7 @@ WORKER_START_TIMEOUT = 120.0  # a worker not up after this long is given up on (
 WORKER_START_WAIT = 30.0  # longest one call waits for a starting worker (not part of its timeout)
 WORKER_MEMORY_BYTES = 4 << 30
 WORKER_MAX_REQUESTS = 20000  # recycle the worker now and then to bound caches and leaks
+STANDBY_AFTER = 0.5  # a request still running after this share of its time has a replacement process start
 
 _MAX_DIGITS = 5000.0  # refuse closed forms whose numeric size bound exceeds this many digits
 
@@ -391,8 +394,12 @@ WORKER_BOOT = (
 )
 
 
+_OVERRAN = object()  # SymbolicWorker._read_answer: no answer within the time
+
+
 class SymbolicWorker:
-    """A persistent SymPy subprocess, killed and restarted when a request overruns its time."""
+    """A persistent SymPy subprocess, killed and restarted when a request overruns its time (by a standby process
+    started while the request ran long, when there is one)."""
 
     def __init__(self) -> None:
         self._reset()
@@ -407,6 +414,7 @@ class SymbolicWorker:
         self._ready = False
         self._served = 0
         self._spawned = 0.0
+        self._standby: tuple[subprocess.Popen, queue.Queue, float] | None = None
 
     def start(self) -> None:
         """Start the subprocess if it is not running, without waiting for it."""
@@ -420,24 +428,33 @@ class SymbolicWorker:
         if self._proc is not None and self._proc.poll() is None:
             return
         self._kill()
+        spawned, self._standby = self._standby, None
+        if spawned is not None and spawned[0].poll() is not None:
+            spawned = None  # the standby died (poll reaped it)
+        spawned = spawned or self._spawn()
+        if spawned is None:
+            self.failed_to_start = True
+            return
+        self._proc, self._lines, self._spawned = spawned
+        self._ready = False
+        self._served = 0
+
+    def _spawn(self) -> tuple[subprocess.Popen, queue.Queue, float] | None:
+        """A new worker process (not waited for): its handle, the queue of its output lines and its start time."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env.setdefault("OMP_NUM_THREADS", "1")
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-c", WORKER_BOOT, os.path.dirname(os.path.abspath(__file__)), str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env=env, text=True, bufsize=1,
             )
         except OSError:
-            self.failed_to_start = True
-            self._proc = None
-            return
-        self._ready = False
-        self._served = 0
-        self._spawned = time.monotonic()
-        self._lines = queue.Queue()
-        threading.Thread(target=self._pump, args=(self._proc, self._lines), daemon=True).start()
+            return None
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+        return proc, lines, time.monotonic()
 
     @staticmethod
     def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
@@ -451,11 +468,7 @@ class SymbolicWorker:
 
     def _kill(self) -> None:
         if self._proc is not None:
-            try:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
+            _kill_and_reap(self._proc)
         self._proc = None
 
     def _await_ready(self) -> float:
@@ -495,15 +508,14 @@ class SymbolicWorker:
                 remaining = timeout - (time.monotonic() - began - startup)
                 if remaining <= 0:
                     return None, startup
-                overran = False
                 try:
                     self._proc.stdin.write(json.dumps(payload) + "\n")
                     self._proc.stdin.flush()
-                    line = self._lines.get(timeout=remaining)
-                except queue.Empty:
-                    line, overran = None, True
                 except (OSError, ValueError):
                     line = None  # the pipe is closed: the worker is gone
+                else:
+                    line = self._read_answer(remaining)
+                overran = line is _OVERRAN
                 self._served += 1
                 if line not in ("0", "1") or self._served >= WORKER_MAX_REQUESTS:
                     self._kill()  # overran, died or is due for recycling
@@ -513,6 +525,22 @@ class SymbolicWorker:
             return None, startup
         finally:
             self._lock.release()
+
+    def _read_answer(self, seconds: float) -> str | None | object:
+        """The worker's next line within *seconds* (None: it died; ``_OVERRAN``: no answer in time). Past
+        ``STANDBY_AFTER`` of the time a standby process starts importing SymPy, so that the replacement of a
+        worker killed for overrunning is (nearly) ready when the next request comes, not seconds later."""
+        first = seconds * STANDBY_AFTER
+        try:
+            return self._lines.get(timeout=first)
+        except queue.Empty:
+            pass
+        if self._standby is None:
+            self._standby = self._spawn()
+        try:
+            return self._lines.get(timeout=seconds - first)
+        except queue.Empty:
+            return _OVERRAN
 
     def wait_ready(self) -> bool:
         """Start the process if needed and wait (as a request would) until it has imported SymPy."""
@@ -529,13 +557,24 @@ class SymbolicWorker:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def close(self) -> None:
-        """Stop the worker (waits at most a few seconds for a request in flight)."""
+        """Stop the worker and its standby (waits at most a few seconds for a request in flight)."""
         locked = self._lock.acquire(timeout=5)
         try:
             self._kill()
+            standby, self._standby = self._standby, None
+            if standby is not None:
+                _kill_and_reap(standby[0])
         finally:
             if locked:
                 self._lock.release()
+
+
+def _kill_and_reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.kill()
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 WORKER = SymbolicWorker()
