@@ -39,9 +39,9 @@ relation chains, thousands of boxes and matrices (the timeout is 2 s).
 
 Batches (``--throughput``, nothing else is run): rows/s of ``grade_answer`` one row at a time against
 ``grade_answers`` in batches (``--batch-size``, SymPy rows on ``--workers`` worker processes at once) in the same
-run, on the realistic mix (alternating chunk by chunk, each chunk from empty caches, workers warm) and on one batch
-holding ``--expensive`` correct answers whose check outlasts ``--timeout`` among realistic rows; with the ratio
-and whether the verdicts are identical.
+run, on the realistic mix (alternating chunk by chunk, warmed-up workers, each chunk from empty caches) and
+on one batch holding ``--expensive`` correct answers whose check outlasts ``--timeout`` among realistic rows;
+with the ratio and whether the verdicts are identical.
 
     python benchmarks/grader.py [--quick] [--output benchmarks/results/grader.json] [--baseline REV|none]
         [--baseline-python PY] [--math-verify auto|none]
@@ -52,6 +52,7 @@ and whether the verdicts are identical.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -532,17 +533,52 @@ def _graded(pairs: list, timeout: float, batch_size: int | None, workers: int) -
     return out
 
 
-def serial_vs_batched(pairs: list, timeout: float, batch_size: int, workers: int, chunks: int = 20) -> dict:
+def warm_workers(pairs: list, count: int, timeout: float) -> None:
+    """Start *count* SymPy workers and let each check every symbolic request of *pairs* once, as workers that have
+    served a while in training have: what SymPy and the parser load and build on first use is then not timed."""
+    from gvm_trl import rewards
+
+    symbolic.POOL.close()
+    symbolic.POOL.start(count, wait=True)
+    symbolic.CACHE.clear()
+    needs_sympy = []
+    for completion, gold in pairs:
+        try:
+            rewards._grade(completion, gold, timeout, rewards._cached_or_defer)
+        except rewards._NeedsWorker:
+            needs_sympy.append((completion, gold))
+        except Exception:  # noqa: BLE001 - as grade_answer
+            pass
+    for worker in symbolic.POOL.members()[:count]:
+        symbolic.CACHE.clear()
+        backend = functools.partial(symbolic.symbolic_remote, worker=worker)
+        for completion, gold in needs_sympy:
+            rewards._grade_or_false(completion, gold, timeout, backend)
+    forget(count)
+
+
+def forget(count: int) -> None:
+    """Empty every cache: ours and the parse cache of the first *count* workers (started if one is not running:
+    a worker killed for overrunning is back before the clock runs)."""
+    clear_caches()
+    symbolic.POOL.start(count, wait=True)
+    for worker in symbolic.POOL.members()[:count]:
+        worker.request(["forget"], 30.0)
+
+
+def serial_vs_batched(pairs: list, timeout: float, batch_size: int, workers: int, chunks: int = 20,
+                      warm_up: list | None = None) -> dict:
     """Rows/s one row at a time and in batches over the same pairs, alternating chunk by chunk (the machine's speed
-    drifts), each chunk from empty caches and with warm workers."""
-    symbolic.POOL.start(workers, wait=True)
+    drifts). The workers are first warmed up on *warm_up* (when given); each chunk then starts from empty caches,
+    the workers' parse caches included (``forget``)."""
+    if warm_up is not None:
+        warm_workers(warm_up, workers, timeout)
     size = max(batch_size, -(-len(pairs) // chunks) // batch_size * batch_size)
     spent, verdicts = [0.0, 0.0], [[], []]
     for k, start in enumerate(range(0, len(pairs), size)):
         chunk = pairs[start : start + size]
         for i in ((0, 1) if k % 2 == 0 else (1, 0)):
-            clear_caches()
-            symbolic.POOL.start(workers, wait=True)  # a worker killed for overrunning is back before the clock runs
+            forget(workers)
             began = time.perf_counter()
             verdicts[i].append(_graded(chunk, timeout, None if i == 0 else batch_size, workers))
             spent[i] += time.perf_counter() - began
@@ -561,7 +597,7 @@ def throughput_report(args) -> dict:
     report = {"timeout_s": args.timeout, "batch_size": args.batch_size, "workers": workers,
               "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     print(f"batches of {args.batch_size}, {workers} SymPy workers, timeout {args.timeout} s, {report['cpus']} CPUs")
-    report["realistic_mix"] = serial_vs_batched(mix, args.timeout, args.batch_size, workers)
+    report["realistic_mix"] = serial_vs_batched(mix, args.timeout, args.batch_size, workers, warm_up=mix)
     expensive = expensive_correct(args.expensive)
     rng = random.Random(1)
     batch = expensive + rng.sample(mix, max(args.batch_size - len(expensive), 0))

@@ -78,6 +78,6 @@ def test_throughput_mode_compares_serial_and_batched_grading(grader, tmp_path):
     for case in ("realistic_mix", "expensive_batch"):
         r = report[case]
         assert r["identical"] and r["serial_rows_per_s"] > 0 and r["batched_rows_per_s"] > 0
-        assert r["ratio"] == pytest.approx(r["serial_s"] / r["batched_s"], rel=0.02)
+        assert r["ratio"] == pytest.approx(r["serial_s"] / r["batched_s"], rel=0.02, abs=0.1)  # times rounded to ms
     assert report["expensive_batch"]["expensive_rows"] == 2 and report["expensive_batch"]["n"] == 8
     assert report["expensive_batch"]["accepted"] <= 6  # the two expensive rows time out: correct, not accepted

@@ -341,12 +341,16 @@ def _symbolic_equation(l1: str, r1: str, l2: str, r2: str, sign: str = "any") ->
 
 
 def run_request(request: list) -> bool:
-    """Dispatch one worker request: ["leaf", a, b] or ["eq", l1, r1, l2, r2, sign]."""
+    """Dispatch one worker request: ["leaf", a, b], ["eq", l1, r1, l2, r2, sign], or ["forget"] (empty the
+    parse cache, keeping what the process has warmed up: benchmarks time each chunk from cold caches)."""
     kind, *args = request
     if kind == "leaf":
         return _symbolic_leaf(*args)
     if kind == "eq":
         return _symbolic_equation(*args)
+    if kind == "forget":
+        _latex_to_expr.cache_clear()
+        return True
     return False
 
 
