@@ -69,6 +69,8 @@ _PERCENT = r"(?:\s*(?:\\?%|percent(?:age)?\b|pct\b|per\s+cent\b))?"
 _NUMBER_RE = re.compile(r"(?<![A-Za-z\d.,_^])(?:" + _NUMBER + r")(?![\d])" + _PERCENT)
 _VERB_RE = re.compile(r"(?i)(?<![A-Za-z])(?:is|are|was|equals|equal\s+to|be|becomes|gives|yields|=)(?![A-Za-z])")
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+_TOKEN_RE = re.compile(r"\S+")
+_LETTERS_RE = re.compile(r"[a-z]{2,}")
 _CONNECTIVES = {"and", "or", "et", "und", "y", "ou"}
 _SHORT_WORDS = {
     "is", "the", "we", "so", "it", "be", "are", "an", "to", "of", "and", "or", "in", "on", "at", "for", "as",
@@ -81,6 +83,7 @@ _UNIT_WORDS = {
     "degree", "radians", "grams", "kg", "pounds", "liters", "litres", "percent", "percentage", "pct", "yuan",
     "euros", "people", "students", "ways", "times", "points", "per", "am", "pm",
 }
+_NOT_PROSE = _CONNECTIVES | _UNIT_WORDS
 # ``$$...$$``, ``$...$`` (not after a backslash, ``\$`` inside), ``\(...\)``, ``\[...\]``: the lazy
 # ``\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]`` (re.S) written with possessive
 # loops that run to the first closer without backtracking: the same matches (tests/test_extraction.py), a megabyte
@@ -270,6 +273,8 @@ def _prose_words(text: str) -> list[str]:
 def _outside_spans(text: str) -> tuple[str, bool]:
     """*text* with each math span replaced by one NUL, and whether it has any span (the C regex's own
     substitution when no inline span can run across lines: a megabyte of spans in a fraction of a second)."""
+    if "$" not in text and "\\(" not in text and "\\[" not in text:
+        return text, False
     if "\n" not in text:
         outside, count = _SPAN_RE.subn("\x00", _blank_dead_openers(text))
         return outside, count > 0  # blanked openers read as they did: "\\\x01" holds no word, digit or space
@@ -292,17 +297,17 @@ def _is_all_math(text: str) -> bool:
         )
     if "\n\n" in text.strip():
         return False
-    prose = 0
-    tokens = re.split(r"\s+", _WRAPPER_RE.sub(r" \1 ", text).strip())
-    for token in tokens:
-        word = token.rstrip(".,;:!?").lower()
-        if re.fullmatch(r"[a-z]{2,}", word) and word not in _CONNECTIVES | _UNIT_WORDS:
+    prose = count = 0
+    for token in _TOKEN_RE.finditer(_WRAPPER_RE.sub(r" \1 ", text)):  # read lazily: a megabyte stops at its 2nd word
+        count += 1
+        word = token.group(0).rstrip(".,;:!?").lower()
+        if _LETTERS_RE.fullmatch(word) and word not in _NOT_PROSE:
             if _VERB_RE.fullmatch(word):
                 return False
             prose += 1
-            if prose > 1:
-                return False
-    return prose == 0 or (prose == 1 and len(tokens) <= 3)
+        if prose > 1 or (prose == 1 and count > 3):
+            return False
+    return True
 
 
 def _sentences(text: str, masked: str) -> list[tuple[int, int]]:
