@@ -37,16 +37,26 @@ the restated golds, and the same throughput cases. Its gold is passed as TRL's `
 Hostile inputs: the worst wall time of one call over power towers, deep nesting, megabyte texts, long
 relation chains, thousands of boxes and matrices (the timeout is 2 s).
 
+Batches (``--throughput``, nothing else is run): rows/s of ``grade_answer`` one row at a time against
+``grade_answers`` in batches (``--batch-size``, SymPy rows on ``--workers`` worker processes at once) in the same
+run, on the realistic mix (alternating chunk by chunk, warmed-up workers, each chunk from empty caches) and
+on one batch holding ``--expensive`` correct answers whose check outlasts ``--timeout`` among realistic rows;
+with the ratio and whether the verdicts are identical.
+
     python benchmarks/grader.py [--quick] [--output benchmarks/results/grader.json] [--baseline REV|none]
         [--baseline-python PY] [--math-verify auto|none]
+    python benchmarks/grader.py --throughput [--batch-size 64] [--workers N] [--expensive 16] [--timeout 5]
+        [--output benchmarks/results/grader_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
 import random
 import re
 import subprocess
@@ -59,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gvm_trl.answers import extraction, symbolic  # noqa: E402
-from gvm_trl.rewards import extract_answer, grade_answer  # noqa: E402
+from gvm_trl.rewards import extract_answer, grade_answer, grade_answers  # noqa: E402
 
 SETS = ("math500", "minerva_math", "olympiad_bench", "aime24", "amc23")
 SYNTHETIC_REFERENCE = {"olympiad_bench", "amc23"}
@@ -385,12 +395,8 @@ WARM_UP = [(f"\\boxed{{\\sqrt{{{2 * m * m}}}+x}}", f"x+{m}\\sqrt{{2}}") for m in
 
 def cold_current() -> None:
     """Empty every cache of the current verifier; a fresh SymPy worker, warmed up on unrelated answers."""
-    from gvm_trl.answers import normalisation
-
     symbolic.WORKER.close()
-    symbolic.CACHE.clear()
-    for cached in (extraction._extract_cached, normalisation.normalise, normalisation.key):
-        cached.cache_clear()
+    clear_caches()
     for completion, gold in WARM_UP:  # a started, warmed-up worker that has seen none of the pairs
         grade_answer(completion, gold)
     symbolic.CACHE.clear()
@@ -490,6 +496,123 @@ def needs_sympy_flags(pairs: list[tuple[str, object]], grade, cache, timeout: fl
     return out
 
 
+def clear_caches() -> None:
+    """Empty the current verifier's caches: the SymPy results and every cached function of ``gvm_trl.answers``
+    (its SymPy workers keep running)."""
+    from gvm_trl.answers import comparison, normalisation, screening
+
+    symbolic.CACHE.clear()
+    for module in (extraction, normalisation, comparison, screening):
+        for value in vars(module).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+
+
+def expensive_correct(count: int) -> list[tuple[str, str]]:
+    """*count* correct answers whose check outlasts any timeout of a few seconds: an eight-variable sum to the
+    20th power against the same power with one factor split off (equal, so no cheap numeric check decides it; the
+    expansion has ~10^6 terms). The last variable differs from row to row, so no result is cached."""
+    letters = "mnpqrstuvwyzjlox"
+    rows = []
+    for k in range(count):
+        s = "a+b+c+d+f+g+h+" + letters[k % len(letters)] * (1 + k // len(letters))
+        last = s.rsplit("+", 1)[1]
+        rows.append((f"Expanding, the result is $\\boxed{{({s})^{{20}}}}$.",
+                     f"({s})^{{19}}({s.rsplit('+', 1)[0]}) + ({s})^{{19}} {last}"))
+    return rows
+
+
+def _graded(pairs: list, timeout: float, batch_size: int | None, workers: int) -> list[bool]:
+    """The verdicts of *pairs*: one ``grade_answer`` call each (*batch_size* None), else ``grade_answers`` batches."""
+    if batch_size is None:
+        return [grade_answer(c, g, timeout=timeout) for c, g in pairs]
+    out: list[bool] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        out += grade_answers([c for c, _ in batch], [g for _, g in batch], timeout=timeout, workers=workers)
+    return out
+
+
+def warm_workers(pairs: list, count: int, timeout: float) -> None:
+    """Start *count* SymPy workers and let each check every symbolic request of *pairs* once, as workers that have
+    served a while in training have: what SymPy and the parser load and build on first use is then not timed."""
+    from gvm_trl import rewards
+
+    symbolic.POOL.close()
+    symbolic.POOL.start(count, wait=True)
+    symbolic.CACHE.clear()
+    needs_sympy = []
+    for completion, gold in pairs:
+        try:
+            rewards._grade(completion, gold, timeout, rewards._cached_or_defer)
+        except rewards._NeedsWorker:
+            needs_sympy.append((completion, gold))
+        except Exception:  # noqa: BLE001 - as grade_answer
+            pass
+    for worker in symbolic.POOL.members()[:count]:
+        symbolic.CACHE.clear()
+        backend = functools.partial(symbolic.symbolic_remote, worker=worker)
+        for completion, gold in needs_sympy:
+            rewards._grade_or_false(completion, gold, timeout, backend)
+    forget(count)
+
+
+def forget(count: int) -> None:
+    """Empty every cache: ours and the parse cache of the first *count* workers (started if one is not running:
+    a worker killed for overrunning is back before the clock runs)."""
+    clear_caches()
+    symbolic.POOL.start(count, wait=True)
+    for worker in symbolic.POOL.members()[:count]:
+        worker.request(["forget"], 30.0)
+
+
+def serial_vs_batched(pairs: list, timeout: float, batch_size: int, workers: int, chunks: int = 20,
+                      warm_up: list | None = None) -> dict:
+    """Rows/s one row at a time and in batches over the same pairs, alternating chunk by chunk (the machine's speed
+    drifts). The workers are first warmed up on *warm_up* (when given); each chunk then starts from empty caches,
+    the workers' parse caches included (``forget``)."""
+    if warm_up is not None:
+        warm_workers(warm_up, workers, timeout)
+    size = max(batch_size, -(-len(pairs) // chunks) // batch_size * batch_size)
+    spent, verdicts = [0.0, 0.0], [[], []]
+    for k, start in enumerate(range(0, len(pairs), size)):
+        chunk = pairs[start : start + size]
+        for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+            forget(workers)
+            began = time.perf_counter()
+            verdicts[i].append(_graded(chunk, timeout, None if i == 0 else batch_size, workers))
+            spent[i] += time.perf_counter() - began
+    serial, batched = ([v for part in verdicts[i] for v in part] for i in (0, 1))
+    return {"n": len(pairs), "serial_s": round(spent[0], 3), "batched_s": round(spent[1], 3),
+            "serial_rows_per_s": round(len(pairs) / spent[0], 1), "batched_rows_per_s": round(len(pairs) / spent[1], 1),
+            "ratio": round(spent[0] / spent[1], 2), "identical": serial == batched,
+            "accepted": sum(batched)}
+
+
+def throughput_report(args) -> dict:
+    """``--throughput``: the realistic mix and one batch with expensive correct rows, serial against batched."""
+    golds = [str(r["answer"]) for name in args.sets for r in load_rows(name)[: 40 if args.quick else None]]
+    mix = speed_cases(golds, args.throughput_n)["realistic_mix"]
+    workers = args.workers or symbolic.default_pool_size()
+    report = {"timeout_s": args.timeout, "batch_size": args.batch_size, "workers": workers,
+              "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    print(f"batches of {args.batch_size}, {workers} SymPy workers, timeout {args.timeout} s, {report['cpus']} CPUs")
+    report["realistic_mix"] = serial_vs_batched(mix, args.timeout, args.batch_size, workers, warm_up=mix)
+    expensive = expensive_correct(args.expensive)
+    rng = random.Random(1)
+    batch = expensive + rng.sample(mix, max(args.batch_size - len(expensive), 0))
+    rng.shuffle(batch)
+    report["expensive_batch"] = serial_vs_batched(batch, args.timeout, len(batch), workers, chunks=1)
+    report["expensive_batch"]["expensive_rows"] = len(expensive)
+    for case, title in (("realistic_mix", "realistic mix"),
+                        ("expensive_batch", f"one batch, {len(expensive)} expensive correct rows")):
+        r = report[case]
+        print(f"{title:40s} serial {r['serial_rows_per_s']:>9.1f} rows/s ({r['serial_s']} s)   batched "
+              f"{r['batched_rows_per_s']:>9.1f} rows/s ({r['batched_s']} s)   ratio {r['ratio']:.2f}x   "
+              f"verdicts identical: {r['identical']}   ({r['n']} rows)")
+    return report
+
+
 def false_acceptance_summary(parts: dict[str, list[dict]]) -> dict:
     summary = {}
     for label, items in parts.items():
@@ -511,9 +634,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--math-verify", choices=("auto", "none"), default="auto",
                         help="grade with math-verify (TRL's accuracy_reward) too, where it is installed")
     parser.add_argument("--quick", action="store_true", help="smoke test: 40 rows per set, small speed cases")
+    parser.add_argument("--throughput", action="store_true",
+                        help="only rows/s of grade_answer one row at a time against grade_answers in batches")
+    parser.add_argument("--batch-size", type=int, default=64, help="--throughput: rows per grade_answers batch")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="--throughput: SymPy workers per batch (default: symbolic.default_pool_size())")
+    parser.add_argument("--expensive", type=int, default=16,
+                        help="--throughput: correct rows whose check outlasts the timeout in the expensive batch")
     args = parser.parse_args(argv)
     if args.quick:
         args.throughput_n = min(args.throughput_n, 300)
+    if args.throughput:
+        if args.output == parser.get_default("output"):
+            args.output = str(REPO / "benchmarks" / "results" / "grader_throughput.json")
+        report = throughput_report(args)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+        return 0 if all(report[k]["identical"] for k in ("realistic_mix", "expensive_batch")) else 1
 
     symbolic.WORKER.start()
     current = CurrentVerifier()

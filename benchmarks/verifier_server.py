@@ -38,9 +38,9 @@ def cold(rewards, warm_up) -> None:
     symbolic = sys.modules["_baseline_gvm.answers.symbolic"]
     symbolic.WORKER.close()
     symbolic.CACHE.clear()
-    for name in ("extraction", "normalisation"):
-        module = sys.modules[f"_baseline_gvm.answers.{name}"]
-        for value in vars(module).values():
+    for name in ("extraction", "normalisation", "comparison", "screening"):
+        module = sys.modules.get(f"_baseline_gvm.answers.{name}")  # a module an older revision lacks: nothing to empty
+        for value in vars(module).values() if module is not None else ():
             if hasattr(value, "cache_clear"):
                 value.cache_clear()
     for completion, gold in warm_up:

@@ -2,11 +2,15 @@ r"""Tests for gvm_trl.answers.extraction: where the final answer of a completion
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gvm_trl.answers.extraction import (
+    MAX_ANSWER_CHARS,
     choice_in_completion,
     choice_of_gold,
     extract_answer,
@@ -14,6 +18,7 @@ from gvm_trl.answers.extraction import (
     gold_text,
     math_spans,
 )
+from gvm_trl.rewards import grade_answer
 
 REASONING = "First we expand the product and collect like terms; then we check both cases. "
 
@@ -148,3 +153,105 @@ def test_non_strings():
     assert extract_answer(None) is None  # type: ignore[arg-type]
     assert choice_in_completion(42) is None  # type: ignore[arg-type]
     assert gold_text(7) == "7"
+
+
+# ---------------------------------------------------------------------------------------------
+# The length cap: the same rule at every size
+# ---------------------------------------------------------------------------------------------
+
+
+def _repeat(unit: str, sep: str, size: int) -> tuple[str, int]:
+    count = max(1, size // (len(unit) + len(sep)))
+    return sep.join([unit] * count), count
+
+
+def _nested_fraction(size: int) -> tuple[str, int]:
+    depth = max(1, size // 10)
+    return "\\frac{1}{" * depth + "2" + "}" * depth, depth
+
+
+# (id, completion of an answer of about `size` characters, its gold): each is graded True when short
+LONG_FORMS = [
+    ("box_list", lambda n: (r"So $\boxed{%s}$." % _repeat("1", ",", n)[0], "1")),
+    ("box_sum", lambda n: (r"So $\boxed{%s}$." % _repeat("1", "+", n)[0], str(_repeat("1", "+", n)[1]))),
+    ("box_variable_sum", lambda n: (r"\boxed{%s}" % _repeat("x", "+", n)[0], f"{_repeat('x', '+', n)[1]}x")),
+    ("box_nested_fraction", lambda n: (r"\boxed{%s}" % _nested_fraction(n)[0],
+                                       "2" if _nested_fraction(n)[1] % 2 == 0 else r"\frac{1}{2}")),
+    ("dollar_list", lambda n: ("The result is $%s$." % _repeat("1", ",", n)[0], "1")),
+    ("answer_is_list", lambda n: ("The answer is %s." % _repeat("1", ", ", n)[0], "1")),
+    ("answer_is_sum", lambda n: ("The answer is %s." % _repeat("1", " + ", n)[0], str(_repeat("1", " + ", n)[1]))),
+    ("bare_sum", lambda n: (_repeat("1", "+", n)[0], str(_repeat("1", "+", n)[1]))),
+    ("answer_tag_list", lambda n: ("<think>ok</think><answer>%s</answer>" % _repeat("1", ",", n)[0], "1")),
+    ("gsm8k_list", lambda n: ("We add.\n#### %s" % _repeat("1", ",", n)[0], "1")),
+]
+LONG_SIZES = [1 << 10, 4 << 10, 64 << 10, 1 << 20]
+
+
+@pytest.mark.parametrize("form", [f for _, f in LONG_FORMS], ids=[i for i, _ in LONG_FORMS])
+def test_an_answer_past_the_length_cap_is_refused_at_every_size(form):
+    """The same answer form, 1 KB to 1 MB long, is refused the same way (a 1 MB ``\\boxed{1,1,...}`` once passed
+    where 4 KB did not: the box search started 200,000 characters from the end and missed the box)."""
+    short, gold = form(40)
+    assert grade_answer(short, gold), "the form itself is accepted when short"
+    for size in LONG_SIZES:
+        completion, gold = form(size)
+        start = time.monotonic()
+        answer = extract_answer(completion)
+        assert answer is None or len(answer) > MAX_ANSWER_CHARS, (size, answer and answer[:40])
+        assert grade_answer(completion, gold, timeout=2.0) is False, size
+        assert time.monotonic() - start < 3.0, size
+
+
+@pytest.mark.parametrize("template", ["The answer is {}.", "{}", "<answer>{}</answer>"],
+                         ids=["answer_is", "bare", "answer_tag"])
+def test_a_long_sum_is_never_read_as_one_of_its_numbers(template):
+    """``1 + 1 + ... + 1`` past 300 characters was read by its first number, so it matched a gold of 1."""
+    for size in (200, 400, 900, 4 << 10, 64 << 10):
+        completion = template.format(_repeat("1", " + ", size)[0])
+        assert grade_answer(completion, "1", timeout=2.0) is False, size
+
+
+def test_an_over_long_box_ends_a_group_of_boxes():
+    """Its closing brace is looked for only as far as the cap, so it cannot join the box after it."""
+    long_box = r"\boxed{" + ",".join(["1"] * 600) + "}"
+    assert extract_answer(long_box + r", \boxed{5}") == "5"
+    assert extract_answer(r"\boxed{4}, " + long_box) is None
+    assert extract_answer(r"\boxed " + "7" * (MAX_ANSWER_CHARS + 10)) is None
+
+
+def test_a_box_anywhere_in_a_long_completion_is_found():
+    reasoning = "We check each case in turn and keep the ones that work. " * 20_000
+    assert extract_answer(r"\boxed{12} " + reasoning) == "12"
+    assert extract_answer(reasoning + r"\boxed{3}, \boxed{4}" + reasoning) == "3, 4"
+
+
+LAZY_SPANS = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+
+
+def _lazy_math_spans(text: str) -> list[tuple[int, int, str]]:
+    """math_spans as it was written before (the lazy pattern, quadratic on openers without a closer)."""
+    out = []
+    for m in LAZY_SPANS.finditer(text):
+        content = next(g for g in m.groups() if g is not None)
+        if m.group(2) is None or "\n" not in content.strip():
+            out.append((m.start(), m.end(), content.strip()))
+    return out
+
+
+SPAN_PIECES = ["$", "$$", "\\", "\\$", "\\\\", "(", ")", "[", "]", "\\(", "\\)", "\\[", "\\]", "x", " ", "\n", "1"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(SPAN_PIECES), max_size=24))
+def test_math_spans_are_those_of_the_lazy_pattern(pieces):
+    text = "".join(pieces)
+    assert math_spans(text) == _lazy_math_spans(text)
+
+
+@pytest.mark.parametrize("text", ["\\[" * 500_000, "$x$ " * 200_000 + "\\(" * 200_000, "$" + "y" * 1_000_000 + "$"],
+                         ids=["brackets", "spans_then_openers", "megabyte_span"])
+def test_math_spans_take_linear_time(text):
+    start = time.monotonic()
+    math_spans(text)
+    extract_answer(text)
+    assert time.monotonic() - start < 3.0

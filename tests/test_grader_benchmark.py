@@ -67,3 +67,17 @@ def test_a_revision_served_by_another_python_grades_as_in_process(grader):
     served.cold()
     assert served.sympy_pairs(pairs, 5.0) == grader.CurrentVerifier().sympy_pairs(pairs, 5.0)
     assert 0.0 < served.time_chunk(pairs, 5.0) < 60.0
+
+
+def test_throughput_mode_compares_serial_and_batched_grading(grader, tmp_path):
+    output = tmp_path / "throughput.json"
+    code = grader.main(["--throughput", "--quick", "--sets", "amc23", "--throughput-n", "20", "--expensive", "2",
+                        "--timeout", "0.5", "--batch-size", "8", "--workers", "2", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert code == 0 and report["workers"] == 2 and report["batch_size"] == 8
+    for case in ("realistic_mix", "expensive_batch"):
+        r = report[case]
+        assert r["identical"] and r["serial_rows_per_s"] > 0 and r["batched_rows_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["serial_s"] / r["batched_s"], rel=0.02, abs=0.1)  # times rounded to ms
+    assert report["expensive_batch"]["expensive_rows"] == 2 and report["expensive_batch"]["n"] == 8
+    assert report["expensive_batch"]["accepted"] <= 6  # the two expensive rows time out: correct, not accepted

@@ -33,6 +33,7 @@ latex2sympy2_extended + SymPy (``symbolic.py``). Equivalence rules (documented d
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
 from fractions import Fraction
@@ -476,6 +477,7 @@ _REFUSED_IN_SYMPY = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=16384)
 def _sympy_ready(s: str) -> str | None:
     """Leaf text rewritten for the LaTeX parser, or None when it must not / cannot be parsed."""
     s = s.strip()
@@ -541,10 +543,17 @@ def _sum_terms(s: str) -> list[tuple[bool, str]] | None:
     return terms if len(terms) > 1 else None
 
 
+@functools.lru_cache(maxsize=16384)
+def _sorted_terms(s: str) -> tuple[tuple[bool, str], ...] | None:
+    terms = _sum_terms(s)
+    return None if terms is None else tuple(sorted(terms))
+
+
 def _same_terms(pred: str, gold: str) -> bool:
-    """The same terms added in another order (``1 + x^2`` and ``x^2 + 1``): equal without SymPy."""
-    p_terms = _sum_terms(pred)
-    return p_terms is not None and sorted(p_terms) == sorted(_sum_terms(gold) or [])
+    """The same terms added in another order (``1 + x^2`` and ``x^2 + 1``): equal without SymPy (each leaf's terms
+    are found once: a list of n sums is compared in up to n^2 pairs)."""
+    p_terms = _sorted_terms(pred)
+    return p_terms is not None and p_terms == (_sorted_terms(gold) or ())
 
 
 def _is_decimal(s: str) -> bool:

@@ -17,6 +17,13 @@ Order of the rules (``extract_answer``):
    else its last number. A digit inside a word (``QX7RT``) is not a number.
 7. A short text (at most four words, not a sentence ending in a full stop) is taken whole.
 
+Length decides only whether an answer is refused, never which rule finds it: the rules read the same at every
+length of completion, and an answer that runs past ``MAX_ANSWER_CHARS`` is no answer (``None``) whatever the text
+around it. The extent is measured on the raw text before anything is parsed: a box whose closing brace is not within
+``MAX_ANSWER_CHARS`` characters of its opening one (such a box also ends a group of boxes), an "answer is" clause
+that is all math and does not end within that many characters, a bare answer (rule 5) of any length. Longer
+extracted answers (the final group of boxes, a ``####`` line) are refused by ``grade_answer``'s same cap.
+
 Multiple-choice golds (``C``, ``(B) Paris``) are read by ``choice_of_gold``, and ``choice_in_completion``
 then finds the chosen letter: a box holding only a choice, the first letter after "answer is", a
 leading ``D.``, else the last standalone capital A-E.
@@ -39,6 +46,7 @@ __all__ = [
 ]
 
 MAX_ANSWER_CHARS = 1000  # longer extracted answers are refused
+_BOX_REACH = 2 * MAX_ANSWER_CHARS + 300  # a box starting further back than this cannot join the next one
 _TAIL_CHARS = 6000  # the concluding sentence is looked for in this many final characters
 _MAX_GROUP = 64  # at most this many boxes are joined into one answer
 _MAX_SEPARATOR = 160  # text between two boxes that join is at most this long
@@ -61,6 +69,8 @@ _PERCENT = r"(?:\s*(?:\\?%|percent(?:age)?\b|pct\b|per\s+cent\b))?"
 _NUMBER_RE = re.compile(r"(?<![A-Za-z\d.,_^])(?:" + _NUMBER + r")(?![\d])" + _PERCENT)
 _VERB_RE = re.compile(r"(?i)(?<![A-Za-z])(?:is|are|was|equals|equal\s+to|be|becomes|gives|yields|=)(?![A-Za-z])")
 _WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+_TOKEN_RE = re.compile(r"\S+")
+_LETTERS_RE = re.compile(r"[a-z]{2,}")
 _CONNECTIVES = {"and", "or", "et", "und", "y", "ou"}
 _SHORT_WORDS = {
     "is", "the", "we", "so", "it", "be", "are", "an", "to", "of", "and", "or", "in", "on", "at", "for", "as",
@@ -73,7 +83,18 @@ _UNIT_WORDS = {
     "degree", "radians", "grams", "kg", "pounds", "liters", "litres", "percent", "percentage", "pct", "yuan",
     "euros", "people", "students", "ways", "times", "points", "per", "am", "pm",
 }
-_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_NOT_PROSE = _CONNECTIVES | _UNIT_WORDS
+# ``$$...$$``, ``$...$`` (not after a backslash, ``\$`` inside), ``\(...\)``, ``\[...\]``: the lazy
+# ``\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]`` (re.S) written with possessive
+# loops that run to the first closer without backtracking: the same matches (tests/test_extraction.py), a megabyte
+# span in a millisecond rather than a third of a second.
+_SPAN_RE = re.compile(
+    r"\$\$(.[^$]*+(?:\$(?!\$)[^$]*+)*+)\$\$"
+    r"|(?<!\\)\$([^$][^$]*+(?:(?<=\\)\$[^$]*+)*+)\$"
+    r"|\\\((.[^\\]*+(?:\\(?!\))[^\\]*+)*+)\\\)"
+    r"|\\\[(.[^\\]*+(?:\\(?!\])[^\\]*+)*+)\\\]",
+    re.S,
+)
 _CHOICE_FORM_RE = re.compile(
     r"\s*(?:\(([A-E])\)|([A-E])(?=$|[.):](?:\s|$)))\s*[.:)]?\s*(.*)|\s*([A-E])\s+([A-Z][a-z].*)", re.S
 )
@@ -111,16 +132,19 @@ def extract_boxed(text: str) -> str | None:
 
 
 def _box_at(text: str, match: re.Match, stop: int) -> tuple[str, int] | None:
-    r"""(content, end) of the box starting at *match* (braced, or ``\boxed 5``); None when broken."""
-    rest = text[match.end() : min(stop, match.end() + MAX_ANSWER_CHARS + 64)]
+    r"""(content, end) of the box starting at *match* (braced, or ``\boxed 5``); None when broken or when its
+    content runs past ``MAX_ANSWER_CHARS`` (the closing brace is looked for that far only)."""
+    window = min(stop, match.end() + MAX_ANSWER_CHARS + 64)
+    rest = text[match.end() : window]
     stripped = rest.lstrip()
     if stripped.startswith("{"):
         open_at = match.end() + (len(rest) - len(stripped)) + 1
-        end = _match_brace(text, open_at, stop)
+        end = _match_brace(text, open_at, min(stop, open_at + MAX_ANSWER_CHARS + 1))
         return (text[open_at:end], end + 1) if end >= 0 else None
     if rest[:1].isspace():
         token = re.match(r"[^\s$]+", stripped)
-        if token:
+        cut = window < stop and token is not None and token.end() == len(stripped)  # it may go on: over-long
+        if token and not cut and len(token.group(0)) <= MAX_ANSWER_CHARS:
             start = match.end() + (len(rest) - len(stripped))
             return token.group(0), start + len(token.group(0))
     return None
@@ -142,13 +166,27 @@ def _separator_joins(separator: str) -> bool:
     return len(words) <= 6 and words[-1].lower() in ("and", "or")
 
 
+def _last_box(text: str) -> re.Match | None:
+    r"""The last ``\boxed``/``\fbox`` token of *text*, found from the end (each candidate is looked at once)."""
+    end = len(text)
+    while end > 0:
+        at = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        if at < 0:
+            return None
+        match = _BOX_ANY_RE.match(text, at)
+        if match:
+            return match
+        end = at
+    return None
+
+
 def _final_boxes(text: str) -> list[str] | None:
-    """Contents of the final group of boxes (see module docstring); [] for a broken last box; None: no box."""
-    if len(text) > 200_000:
-        text = text[-200_000:]
-    starts = list(_BOX_ANY_RE.finditer(text))
-    if not starts:
+    """Contents of the final group of boxes (see module docstring); [] for a broken or over-long last box; None:
+    no box. Only boxes within reach of the last one are looked at, however long the text before them."""
+    last = _last_box(text)
+    if last is None:
         return None
+    starts = list(_BOX_ANY_RE.finditer(text, max(0, last.start() - _MAX_GROUP * _BOX_REACH), last.end()))
     group: list[str] = []
     stop = len(text)
     next_start = None
@@ -183,14 +221,35 @@ def _answer_region(text: str) -> str:
     return text
 
 
+def _span_matches(text: str):
+    r"""The matches of ``_SPAN_RE`` in *text*, in linear time (read contents from *text*, not from the matches).
+
+    ``_SPAN_RE`` alone is quadratic when ``\(`` or ``\[`` openers have no closer after them (``\(`` a million
+    times: each one scans to the end), so those openers, which can match nothing, are blanked out of a copy of
+    the text (``(`` -> ``\x01``, same length) that the regular expression then reads. Every other opener that
+    fails does so at most once or twice (a ``$`` or ``$$`` lacks a closer only after the last one).
+    """
+    return _SPAN_RE.finditer(_blank_dead_openers(text))
+
+
+def _blank_dead_openers(text: str) -> str:
+    r"""*text* with each ``\(`` / ``\[`` that has no closer after it turned into ``\`` + ``\x01``."""
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        cut = max(text.rfind(closer) - 2, 0)
+        if opener in text[cut:]:
+            text = text[:cut] + text[cut:].replace(opener, "\\\x01")
+    return text
+
+
 def math_spans(text: str) -> list[tuple[int, int, str]]:
     r"""(start, end, content) of the ``$...$``, ``$$...$$``, ``\(...\)``, ``\[...\]`` spans of *text*."""
     spans = []
-    for m in _SPAN_RE.finditer(text):
-        content = next(g for g in m.groups() if g is not None)
-        if m.group(2) is not None and "\n" in content.strip():
+    for m in _span_matches(text):
+        group = m.lastindex
+        content = text[m.start(group) : m.end(group)].strip()
+        if group == 2 and "\n" in content:
             continue  # inline math does not run across lines
-        spans.append((m.start(), m.end(), content.strip()))
+        spans.append((m.start(), m.end(), content))
     return spans
 
 
@@ -211,29 +270,44 @@ def _prose_words(text: str) -> list[str]:
     return [w for w in _WORD_RE.findall(text) if len(w) >= 4 or w.lower() in _SHORT_WORDS]
 
 
+def _outside_spans(text: str) -> tuple[str, bool]:
+    """*text* with each math span replaced by one NUL, and whether it has any span (the C regex's own
+    substitution when no inline span can run across lines: a megabyte of spans in a fraction of a second)."""
+    if "$" not in text and "\\(" not in text and "\\[" not in text:
+        return text, False
+    if "\n" not in text:
+        outside, count = _SPAN_RE.subn("\x00", _blank_dead_openers(text))
+        return outside, count > 0  # blanked openers read as they did: "\\\x01" holds no word, digit or space
+    pieces, last = [], 0
+    for start, end, _ in math_spans(text):
+        pieces += [text[last:start], "\x00"]
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces), last > 0
+
+
 def _is_all_math(text: str) -> bool:
-    """Rule 5: math spans joined by connectives, or a bare answer with at most one prose word."""
-    if len(text) > 2 * MAX_ANSWER_CHARS:
-        return False
-    spans = math_spans(text)
-    masked = _masked(text, spans)
+    """Rule 5: math spans joined by connectives, or a bare answer with at most one prose word (at any length)."""
+    masked, spans = _outside_spans(text)
     if spans:
         outside = re.sub(r"[\x00\s,.;:!]+", " ", masked)
         words = _prose_words(outside)
         return all(w.lower() in _CONNECTIVES or w.lower() in _UNIT_WORDS for w in words) and not re.search(
             r"\d", outside
         )
-    if "\n\n" in text.strip() or len(text) > 300:
+    if "\n\n" in text.strip():
         return False
-    prose = 0
-    tokens = re.split(r"\s+", _WRAPPER_RE.sub(r" \1 ", text).strip())
-    for token in tokens:
-        word = token.rstrip(".,;:!?").lower()
-        if re.fullmatch(r"[a-z]{2,}", word) and word not in _CONNECTIVES | _UNIT_WORDS:
+    prose = count = 0
+    for token in _TOKEN_RE.finditer(_WRAPPER_RE.sub(r" \1 ", text)):  # read lazily: a megabyte stops at its 2nd word
+        count += 1
+        word = token.group(0).rstrip(".,;:!?").lower()
+        if _LETTERS_RE.fullmatch(word) and word not in _NOT_PROSE:
             if _VERB_RE.fullmatch(word):
                 return False
             prose += 1
-    return prose == 0 or (prose == 1 and len(tokens) <= 3)
+        if prose > 1 or (prose == 1 and count > 3):
+            return False
+    return True
 
 
 def _sentences(text: str, masked: str) -> list[tuple[int, int]]:
@@ -311,8 +385,12 @@ def _answer_in_clause(clause: str) -> str | None:
     return None
 
 
-def _after_phrase(text: str) -> str | None:
-    """Rule 4: the answer after the last "answer is"/"answer:" phrase, read to the end of its sentence."""
+_TOO_LONG = object()  # an answer that runs past MAX_ANSWER_CHARS: extract_answer returns None, no later rule is asked
+
+
+def _after_phrase(text: str) -> str | object | None:
+    """Rule 4: the answer after the last "answer is"/"answer:" phrase, read to the end of its sentence; ``_TOO_LONG``
+    when that is all math and runs past ``MAX_ANSWER_CHARS``."""
     last = None
     for last in _ANSWER_IS_RE.finditer(text):
         pass
@@ -323,13 +401,14 @@ def _after_phrase(text: str) -> str | None:
     masked = _masked(tail, spans)
     end = re.search(r"[.!?](?=\s|$)|\n\s*\n|\n(?=\s*[A-Z*#])", masked)
     clause = tail[: end.start()] if end else tail
+    cut = end is None and last.end() + MAX_ANSWER_CHARS < len(text)  # the sentence goes on past the window
     clause = clause.strip().strip("*").strip()
     if not clause:
         return None
-    if len(spans) == 1 and spans[0][0] == tail.find(clause) and spans[0][1] - spans[0][0] == len(clause):
+    if len(spans) == 1 and spans[0][0] == tail.find(clause) and spans[0][1] - spans[0][0] == len(clause) and not cut:
         return spans[0][2]
     if _is_all_math(clause):
-        return clause
+        return _TOO_LONG if cut else clause
     return _answer_in_clause(clause)
 
 
@@ -370,6 +449,8 @@ def _extract_cached(completion: str) -> str | None:
         later = _FINAL_ANSWER_RE.search(text, max(last_box, text.rfind("\\fbox"), 0))
         if boxes and later and _BOX_ANY_RE.search(text, later.end()) is None:
             phrase = _after_phrase(text[later.start() :])
+            if phrase is _TOO_LONG:
+                return None
             if phrase:
                 return phrase  # "Final Answer: ..." written after the last box restates the answer
         return ", ".join(boxes) or None  # a broken last box is a broken answer: no fall-back
@@ -377,6 +458,8 @@ def _extract_cached(completion: str) -> str | None:
     if gsm8k and gsm8k.group(1).strip():
         return gsm8k.group(1).strip()
     phrase = _after_phrase(text)
+    if phrase is _TOO_LONG:
+        return None
     if phrase:
         return phrase
     stripped = text.strip()

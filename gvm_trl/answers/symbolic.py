@@ -1,9 +1,16 @@
-r"""The SymPy side of grading: latex2sympy2_extended + SymPy in a persistent, killable worker subprocess.
+r"""The SymPy side of grading: latex2sympy2_extended + SymPy in persistent, killable worker subprocesses.
 
-Requests are JSON lists (``["leaf", a, b]``, ``["eq", l1, r1, l2, r2]``) answered "1"/"0". The worker is
+Requests are JSON lists (``["leaf", a, b]``, ``["eq", l1, r1, l2, r2]``) answered "1"/"0". A worker is
 started with ``python -c WORKER_BOOT <package dir>``, which loads this package (``gvm_trl.answers``) under a
 private name without importing ``gvm_trl`` itself, so the worker never imports the trainer. It runs with a
-4 GiB address-space limit, is killed when a request overruns its time and restarted on demand.
+4 GiB address-space limit, is killed when a request overruns its time and replaced (by a standby process that
+started importing while the request ran past half its time, so the next request need not wait for SymPy to
+load), answers a request again on a fresh process when its own dies mid-request, and exits when its parent
+process is gone.
+
+``WORKER`` serves ``grade_answer``; ``POOL`` lends ``WORKER`` and a few more such workers to the threads of
+``rewards.grade_answers``, so that the rows of a batch that need SymPy are checked at the same time, each
+against its own deadline.
 """
 from __future__ import annotations
 
@@ -16,15 +23,19 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from fractions import Fraction
 
 from .numbers import Number, numbers_close, parse_number
 
+_INSTANCES: weakref.WeakSet = weakref.WeakSet()  # every SymbolicWorker and WorkerPool, reset in a forked child
+
 WORKER_START_TIMEOUT = 120.0  # a worker not up after this long is given up on (in-process fall-back)
 WORKER_START_WAIT = 30.0  # longest one call waits for a starting worker (not part of its timeout)
 WORKER_MEMORY_BYTES = 4 << 30
 WORKER_MAX_REQUESTS = 20000  # recycle the worker now and then to bound caches and leaks
+STANDBY_AFTER = 0.5  # a request still running after this share of its time has a replacement process start
 
 _MAX_DIGITS = 5000.0  # refuse closed forms whose numeric size bound exceeds this many digits
 
@@ -330,13 +341,25 @@ def _symbolic_equation(l1: str, r1: str, l2: str, r2: str, sign: str = "any") ->
 
 
 def run_request(request: list) -> bool:
-    """Dispatch one worker request: ["leaf", a, b] or ["eq", l1, r1, l2, r2, sign]."""
+    """Dispatch one worker request: ["leaf", a, b], ["eq", l1, r1, l2, r2, sign], or ["forget"] (empty the
+    parse cache, keeping what the process has warmed up: benchmarks time each chunk from cold caches)."""
     kind, *args = request
     if kind == "leaf":
         return _symbolic_leaf(*args)
     if kind == "eq":
         return _symbolic_equation(*args)
+    if kind == "forget":
+        _latex_to_expr.cache_clear()
+        return True
     return False
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Leave as soon as the grading process is gone: a worker busy on a request would not notice its stdin close
+    (the parent killed, or leaving through ``os._exit`` without its atexit handlers) and could run on for long."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def worker_main() -> None:
@@ -347,6 +370,8 @@ def worker_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     except (ImportError, ValueError, OSError):
         pass
+    if len(sys.argv) > 2:
+        threading.Thread(target=_exit_with_parent, args=(int(sys.argv[2]),), daemon=True).start()
     _parser_class()  # slow import, done before "ready"
 
     out = sys.stdout
@@ -373,12 +398,17 @@ WORKER_BOOT = (
 )
 
 
+_OVERRAN = object()  # SymbolicWorker._read_answer: no answer within the time
+
+
 class SymbolicWorker:
-    """A persistent SymPy subprocess, killed and restarted when a request overruns its time."""
+    """A persistent SymPy subprocess, killed and restarted when a request overruns its time (by a standby process
+    started while the request ran long, when there is one)."""
 
     def __init__(self) -> None:
         self._reset()
         self.failed_to_start = False
+        _INSTANCES.add(self)
 
     def _reset(self) -> None:
         """Fresh state (also used in a forked child, which must never touch the parent's pipes)."""
@@ -388,6 +418,7 @@ class SymbolicWorker:
         self._ready = False
         self._served = 0
         self._spawned = 0.0
+        self._standby: tuple[subprocess.Popen, queue.Queue, float] | None = None
 
     def start(self) -> None:
         """Start the subprocess if it is not running, without waiting for it."""
@@ -401,24 +432,33 @@ class SymbolicWorker:
         if self._proc is not None and self._proc.poll() is None:
             return
         self._kill()
+        spawned, self._standby = self._standby, None
+        if spawned is not None and spawned[0].poll() is not None:
+            spawned = None  # the standby died (poll reaped it)
+        spawned = spawned or self._spawn()
+        if spawned is None:
+            self.failed_to_start = True
+            return
+        self._proc, self._lines, self._spawned = spawned
+        self._ready = False
+        self._served = 0
+
+    def _spawn(self) -> tuple[subprocess.Popen, queue.Queue, float] | None:
+        """A new worker process (not waited for): its handle, the queue of its output lines and its start time."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env.setdefault("OMP_NUM_THREADS", "1")
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER_BOOT, os.path.dirname(os.path.abspath(__file__))],
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER_BOOT, os.path.dirname(os.path.abspath(__file__)), str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env=env, text=True, bufsize=1,
             )
         except OSError:
-            self.failed_to_start = True
-            self._proc = None
-            return
-        self._ready = False
-        self._served = 0
-        self._spawned = time.monotonic()
-        self._lines = queue.Queue()
-        threading.Thread(target=self._pump, args=(self._proc, self._lines), daemon=True).start()
+            return None
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+        return proc, lines, time.monotonic()
 
     @staticmethod
     def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
@@ -432,11 +472,7 @@ class SymbolicWorker:
 
     def _kill(self) -> None:
         if self._proc is not None:
-            try:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
+            _kill_and_reap(self._proc)
         self._proc = None
 
     def _await_ready(self) -> float:
@@ -456,65 +492,245 @@ class SymbolicWorker:
         return time.monotonic() - began
 
     def request(self, payload: list, timeout: float) -> tuple[bool | None, float]:
-        """(result or None on timeout / no worker, seconds spent starting the worker)."""
+        """(result or None on timeout / no worker, seconds spent starting the worker).
+
+        A worker that dies mid-request (killed from outside, crashed) is replaced and asked once more within
+        the time left; one that overruns is killed and replaced, and the answer is None.
+        """
         began = time.monotonic()
         if timeout <= 0 or not self._lock.acquire(timeout=timeout):
             return None, 0.0
         try:
-            self._ensure_started()
-            if self._proc is None:
-                return None, 0.0
-            startup = self._await_ready()
-            if not self._ready:
-                return None, startup
-            remaining = timeout - (time.monotonic() - began - startup)
-            try:
-                self._proc.stdin.write(json.dumps(payload) + "\n")
-                self._proc.stdin.flush()
-                line = self._lines.get(timeout=max(remaining, 0.01))
-            except (OSError, ValueError, queue.Empty):
-                line = None
-            self._served += 1
-            if line not in ("0", "1") or self._served >= WORKER_MAX_REQUESTS:
-                self._kill()  # overran, died or is due for recycling
-                self._ensure_started()  # the replacement imports SymPy while the caller moves on
-            return (line == "1" if line in ("0", "1") else None), startup
+            startup = 0.0
+            for _ in range(2):  # a second time only when the worker died under the first
+                self._ensure_started()
+                if self._proc is None:
+                    return None, startup
+                startup += self._await_ready()
+                if not self._ready:
+                    return None, startup
+                remaining = timeout - (time.monotonic() - began - startup)
+                if remaining <= 0:
+                    return None, startup
+                try:
+                    self._proc.stdin.write(json.dumps(payload) + "\n")
+                    self._proc.stdin.flush()
+                except (OSError, ValueError):
+                    line = None  # the pipe is closed: the worker is gone
+                else:
+                    line = self._read_answer(remaining)
+                overran = line is _OVERRAN
+                self._served += 1
+                if line not in ("0", "1") or self._served >= WORKER_MAX_REQUESTS:
+                    self._kill()  # overran, died or is due for recycling
+                    self._ensure_started()  # the replacement imports SymPy while the caller moves on
+                if line in ("0", "1") or overran:
+                    return (line == "1" if line in ("0", "1") else None), startup
+            return None, startup
         finally:
             self._lock.release()
 
+    def _read_answer(self, seconds: float) -> str | None | object:
+        """The worker's next line within *seconds* (None: it died; ``_OVERRAN``: no answer in time). Past
+        ``STANDBY_AFTER`` of the time a standby process starts importing SymPy, so that the replacement of a
+        worker killed for overrunning is (nearly) ready when the next request comes, not seconds later."""
+        first = seconds * STANDBY_AFTER
+        try:
+            return self._lines.get(timeout=first)
+        except queue.Empty:
+            pass
+        if self._standby is None:
+            self._standby = self._spawn()
+        try:
+            return self._lines.get(timeout=seconds - first)
+        except queue.Empty:
+            return _OVERRAN
+
+    def wait_ready(self) -> bool:
+        """Start the process if needed and wait (as a request would) until it has imported SymPy."""
+        with self._lock:
+            self._ensure_started()
+            if self._proc is not None:
+                self._await_ready()
+            return self._ready
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker process's id (None when there is none)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def close(self) -> None:
-        """Stop the worker (waits at most a few seconds for a request in flight)."""
+        """Stop the worker and its standby (waits at most a few seconds for a request in flight)."""
         locked = self._lock.acquire(timeout=5)
         try:
             self._kill()
+            standby, self._standby = self._standby, None
+            if standby is not None:
+                _kill_and_reap(standby[0])
         finally:
             if locked:
                 self._lock.release()
 
 
+def _kill_and_reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.kill()
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 WORKER = SymbolicWorker()
-atexit.register(WORKER.close)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=WORKER._reset)
+
+POOL_SIZE_ENV = "GVM_VERIFIER_WORKERS"
+POOL_SIZE_CAP = 4  # the default never exceeds this many workers per process
+
+
+def default_pool_size() -> int:
+    """How many SymPy workers one process keeps for batches: ``GVM_VERIFIER_WORKERS`` when set, else
+    min(4, the CPUs this process may use divided by the processes of this machine's ``LOCAL_WORLD_SIZE``).
+
+    Under ``accelerate launch`` / ``torchrun`` every rank has a pool of its own, so the CPUs are shared out
+    between the ranks of one machine rather than each rank taking four.
+    """
+    text = os.environ.get(POOL_SIZE_ENV, "").strip()
+    if text:
+        try:
+            size = int(text)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ValueError(f"{POOL_SIZE_ENV}={text!r}: expected a positive whole number of SymPy workers")
+        return size
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        ranks = 1
+    return max(1, min(POOL_SIZE_CAP, cpus // ranks))
+
+
+class WorkerPool:
+    """SymbolicWorkers lent one at a time to threads that grade rows concurrently (``rewards.grade_answers``).
+
+    The first member is ``WORKER``; more are created as a batch needs them, up to the size it asks for, and
+    kept for later batches (each stays the killable, self-replacing process described above). The standard
+    pools do not fit here: ``concurrent.futures.ProcessPoolExecutor`` and ``multiprocessing.Pool`` cannot stop
+    one task that overruns without tearing the whole pool down, and they start their workers from this
+    process (fork: a copy of the trainer, CUDA included; spawn: re-imports ``__main__``); a SymbolicWorker
+    already kills and replaces its own small process at a deadline, so the pool only has to lend them out.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        _INSTANCES.add(self)
+
+    def _reset(self) -> None:
+        """Empty state (also in a forked child, which must never touch the parent's workers)."""
+        self._cond = threading.Condition()
+        self._extra: list[SymbolicWorker] = []
+        self._lent: set[int] = set()
+
+    def members(self) -> list[SymbolicWorker]:
+        """``WORKER`` (looked up now, so a replaced module attribute is used) and the workers created here."""
+        return [WORKER, *self._extra]
+
+    def _grow(self, size: int) -> None:
+        while len(self._extra) + 1 < size:
+            self._extra.append(SymbolicWorker())
+
+    def start(self, size: int, wait: bool = False) -> None:
+        """Start the processes of the first *size* members (their imports overlap); with *wait*, until all are up."""
+        with self._cond:
+            self._grow(size)
+            members = self.members()[:size]
+        for worker in members:
+            worker.start()
+        if wait:
+            for worker in members:
+                worker.wait_ready()
+
+    def acquire(self, size: int) -> SymbolicWorker | None:
+        """An idle member among the first *size* (created if needed), waiting while all are lent out; None when
+        none of them can start a process."""
+        with self._cond:
+            self._grow(size)
+            while True:
+                usable = [w for w in self.members()[:size] if not w.failed_to_start]
+                if not usable:
+                    return None
+                for worker in usable:
+                    if id(worker) not in self._lent:
+                        self._lent.add(id(worker))
+                        return worker
+                self._cond.wait()
+
+    def release(self, worker: SymbolicWorker) -> None:
+        with self._cond:
+            self._lent.discard(id(worker))
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop every member's process (``WORKER`` included); they start again on demand."""
+        with self._cond:
+            members = self.members()
+        for worker in members:
+            worker.close()
+
+
+POOL = WorkerPool()
+atexit.register(POOL.close)
 
 CACHE: OrderedDict = OrderedDict()
 CACHE_LOCK = threading.Lock()
 CACHE_SIZE = 20000
 
 
-def symbolic_remote(payload: list, timeout: float) -> tuple[bool | None, float]:
-    """Cached symbolic check in the worker (in-process fall-back if the worker cannot start)."""
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, a ``fork`` start method) gets no workers and fresh locks: every worker
+    and pool object it inherited forgets the parent's processes, pipes and lent-out state."""
+    global CACHE_LOCK
+    for instance in list(_INSTANCES):
+        instance._reset()
+    CACHE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def cached(payload: list) -> bool | None:
+    """The remembered result of a symbolic check, or None when it has not been made (or did not finish)."""
     key = json.dumps(payload)
     with CACHE_LOCK:
         if key in CACHE:
             CACHE.move_to_end(key)
-            return CACHE[key], 0.0
-    result, startup = (None, 0.0) if WORKER.failed_to_start else WORKER.request(payload, timeout)
-    if result is None and WORKER.failed_to_start:
-        result = symbolic_in_process(payload, timeout)
+            return CACHE[key]
+    return None
+
+
+def symbolic_remote(payload: list, timeout: float, worker: SymbolicWorker | None = None) -> tuple[bool | None, float]:
+    """Cached symbolic check in *worker* (default ``WORKER``); when that one cannot start a process, ``WORKER``,
+    and when neither can, in-process on the main thread."""
+    result = cached(payload)
+    if result is not None:
+        return result, 0.0
+    began = time.monotonic()
+    worker = WORKER if worker is None else worker
+    result, startup = (None, 0.0) if worker.failed_to_start else worker.request(payload, timeout)
+    if result is None and worker.failed_to_start and worker is not WORKER:
+        remaining = timeout - (time.monotonic() - began - startup)
+        result, more = symbolic_remote(payload, remaining) if remaining > 0 else (None, 0.0)
+        return result, startup + more
+    if result is None and worker.failed_to_start:
+        result = symbolic_in_process(payload, timeout - (time.monotonic() - began - startup))
     if result is not None:
         with CACHE_LOCK:
-            CACHE[key] = result
+            CACHE[json.dumps(payload)] = result
             while len(CACHE) > CACHE_SIZE:
                 CACHE.popitem(last=False)
     return result, startup
