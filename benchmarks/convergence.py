@@ -779,7 +779,8 @@ def analyse_sweep(sweep: dict[float, list[dict]], metric: str = "objective", dir
     to any where it does. The curves of one seed start from the same weights at every rate, so the start is one.
     """
     labels = list(dict.fromkeys(r["method"] for runs in sweep.values() for r in runs))
-    method_of = {label: run for label, run in zip(labels, _method_runs_of([r for runs in sweep.values() for r in runs]))}
+    every_run = [r for runs in sweep.values() for r in runs]
+    method_of = {label: run for label, run in zip(labels, _method_runs_of(every_run))}
     per = {label: {} for label in labels}
     for rate, runs in sweep.items():
         for label in labels:
@@ -872,7 +873,8 @@ def sweep_main(args) -> dict:
     payload = {"files": [str(p) for p in args.lr_sweep], "divergence_rule": divergence.__doc__, **result}
     write_json(args.output, payload)
     print(format_sweep(result))
-    print("\n--method-lr " + " --method-lr ".join(f"{label}={m['best_rate']:g}" for label, m in result["methods"].items()))
+    picks = [f"--method-lr {label}={m['best_rate']:g}" for label, m in result["methods"].items()]
+    print("\n" + " ".join(picks))
     print(f"wrote {args.output}")
     return payload
 

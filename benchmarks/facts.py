@@ -100,7 +100,8 @@ def _levels(count: int, never_share: float, low: float, high: float, solved_shar
     never, solved = round(never_share * count), round(solved_share * count)
     if not 0 <= never_share <= 1 or not 0 <= solved_share <= 1 or never + solved > count:
         raise ValueError(f"never_share {never_share} and solved_share {solved_share} must be shares summing to <= 1")
-    return [0.0] * never + _log_uniform(count - never - solved, low, high) + _log_uniform(solved, SOLVED_LOW, SOLVED_HIGH)
+    return ([0.0] * never + _log_uniform(count - never - solved, low, high)
+            + _log_uniform(solved, SOLVED_LOW, SOLVED_HIGH))
 
 
 def _log_uniform(count: int, low: float, high: float) -> list[float]:

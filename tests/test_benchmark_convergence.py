@@ -309,22 +309,48 @@ def test_factorial_and_levers_name_valid_runs(benchmarks):
         convergence.parse_args(["--factorial", "--methods", "grpo"])
 
 
-def test_the_report_script_runs_valid_commands(benchmarks):
-    """benchmarks/fair_evidence.sh (issue 17's report in one command): every convergence.py call parses and names
-    known methods and config fields."""
+def test_the_report_script_runs_valid_commands(benchmarks, tmp_path):
+    """benchmarks/fair_evidence.sh (issues 17 and 27's report in one command), run with a stand-in `python` that
+    records its arguments: every convergence.py call parses, names known methods and config fields, continues where
+    it stopped (--resume) and gives --method-lr only to its own runs; the held-out and regime runs use the rates the
+    sweep picked."""
+    import os
     import shlex
+    import subprocess
     from pathlib import Path
 
     convergence, common = benchmarks["convergence"], benchmarks["common"]
-    script = (Path(convergence.__file__).parent / "fair_evidence.sh").read_text().replace("\\\n", " ")
-    calls = [shlex.split(line)[2:] for line in script.splitlines() if line.startswith("python convergence.py")]
-    assert len(calls) == 4
-    for argv in calls:
-        args = convergence.parse_args([a.replace("$results", "/tmp") for a in argv])
+    script = Path(convergence.__file__).parent / "fair_evidence.sh"
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "$1" = -c ]; then echo 0.00123; exit 0; fi\n'  # the sweep's pick (best())
+                    f'printf "%q " "$@" >> {log}; echo >> {log}\n')
+    fake.chmod(0o755)
+    subprocess.run(["bash", str(script)], check=True, env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    runs = [argv[1:] for argv in calls if argv[0] == "convergence.py" and "--lr-sweep" not in argv]
+    assert len(runs) == 4 + 2 + 5 + 1 + 4  # issue 17's four, two earlier ones, the sweep, held out, the regimes
+    sweeps = [argv for argv in calls if "--lr-sweep" in argv]
+    assert len(sweeps) == 1 and sum(a.endswith(".json") for a in sweeps[0]) == 6  # five rates and the output
+    assert [argv[0] for argv in calls if argv[0] != "convergence.py"] == ["variance.py", "variance.py",
+                                                                         "report_tables.py"]
+    seeds_used = {}
+    for argv in runs:
+        args = convergence.parse_args(argv)
         assert "--resume" in argv and args.seeds
+        labels = {r.label for r in common.method_runs(args.methods, args.variant)}
+        assert {label for label, _ in args.method_lr} <= labels
+        if args.method_lr:
+            assert {rate for _, rate in args.method_lr} == {0.00123} and set(dict(args.method_lr)) == labels
+            seeds_used.setdefault(tuple(args.seeds), []).append(args.output.name)
         for run in common.method_runs(args.methods, args.variant):
             run.config(output_dir="/tmp/unused", use_cpu=True, report_to="none", bf16=False, num_generations=4,
                        per_device_train_batch_size=16)
+    # the rates were tuned on seeds 0-3; what is reported at them uses seeds nobody tuned on
+    assert set(seeds_used) == {tuple(range(30, 42)), tuple(range(42, 50))}
+    assert len(seeds_used[tuple(range(42, 50))]) == 4
 
 
 # -- issue 27: the learning-rate sweep, the nearly-solved share, the zero-variance groups -----------------------------
