@@ -232,8 +232,34 @@ def warm_started_policy(facts: list[Fact], hidden_size: int = 64, steps: int = 1
 
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(tokenizer, seed=seed, hidden_size=hidden_size)
-    model.load_state_dict(_warm_state(tuple(facts), hidden_size, steps, seed, batch_size))
+    model.load_state_dict(_disk_cached_warm_state(tuple(facts), hidden_size, steps, seed, batch_size))
     return model, tokenizer
+
+
+WARM_CACHE_ENV = "GVM_FACTS_WARM_CACHE"
+
+
+def _disk_cached_warm_state(facts: tuple[Fact, ...], hidden_size: int, steps: int, seed: int,
+                            batch_size: int | None) -> dict[str, torch.Tensor]:
+    """`_warm_state`, kept on disk across processes when the environment names a folder (GVM_FACTS_WARM_CACHE): a
+    sweep of one task over several processes (one per learning rate) then distils each seed's warm start once. The
+    file is keyed by everything the warm start reads (the facts, sizes, steps, seed, batch, torch version) and holds
+    the tensors exactly (torch.save), so a run from the cache starts from the same weights bit for bit."""
+    import hashlib
+    import os
+
+    folder = os.environ.get(WARM_CACHE_ENV)
+    if not folder:
+        return _warm_state(facts, hidden_size, steps, seed, batch_size)
+    key = hashlib.sha256(repr((facts, hidden_size, steps, seed, batch_size, torch.__version__)).encode()).hexdigest()
+    path = os.path.join(folder, f"facts_warm_{key[:24]}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    state = _warm_state(facts, hidden_size, steps, seed, batch_size)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(state, path + f".{os.getpid()}.tmp")
+    os.replace(path + f".{os.getpid()}.tmp", path)  # atomic: a reader never sees half a file
+    return state
 
 
 # -- the exact objective ----------------------------------------------------------------------------------------------
