@@ -66,7 +66,7 @@ regime() {  # NAME, then the task's options
         rates+=(--method-lr "$method=$([ "$method" = grpo-mean ] && echo "$G" || echo "$V")")
     done
     python convergence.py --seeds $(seq 42 49) --eval-every 20 "$@" --methods "${REGIME_METHODS[@]}" "${rates[@]}" \
-        --output $results/convergence_facts_regime_$name.json --resume
+        --against gvm-grpo=dynamic-grpo --output $results/convergence_facts_regime_$name.json --resume
 }
 regime never0.5 --never-share 0.5
 regime never0.75 --never-share 0.75

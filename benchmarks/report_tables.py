@@ -65,8 +65,8 @@ def comparison_table(summary: dict, fractions=FRACTIONS, lrs: dict | None = None
     head = " | ".join(f"{float(f):.0%}" for f in fractions)
     lines = [f"| run (lr) | fair baseline (lr) | metric | {head} | CPU s to 75 % |",
              "| --- | --- | --- |" + " ---: |" * (len(fractions) + 1)]
-    for label, comparison in summary["comparisons"].items():
-        baseline = comparison["baseline"]
+    for key, comparison in summary["comparisons"].items():
+        label, baseline = key.split(" vs ")[0], comparison["baseline"]
         for metric, name in METRICS.items():
             c = comparison[metric]
             if c.get("target") is None:
@@ -98,6 +98,23 @@ def summary_of(payload: dict, bootstrap: int = 2000) -> dict:
     args = convergence.parse_args(["--task", payload["arguments"]["task"], "--bootstrap", str(bootstrap)])
     task = convergence.TASKS[args.task](args)
     return convergence.analyse(payload["runs"], task, args)
+
+
+AGAINST = ("gvm-grpo", "dynamic-grpo")  # Theorem 3 against skipping the known-dead and known-solved, same probes
+
+
+def with_against(payload: dict, summary: dict, pair=AGAINST, bootstrap: int = 2000) -> dict:
+    """The summary with the paired comparison `pair[0]` vs `pair[1]` added when the file has both and lacks it."""
+    key = f"{pair[0]} vs {pair[1]}"
+    labels = {r["method"] for r in payload["runs"]}
+    if key in summary["comparisons"] or not set(pair) <= labels:
+        return summary
+    args = convergence.parse_args(["--task", payload["arguments"]["task"], "--bootstrap", str(bootstrap)])
+    task = convergence.TASKS[args.task](args)
+    by_label = {label: sorted((r for r in payload["runs"] if r["method"] == label), key=lambda r: r["seed"])
+                for label in pair}
+    comparison = convergence.compare_runs(by_label, pair[0], pair[1], task, args)
+    return {**summary, "comparisons": {**summary["comparisons"], key: comparison}}
 
 
 def run_lrs(payload: dict) -> dict:
@@ -170,9 +187,9 @@ def section_regimes() -> list[str]:
              "final acc. |", "| --- | --- | --- |" + " ---: |" * 7]
     full = []
     for name, payload in _regimes():
-        summary, lrs = summary_of(payload), run_lrs(payload)
-        for label, comparison in summary["comparisons"].items():
-            baseline = comparison["baseline"]
+        summary, lrs = with_against(payload, summary_of(payload)), run_lrs(payload)
+        for key, comparison in summary["comparisons"].items():
+            label, baseline = key.split(" vs ")[0], comparison["baseline"]
             cells = []
             for metric in METRICS:
                 c = comparison[metric]

@@ -95,6 +95,7 @@ def test_report_tables_read_a_quick_regime_run(tmp_path, monkeypatch):
                             "--only", "sweep"])
     assert "(no no_sweep.json yet)" in text
     assert "| never 0.5 | `gvm-grpo` (0.0001) | `grpo-mean` (0.0003) |" in text
+    assert "| never 0.5 | `gvm-grpo` (0.0001) | `dynamic-grpo` (0.0001) |" in text  # Theorem 3 against skipping
     assert "| never 0.5 | `grpo-mean` |" in text  # the baseline's all-wrong / all-correct shares
     assert "never (6, 0.000)" in text and "Contribution of each band to L" in text
     assert "missing" not in text.replace("(no", "")
