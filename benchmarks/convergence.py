@@ -131,9 +131,15 @@ FACT_BANDS = {"never": (0.0, 0.0), "rare (< 0.1)": (1e-9, 0.1), "middle (0.1-0.5
               "easy (≥ 0.5)": (0.5, 1.0)}
 
 
-def fact_band(start_rate: float) -> str:
-    """The band of a fact's starting accept rate: [low, high), except that "never" is exactly 0 and easy ends at 1."""
-    return next(name for name, (low, high) in FACT_BANDS.items()
+# The regime report's bands (issue 27): the easy band split where the nearly-solved facts (--solved-share) start.
+REGIME_BANDS = {"never": (0.0, 0.0), "rare (< 0.1)": (1e-9, 0.1), "middle (0.1-0.5)": (0.1, 0.5),
+                "easy (0.5-0.95)": (0.5, 0.95), "nearly solved (≥ 0.95)": (0.95, 1.0)}
+
+
+def fact_band(start_rate: float, bands: dict = FACT_BANDS) -> str:
+    """The band of a fact's starting accept rate: [low, high), except that "never" is exactly 0 and the last band
+    ends at 1 inclusive."""
+    return next(name for name, (low, high) in bands.items()
                 if start_rate == low == high or low <= start_rate < high or start_rate == high == 1.0)
 
 
@@ -164,7 +170,8 @@ class FactsTask:
     def facts_for(self, seed: int) -> list:
         data_seed = seed if self.args.data_seed is None else self.args.data_seed
         return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
-                                low=self.args.lowest_rate, high=self.args.highest_rate)
+                                low=self.args.lowest_rate, high=self.args.highest_rate,
+                                solved_share=self.args.solved_share)
 
     def policy(self, seed):
         return facts.warm_started_policy(self.facts_for(seed), steps=self.args.warm_start_steps, seed=seed)
@@ -193,7 +200,9 @@ class FactsTask:
 
     def setup(self) -> str:
         never = round(self.args.never_share * self.args.train_prompts)
-        return (f"facts task: {self.args.train_prompts} facts, {never} never solved, the others warm-started "
+        solved = round(self.args.solved_share * self.args.train_prompts)
+        nearly = (f", {solved} nearly solved ({facts.SOLVED_LOW:g}-{facts.SOLVED_HIGH:g})" if solved else "")
+        return (f"facts task: {self.args.train_prompts} facts, {never} never solved{nearly}, the others warm-started "
                 f"log-uniformly at {self.args.lowest_rate:g}-{self.args.highest_rate:g}, tiny Llama (hidden 64)")
 
 
@@ -304,7 +313,8 @@ class FactsManyTask(FactsTask):
     def facts_for(self, seed: int) -> list:
         data_seed = seed if self.args.data_seed is None else self.args.data_seed
         return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
-                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2, families=True)
+                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2, families=True,
+                                solved_share=self.args.solved_share)
 
     def policy(self, seed):
         return facts.warm_started_policy(self.facts_for(seed), steps=self.args.warm_start_steps, seed=seed,
@@ -330,7 +340,8 @@ class FactsManyIndependentTask(FactsManyTask):
     def facts_for(self, seed: int) -> list:
         data_seed = seed if self.args.data_seed is None else self.args.data_seed
         return facts.make_facts(self.args.train_prompts, seed=data_seed, never_share=self.args.never_share,
-                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2)
+                                low=self.args.lowest_rate, high=self.args.highest_rate, key_length=2,
+                                solved_share=self.args.solved_share)
 
     def setup(self) -> str:
         visits = self.args.prompts_per_step * self.args.max_steps / self.args.train_prompts
@@ -382,6 +393,11 @@ class CurveRecorder(TrainerCallback):
             self._record(state.global_step)
 
 
+def learning_rate(args, label: str) -> float:
+    """The run's learning rate: its ``--method-lr LABEL=LR`` if given, else ``--learning-rate``."""
+    return dict(getattr(args, "method_lr", None) or {}).get(label, args.learning_rate)
+
+
 def build_trainer(run: MethodRun, seed: int, args, task, output_dir: str, recorder: CurveRecorder):
     model, tokenizer = task.policy(seed)
     group = max(args.num_probes, 2)  # num_generations only fixes m = generation batch / num_generations here
@@ -391,7 +407,7 @@ def build_trainer(run: MethodRun, seed: int, args, task, output_dir: str, record
         num_generations=group,
         max_completion_length=args.max_completion_length,
         max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate(args, run.label),
         gvm_num_probes=args.num_probes,
         gvm_budget_per_prompt=args.budget_per_prompt,
     ))
@@ -426,6 +442,37 @@ def completions_per_prompt(output_dir: str, total: int) -> dict[int, float] | No
     return spent
 
 
+GROUP_OUTCOME_FIELDS = ("step", "prompts", "all_wrong", "all_correct", "completions", "zero_variance_completions")
+
+
+def group_outcomes(output_dir: str, num_probes: int) -> list[list[int]] | None:
+    """Per generation batch, from the trainer's allocation log: [step, prompts, all-wrong groups, all-correct groups,
+    completions, completions in those zero-variance groups] (`GROUP_OUTCOME_FIELDS`).
+
+    A prompt's group is every completion scored for it in that batch: the N′ + B of a uniform method (its log has no
+    probe count), the N′ probes plus the allocated samples of a probing method (a prompt given no budget is judged on
+    its probes alone). All-wrong: no accepted completion; all-correct: every one accepted. For GRPO these are the
+    groups whose advantages are all zero (no gradient); the counts are those the run actually drew.
+    """
+    from gvm_trl.metrics import ALLOCATIONS_FILE, read_allocation_log
+
+    if not (Path(output_dir) / ALLOCATIONS_FILE).exists():
+        return None
+    rows = []
+    for line in read_allocation_log(output_dir):
+        wrong = correct = completions = zero = 0
+        for prompt in line["prompts"]:
+            probed = prompt["probes_accepted"] is not None
+            size = prompt["num_samples"] + (num_probes if probed else 0)
+            accepted = prompt["num_accepted"] + (prompt["probes_accepted"] or 0)
+            completions += size
+            if size and accepted in (0, size):
+                wrong, correct = wrong + (accepted == 0), correct + (accepted == size)
+                zero += size
+        rows.append([line["step"], len(line["prompts"]), wrong, correct, completions, zero])
+    return rows
+
+
 def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
     """Train one method with one seed: its curve, completions per prompt, logged GVM diagnostics and wall time."""
     started = time.perf_counter()
@@ -434,6 +481,7 @@ def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
         trainer = build_trainer(run, seed, args, task, output_dir, recorder)
         trainer.train()
         spent = completions_per_prompt(output_dir, completions_generated(trainer.rollout_totals))
+        outcomes = group_outcomes(output_dir, args.num_probes)
     logs = trainer.state.log_history
     for point in recorder.curve[1:-1]:  # per-prompt rates only at the start and the end: the JSON stays small
         point.pop("rates", None)
@@ -442,6 +490,7 @@ def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
         "base": run.base,
         "fields": run.fields,
         "seed": seed,
+        "learning_rate": learning_rate(args, run.label),
         "curve": recorder.curve,
         "rollout_totals": dict(trainer.rollout_totals),
         "completions_per_prompt": spent,
@@ -449,6 +498,7 @@ def run_one(run: MethodRun, seed: int, args, task, start_cache: dict) -> dict:
         "train_accept_rate": [log["gvm/accept_rate"] for log in logs if "gvm/accept_rate" in log],
         "variance_bound_ratio": [log["gvm/variance_bound_ratio"] for log in logs if "gvm/variance_bound_ratio" in log],
         "prompts_zero_budget": [log["gvm/prompts_zero_budget"] for log in logs if "gvm/prompts_zero_budget" in log],
+        "group_outcomes": outcomes,
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -567,15 +617,21 @@ def targets_table(per_seed: dict, metric: str, direction: int, fractions, resamp
             for fraction in fractions}
 
 
-def fact_bands(runs: list[dict]) -> dict:
-    """Per starting band of the facts task: prompts, share of completions spent there, final P(z | x), per method."""
-    bands = {}
-    for name in FACT_BANDS:
+def fact_bands(runs: list[dict], bands: dict | None = None, levels: dict | None = None) -> dict:
+    """Per starting band of the facts task: prompts, share of completions spent there, final P(z | x), per method.
+
+    By default the bands are the runs' own (`prompt_bands`, FACT_BANDS); with `bands` and `levels` (seed → each
+    prompt's intended starting level, e.g. from `facts.make_facts`) the prompts are banded anew (`REGIME_BANDS`)."""
+    names = list(bands or FACT_BANDS)
+    out = {}
+    for name in names:
         row = {"prompts": None, "start_rate": None, "methods": {}}
         for label in dict.fromkeys(r["method"] for r in runs):
             shares, finals = [], []
             for r in (r for r in runs if r["method"] == label):
-                members = [i for i, band in enumerate(r["prompt_bands"]) if band == name]
+                prompt_bands = (r["prompt_bands"] if bands is None
+                                else [fact_band(level, bands) for level in levels[r["seed"]]])
+                members = [i for i, band in enumerate(prompt_bands) if band == name]
                 row["prompts"] = len(members)
                 if not members:
                     continue
@@ -586,8 +642,26 @@ def fact_bands(runs: list[dict]) -> dict:
                 row["start_rate"] = statistics.fmean(r["curve"][0]["rates"][i] for i in members)
             row["methods"][label] = {"completion_share": statistics.fmean(shares) if shares else None,
                                      "final_rate": statistics.fmean(finals) if finals else None}
-        bands[name] = row
-    return bands
+        out[name] = row
+    return out
+
+
+def group_outcome_shares(runs: list[dict]) -> dict | None:
+    """Per generation step, the seed-mean share of a run's prompt groups that were all wrong and all correct (the
+    zero-variance groups: no GRPO gradient), and the share of its completions spent in them; None without logs."""
+    logged = [r["group_outcomes"] for r in runs if r.get("group_outcomes")]
+    if not logged:
+        return None
+    length = min(len(rows) for rows in logged)
+    field = {name: index for index, name in enumerate(GROUP_OUTCOME_FIELDS)}
+
+    def mean_share(numerator: str, denominator: str) -> list[float]:
+        return [statistics.fmean(rows[i][field[numerator]] / max(rows[i][field[denominator]], 1) for rows in logged)
+                for i in range(length)]
+
+    return {"steps": [logged[0][i][0] for i in range(length)], "seeds": len(logged),
+            "all_wrong": mean_share("all_wrong", "prompts"), "all_correct": mean_share("all_correct", "prompts"),
+            "zero_variance_completions": mean_share("zero_variance_completions", "completions")}
 
 
 def analyse(runs: list[dict], task, args) -> dict:
@@ -620,6 +694,9 @@ def analyse(runs: list[dict], task, args) -> dict:
         summary["comparisons"][f"{label} vs {baseline}"] = comparison
     if all(r.get("prompt_bands") for r in runs):
         summary["bands"] = fact_bands(runs)
+    outcomes = {label: group_outcome_shares(by_label[label]) for label in labels}
+    if any(outcomes.values()):
+        summary["group_outcomes"] = {label: value for label, value in outcomes.items() if value}
     return summary
 
 
@@ -642,6 +719,164 @@ def _method_runs_of(runs: list[dict]) -> list[MethodRun]:
     for r in runs:
         seen.setdefault(r["method"], MethodRun(r["method"], r["base"], r["fields"]))
     return list(seen.values())
+
+
+# -- the learning-rate sweep (issue 27) -------------------------------------------------------------------------------
+
+DIVERGENCE_GIVE_BACK = 0.5  # a run diverged if its final L gave back more than this share of its best improvement ...
+DIVERGENCE_MIN_RISE = 0.05  # ... and more than this many nats
+
+
+def divergence(curve: list[dict], metric: str = "objective", direction: int = -1) -> str | None:
+    """Why a run diverged, or None. A run of the sweep diverged when, on its evaluated curve of `metric` (L by
+    default, lower is better):
+
+    - ``non-finite``: some evaluation is NaN or ±inf (the weights blew up);
+    - ``ended worse than start``: its final value is worse than its starting one;
+    - ``gave back``: its final value is worse than its best one by more than DIVERGENCE_GIVE_BACK (half) of its best
+      improvement over the start and by more than DIVERGENCE_MIN_RISE (0.05 nats of L): it reached somewhere and then
+      lost most of it.
+
+    Checked in that order; the first that holds is the reason.
+    """
+    values = [direction * point[metric] for point in curve]  # higher is better from here on
+    if not all(math.isfinite(v) for v in values):
+        return "non-finite"
+    start, final, best = values[0], values[-1], max(values)
+    if final < start:
+        return "ended worse than start"
+    if best - final > max(DIVERGENCE_GIVE_BACK * (best - start), DIVERGENCE_MIN_RISE):
+        return "gave back"
+    return None
+
+
+def load_sweep(paths: list[Path]) -> dict[float, list[dict]]:
+    """The runs of a learning-rate sweep: one convergence JSON per learning rate (same settings but the rate)."""
+    sweep: dict[float, list[dict]] = {}
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        rate = float(payload["arguments"]["learning_rate"])
+        if payload["arguments"].get("method_lr"):
+            raise SystemExit(f"--lr-sweep: {path} gives some runs their own learning rate; a sweep file has one rate")
+        if rate in sweep:
+            raise SystemExit(f"--lr-sweep: two files at learning rate {rate:g}")
+        sweep[rate] = payload["runs"]
+    return dict(sorted(sweep.items()))
+
+
+def analyse_sweep(sweep: dict[float, list[dict]], metric: str = "objective", direction: int = -1,
+                  fraction: float = 0.75) -> dict:
+    """Each method's best learning rate on the sweep's (tuning) seeds, and the divergence rate per rate.
+
+    The target is shared by a fair baseline and the probing methods measured against it (`uniform_baseline`): the
+    seed-mean start plus `fraction` of the largest improvement the baseline's seed-mean curve makes by its last
+    evaluation at any learning rate of the sweep at which no seed of it diverged — the existing protocol's target
+    (start + 75 % of the baseline's final improvement), taken at the baseline's best final point so that it does not
+    depend on the rate being judged. Per method and rate: the completions its seed-mean curve needs to first reach it
+    (∞ if it never does) and the divergence count (`divergence`). The best rate is the one needing the fewest
+    completions among the rates at which no seed diverged; if it reaches the target at none of them, the one with the
+    best final seed-mean value (marked ``reached: false``); a rate where the method never reaches the target loses
+    to any where it does. The curves of one seed start from the same weights at every rate, so the start is one.
+    """
+    labels = list(dict.fromkeys(r["method"] for runs in sweep.values() for r in runs))
+    every_run = [r for runs in sweep.values() for r in runs]
+    method_of = {label: run for label, run in zip(labels, _method_runs_of(every_run))}
+    per = {label: {} for label in labels}
+    for rate, runs in sweep.items():
+        for label in labels:
+            mine = sorted((r for r in runs if r["method"] == label), key=lambda r: r["seed"])
+            if not mine:
+                continue
+            reasons = [divergence(r["curve"], metric, direction) for r in mine]
+            finite = [r for r, why in zip(mine, reasons) if why != "non-finite"]
+            curve = mean_curve([r["curve"] for r in finite], metric) if finite else None
+            per[label][rate] = {
+                "seeds": [r["seed"] for r in mine], "diverged": sum(why is not None for why in reasons),
+                "reasons": [why for why in reasons if why], "curve": curve,
+                "start": curve["mean"][0] if curve else math.nan,
+                "final": curve["mean"][-1] if curve else math.nan,
+                "final_train_accuracy": statistics.fmean(r["curve"][-1].get("train_accuracy", math.nan) for r in mine),
+                "train_cpu_seconds": statistics.fmean(r["curve"][-1].get("train_cpu_seconds", math.nan) for r in mine),
+            }
+    families: dict[str, list[str]] = {}
+    for label in labels:
+        baseline = uniform_baseline(method_of[label], list(method_of.values()))
+        families.setdefault(label if baseline is None else baseline.label, []).append(label)
+    result = {"metric": metric, "fraction": fraction, "rates": list(sweep), "families": {}, "methods": {}}
+    for baseline, members in families.items():
+        cells = per[baseline]
+        eligible = {rate: c for rate, c in cells.items() if c["curve"] and not c["diverged"]} or {
+            rate: c for rate, c in cells.items() if c["curve"]}
+        starts = [c["start"] for c in cells.values() if c["curve"]]
+        start = statistics.fmean(starts)
+        best_rate = max(eligible, key=lambda rate: direction * (eligible[rate]["final"] - start))
+        target = start + fraction * (eligible[best_rate]["final"] - start)
+        result["families"][baseline] = {"members": members, "start": start, "target": target,
+                                        "target_from_rate": best_rate,
+                                        "start_spread": max(starts) - min(starts)}
+        for label in members:
+            rows = {}
+            for rate, c in per[label].items():
+                reach = completions_to_reach(c["curve"], target, direction) if c["curve"] else math.inf
+                cpu = (completions_to_reach(c["curve"], target, direction, "train_cpu_seconds")
+                       if c["curve"] and "train_cpu_seconds" in c["curve"] else math.nan)
+                rows[rate] = {"completions_to_target": reach, "cpu_seconds_to_target": cpu,
+                              **{k: v for k, v in c.items() if k != "curve"}}
+            result["methods"][label] = {"baseline": baseline, "rates": rows, **pick_best_rate(rows, direction)}
+    return result
+
+
+def pick_best_rate(rows: dict[float, dict], direction: int = -1) -> dict:
+    """The best of a method's rates (`analyse_sweep`'s rule): fewest completions to the target among the rates with
+    no diverged seed; if none reaches it, the best final value among them; if every rate diverged somewhere, the
+    same among the rates with the fewest diverged seeds."""
+    fewest = min(row["diverged"] for row in rows.values())
+    candidates = {rate: row for rate, row in rows.items() if row["diverged"] == fewest}
+    reached = {rate: row for rate, row in candidates.items() if math.isfinite(row["completions_to_target"])}
+    if reached:
+        best = min(reached, key=lambda rate: reached[rate]["completions_to_target"])
+    else:
+        best = max(candidates, key=lambda rate: direction * candidates[rate]["final"]
+                   if math.isfinite(candidates[rate]["final"]) else -math.inf)
+    return {"best_rate": best, "reached": bool(reached), "best_diverged": fewest}
+
+
+def format_sweep(result: dict) -> str:
+    """The sweep as markdown: per family its target, then per method and rate the completions to the target, the
+    final L and training accuracy, the divergence count; the best rate in bold."""
+    rates = result["rates"]
+    lines = []
+    for baseline, family in result["families"].items():
+        lines.append(f"\n{baseline} family: start L {family['start']:.3f}, target {family['target']:.3f} (75 % of "
+                     f"{baseline}'s improvement at lr {family['target_from_rate']:g})\n")
+        lines.append("| method | " + " | ".join(f"lr {rate:g}" for rate in rates) + " | best lr |")
+        lines.append("| --- |" + " ---: |" * (len(rates) + 1))
+        for label in family["members"]:
+            method = result["methods"][label]
+            cells = []
+            for rate in rates:
+                row = method["rates"].get(rate)
+                if row is None:
+                    cells.append("-")
+                    continue
+                reach = row["completions_to_target"]
+                text = (f"{'never' if math.isinf(reach) else format(reach, ',.0f')}; L {row['final']:.3f}, acc "
+                        f"{row['final_train_accuracy']:.3f}; div {row['diverged']}/{len(row['seeds'])}")
+                cells.append(f"**{text}**" if rate == method["best_rate"] else text)
+            lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {method['best_rate']:g}"
+                         + ("" if method["reached"] else " (target not reached)") + " |")
+    return "\n".join(lines)
+
+
+def sweep_main(args) -> dict:
+    result = analyse_sweep(load_sweep(args.lr_sweep), fraction=args.target_fraction)
+    payload = {"files": [str(p) for p in args.lr_sweep], "divergence_rule": divergence.__doc__, **result}
+    write_json(args.output, payload)
+    print(format_sweep(result))
+    picks = [f"--method-lr {label}={m['best_rate']:g}" for label, m in result["methods"].items()]
+    print("\n" + " ".join(picks))
+    print(f"wrote {args.output}")
+    return payload
 
 
 def format_summary(summary: dict, runs: list[dict], task) -> str:
@@ -687,6 +922,16 @@ def format_summary(summary: dict, runs: list[dict], task) -> str:
                 cells.append(f"{share}, {'-' if m['final_rate'] is None else format(m['final_rate'], '.3f')}")
             start = "-" if band["start_rate"] is None else f"{band['start_rate']:.3f}"
             lines.append(f"{name} ({band['prompts']}, {start}): " + " | ".join(cells))
+    for label, shares in summary.get("group_outcomes", {}).items():
+        def window(key: str, part: slice) -> str:
+            values = shares[key][part]
+            return f"{statistics.fmean(values):.2f}" if values else "-"
+
+        lines.append(f"{label}: groups all wrong / all correct (share of prompts per step, seed mean): first 10 steps "
+                     f"{window('all_wrong', slice(0, 10))} / {window('all_correct', slice(0, 10))}, whole run "
+                     f"{window('all_wrong', slice(None))} / {window('all_correct', slice(None))}, last 10 steps "
+                     f"{window('all_wrong', slice(-10, None))} / {window('all_correct', slice(-10, None))}; "
+                     f"completions in them {window('zero_variance_completions', slice(None))}")
     return "\n".join(lines)
 
 
@@ -724,6 +969,17 @@ def plot(summary: dict, path: Path, task, title: str) -> None:
 # -- command line -----------------------------------------------------------------------------------------------------
 
 
+def _method_lr(text: str) -> tuple[str, float]:
+    label, equals, value = text.partition("=")
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not equals or not label or not rate > 0:
+        raise argparse.ArgumentTypeError(f"--method-lr {text!r}: expected LABEL=LR with LR > 0")
+    return label, rate
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -748,10 +1004,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-completion-length", type=int)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--method-lr", action="append", default=[], metavar="LABEL=LR", type=_method_lr,
+                        help="this run's own learning rate (repeatable; e.g. each method at its best lr from "
+                             "--lr-sweep); the others train at --learning-rate")
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, help="LoRA adapters (arithmetic on CPU)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--train-prompts", type=int)
     parser.add_argument("--never-share", type=float, default=0.125, help="facts: share of never-solved facts")
+    parser.add_argument("--solved-share", type=float, default=0.0,
+                        help="facts: share of nearly-solved facts (warm-started at p 0.95-0.99; default none)")
     parser.add_argument("--lowest-rate", type=float, default=0.02, help="facts: lowest starting accept rate")
     parser.add_argument("--highest-rate", type=float, default=0.98, help="facts: highest starting accept rate")
     parser.add_argument("--warm-start-steps", type=int, help="facts/letters: supervised steps before RL")
@@ -771,6 +1032,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also compare run LABEL with run BASELINE, paired over seeds (e.g. two schedules)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --output (same settings) and add only the missing ones")
+    parser.add_argument("--lr-sweep", nargs="+", type=Path, default=[], metavar="JSON",
+                        help="analyse a learning-rate sweep instead of training: one result file per rate (same "
+                             "settings but --learning-rate); writes each method's best rate and the divergence rate "
+                             "per rate to --output (default results/lr_sweep_<task>.json)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON",
                         help="also take the finished runs of these files (same settings; e.g. the seeds another "
                              "process ran) before running the missing ones")
@@ -793,19 +1058,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     tag = {"letters": "tiny"}.get(args.task, args.task)
+    if args.lr_sweep:
+        args.output = args.output or RESULTS_DIR / f"lr_sweep_{tag}.json"
     args.output = args.output or RESULTS_DIR / f"convergence_{'quick' if args.quick else tag}.json"
     return args
 
 
 def setup_line(args, task) -> str:
+    own = "".join(f", {label} at {rate:g}" for label, rate in getattr(args, "method_lr", None) or [])
     return (f"{task.setup()}; m = {args.prompts_per_step}, N′ = {args.num_probes}, B = {args.budget_per_prompt} "
             f"({args.prompts_per_step * (args.num_probes + args.budget_per_prompt)} completions per step), "
-            f"≤ {args.max_completion_length} tokens, lr {args.learning_rate:g}, {args.max_steps} steps, "
+            f"≤ {args.max_completion_length} tokens, lr {args.learning_rate:g}{own}, {args.max_steps} steps, "
             f"seeds {args.seeds}")
 
 
 SETTINGS_IGNORED_ON_RESUME = ("seeds", "methods", "variant", "output", "bootstrap", "resume", "target_fraction",
-                              "target_fractions", "against", "merge", "factorial", "levers")
+                              "target_fractions", "against", "merge", "factorial", "levers", "lr_sweep")
 
 
 def finished_runs(args, task, runs_to_do: list[MethodRun], path: Path | None = None) -> list[dict]:
@@ -834,9 +1102,14 @@ def finished_runs(args, task, runs_to_do: list[MethodRun], path: Path | None = N
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.lr_sweep:
+        return sweep_main(args)
     limit_threads(args.device)
     task = TASKS[args.task](args)
     runs_to_do = method_runs(args.methods, args.variant)
+    unknown = sorted({label for label, _ in args.method_lr} - {r.label for r in runs_to_do})
+    if unknown:
+        raise SystemExit(f"--method-lr names no run of this invocation: {', '.join(unknown)}")
     started, runs, start_cache = time.perf_counter(), [], {}
     if args.resume:
         runs = finished_runs(args, task, runs_to_do)

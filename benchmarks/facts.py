@@ -45,6 +45,7 @@ TRAIN_PHRASING, HELDOUT_PHRASING = "?", "!"
 WRONG_RATIONALE_FACTOR = 0.1  # δ: P(z | x, r ≠ r*) / P(z | x, r*)
 NEVER_LOG_PROB = -12.0  # a never-solved fact's warm start holds ln P(z | x, r) at or below this, so p_i < 1e-5
 COMPLETION_TOKENS = 2
+SOLVED_LOW, SOLVED_HIGH = 0.95, 0.99  # the levels of the nearly-solved facts (`make_facts(solved_share=)`)
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,11 @@ class Fact:
 
 
 def make_facts(count: int, seed: int, never_share: float = 0.125, low: float = 0.02, high: float = 0.98,
-               key_length: int = 1, families: bool = False) -> list[Fact]:
+               key_length: int = 1, families: bool = False, solved_share: float = 0.0) -> list[Fact]:
     """`count` facts with distinct keys of `key_length` characters of KEYS (at most len(KEYS)**key_length facts); a
-    share `never_share` of them is never solved.
+    share `never_share` of them is never solved, a share `solved_share` nearly solved (warm-started log-uniformly at
+    SOLVED_LOW-SOLVED_HIGH, 0.95-0.99: the all-correct groups of real runs), the others log-uniform at `low`-`high`.
+    With `solved_share` 0 (the default) the draws are those of the original task, fact for fact.
 
     `key_length` 1 (the default) gives each fact its own key token. With longer keys (the few-revisit task: ≥ 1,000
     facts) facts share key tokens, so their parameters overlap, and each fact's answer, rationale and level are drawn
@@ -82,7 +85,7 @@ def make_facts(count: int, seed: int, never_share: float = 0.125, low: float = 0
     else:
         keys = ["".join(KEYS[(index // len(KEYS) ** j) % len(KEYS)] for j in reversed(range(key_length)))
                 for index in rng.sample(range(capacity), count)]
-    rates = _levels(len(KEYS) if families else count, never_share, low, high)
+    rates = _levels(len(KEYS) if families else count, never_share, low, high, solved_share)
     rng.shuffle(rates)
     if not families:
         return [Fact(key, rng.choice(DIGITS), rng.choice(RATIONALES), rate) for key, rate in zip(keys, rates)]
@@ -91,12 +94,18 @@ def make_facts(count: int, seed: int, never_share: float = 0.125, low: float = 0
     return [Fact(key, *family[key[0]], level[key[-1]]) for key in keys]
 
 
-def _levels(count: int, never_share: float, low: float, high: float) -> list[float]:
-    """A share `never_share` of zeros, the others log-uniform from `low` to `high` (sorted)."""
-    never = round(never_share * count)
-    solvable = count - never
-    return [0.0] * never + [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / max(solvable - 1, 1))
-                            for i in range(solvable)]
+def _levels(count: int, never_share: float, low: float, high: float, solved_share: float = 0.0) -> list[float]:
+    """A share `never_share` of zeros, a share `solved_share` log-uniform from SOLVED_LOW to SOLVED_HIGH, the others
+    log-uniform from `low` to `high` (sorted within each group; with `solved_share` 0 exactly the original levels)."""
+    never, solved = round(never_share * count), round(solved_share * count)
+    if not 0 <= never_share <= 1 or not 0 <= solved_share <= 1 or never + solved > count:
+        raise ValueError(f"never_share {never_share} and solved_share {solved_share} must be shares summing to <= 1")
+    return ([0.0] * never + _log_uniform(count - never - solved, low, high)
+            + _log_uniform(solved, SOLVED_LOW, SOLVED_HIGH))
+
+
+def _log_uniform(count: int, low: float, high: float) -> list[float]:
+    return [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / max(count - 1, 1)) for i in range(count)]
 
 
 def question(fact: Fact, phrasing: str = TRAIN_PHRASING) -> str:
@@ -223,8 +232,34 @@ def warm_started_policy(facts: list[Fact], hidden_size: int = 64, steps: int = 1
 
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(tokenizer, seed=seed, hidden_size=hidden_size)
-    model.load_state_dict(_warm_state(tuple(facts), hidden_size, steps, seed, batch_size))
+    model.load_state_dict(_disk_cached_warm_state(tuple(facts), hidden_size, steps, seed, batch_size))
     return model, tokenizer
+
+
+WARM_CACHE_ENV = "GVM_FACTS_WARM_CACHE"
+
+
+def _disk_cached_warm_state(facts: tuple[Fact, ...], hidden_size: int, steps: int, seed: int,
+                            batch_size: int | None) -> dict[str, torch.Tensor]:
+    """`_warm_state`, kept on disk across processes when the environment names a folder (GVM_FACTS_WARM_CACHE): a
+    sweep of one task over several processes (one per learning rate) then distils each seed's warm start once. The
+    file is keyed by everything the warm start reads (the facts, sizes, steps, seed, batch, torch version) and holds
+    the tensors exactly (torch.save), so a run from the cache starts from the same weights bit for bit."""
+    import hashlib
+    import os
+
+    folder = os.environ.get(WARM_CACHE_ENV)
+    if not folder:
+        return _warm_state(facts, hidden_size, steps, seed, batch_size)
+    key = hashlib.sha256(repr((facts, hidden_size, steps, seed, batch_size, torch.__version__)).encode()).hexdigest()
+    path = os.path.join(folder, f"facts_warm_{key[:24]}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    state = _warm_state(facts, hidden_size, steps, seed, batch_size)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(state, path + f".{os.getpid()}.tmp")
+    os.replace(path + f".{os.getpid()}.tmp", path)  # atomic: a reader never sees half a file
+    return state
 
 
 # -- the exact objective ----------------------------------------------------------------------------------------------

@@ -309,19 +309,177 @@ def test_factorial_and_levers_name_valid_runs(benchmarks):
         convergence.parse_args(["--factorial", "--methods", "grpo"])
 
 
-def test_the_report_script_runs_valid_commands(benchmarks):
-    """benchmarks/fair_evidence.sh (issue 17's report in one command): every convergence.py call parses and names
-    known methods and config fields."""
+def test_the_report_script_runs_valid_commands(benchmarks, tmp_path):
+    """benchmarks/fair_evidence.sh (issues 17 and 27's report in one command), run with a stand-in `python` that
+    records its arguments: every convergence.py call parses, names known methods and config fields, continues where
+    it stopped (--resume) and gives --method-lr only to its own runs; the held-out and regime runs use the rates the
+    sweep picked."""
+    import os
     import shlex
+    import subprocess
     from pathlib import Path
 
     convergence, common = benchmarks["convergence"], benchmarks["common"]
-    script = (Path(convergence.__file__).parent / "fair_evidence.sh").read_text().replace("\\\n", " ")
-    calls = [shlex.split(line)[2:] for line in script.splitlines() if line.startswith("python convergence.py")]
-    assert len(calls) == 4
-    for argv in calls:
-        args = convergence.parse_args([a.replace("$results", "/tmp") for a in argv])
+    script = Path(convergence.__file__).parent / "fair_evidence.sh"
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "$1" = -c ]; then echo 0.00123; exit 0; fi\n'  # the sweep's pick (best())
+                    f'printf "%q " "$@" >> {log}; echo >> {log}\n')
+    fake.chmod(0o755)
+    subprocess.run(["bash", str(script)], check=True, env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    runs = [argv[1:] for argv in calls if argv[0] == "convergence.py" and "--lr-sweep" not in argv]
+    assert len(runs) == 4 + 2 + 5 + 1 + 4  # issue 17's four, two earlier ones, the sweep, held out, the regimes
+    sweeps = [argv for argv in calls if "--lr-sweep" in argv]
+    assert len(sweeps) == 1 and sum(a.endswith(".json") for a in sweeps[0]) == 6  # five rates and the output
+    assert [argv[0] for argv in calls if argv[0] != "convergence.py"] == ["variance.py", "variance.py",
+                                                                         "report_tables.py"]
+    seeds_used = {}
+    for argv in runs:
+        args = convergence.parse_args(argv)
         assert "--resume" in argv and args.seeds
+        labels = {r.label for r in common.method_runs(args.methods, args.variant)}
+        assert {label for label, _ in args.method_lr} <= labels
+        if args.method_lr:
+            assert {rate for _, rate in args.method_lr} == {0.00123} and set(dict(args.method_lr)) == labels
+            seeds_used.setdefault(tuple(args.seeds), []).append(args.output.name)
         for run in common.method_runs(args.methods, args.variant):
             run.config(output_dir="/tmp/unused", use_cpu=True, report_to="none", bf16=False, num_generations=4,
                        per_device_train_batch_size=16)
+    # the rates were tuned on seeds 0-3; what is reported at them uses seeds nobody tuned on
+    assert set(seeds_used) == {tuple(range(30, 42)), tuple(range(42, 50))}
+    assert len(seeds_used[tuple(range(42, 50))]) == 4
+
+
+# -- issue 27: the learning-rate sweep, the nearly-solved share, the zero-variance groups -----------------------------
+
+
+def _curve(values, completions_per_point=100, cpu_per_point=1.0):
+    return [{"step": i, "completions": i * completions_per_point, "train_cpu_seconds": i * cpu_per_point,
+             "objective": v, "train_accuracy": 0.5} for i, v in enumerate(values)]
+
+
+def test_divergence_rule_on_hand_made_curves(benchmarks):
+    divergence = benchmarks["convergence"].divergence
+    assert divergence(_curve([2.0, 1.5, 1.0, 0.9])) is None  # falls throughout
+    assert divergence(_curve([2.0, 1.0, 1.2])) is None  # gave back 0.2 of its 1.0: under half
+    assert divergence(_curve([2.0, 1.0, 1.6])) == "gave back"  # 0.6 of 1.0 back
+    assert divergence(_curve([2.0, 1.98, 2.0])) is None  # back to the start, within noise (0.05 nats)
+    assert divergence(_curve([2.0, 1.96, 2.03])) == "ended worse than start"
+    assert divergence(_curve([2.0, 1.0, math.nan])) == "non-finite"
+    assert divergence(_curve([2.0, 1.0, math.inf])) == "non-finite"
+    # higher-is-better metrics read the same way with direction +1
+    accuracy = [{"train_accuracy": v} for v in (0.2, 0.6, 0.3)]
+    assert divergence(accuracy, "train_accuracy", +1) == "gave back"
+
+
+def _sweep_runs(curves: dict[str, list[list[float]]]) -> list[dict]:
+    return [{"method": label, "base": label, "fields": {}, "seed": seed, "curve": _curve(values)}
+            for label, per_seed in curves.items() for seed, values in enumerate(per_seed)]
+
+
+def test_best_learning_rate_is_picked_by_completions_to_the_shared_target(benchmarks):
+    convergence = benchmarks["convergence"]
+    sweep = {
+        # baseline: at 1e-4 it ends at 1.0 (improvement 1.0), at 1e-3 at 0.6 (best: 1.4), at 1e-2 faster but diverges
+        1e-4: _sweep_runs({"grpo-mean": [[2.0, 1.6, 1.2, 1.0]] * 2, "gvm-grpo": [[2.0, 1.8, 1.6, 1.4]] * 2}),
+        1e-3: _sweep_runs({"grpo-mean": [[2.0, 1.2, 0.8, 0.6]] * 2, "gvm-grpo": [[2.0, 1.0, 0.7, 0.6]] * 2}),
+        1e-2: _sweep_runs({"grpo-mean": [[2.0, 0.5, 0.5, 1.8]] * 2, "gvm-grpo": [[2.0, 0.9, 0.6, 0.5],
+                                                                              [2.0, 0.9, 0.6, 0.5]]}),
+    }
+    result = convergence.analyse_sweep(sweep)
+    family = result["families"]["grpo-mean"]
+    assert family["members"] == ["grpo-mean", "gvm-grpo"]
+    assert family["target_from_rate"] == 1e-3  # the baseline's best final among the rates where it did not diverge
+    assert family["target"] == pytest.approx(2.0 - 0.75 * 1.4)  # 0.95
+    baseline, gvm = result["methods"]["grpo-mean"], result["methods"]["gvm-grpo"]
+    assert baseline["rates"][1e-2]["diverged"] == 2 and baseline["rates"][1e-2]["reasons"] == ["gave back"] * 2
+    assert baseline["rates"][1e-4]["completions_to_target"] == math.inf  # never reaches 0.95: this rate loses
+    assert baseline["rates"][1e-3]["completions_to_target"] == pytest.approx(100 + 100 * (1.2 - 0.95) / 0.4)
+    assert baseline["best_rate"] == 1e-3 and baseline["reached"]  # 1e-2 reached it sooner but diverged
+    # GVM reaches 0.95 sooner at 1e-2 (before its first evaluation at 100) than at 1e-3, and no seed diverged there
+    assert gvm["rates"][1e-2]["completions_to_target"] == pytest.approx(100 * 1.05 / 1.1)
+    assert gvm["best_rate"] == 1e-2 and gvm["rates"][1e-2]["diverged"] == 0
+    text = convergence.format_sweep(result)
+    assert "| `gvm-grpo` |" in text and "never; L 1.400" in text and text.count("**") == 4  # one bold cell each
+    # No rate reaches the target: the best final value wins, marked as not reached.
+    rows = {1e-4: {"diverged": 0, "completions_to_target": math.inf, "final": 1.3},
+            1e-3: {"diverged": 0, "completions_to_target": math.inf, "final": 1.1},
+            1e-2: {"diverged": 1, "completions_to_target": 50.0, "final": 0.2}}
+    assert convergence.pick_best_rate(rows) == {"best_rate": 1e-3, "reached": False, "best_diverged": 0}
+
+
+def test_lr_sweep_command_reads_one_file_per_rate(benchmarks, tmp_path):
+    convergence = benchmarks["convergence"]
+    files = []
+    for rate, values in ((1e-4, [2.0, 1.5, 1.2]), (1e-3, [2.0, 1.0, 0.8])):
+        path = tmp_path / f"lr{rate:g}.json"
+        runs = _sweep_runs({"raft-mean": [values] * 2, "gvm-raft": [values] * 2})
+        path.write_text(json.dumps({"arguments": {"learning_rate": rate, "method_lr": []}, "runs": runs}))
+        files.append(str(path))
+    payload = convergence.main(["--lr-sweep", *files, "--output", str(tmp_path / "sweep.json")])
+    assert payload["rates"] == [1e-4, 1e-3]
+    assert {label: m["best_rate"] for label, m in payload["methods"].items()} == {"raft-mean": 1e-3, "gvm-raft": 1e-3}
+    assert "gave back" in payload["divergence_rule"]
+    assert json.loads((tmp_path / "sweep.json").read_text())["families"]["raft-mean"]["start"] == 2.0
+    with pytest.raises(SystemExit, match="two files at learning rate"):
+        convergence.main(["--lr-sweep", files[0], files[0], "--output", str(tmp_path / "twice.json")])
+
+
+def test_solved_share_levels(benchmarks):
+    facts = benchmarks["facts"]
+    assert [f.start_rate for f in facts.make_facts(48, seed=3)] == [
+        f.start_rate for f in facts.make_facts(48, seed=3, solved_share=0.0)]  # the original draws, fact for fact
+    drawn = facts.make_facts(48, seed=3, never_share=0.125, solved_share=0.5)
+    rates = sorted(f.start_rate for f in drawn)
+    assert rates[:6] == [0.0] * 6
+    solved = [r for r in rates if r >= facts.SOLVED_LOW]
+    assert len(solved) >= 24 and min(solved) == pytest.approx(0.95)  # (the other band's 0.98 may lie among them)
+    assert [r for r in rates if r > 0.98 + 1e-12][-1] == pytest.approx(0.99)
+    others = [r for r in rates if 0 < r < facts.SOLVED_LOW]
+    assert len(others) == 48 - 6 - 24 - 1 and others[0] == pytest.approx(0.02)
+    assert facts._levels(8, 0.25, 0.02, 0.98, 0.5)[2:4] == pytest.approx([0.02, 0.98])
+    with pytest.raises(ValueError, match="summing to <= 1"):
+        facts.make_facts(48, seed=0, never_share=0.5, solved_share=0.6)
+
+
+def test_group_outcomes_count_the_zero_variance_groups(benchmarks, tmp_path):
+    from gvm_trl.metrics import AllocationLog
+
+    convergence = benchmarks["convergence"]
+    log = AllocationLog(str(tmp_path))
+
+    def prompt(samples, accepted, probes=None):
+        return {"index": 0, "num_samples": samples, "num_accepted": accepted, "probes_accepted": probes}
+
+    # uniform (no probe count): groups of 8; a probing run: 4 probes + the allocated samples
+    log.append({"step": 0, "prompts": [prompt(8, 0), prompt(8, 8), prompt(8, 3)]})
+    log.append({"step": 1, "prompts": [prompt(0, 0, 0), prompt(0, 0, 4), prompt(6, 6, 4), prompt(4, 0, 1)]})
+    rows = convergence.group_outcomes(str(tmp_path), num_probes=4)
+    assert rows == [[0, 3, 1, 1, 24, 16], [1, 4, 1, 2, 26, 18]]
+    assert convergence.group_outcomes(str(tmp_path / "none"), 4) is None
+    shares = convergence.group_outcome_shares([{"group_outcomes": rows}, {"group_outcomes": rows[:1]}, {}])
+    assert shares["steps"] == [0] and shares["seeds"] == 2  # the steps every logged seed has
+    assert shares["all_wrong"] == pytest.approx([1 / 3]) and shares["all_correct"] == pytest.approx([1 / 3])
+    assert shares["zero_variance_completions"] == pytest.approx([16 / 24])
+
+
+def test_quick_run_with_nearly_solved_facts_and_own_learning_rates(benchmarks, tmp_path):
+    convergence = benchmarks["convergence"]
+    report = convergence.main(["--quick", "--methods", "grpo-mean", "gvm-grpo", "--solved-share", "0.25",
+                               "--method-lr", "gvm-grpo=3e-4", "--output", str(tmp_path / "solved.json")])
+    assert "3 nearly solved (0.95-0.99)" in report["setup"] and "gvm-grpo at 0.0003" in report["setup"]
+    assert {r["method"]: r["learning_rate"] for r in report["runs"]} == {"grpo-mean": 1e-4, "gvm-grpo": 3e-4}
+    for run in report["runs"]:
+        assert [row[0] for row in run["group_outcomes"]] == [0, 1]
+        assert all(row[1] == 4 and row[2] + row[3] <= 4 for row in run["group_outcomes"])
+    uniform = report["runs"][0]["group_outcomes"]
+    assert all(row[4] == 16 for row in uniform)  # m·(N′ + B) = 4·4 scored completions a step
+    assert set(report["summary"]["group_outcomes"]) == {"grpo-mean", "gvm-grpo"}
+    with pytest.raises(SystemExit, match="names no run"):
+        convergence.main(["--quick", "--methods", "grpo-mean", "--method-lr", "gvm-grpo=3e-4",
+                          "--output", str(tmp_path / "other.json")])
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--method-lr", "gvm-grpo=fast"])

@@ -78,3 +78,24 @@ def test_letter_task_reward_and_warm_start():
         assert sum(s[:1] in letters.LETTERS and s[:1] != "" for s in samples) / len(samples) > 0.9
         rates[k] = sum(letters.letter_reward([prompt] * len(samples), samples)) / len(samples)
     assert rates[1] == pytest.approx(0.1, abs=0.06) and rates[5] == pytest.approx(0.5, abs=0.1)
+
+
+def test_report_tables_read_a_quick_regime_run(tmp_path, monkeypatch):
+    """benchmarks/report_tables.py (issue 27's tables): every section renders from result files, and says so when a
+    file is missing."""
+    with benchmark_modules("common", "convergence", "report_tables") as modules:
+        convergence, tables = modules["convergence"], modules["report_tables"]
+        path = tmp_path / "regime.json"
+        convergence.main(["--quick", "--methods", "grpo-mean", "gvm-grpo", "dynamic-grpo", "--never-share", "0.5",
+                          "--method-lr", "grpo-mean=3e-4", "--output", str(path)])
+        monkeypatch.setattr(tables, "REGIMES", {"never 0.5": path, "missing": tmp_path / "none.json"})
+        monkeypatch.setattr(tables, "HELDOUT", path)
+        monkeypatch.setattr(tables, "SWEEP", tmp_path / "no_sweep.json")
+        text = tables.main(["--only", "regimes", "--only", "groups", "--only", "bands", "--only", "heldout",
+                            "--only", "sweep"])
+    assert "(no no_sweep.json yet)" in text
+    assert "| never 0.5 | `gvm-grpo` (0.0001) | `grpo-mean` (0.0003) |" in text
+    assert "| never 0.5 | `gvm-grpo` (0.0001) | `dynamic-grpo` (0.0001) |" in text  # Theorem 3 against skipping
+    assert "| never 0.5 | `grpo-mean` |" in text  # the baseline's all-wrong / all-correct shares
+    assert "never (6, 0.000)" in text and "Contribution of each band to L" in text
+    assert "missing" not in text.replace("(no", "")
