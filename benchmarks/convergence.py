@@ -111,9 +111,11 @@ import letters
 
 HELDOUT_SEED = 10_000
 DEFAULT_METHODS = ["gvm-raft", "raft-mean", "raft", "gvm-grpo", "grpo-mean", "grpo"]
-# Issue 17's factorial: {uniform, GVM without history, GVM with history} x {none, 1/|D_i|} for both trainers.
+# Issue 17's factorial: {uniform, GVM without history, GVM with history} x {none, 1/|D_i|} for both trainers, and
+# issue 27's Reinforce-Ada (unweighted, its published loss), against the unweighted uniform baseline.
 FACTORIAL = (
-    ["gvm-grpo", "gvm-grpo-unweighted", "grpo-mean", "grpo", "gvm-raft", "gvm-raft-unweighted", "raft-mean", "raft"],
+    ["gvm-grpo", "gvm-grpo-unweighted", "grpo-mean", "grpo", "gvm-raft", "gvm-raft-unweighted", "raft-mean", "raft",
+     "reinforce-ada-grpo", "reinforce-ada-raft"],
     ["gvm-grpo-no-history=gvm-grpo:gvm_history_decay=0.0",
      "gvm-grpo-unweighted-no-history=gvm-grpo-unweighted:gvm_history_decay=0.0",
      "gvm-raft-no-history=gvm-raft:gvm_history_decay=0.0",
@@ -401,6 +403,10 @@ def learning_rate(args, label: str) -> float:
 def build_trainer(run: MethodRun, seed: int, args, task, output_dir: str, recorder: CurveRecorder):
     model, tokenizer = task.policy(seed)
     group = max(args.num_probes, 2)  # num_generations only fixes m = generation batch / num_generations here
+    # Reinforce-Ada draws its own rounds (gvm_ada_*) instead of N′ probes and a budget; its update group is
+    # num_generations rows: 4 at the default N′, the paper's n.
+    budget = {} if run.settings.get("gvm_allocation") == "reinforce-ada" else dict(
+        gvm_num_probes=args.num_probes, gvm_budget_per_prompt=args.budget_per_prompt)
     config = run.config(**trainer_arguments(
         args.device, output_dir, seed,
         per_device_train_batch_size=args.prompts_per_step * group,
@@ -408,8 +414,7 @@ def build_trainer(run: MethodRun, seed: int, args, task, output_dir: str, record
         max_completion_length=args.max_completion_length,
         max_steps=args.max_steps,
         learning_rate=learning_rate(args, run.label),
-        gvm_num_probes=args.num_probes,
-        gvm_budget_per_prompt=args.budget_per_prompt,
+        **budget,
     ))
     recorder.evaluate = task.evaluator(tokenizer, seed)
     peft_config = None

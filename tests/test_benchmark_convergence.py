@@ -297,10 +297,11 @@ def test_factorial_and_levers_name_valid_runs(benchmarks):
     convergence, common = benchmarks["convergence"], benchmarks["common"]
     args = convergence.parse_args(["--factorial"])
     runs = common.method_runs(args.methods, args.variant)
-    assert len(runs) == 12 and len({r.label for r in runs}) == 12
+    assert len(runs) == 14 and len({r.label for r in runs}) == 14
     baselines = {r.label: common.uniform_baseline(r, runs) for r in runs}
     assert baselines["gvm-raft-unweighted-no-history"].label == "raft"
     assert baselines["gvm-grpo-no-history"].label == "grpo-mean"
+    assert baselines["reinforce-ada-grpo"].label == "grpo" and baselines["reinforce-ada-raft"].label == "raft"
     levers = common.method_runs(*[getattr(convergence.parse_args(["--levers"]), k) for k in ("methods", "variant")])
     for run in levers[2:]:
         run.config(output_dir="/tmp/unused", use_cpu=True, report_to="none", bf16=False, num_generations=4,
