@@ -142,11 +142,13 @@ def test_choice_in_completion(text, expected):
     ids=["dollars", "boxes", "sentences", "parens", "delimiters"],
 )
 def test_megabyte_texts_are_fast(text):
-    start = time.monotonic()
+    """Linear, not quadratic: a megabyte takes well under a second of CPU (this process's CPU time, which a loaded
+    machine inflates far less than the wall clock)."""
+    start = time.process_time()
     extract_answer(text)
     choice_in_completion(text)
     gold_text(text)
-    assert time.monotonic() - start < 3.0
+    assert time.process_time() - start < 3.0
 
 
 def test_non_strings():
@@ -195,11 +197,11 @@ def test_an_answer_past_the_length_cap_is_refused_at_every_size(form):
     assert grade_answer(short, gold), "the form itself is accepted when short"
     for size in LONG_SIZES:
         completion, gold = form(size)
-        start = time.monotonic()
+        start = time.process_time()  # refused before any parsing: all of it in this process
         answer = extract_answer(completion)
         assert answer is None or len(answer) > MAX_ANSWER_CHARS, (size, answer and answer[:40])
         assert grade_answer(completion, gold, timeout=2.0) is False, size
-        assert time.monotonic() - start < 3.0, size
+        assert time.process_time() - start < 3.0, size
 
 
 @pytest.mark.parametrize("template", ["The answer is {}.", "{}", "<answer>{}</answer>"],
@@ -251,7 +253,7 @@ def test_math_spans_are_those_of_the_lazy_pattern(pieces):
 @pytest.mark.parametrize("text", ["\\[" * 500_000, "$x$ " * 200_000 + "\\(" * 200_000, "$" + "y" * 1_000_000 + "$"],
                          ids=["brackets", "spans_then_openers", "megabyte_span"])
 def test_math_spans_take_linear_time(text):
-    start = time.monotonic()
+    start = time.process_time()
     math_spans(text)
     extract_answer(text)
-    assert time.monotonic() - start < 3.0
+    assert time.process_time() - start < 3.0
