@@ -210,29 +210,96 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.accelerator.wait_for_everyone()  # no rank leaves before the main one has written everything
-    trainer.accelerator.end_training()  # finish trackers and leave the process group in order
+    trainer.accelerator.end_training()  # finish accelerate's trackers, destroy the process group
     return summary
 
 
-def leave_multi_process_run() -> None:
-    """End a multi-process run with exit code 0 once every output is written, skipping the interpreter's teardown.
+def leave_distributed_run() -> None:
+    """Leave a finished run so that the interpreter's exit cannot abort it; nothing to do where gloo never ran.
 
-    With torch 2.13 on CPU (gloo), a finished multi-process run can abort in C++ teardown at interpreter exit
-    ("terminate called without an active exception", exit code 134) after its outputs are saved, with or without
-    destroy_process_group; tests/scripts/train_tiny.py met it in CI. The cause was not pinned down (ten two-process
-    runs of this script on this project's CPU machine all exited cleanly), so this is the workaround, taken only when
-    the launcher started several processes: ``main`` has already written the model, the summary and the plot, waited
-    for every rank and destroyed the process group; here the logs and standard streams are flushed and the process
-    leaves with ``os._exit(0)``, which runs no atexit handler (trackers were finished by ``end_training``; the SymPy
-    worker subprocess of the reward ends by itself when its stdin closes). An exception in ``main`` never gets here:
-    it exits non-zero as usual.
+    The abort ("terminate called without an active exception", SIGABRT, exit 134 after every output was written): a
+    gloo worker thread frees a finished collective's tensor after Python let go of it, so it takes the GIL to free the
+    tensor's Python object; once the main thread is finalizing the interpreter, Python 3.10-3.13 ends such a thread
+    with pthread_exit, and that unwinding through a noexcept C++ destructor calls std::terminate. destroy_process_group
+    does not prevent it while anything still holds the group: default arguments such as ``group=dist.group.WORLD``
+    (torch.distributed.nn.functional, which DDP's import of torch._dynamo loads; deepspeed.comm.torch, which accelerate
+    loads) capture it when imported after init_process_group. Reproduced in tests/scripts/gloo_exit_repro.py (a starved
+    gloo worker: 9 of 40 ranks abort; with destroy_process_group 0 of 40, unless a default argument holds the group: 10
+    of 40; leaving through here: 0 of 40); upstream: pytorch/pytorch#190489, and #179291 (an atexit destroy, abandoned).
+
+    So the group is freed here, with the interpreter whole: its destructor joins gloo's workers, which finish freeing
+    their tensors first, and the interpreter then exits as usual (atexit handlers, trackers' own finish). If a worker
+    survives, something else still holds a group: the run finishes as the interpreter would and leaves with
+    ``os._exit(0)`` before finalization (`finish_like_the_interpreter`).
     """
-    import logging
+    release_process_groups()
+    if gloo_worker_threads():
+        print("examples/train.py: a process group outlived destroy_process_group; leaving with os._exit(0) after "
+              "the exit handlers, before gloo's teardown at interpreter exit can abort", file=sys.stderr)
+        finish_like_the_interpreter()
+        os._exit(0)
 
-    logging.shutdown()
+
+def release_process_groups() -> None:
+    """Drop every reference this process can reach to a process group, then destroy it (if still initialized).
+
+    The trainer and its DDP wrapper are garbage once ``main`` returns; default arguments that captured a group at
+    import are reset to None, which those functions read as the default group, as they would have at import time
+    before init_process_group."""
+    import gc
+    import types
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if not dist.is_available():
+        return
+    def pinned(value) -> bool:
+        return issubclass(type(value), dist.ProcessGroup)  # type(), not isinstance: no attribute of odd objects read
+
+    for function in gc.get_objects():
+        if type(function) is types.FunctionType:
+            defaults, kwdefaults = function.__defaults__ or (), function.__kwdefaults__ or {}
+            if any(map(pinned, defaults)):
+                function.__defaults__ = tuple(None if pinned(value) else value for value in defaults)
+            if any(map(pinned, kwdefaults.values())):
+                function.__kwdefaults__ = {key: None if pinned(value) else value for key, value in kwdefaults.items()}
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def gloo_worker_threads() -> int:
+    """gloo's worker threads alive in this process (named by torch; 0 where /proc is missing)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    count = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as handle:
+                count += handle.read().strip() == "pt_gloo_runloop"
+        except OSError:
+            pass  # the thread ended meanwhile
+    return count
+
+
+def finish_like_the_interpreter() -> None:
+    """What the interpreter does at exit before it finalizes, so that ``os._exit`` loses nothing a user relies on:
+    join non-daemon threads (and run threading's exit hooks, e.g. concurrent.futures'), run the atexit handlers
+    (trackers that finish there, such as wandb's run and mlflow's end_run, logging.shutdown, the user's own), collect
+    garbage (finalizers such as MLflowCallback's and NeptuneCallback's ``__del__``) and flush the standard streams.
+    Trainer has already called every callback's ``on_train_end``."""
+    import atexit
+    import gc
+    import threading
+
+    threading._shutdown()  # what Py_FinalizeEx calls first
+    atexit._run_exitfuncs()
+    gc.collect()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
 
 
 def _rollout_summary(trainer) -> dict:
@@ -268,5 +335,4 @@ def _format_summary(summary: dict) -> str:
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        leave_multi_process_run()
+    leave_distributed_run()

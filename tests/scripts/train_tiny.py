@@ -15,8 +15,10 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS, os.path.join(os.path.dirname(TESTS), "examples")]
 from conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
+from train import leave_distributed_run  # noqa: E402
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
@@ -196,14 +198,9 @@ def main():
     rank = trainer.accelerator.process_index
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
         json.dump(result, handle)
-    trainer.accelerator.wait_for_everyone()
-    # Every result is written. Leave without the interpreter's teardown: with torch 2.13 on CPU, gloo's C++ teardown
-    # intermittently aborts a finished run at exit ("terminate called without an active exception", SIGABRT), with
-    # or without destroy_process_group, which would fail the test for nothing it checks.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    trainer.accelerator.wait_for_everyone()  # every result is written before any rank leaves
 
 
 if __name__ == "__main__":
     main()
+    leave_distributed_run()  # gloo's teardown at interpreter exit could abort a finished run: examples/train.py
