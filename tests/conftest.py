@@ -43,6 +43,17 @@ def load_benchmark(name: str):
     return module
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for the duration of a module's tests, restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def char_tokenizer():
     return make_char_tokenizer()

@@ -59,12 +59,7 @@ READ_BY_THE_MIXER = {"mamba": r"mixer\.(conv1d|dt_proj)\.", "nemotron_h": r"mixe
 _MODELS: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,7 @@ import gvm_trl.grad_norms.products as products
 from gvm_trl.grad_norms import per_sample_grad_norms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _gram_spy(monkeypatch) -> list[torch.Size]:
