@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +18,40 @@ import pytest
 
 from gvm_trl.testing import make_char_tokenizer, make_tiny_llama
 
-__all__ = ["BENCHMARKS", "benchmark_modules", "load_benchmark", "make_char_tokenizer", "make_tiny_llama"]
+__all__ = ["BENCHMARKS", "benchmark_modules", "free_port", "load_benchmark", "make_char_tokenizer", "make_tiny_llama",
+           "torchrun"]
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# The modules that take longest (most launch processes: torchrun, vLLM, other environments' pytest), longest first.
+# Under pytest-xdist (`-n auto --dist loadfile --no-loadscope-reorder`, the README's test command) a module is one
+# unit of work, handed out in collection order: long ones first, so that the short ones fill in behind them.
+LONGEST_MODULES = ["test_distributed.py", "test_vllm.py", "test_versions.py", "test_trl_features.py",
+                   "test_benchmark_convergence.py", "test_examples.py", "test_benchmarks_smoke.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a test worker among several: its share of the cores, not all of them
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: launches in parallel test workers would all take the default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(processes: int) -> list[str]:
+    """The command that starts `processes` local processes of a script (gloo on the CPU), on a port of its own."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port())]
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from huggingface_hub.hf_api import RepoUrl
 
 from gvm_trl import GVMGRPOConfig, GVMRAFTConfig
 
-from conftest import make_tiny_llama
+from conftest import free_port, make_tiny_llama
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -120,7 +120,8 @@ def launch_two_processes(script: Path, model_dir: Path, output_dir: Path, *extra
     CPU."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no",
                str(script), "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
                "--max_steps", "2", "--max_completion_length", "8", "--heldout_prompts", "0",
                "--num_train_prompts", "32", "--use_cpu", "true", "--per_device_train_batch_size", "8", *extra]

@@ -3,8 +3,8 @@
 Each process measures its own rows (a different number of accepted tokens per process) on a tiny Llama (fast rules
 only) and a tiny Qwen3-MoE (experts and routers measured by the generic rule, which re-runs modules during the
 backward) whose decoder layers and root are sharded with `fully_shard`, and compares with the same rows on
-unsharded copies. Writes `result-{rank}.json`: the Llama's norms, the largest relative error over both models,
-whether parameters are still sharded, and any `.grad` left.
+unsharded copies, once per `--params` choice. Writes `result-{rank}.json` with, per choice: the Llama's norms, the
+largest relative error over both models, whether parameters are still sharded, and any `.grad` left.
 """
 
 import argparse
@@ -45,7 +45,7 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--params", default="trainable")
+    parser.add_argument("--params", nargs="+", default=["trainable"], help="the parameter choices to measure, each in turn")
     options = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -65,27 +65,29 @@ def main():
     loss_mask[:, 6 + rank :] = 1
     batch = (input_ids, attention_mask, loss_mask)
 
-    def compare(unsharded, model):
-        expected = per_sample_grad_norms(unsharded, *batch, params=options.params)
-        measured = per_sample_grad_norms(model, *batch, params=options.params)
+    def compare(unsharded, model, params):
+        expected = per_sample_grad_norms(unsharded, *batch, params=params)
+        measured = per_sample_grad_norms(model, *batch, params=params)
         return expected, ((measured - expected).abs() / expected).max().item()
 
-    expected, error = compare(reference, sharded)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the notice that the experts need the generic rule
-        _, moe_error = compare(moe_reference, moe_sharded)
+    result = {}
     models = (sharded, moe_sharded)
-    still_sharded = all(
-        isinstance(p, DTensor) and p.to_local().numel() < p.numel()
-        for m in models for p in m.parameters() if p.numel() > 1
-    )
-    result = {
-        "world_size": dist.get_world_size(),
-        "expected": expected.tolist(),
-        "max_rel_error": max(error, moe_error),
-        "still_sharded": still_sharded,
-        "grads": sum(p.grad is not None for m in models for p in m.parameters()),
-    }
+    for params in options.params:
+        expected, error = compare(reference, sharded, params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the notice that the experts need the generic rule
+            _, moe_error = compare(moe_reference, moe_sharded, params)
+        still_sharded = all(
+            isinstance(p, DTensor) and p.to_local().numel() < p.numel()
+            for m in models for p in m.parameters() if p.numel() > 1
+        )
+        result[params] = {
+            "world_size": dist.get_world_size(),
+            "expected": expected.tolist(),
+            "max_rel_error": max(error, moe_error),
+            "still_sharded": still_sharded,
+            "grads": sum(p.grad is not None for m in models for p in m.parameters()),
+        }
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
         json.dump(result, handle)
     dist.destroy_process_group()

