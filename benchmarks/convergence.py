@@ -690,13 +690,10 @@ def analyse(runs: list[dict], task, args) -> dict:
         if comparison is not None:
             summary["comparisons"][label] = comparison
     for label, baseline in (pair.split("=", 1) for pair in getattr(args, "against", [])):
-        missing = [name for name in (label, baseline) if name not in by_label]
-        if missing:
-            raise SystemExit(f"--against {label}={baseline}: no runs of {', '.join(missing)}")
-        comparison = compare_runs(by_label, label, baseline, task, args)
-        if comparison is None:
-            raise SystemExit(f"--against {label}={baseline}: the two share no seed")
-        summary["comparisons"][f"{label} vs {baseline}"] = comparison
+        # main() checks that both are runs of the invocation; a file written part-way may not have them yet.
+        comparison = compare_runs(by_label, label, baseline, task, args) if {label, baseline} <= set(by_label) else None
+        if comparison is not None:
+            summary["comparisons"][f"{label} vs {baseline}"] = comparison
     if all(r.get("prompt_bands") for r in runs):
         summary["bands"] = fact_bands(runs)
     outcomes = {label: group_outcome_shares(by_label[label]) for label in labels}
@@ -1115,6 +1112,11 @@ def main(argv=None) -> dict:
     unknown = sorted({label for label, _ in args.method_lr} - {r.label for r in runs_to_do})
     if unknown:
         raise SystemExit(f"--method-lr names no run of this invocation: {', '.join(unknown)}")
+    for pair in args.against:  # before any run: the comparison is made after every run, from the runs so far
+        missing = [name for name in pair.split("=", 1) if name not in {r.label for r in runs_to_do}]
+        if missing:
+            raise SystemExit(f"--against {pair}: no runs of {', '.join(missing)} in this invocation (--methods, "
+                             "--variant)")
     started, runs, start_cache = time.perf_counter(), [], {}
     if args.resume:
         runs = finished_runs(args, task, runs_to_do)

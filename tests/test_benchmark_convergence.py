@@ -267,13 +267,23 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(benchmarks, tmp_p
     assert [r["method"] for r in second["runs"]] == ["raft", "grpo"]
     paired = second["summary"]["comparisons"]["grpo vs raft"]  # any two runs, paired over their shared seeds
     assert paired["baseline"] == "raft" and paired["seeds"] == [0] and "objective" in paired
-    with pytest.raises(SystemExit, match="no runs of gvm-grpo"):
+    with pytest.raises(SystemExit, match="no runs of gvm-grpo in this invocation"):
         convergence.main(["--quick", "--methods", "raft", "--resume", "--against", "gvm-grpo=raft",
                           "--output", str(output)])
     assert second["runs"][0]["wall_seconds"] == first["runs"][0]["wall_seconds"]  # reused, not rerun
     with pytest.raises(SystemExit, match="learning_rate"):
         convergence.main(["--quick", "--methods", "raft", "--learning-rate", "0.5", "--resume",
                           "--output", str(output)])
+
+
+def test_a_pair_whose_baseline_runs_second_is_compared_once_both_ran(benchmarks, tmp_path):
+    """The file is rewritten after every run: after the first, the pair's other run does not exist yet."""
+    convergence = benchmarks["convergence"]
+    output = tmp_path / "pair.json"
+    payload = convergence.main(["--quick", "--methods", "raft", "grpo", "--against", "raft=grpo",
+                                "--output", str(output)])
+    assert payload["complete"] and [r["method"] for r in payload["runs"]] == ["raft", "grpo"]
+    assert payload["summary"]["comparisons"]["raft vs grpo"]["baseline"] == "grpo"
 
 
 def test_merge_joins_the_seeds_of_two_files_and_refuses_other_settings(benchmarks, tmp_path):
