@@ -217,9 +217,10 @@ def main():
         return
     with open(options.runs) as handle:
         runs = json.load(handle)
-    common = [arg for arg in sys.argv[1:] if arg not in (options.runs, options.output_dir, "--runs", "--output_dir")]
-    for name, run_options in runs.items():  # a run's own options come after (and override) the launch's
-        train(parser.parse_args([*common, *run_options, "--output_dir", os.path.join(options.output_dir, name)]))
+    launch = argparse.Namespace(**{**vars(options), "runs": None})
+    for name, run_options in runs.items():  # parsed over the launch's options: a run's own override them
+        run_args = [*run_options, "--output_dir", os.path.join(options.output_dir, name)]
+        train(parser.parse_args(run_args, namespace=argparse.Namespace(**vars(launch))))
 
 
 if __name__ == "__main__":
